@@ -1,0 +1,310 @@
+"""Checkpoints: short names, hub downloads, and `gemma-mlx convert` (HF -> MLX, Gemma-correct).
+
+A converted model directory is what every later stage loads. Beyond mlx-lm's own conversion we
+make it Gemma-correct for our use: a turn template even for a -pt model, `<end_of_turn>` among
+its stop tokens, and a manifest saying where it came from (see DESIGN.md, "Gemma 3 facts").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import backend
+from .chat_format import END_OF_TURN_ID, EOS_ID, GEMMA_TURN_TEMPLATE
+from .errors import CheckpointError, OutputExistsError
+from .manifest import (
+    atomic_output_dir,
+    check_writable,
+    now_iso,
+    outputs_root,
+    read_manifest,
+    sha256_tree,
+    versions,
+    write_manifest,
+)
+
+# Short names for the checkpoints the reference experiment uses.
+REGISTRY = {
+    "gemma-3-270m": "google/gemma-3-270m",
+    "gemma-3-270m-pt": "google/gemma-3-270m",
+    "gemma-3-270m-it": "google/gemma-3-270m-it",
+    "gemma-3-1b-pt": "google/gemma-3-1b-pt",
+    "gemma-3-1b-it": "google/gemma-3-1b-it",
+}
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+DTYPES = ("float32", "bfloat16", "float16")
+SUPPORTED_MODEL_TYPES = ("gemma3_text",)
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint comes from: a hub repo id or a local directory."""
+
+    spec: str  # what the user typed
+    name: str  # short name used for the output directory
+    hub_id: str | None = None
+    local_path: Path | None = None
+
+
+def resolve_source(spec: str) -> Source:
+    """Turn a short name, hub id or local directory into a Source; unknown names are an error."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{spec} is a file, not a checkpoint directory. Give the directory that holds config.json.")
+        return Source(spec=spec, name=path.resolve().name, local_path=path.resolve())
+    if spec in REGISTRY:
+        return Source(spec=spec, name=spec, hub_id=REGISTRY[spec])
+    parts = spec.split("/")
+    if len(parts) == 2 and all(parts) and not spec.startswith((".", "~")):
+        return Source(spec=spec, name=parts[1], hub_id=spec)
+    known = ", ".join(sorted(REGISTRY))
+    raise CheckpointError(
+        f"Unknown checkpoint '{spec}': it is not a known short name, a hub id (owner/name) or an "
+        f"existing directory. Known names: {known}."
+    )
+
+
+def fetch(source: Source, revision: str | None = None) -> tuple[Path, str | None]:
+    """Local directory of a checkpoint and its hub commit (None for a local dir).
+
+    Downloads go through huggingface_hub: its cache, HF_TOKEN and HF_HUB_OFFLINE apply.
+    """
+    if source.local_path is not None:
+        return source.local_path, None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo = source.hub_id
+    try:
+        path = Path(snapshot_download(repo, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
+    except GatedRepoError:
+        raise CheckpointError(
+            f"{repo} is a gated model and this machine has no access to it. Accept Google's licence at "
+            f"https://huggingface.co/{repo} (logged in to the same account), then log in here with "
+            "`hf auth login` (or set HF_TOKEN to a read token) and run the command again."
+        ) from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{repo} has no revision '{revision}'. Check --revision (a branch, tag or commit).") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"{repo} was not found on the Hugging Face hub (or it is private and you are not logged in). "
+            "Check the spelling, or log in with `hf auth login`."
+        ) from None
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        raise CheckpointError(
+            f"{repo} is not in the local Hugging Face cache and {why}, so it cannot be downloaded. "
+            "Connect to the internet (and unset HF_HUB_OFFLINE) to download it once, or pass a local "
+            "checkpoint directory instead."
+        ) from None
+    return path, path.name if path.parent.name == "snapshots" else revision
+
+
+def read_config(checkpoint: Path) -> dict:
+    config_path = Path(checkpoint) / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{checkpoint} is not a Hugging Face checkpoint: it has no config.json. "
+            "Point to the directory that holds config.json, model.safetensors and the tokenizer files."
+        )
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_path}:{error.lineno}: config.json is not valid JSON ({error.msg}).") from None
+
+
+def validate_checkpoint(checkpoint: Path) -> dict:
+    """Check that a directory is a Gemma 3 text checkpoint we can convert; return its config."""
+    checkpoint = Path(checkpoint)
+    config = read_config(checkpoint)
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        hint = (
+            " Gemma 3 4B and larger are multimodal (model_type gemma3); use the 270M or 1B text models."
+            if model_type == "gemma3"
+            else ""
+        )
+        raise CheckpointError(
+            f"{checkpoint / 'config.json'}: model_type is {model_type!r}, but gemma-mlx works with Gemma 3 "
+            f"text checkpoints (model_type 'gemma3_text').{hint}"
+        )
+    missing = []
+    if not list(checkpoint.glob("*.safetensors")):
+        missing.append("model weights (*.safetensors)")
+    if not any((checkpoint / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        missing.append("a tokenizer (tokenizer.json or tokenizer.model)")
+    if missing:
+        raise CheckpointError(
+            f"{checkpoint} is missing {' and '.join(missing)}. Copy the complete checkpoint "
+            "(config.json, model.safetensors, tokenizer files), or convert from the hub id instead."
+        )
+    return config
+
+
+def has_chat_template(checkpoint: Path) -> bool:
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "chat_template.jinja").is_file() or (checkpoint / "chat_template.json").is_file():
+        return True
+    tokenizer_config = checkpoint / "tokenizer_config.json"
+    return tokenizer_config.is_file() and bool(json.loads(tokenizer_config.read_text()).get("chat_template"))
+
+
+def detect_flavour(checkpoint: Path, name: str = "") -> str:
+    """"pt" for a base model (no chat template, or named -pt), "it" for an instruction-tuned one."""
+    if name.endswith("-pt") or name == "gemma-3-270m":
+        return "pt"
+    if name.endswith("-it"):
+        return "it"
+    return "it" if has_chat_template(checkpoint) else "pt"
+
+
+def make_gemma_correct(model_dir: Path) -> None:
+    """Give a converted model the Gemma turn template and both stop tokens (<eos>, <end_of_turn>)."""
+    model_dir = Path(model_dir)
+    if not has_chat_template(model_dir):
+        tokenizer_config_path = model_dir / "tokenizer_config.json"
+        tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else {}
+        tokenizer_config["chat_template"] = GEMMA_TURN_TEMPLATE
+        tokenizer_config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    for file_name in ("config.json", "generation_config.json"):
+        path = model_dir / file_name
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        eos = config.get("eos_token_id", EOS_ID)
+        eos = list(eos) if isinstance(eos, list) else [eos]
+        for token_id in (EOS_ID, END_OF_TURN_ID):
+            if token_id not in eos:
+                eos.append(token_id)
+        config["eos_token_id"] = eos
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def default_output(source: Source, quantize_bits: int | None = None) -> Path:
+    suffix = f"-{quantize_bits}bit" if quantize_bits else ""
+    return outputs_root() / "models" / f"{source.name}{suffix}"
+
+
+@dataclass
+class ConvertResult:
+    name: str
+    path: Path
+    status: str  # "converted" or "up-to-date"
+    manifest: dict
+
+
+def _settings(dtype: str, quantize_bits: int | None, group_size: int) -> dict:
+    return {"dtype": dtype, "quantize_bits": quantize_bits, "group_size": group_size if quantize_bits else None}
+
+
+def _estimate_bytes(checkpoint: Path, dtype: str, quantize_bits: int | None) -> int:
+    source_bytes = sum(p.stat().st_size for p in Path(checkpoint).glob("*.safetensors"))
+    params = source_bytes / 2  # hub weights are bf16
+    bytes_per_param = (quantize_bits / 8 + 0.1) if quantize_bits else (4 if dtype == "float32" else 2)
+    return int(params * bytes_per_param * 1.1) + (50 << 20)
+
+
+def convert_checkpoint(
+    spec: str,
+    out: Path | None = None,
+    dtype: str | None = None,
+    quantize_bits: int | None = None,
+    group_size: int = 64,
+    revision: str | None = None,
+    force: bool = False,
+    progress: Progress = _quiet,
+) -> ConvertResult:
+    """Convert one checkpoint to an MLX model dir; a no-op if it was already converted the same way."""
+    from mlx_lm.convert import convert as mlx_convert
+
+    dtype = dtype or backend.default_dtype()
+    if dtype not in DTYPES:
+        raise CheckpointError(f"Unknown dtype '{dtype}'. Choose one of: {', '.join(DTYPES)}.")
+    if quantize_bits not in (None, 4, 8):
+        raise CheckpointError(f"Quantization must be 4 or 8 bits, not {quantize_bits}.")
+    source = resolve_source(spec)
+    out = Path(out) if out else default_output(source, quantize_bits)
+    settings = _settings(dtype, quantize_bits, group_size)
+
+    progress(f"{source.spec}: locating checkpoint")
+    checkpoint, commit = fetch(source, revision)
+    config = validate_checkpoint(checkpoint)
+    source_id = {"hub_id": source.hub_id, "revision": commit} if source.hub_id else {"sha256": sha256_tree(checkpoint)}
+
+    existing = read_manifest(out)
+    if existing and existing.get("source_id") == source_id and existing.get("settings") == settings:
+        progress(f"{source.spec}: already converted at {out} (same source and settings), nothing to do")
+        return ConvertResult(source.name, out, "up-to-date", existing)
+    if out.exists() and not force:
+        raise OutputExistsError(
+            f"{out} already exists and was made from a different source or with different settings. "
+            "Re-run with --force to replace it, or choose another --out."
+        )
+
+    check_writable(out.parent, _estimate_bytes(checkpoint, dtype, quantize_bits))
+    flavour = detect_flavour(checkpoint, source.name)
+    started = time.perf_counter()
+    progress(f"{source.spec}: converting to {dtype}" + (f", {quantize_bits}-bit" if quantize_bits else "") + f" -> {out}")
+    with atomic_output_dir(out, force=True) as tmp:
+        staged = tmp / "mlx"  # mlx_lm.convert insists on creating its own directory
+        with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints [INFO] lines; keep stdout for results
+            mlx_convert(
+                str(checkpoint),
+                mlx_path=str(staged),
+                dtype=dtype,
+                quantize=bool(quantize_bits),
+                q_bits=quantize_bits,
+                q_group_size=group_size if quantize_bits else None,
+            )
+        for item in staged.iterdir():
+            item.rename(tmp / item.name)
+        staged.rmdir()
+        make_gemma_correct(tmp)
+        manifest = {
+            "stage": "convert",
+            "name": source.name,
+            "source": {"spec": source.spec, "hub_id": source.hub_id, "local_path": str(checkpoint)},
+            "source_id": source_id,
+            "settings": settings,
+            "flavour": flavour,
+            "model_type": config.get("model_type"),
+            "shape": {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")},
+            "size_bytes": sum(p.stat().st_size for p in tmp.glob("*.safetensors")),
+            "seconds": round(time.perf_counter() - started, 2),
+            "created": now_iso(),
+            "versions": versions(),
+        }
+        write_manifest(tmp, manifest)
+    progress(f"{source.spec}: done in {manifest['seconds']:.1f}s ({manifest['size_bytes'] / 1e6:.1f} MB)")
+    return ConvertResult(source.name, out, "converted", manifest)
+
+
+def convert_many(specs: list[str], out_root: Path | None = None, progress: Progress = _quiet, **options) -> list[ConvertResult]:
+    """Convert several checkpoints with the same settings; resolve every name first so typos fail fast."""
+    sources = [resolve_source(spec) for spec in specs]
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"Two checkpoints would share an output name ({', '.join(names)}); convert them one at a time with --out.")
+    results = []
+    for spec, source in zip(specs, sources):
+        out = Path(out_root) / source.name if out_root else None
+        results.append(convert_checkpoint(spec, out=out, progress=progress, **options))
+    return results

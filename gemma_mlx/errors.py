@@ -1,0 +1,25 @@
+"""Typed errors for user mistakes. The CLI turns them into one clean paragraph and exit code 1."""
+
+
+class GemmaMlxError(Exception):
+    """A problem the user can fix; the message says what is wrong, where, and what to do."""
+
+
+class CheckpointError(GemmaMlxError):
+    """A model name, hub id or directory that cannot be used."""
+
+
+class OutputExistsError(GemmaMlxError):
+    """An output directory holds something different; we refuse to overwrite it without --force."""
+
+
+class DataError(GemmaMlxError):
+    """A dataset or prompt file is invalid."""
+
+
+class ConfigError(GemmaMlxError):
+    """An experiment config file or option is invalid."""
+
+
+class TrainingError(GemmaMlxError):
+    """Training could not start or had to stop (e.g. NaN loss)."""

@@ -1,0 +1,185 @@
+"""Tiny, randomly initialised Gemma 3 text checkpoints in the real Hugging Face layout.
+
+No Gemma can be downloaded in tests or CI, so we build stand-ins that exercise every code path a
+real checkpoint does: hub-style config.json, HF parameter names in model.safetensors, a tokenizer
+with Gemma's special tokens at Gemma's ids, generation_config.json, and the -pt/-it differences
+(the -it flavour has a chat template and eos [1, 106]; the -pt one has neither).
+Deterministic for a seed, built in about a second, no torch and no network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .chat_format import GEMMA_TURN_TEMPLATE
+
+# Ids 0..106 mirror Gemma 3: pad, eos, bos, unk, mask, [multimodal], <unused0..98>, turn tokens.
+SPECIAL_TOKENS = (
+    ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]"]
+    + [f"<unused{i}>" for i in range(99)]
+    + ["<start_of_turn>", "<end_of_turn>"]
+)
+
+TINY_SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=6,  # mlx-lm's gemma3_text needs layers >= sliding_window_pattern
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=16,
+    vocab_size=1024,
+)
+
+# Our own words: enough English for a byte-level BPE to learn useful merges.
+_TOKENIZER_CORPUS = """
+I reckon we should play a game in the backyard today. Hooray! My little sister wants to be the
+shopkeeper and I will be the customer. Mum says we can have lunch after the game, and Dad is going
+to be a big grumpy monster who chases us around the garden. I don't know much about that, but I
+can tell you about my favourite games. Can you help me with my homework? What should I do today?
+Tell me a story about a dog who goes to the beach. I'm feeling sad because my friend went home.
+When people disagree they can take turns and listen to each other. Quantum physics is about tiny
+things that behave in strange ways. Let's pretend the floor is lava and we have to jump from the
+couch to the cushions! That is heaps of fun. What is your name? How old are you? Where do you live?
+The quick brown fox jumps over the lazy dog. Thank you very much, that was a lovely day.
+"""
+
+
+def build_tokenizer(corpus: str = _TOKENIZER_CORPUS, vocab_size: int = TINY_SHAPE["vocab_size"]):
+    """A byte-level BPE tokenizer with Gemma's special tokens at Gemma's ids, kept whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([corpus] * 4, trainer=trainer)
+    # Gemma's tokenizer prepends <bos> when asked to add special tokens.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 2)]
+    )
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == token_id, (token, tokenizer.token_to_id(token))
+    return tokenizer
+
+
+def _config(flavour: str, shape: dict) -> dict:
+    eos = [1, 106] if flavour == "it" else 1
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "initializer_range": 0.02,
+        "max_position_embeddings": 32768,
+        "query_pre_attn_scalar": shape["head_dim"],
+        "rms_norm_eps": 1e-6,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "use_cache": True,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": eos,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        **shape,
+    }
+
+
+def _weights(shape: dict, seed: int) -> dict[str, np.ndarray]:
+    """Random weights under the HF parameter names of Gemma3ForCausalLM (tied embeddings)."""
+    rng = np.random.default_rng(seed)
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    q_out = shape["num_attention_heads"] * shape["head_dim"]
+    kv_out = shape["num_key_value_heads"] * shape["head_dim"]
+
+    def dense(rows, cols):
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    def norm(size):  # Gemma norms multiply by (1 + w); keep w small
+        return (0.1 * rng.standard_normal(size)).astype(np.float32)
+
+    weights = {"model.embed_tokens.weight": (0.5 * rng.standard_normal((shape["vocab_size"], hidden))).astype(np.float32)}
+    for i in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        weights.update(
+            {
+                f"{p}.self_attn.q_proj.weight": dense(q_out, hidden),
+                f"{p}.self_attn.k_proj.weight": dense(kv_out, hidden),
+                f"{p}.self_attn.v_proj.weight": dense(kv_out, hidden),
+                f"{p}.self_attn.o_proj.weight": dense(hidden, q_out),
+                f"{p}.self_attn.q_norm.weight": norm(shape["head_dim"]),
+                f"{p}.self_attn.k_norm.weight": norm(shape["head_dim"]),
+                f"{p}.mlp.gate_proj.weight": dense(inter, hidden),
+                f"{p}.mlp.up_proj.weight": dense(inter, hidden),
+                f"{p}.mlp.down_proj.weight": dense(hidden, inter),
+                f"{p}.input_layernorm.weight": norm(hidden),
+                f"{p}.post_attention_layernorm.weight": norm(hidden),
+                f"{p}.pre_feedforward_layernorm.weight": norm(hidden),
+                f"{p}.post_feedforward_layernorm.weight": norm(hidden),
+            }
+        )
+    weights["model.norm.weight"] = norm(hidden)
+    return weights
+
+
+def write_tiny_checkpoint(out_dir: Path, flavour: str = "pt", seed: int = 0, shape: dict | None = None) -> Path:
+    """Write a tiny Gemma 3 checkpoint (`flavour` "pt" or "it") to `out_dir` and return it."""
+    from safetensors.numpy import save_file
+
+    if flavour not in ("pt", "it"):
+        raise ValueError(f"flavour must be 'pt' or 'it', not {flavour!r}")
+    shape = {**TINY_SHAPE, **(shape or {})}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    config = _config(flavour, shape)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": 2, "eos_token_id": config["eos_token_id"], "pad_token_id": 0}
+    if flavour == "it":
+        generation.update(cache_implementation="hybrid", do_sample=True, top_k=64, top_p=0.95)
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    save_file(_weights(shape, seed), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+
+    build_tokenizer(vocab_size=shape["vocab_size"]).save(str(out_dir / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<end_of_turn>" if flavour == "it" else "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": 32768,
+        "padding_side": "left",
+        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+    }
+    if flavour == "it":
+        tokenizer_config["chat_template"] = GEMMA_TURN_TEMPLATE
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps({k: tokenizer_config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}, indent=2)
+    )
+    return out_dir
+
+
+def write_tiny_pair(root: Path, seed: int = 0) -> dict[str, Path]:
+    """A base and an instruction-tuned tiny checkpoint, like google/gemma-3-1b-pt and -it."""
+    root = Path(root)
+    return {
+        "tiny-gemma-3-pt": write_tiny_checkpoint(root / "tiny-gemma-3-pt", "pt", seed),
+        "tiny-gemma-3-it": write_tiny_checkpoint(root / "tiny-gemma-3-it", "it", seed + 1),
+    }

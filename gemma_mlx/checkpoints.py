@@ -233,8 +233,6 @@ def convert_checkpoint(
     progress: Progress = _quiet,
 ) -> ConvertResult:
     """Convert one checkpoint to an MLX model dir; a no-op if it was already converted the same way."""
-    from mlx_lm.convert import convert as mlx_convert
-
     dtype = dtype or backend.default_dtype()
     if dtype not in DTYPES:
         raise CheckpointError(f"Unknown dtype '{dtype}'. Choose one of: {', '.join(DTYPES)}.")
@@ -260,41 +258,58 @@ def convert_checkpoint(
         )
 
     check_writable(out.parent, _estimate_bytes(checkpoint, dtype, quantize_bits))
-    flavour = detect_flavour(checkpoint, source.name)
-    started = time.perf_counter()
+    record = {
+        "stage": "convert",
+        "name": source.name,
+        "source": {"spec": source.spec, "hub_id": source.hub_id, "local_path": str(checkpoint)},
+        "source_id": source_id,
+        "settings": settings,
+        "flavour": detect_flavour(checkpoint, source.name),
+        "model_type": config.get("model_type"),
+        "shape": {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")},
+    }
     progress(f"{source.spec}: converting to {dtype}" + (f", {quantize_bits}-bit" if quantize_bits else "") + f" -> {out}")
+    try:
+        manifest = _convert_into(out, checkpoint, record)
+    except OSError as error:  # disk full, permissions changed mid-way: the temp dir is already gone
+        raise CheckpointError(
+            f"Converting {source.spec} to {out} failed while writing ({error.strerror or error}). "
+            "Nothing was left behind; free disk space or fix permissions and run the command again."
+        ) from None
+    progress(f"{source.spec}: done in {manifest['seconds']:.1f}s ({manifest['size_bytes'] / 1e6:.1f} MB)")
+    return ConvertResult(source.name, out, "converted", manifest)
+
+
+def _convert_into(out: Path, checkpoint: Path, record: dict) -> dict:
+    """Run mlx-lm's conversion into a temp dir next to `out`, fix it up, and rename it into place."""
+    from mlx_lm.convert import convert as mlx_convert
+
+    settings = record["settings"]
+    started = time.perf_counter()
     with atomic_output_dir(out, force=True) as tmp:
         staged = tmp / "mlx"  # mlx_lm.convert insists on creating its own directory
         with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints [INFO] lines; keep stdout for results
             mlx_convert(
                 str(checkpoint),
                 mlx_path=str(staged),
-                dtype=dtype,
-                quantize=bool(quantize_bits),
-                q_bits=quantize_bits,
-                q_group_size=group_size if quantize_bits else None,
+                dtype=settings["dtype"],
+                quantize=bool(settings["quantize_bits"]),
+                q_bits=settings["quantize_bits"],
+                q_group_size=settings["group_size"],
             )
         for item in staged.iterdir():
             item.rename(tmp / item.name)
         staged.rmdir()
         make_gemma_correct(tmp)
         manifest = {
-            "stage": "convert",
-            "name": source.name,
-            "source": {"spec": source.spec, "hub_id": source.hub_id, "local_path": str(checkpoint)},
-            "source_id": source_id,
-            "settings": settings,
-            "flavour": flavour,
-            "model_type": config.get("model_type"),
-            "shape": {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")},
+            **record,
             "size_bytes": sum(p.stat().st_size for p in tmp.glob("*.safetensors")),
             "seconds": round(time.perf_counter() - started, 2),
             "created": now_iso(),
             "versions": versions(),
         }
         write_manifest(tmp, manifest)
-    progress(f"{source.spec}: done in {manifest['seconds']:.1f}s ({manifest['size_bytes'] / 1e6:.1f} MB)")
-    return ConvertResult(source.name, out, "converted", manifest)
+    return manifest
 
 
 def convert_many(specs: list[str], out_root: Path | None = None, progress: Progress = _quiet, **options) -> list[ConvertResult]:

@@ -91,6 +91,11 @@ def check_writable(directory: Path, need_bytes: int = 0) -> None:
     probe = directory
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise GemmaMlxError(
+            f"Cannot write to {directory}: {probe} is a file, not a directory. "
+            "Choose another output with --out, or move that file away."
+        )
     if not os.access(probe, os.W_OK):
         raise GemmaMlxError(
             f"Cannot write to {probe} (permission denied), so nothing can be saved under {directory}. "

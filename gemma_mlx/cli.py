@@ -45,6 +45,24 @@ def _print_version(ctx, _param, value):
         ctx.exit()
 
 
+def generation_options(command):
+    """The GenerationSettings options that compare and chat share: one definition, one --help text."""
+    options = [
+        click.option("--max-tokens", default=256, show_default=True,
+                     help="Token limit per reply; a reply reaching it is flagged [cut at N tokens]."),
+        click.option("--min-new-tokens", default=0, show_default=True, help="Suppress stop tokens until this many tokens were generated."),
+        click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature (0: greedy)."),
+        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling (1.0: off)."),
+        click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0: off)."),
+        click.option("--min-p", default=0.0, show_default=True, help="Drop tokens below min-p x p(max) (0: off)."),
+        click.option("--repetition-penalty", default=1.0, show_default=True, help="> 1 discourages repeats (1.0: off)."),
+        click.option("--seed", default=0, show_default=True, help="Sampling seed (the same for every model)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Show the version, MLX backend, device, BLAS and dtype policy, then exit.")
@@ -88,6 +106,250 @@ def convert(checkpoints, out, dtype, quantize_bits, group_size, revision, force)
         results = convert_many(list(checkpoints), out_root=out, progress=echo_progress, **options)
     for result in results:
         click.echo(f"{result.name}\t{result.status}\t{result.path}")
+
+
+@cli.command()
+@click.argument("config_file", required=False, type=click.Path(path_type=Path))
+@click.option("--demo", is_flag=True, help="Run the whole pipeline on two tiny random checkpoints (offline, ~2 minutes).")
+@click.option("--only", "only", multiple=True, type=click.Choice(["convert", "data", "train", "fuse", "compare"]),
+              help="Run only these stages (repeatable); the others reuse their earlier outputs.")
+@click.option("--name", help="Experiment name (outputs/runs/<name>/); overrides the config.")
+@click.option("--epochs", type=int, help="Override train.epochs.")
+@click.option("--max-tokens", type=int, help="Override generation.max_tokens.")
+def run(config_file, demo, only, name, epochs, max_tokens):
+    """Run the whole experiment: convert, check+split data, train, fuse, compare, summary.
+
+    CONFIG_FILE is an experiment YAML (default: data/experiment.yaml, gemma-3-1b-pt vs gemma-3-1b-it
+    on the Bluey data). Finished stages are skipped, an interrupted run resumes, and a changed setting
+    re-runs only the stages it affects.
+    """
+    from .experiment import demo_config, format_summary, load_experiment, run_experiment
+    from .config import apply_overrides
+
+    if demo and config_file:
+        raise click.UsageError("Use either --demo or a CONFIG_FILE, not both.")
+    config = demo_config(echo_progress) if demo else load_experiment(config_file)
+    config = apply_overrides(config, {"name": name, "train.epochs": epochs, "generation.max_tokens": max_tokens})
+    result = run_experiment(config, only=list(only) or None, progress=echo_progress)
+    if result.status == "interrupted":
+        click.echo(f"Interrupted; progress is saved in {result.run_dir}. Run the same command again to resume.", err=True)
+        raise SystemExit(130)
+    click.echo("")
+    click.echo(format_summary(result.summary_rows))
+    click.echo("")
+    for record in result.stages:
+        click.echo(f"{record.stage:<8} {record.status:<11} {record.seconds:7.1f}s  peak {record.peak_memory_gb:.2f} GB")
+    click.echo(f"\nReport: {result.report_html}")
+
+
+@cli.command()
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+@click.option("--base", type=click.Path(path_type=Path),
+              help="Converted base model dir. Default: the base_model recorded in the run's manifest.json.")
+@click.option("--out", type=click.Path(path_type=Path), help="Fused model directory. Default: ADAPTER_DIR/fused.")
+@click.option("--dequantize", is_flag=True,
+              help="Write float weights even if the base is quantized (otherwise the fused model is re-quantized like its base).")
+@click.option("--export-hf", type=click.Path(path_type=Path),
+              help="Also write a Hugging Face Gemma3ForCausalLM checkpoint (safetensors, config, tokenizer) to this directory.")
+@click.option("--hf-dtype", type=click.Choice(["bfloat16", "float32"]),
+              help="Weight dtype of the --export-hf checkpoint. Default: float32 for a float32 model, else bfloat16.")
+@click.option("--force", is_flag=True, help="Replace an existing output that was made from other adapters or settings.")
+def fuse(adapter_dir, base, out, dequantize, export_hf, hf_dtype, force):
+    """Fuse trained LoRA adapters into their base model: one standalone, Gemma-correct model dir.
+
+    ADAPTER_DIR is a training run's output (outputs/runs/<run>/<model>/, or its last/ folder).
+    The trained <start_of_turn>/<end_of_turn> embedding rows are baked in, the model stops on
+    <end_of_turn>, and manifest.json names the base, the adapters and the settings. Re-running with
+    the same inputs does nothing.
+    """
+    from .fuse import fuse_model
+
+    result = fuse_model(adapter_dir, out=out, base=base, dequantize=dequantize, export_hf=export_hf,
+                        force=force, progress=echo_progress, hf_dtype=hf_dtype)
+    click.echo(f"{result.status}\t{result.out_dir}")
+    if result.hf_dir is not None:
+        click.echo(f"hf-export\t{result.hf_dir}")
+
+
+@cli.group("data")
+def data_group():
+    """Check, summarise and split a persona dataset (mlx-lm JSONL: chat, prompt/completion or text)."""
+
+
+@data_group.command("check")
+@click.argument("path")
+@click.option("--model", help="Model dir whose tokenizer counts tokens (enables the too-long warning).")
+@click.option("--prompts", "prompt_files", multiple=True, type=click.Path(path_type=Path),
+              help="Evaluation prompt file; warn when a training prompt matches one (repeatable).")
+@click.option("--max-seq-length", default=512, show_default=True, help="Training max sequence length in tokens.")
+def data_check(path, model, prompt_files, max_seq_length):
+    """Validate a dataset: print every problem as `file:line: what is wrong`.
+
+    PATH is a JSONL file, a directory of them (train/valid/test too), a saved Hugging Face dataset
+    directory or a hub dataset id. Exits with code 1 when there are errors; warnings alone pass.
+    """
+    from .data_checks import check_dataset
+
+    report = check_dataset(path, model=model, prompts=list(prompt_files), max_seq_length=max_seq_length)
+    for problem in report.errors:
+        click.echo(f"{problem.where}: error: {problem.message}")
+    for problem in report.warnings:
+        click.echo(f"{problem.where}: warning: {problem.message}")
+    summary = f"{path}: {report.examples} valid examples, {len(report.errors)} errors, {len(report.warnings)} warnings"
+    if report.errors:
+        from .errors import DataError
+
+        raise DataError(summary + ". Fix the errors above and run the check again.")
+    click.echo(summary)
+
+
+@data_group.command("stats")
+@click.argument("path")
+@click.option("--model", help="Model dir whose tokenizer counts tokens.")
+@click.option("--prompts", "prompt_files", multiple=True, type=click.Path(path_type=Path),
+              help="Evaluation prompt file to measure overlap with (repeatable).")
+@click.option("--persona", type=click.Path(path_type=Path),
+              help="Persona YAML for marker counts. Default: persona.yaml next to the data, if any.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+def data_stats(path, model, prompt_files, persona, as_json):
+    """Summarise a dataset: counts, reply lengths (words; tokens with --model) with a histogram,
+    persona markers, duplicate prompts and overlap with prompt sets."""
+    import json
+
+    from .data_checks import dataset_stats, render_stats
+
+    stats = dataset_stats(path, model=model, prompts=list(prompt_files), persona=persona)
+    click.echo(json.dumps(stats, indent=2) if as_json else render_stats(stats))
+
+
+@data_group.command("split")
+@click.argument("path")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for train/valid/test.jsonl.")
+@click.option("--seed", default=0, show_default=True, help="Shuffle seed; the same seed gives the same split.")
+@click.option("--valid-fraction", default=0.1, show_default=True, help="Share of examples for validation.")
+@click.option("--test-fraction", default=0.1, show_default=True, help="Share of examples for the test set.")
+@click.option("--force", is_flag=True, help="Replace an existing, different split.")
+def data_split(path, out, seed, valid_fraction, test_fraction, force):
+    """Split a dataset into mlx-lm's layout (train.jsonl, valid.jsonl, test.jsonl) with a manifest.
+
+    Seeded and deterministic; near-duplicate prompts always land in the same set. Re-running with
+    the same data and settings does nothing.
+    """
+    from .data_checks import split_dataset
+
+    result = split_dataset(path, out, seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction,
+                           force=force, progress=echo_progress)
+    counts = result.counts
+    click.echo(f"{result.status}\t{result.out_dir}\ttrain {counts['train']}, valid {counts['valid']}, test {counts['test']}")
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--prompts", "prompt_files", multiple=True, type=click.Path(path_type=Path),
+              help="Prompt file: one prompt per line (# comments, blank lines skipped) or JSONL. Repeatable.")
+@click.option("--prompt", "prompt_texts", multiple=True, help="A prompt given inline. Repeatable.")
+@click.option("--persona", type=click.Path(path_type=Path),
+              help="Persona spec (YAML) whose markers and out-of-character phrases the scorecard counts.")
+@click.option("--training-data", type=click.Path(path_type=Path),
+              help="The persona training data: reply lengths to compare with, marker mining, prompt overlap check.")
+@click.option("--judge", help="A local MLX model dir that scores each reply 1-5 (in character, on topic, complete).")
+@click.option("--out", type=click.Path(path_type=Path), help="Report directory. Default: outputs/compare/<timestamp>/.")
+@generation_options
+@click.option("--samples", default=1, show_default=True, help="Replies per prompt.")
+@click.option("--force", is_flag=True, help="Replace an existing --out directory that holds a different comparison (or anything else).")
+def compare(models, prompt_files, prompt_texts, persona, training_data, judge, out, force, **generation):
+    """Answer the same prompts with several models side by side, and score the persona.
+
+    MODELS are converted or fused model directories, or BASE_DIR::ADAPTER_DIR for a base model with
+    LoRA adapters. Every model gets the same prompts, settings and seed, in one batch per model. Writes
+    comparison.txt, comparison.md, comparison.json and report.html into the report directory.
+    """
+    from .compare import compare_models
+    from .config import GenerationSettings
+    from .report import render_scorecard_text
+
+    result = compare_models(
+        list(models), [*prompt_files, *prompt_texts], settings=GenerationSettings(**generation), persona=persona,
+        training_data=training_data, out=out, judge=judge, progress=echo_progress, force=force,
+    )
+    click.echo(render_scorecard_text(result.results))
+    click.echo(f"\nReport: {result.out_dir}/ (comparison.txt, comparison.md, comparison.json, report.html)")
+
+
+@cli.command()
+@click.option("--model", required=True, help="Converted model directory (or its name under outputs/models/).")
+@click.option("--data", help="Dataset: a JSONL file or a directory (train/valid files, or split here). Default: the config's data.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="Experiment YAML; options below override it.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output directory. Default: outputs/runs/<run-name>/<model>/.")
+@click.option("--run-name", help="Run name for the default output directory. Default: the config's name.")
+@click.option("--epochs", type=int, help="Passes over the training set (every example every epoch).")
+@click.option("--batch-size", type=int, help="Examples per step.")
+@click.option("--learning-rate", "--lr", "learning_rate", type=float, help="Peak learning rate.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "linear"]), help="Decay after warmup.")
+@click.option("--warmup-steps", type=int, help="Linear warmup steps from 0 to the learning rate.")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), help="Optimizer.")
+@click.option("--max-seq-length", type=int, help="Longer examples are cut to this many tokens (with a warning).")
+@click.option("--response-only/--full-loss", default=None, help="Loss on reply tokens only (default), or on every token.")
+@click.option("--val-every-steps", type=int, help="Also validate every N steps (0: once per epoch).")
+@click.option("--early-stopping", "patience", type=int, help="Stop after N validations without improvement (0: off).")
+@click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations to save memory.")
+@click.option("--seed", type=int, help="Data order, LoRA initialisation and dropout.")
+@click.option("--fine-tune-type", type=click.Choice(["lora", "dora", "full"]), help="LoRA, DoRA or full fine-tuning.")
+@click.option("--rank", type=int, help="LoRA rank r.")
+@click.option("--scale", type=float, help="mlx-lm's raw LoRA multiplier (PEFT alpha = scale * rank).")
+@click.option("--dropout", type=float, help="Dropout on the LoRA input.")
+@click.option("--num-layers", type=int, help="Adapt the last N transformer layers (-1: all).")
+@click.option("--keys", multiple=True, help="Projection to adapt, e.g. self_attn.q_proj (repeatable; default: all).")
+@click.option("--train-turn-tokens", type=click.Choice(["auto", "on", "off"]),
+              help="Train the <start_of_turn>/<end_of_turn> embedding rows (auto: base -pt models only).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (same model, data and settings).")
+@click.option("--force", is_flag=True, help="Replace a finished run made differently, or discard an interrupted one.")
+def train(model, data, config_path, out, run_name, resume, force, **options):
+    """LoRA-fine-tune a converted model on a persona dataset, in epochs.
+
+    Every example trains every epoch, in length-bucketed batches; the loss counts reply tokens only.
+    The best adapters by validation loss go to the output directory (mlx-lm layout, so
+    `mlx_lm generate --adapter-path` works), the final ones to last/, with metrics.jsonl, summary.json,
+    loss.svg and manifest.json. Ctrl-C saves a resumable state (exit code 130); --resume continues it.
+    """
+    from .train import train_with_config
+
+    names = {"patience": "train.early_stopping_patience", "keys": "lora.keys"}
+    lora_keys = {"fine_tune_type", "rank", "scale", "dropout", "num_layers", "train_turn_tokens"}
+    overrides = {}
+    for key, value in options.items():
+        if key == "keys":
+            value = list(value) or None
+        overrides[names.get(key) or (f"lora.{key}" if key in lora_keys else f"train.{key}")] = value
+    result = train_with_config(model, data, config_path, overrides, out=out, run_name=run_name,
+                               resume=resume, force=force, progress=echo_progress)
+    click.echo(f"{result.status}\t{result.out_dir}")
+    if result.status == "interrupted":
+        sys.exit(130)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--adapters", "adapter_path", type=click.Path(path_type=Path),
+              help="LoRA adapter dir to apply on top of MODEL (same as MODEL::ADAPTERS).")
+@click.option("--system", help="A system message, folded into the first user turn as Gemma 3 does.")
+@generation_options
+def chat(model, adapter_path, system, **generation):
+    """Chat with MODEL in the terminal, with the same turn format and stop rules as compare.
+
+    MODEL is a converted or fused model dir, a name converted earlier (outputs/models/NAME), or
+    BASE_DIR::ADAPTER_DIR. Type /settings to show the settings, /settings temperature=0.7 to change
+    one, /reset to start over, /quit (or Ctrl-D) to leave. Ctrl-C stops a reply being written.
+    """
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+
+    from .chat import run_chat
+    from .config import GenerationSettings
+
+    run_chat(model, adapter_path, GenerationSettings(**generation), system=system, progress=echo_progress)
 
 
 def main():

@@ -17,6 +17,9 @@ import yaml
 
 from .errors import ConfigError
 
+# The dataset, persona and prompt sets that ship with the project (the defaults below point here).
+SHIPPED_DATA = Path(__file__).resolve().parent.parent / "data"
+
 
 @dataclass
 class LoraSettings:
@@ -71,10 +74,13 @@ class ExperimentConfig:
     checkpoints: list[str] = field(default_factory=lambda: ["gemma-3-1b-pt", "gemma-3-1b-it"])
     dtype: str = ""  # float32 | bfloat16 | float16; empty: float32 on a Linux CPU, bfloat16 with Metal
     quantize_bits: int = 0  # 0 (off), 4 or 8
-    data: str = "data/bluey"  # persona dataset: a JSONL file or a directory with train/valid/test
-    persona: str = "data/bluey/persona.yaml"  # persona spec used by the compare scorecard
+    # persona dataset: a JSONL file, or a directory of JSONL files (or with train/valid/test files)
+    data: str = str(SHIPPED_DATA / "bluey")
+    persona: str = str(SHIPPED_DATA / "bluey" / "persona.yaml")  # persona spec for the compare scorecard
     # prompt files for the comparison (one prompt per line, or JSONL with "prompt")
-    prompts: list[str] = field(default_factory=lambda: ["data/prompts/comparison.txt"])
+    prompts: list[str] = field(
+        default_factory=lambda: [str(SHIPPED_DATA / "prompts" / f"{name}.txt") for name in ("comparison", "personality", "everyday")]
+    )
     compare_bases: bool = True  # also compare the un-tuned base models
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .chat_format import GEMMA_TURN_TEMPLATE
+from .config import SHIPPED_DATA
 
 # Ids 0..106 mirror Gemma 3: pad, eos, bos, unk, mask, [multimodal], <unused0..98>, turn tokens.
 SPECIAL_TOKENS = (
@@ -47,10 +48,27 @@ The quick brown fox jumps over the lazy dog. Thank you very much, that was a lov
 """
 
 
-def build_tokenizer(corpus: str = _TOKENIZER_CORPUS, vocab_size: int = TINY_SHAPE["vocab_size"]):
-    """A byte-level BPE tokenizer with Gemma's special tokens at Gemma's ids, kept whole."""
+def tokenizer_corpus() -> str:
+    """Text to learn merges from: our built-in paragraph plus the shipped persona data when present,
+    so the tiny vocabulary is filled with real words (a random model then writes words, not gaps)."""
+    shipped = SHIPPED_DATA / "bluey" / "conversations.jsonl"
+    parts = [_TOKENIZER_CORPUS]
+    if shipped.is_file():
+        for line in shipped.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                parts.extend(message["content"] for message in json.loads(line).get("messages", []))
+    return "\n".join(parts)
+
+
+def build_tokenizer(corpus: str | None = None, vocab_size: int = TINY_SHAPE["vocab_size"]):
+    """A byte-level BPE tokenizer with Gemma's special tokens at Gemma's ids, kept whole.
+
+    Every id below vocab_size is a real token: if the corpus yields fewer merges, the rest become
+    more <unusedN> tokens, as in the real Gemma vocabulary.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+    corpus = tokenizer_corpus() if corpus is None else corpus
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -61,6 +79,9 @@ def build_tokenizer(corpus: str = _TOKENIZER_CORPUS, vocab_size: int = TINY_SHAP
         show_progress=False,
     )
     tokenizer.train_from_iterator([corpus] * 4, trainer=trainer)
+    missing = vocab_size - tokenizer.get_vocab_size()
+    if missing > 0:
+        tokenizer.add_special_tokens([f"<unused{i}>" for i in range(99, 99 + missing)])
     # Gemma's tokenizer prepends <bos> when asked to add special tokens.
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 2)]
@@ -112,7 +133,9 @@ def _weights(shape: dict, seed: int) -> dict[str, np.ndarray]:
     def norm(size):  # Gemma norms multiply by (1 + w); keep w small
         return (0.1 * rng.standard_normal(size)).astype(np.float32)
 
-    weights = {"model.embed_tokens.weight": (0.5 * rng.standard_normal((shape["vocab_size"], hidden))).astype(np.float32)}
+    # Small embeddings (std 0.05) keep the untrained model's logits near uniform, as a real init would:
+    # the first training loss is then about ln(vocab), and learning shows in the curve.
+    weights = {"model.embed_tokens.weight": (0.05 * rng.standard_normal((shape["vocab_size"], hidden))).astype(np.float32)}
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}"
         weights.update(

@@ -1,0 +1,327 @@
+"""`gemma-mlx compare`: the same prompts, settings and seed through several models, side by side.
+
+Each model is loaded once, answers every prompt (x samples) in one batch, and is freed before the
+next loads, so peak memory is one model's. Replies are then scored (persona.py) and written as
+four views of one results dict (report.py). With a judge model, that model is loaded last and
+grades every reply 1-5 against a fixed rubric.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import persona as scoring
+from .compare_inputs import (
+    model_identity,
+    read_persona,
+    spec_paths,
+    read_training_data,
+    check_model_specs,
+    collect_prompts,
+    find_run_dir,
+    manifest_summary,
+    read_loss_curve,
+)
+from .config import GenerationSettings, to_dict
+from .errors import OutputExistsError, GemmaMlxError
+from .generate import check_settings, generate_replies, load_model
+from .judge import JUDGE_RUBRIC, JUDGE_SETTINGS, JUDGE_TEMPLATE, judge_replies
+from .manifest import (
+    MANIFEST_NAME,
+    atomic_output_dir,
+    check_writable,
+    now_iso,
+    outputs_root,
+    read_manifest,
+    sha256_json,
+    versions,
+    write_manifest,
+)
+from .report import FORMAT, REPORT_FILES, write_reports
+
+Progress = Callable[[str], None]
+
+MINING_NOTE = (
+    "Mined markers are phrases of 2-3 words (not starting or ending with a common word) and names "
+    "(capitalised words inside a sentence) found in at least 2% of the training replies (and 3 of them) "
+    "but in at most 2% of the base model's replies; the base model is a compared model that was "
+    "converted, not fine-tuned. Without training data, or a base model whose replies hold at least 50 "
+    "words in all, nothing is mined."
+)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class CompareResult:
+    out_dir: Path
+    results: dict
+    status: str = "compared"  # or "up-to-date" (same inputs as the report already there)
+
+
+# ---------------------------------------------------------------------------- generation
+
+def _free_memory() -> None:
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+
+
+def run_model(spec: str, prompts: list[str], settings: GenerationSettings, position: str, progress: Progress) -> dict:
+    """Load one model, answer every prompt in one batch, free it; timings and peak memory included."""
+    import mlx.core as mx
+
+    _free_memory()
+    mx.reset_peak_memory()
+    progress(f"{position} loading {spec}")
+    started = time.perf_counter()
+    loaded = load_model(spec)
+    load_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    replies = generate_replies(loaded, prompts, settings, progress=lambda m: progress(f"{position} {m}"))
+    generate_seconds = time.perf_counter() - started
+    peak_gb = mx.get_peak_memory() / 1e9
+    tokens = sum(r.tokens for r in replies)
+    manifest = loaded.manifest
+    adapter_path = Path(loaded.adapter_path) if loaded.adapter_path else None
+    stage = "base+adapters" if adapter_path else (manifest or {}).get("stage")
+    run_dir = find_run_dir(manifest, adapter_path)
+    entry = {
+        "loaded_name": loaded.name,
+        "spec": str(spec),
+        "path": str(loaded.path),
+        "adapter_path": str(adapter_path) if adapter_path else None,
+        "stage": stage,
+        "is_base": stage == "convert",
+        "manifest": manifest_summary(manifest),
+        "load_seconds": round(load_seconds, 3),
+        "generate_seconds": round(generate_seconds, 3),
+        "tokens": tokens,
+        "tokens_per_second": tokens / generate_seconds if generate_seconds > 0 else 0.0,
+        "peak_memory_gb": round(peak_gb, 4),
+        "loss_curve": read_loss_curve(run_dir / "metrics.jsonl") if run_dir else None,
+        "raw_replies": replies,
+    }
+    progress(f"{position} {loaded.name}: {len(replies)} replies, {tokens} tokens in {generate_seconds:.1f}s "
+             f"({entry['tokens_per_second']:.1f} tokens/s, peak {peak_gb:.2f} GB)")
+    del loaded
+    _free_memory()
+    return entry
+
+
+def unique_names(entries: list[dict]) -> list[str]:
+    """Display names: the model's own name, or enough trailing path parts to tell twins apart."""
+    names = [e["loaded_name"] for e in entries]
+    if len(set(names)) == len(names):
+        return names
+    paths = [Path(e["adapter_path"] or e["path"]).resolve() for e in entries]
+    for depth in range(1, max(len(p.parts) for p in paths) + 1):
+        names = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{n} #{i + 1}" for i, n in enumerate(names)]
+
+
+# ---------------------------------------------------------------------------- scoring
+
+def score_model(entry: dict, prompts: list[str], markers: list[str], out_of_character: list[str],
+                training_words: dict | None) -> None:
+    """Per-reply flags, then the model's scorecard and one per prompt (over that prompt's samples)."""
+    records = []
+    for r in entry.pop("raw_replies"):
+        flags = scoring.reply_flags(r.text, r.finish_reason, markers, out_of_character)
+        records.append({"prompt_index": r.prompt_index, "sample_index": r.sample_index, "text": r.text,
+                        "tokens": int(r.tokens), "finish_reason": r.finish_reason, "stop_token": r.stop_token,
+                        "seconds": float(r.seconds), "tokens_per_second": float(r.tokens_per_second),
+                        **flags, "judge_score": None, "judge_raw": None})
+    entry["replies"] = records
+    entry["scorecard"] = _scorecard(records, prompts, bool(markers), training_words, entry)
+
+
+def _scorecard(records: list[dict], prompts: list[str], has_markers: bool, training_words, entry: dict) -> dict:
+    card = scoring.summarise([r["text"] for r in records], records, has_markers, training_words)
+    scores = [r["judge_score"] for r in records if r["judge_score"] is not None]
+    card.update(tokens_per_second=entry["tokens_per_second"], peak_memory_gb=entry["peak_memory_gb"],
+                judge_mean=sum(scores) / len(scores) if scores else None)
+    card["per_prompt"] = []
+    for index in range(len(prompts)):
+        mine = [r for r in records if r["prompt_index"] == index]
+        card["per_prompt"].append({"prompt_index": index,
+                                   **scoring.summarise([r["text"] for r in mine], mine, has_markers, training_words)})
+    return card
+
+
+def _warnings(overlaps: list[dict], models: list[dict], settings: GenerationSettings) -> list[str]:
+    warnings = []
+    if overlaps:
+        listed = "; ".join(f"prompt {o['prompt_index'] + 1} \"{o['prompt']}\" ~ {o['training_source']}" for o in overlaps[:5])
+        warnings.append(
+            f"{len(overlaps)} compare prompt(s) appear (nearly) verbatim in the training data, so their replies "
+            f"are not held-out evidence: {listed}. Use prompts the model was not trained on."
+        )
+    for model in models:
+        if model["scorecard"]["cut_rate"] and model["scorecard"]["cut_rate"] >= 0.5:
+            warnings.append(
+                f"{model['name']}: {model['scorecard']['cut_rate']:.0%} of replies hit the {settings.max_tokens}-token "
+                "limit; their length and endings say more about the limit than the model (raise --max-tokens)."
+            )
+    return warnings
+
+
+# ---------------------------------------------------------------------------- the comparison
+
+def _default_out() -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = outputs_root() / "compare" / stamp
+    suffix = 2
+    while out.exists():
+        out = outputs_root() / "compare" / f"{stamp}-{suffix}"
+        suffix += 1
+    return out
+
+
+def _inputs_key(models, prompts, settings, persona, training, judge) -> dict:
+    return {
+        "models": [{"spec": str(s), "identity": [model_identity(p) for p in spec_paths(s)]} for s in models],
+        "prompts": [t for t, _ in prompts],
+        "settings": to_dict(settings),
+        "persona": sha256_json(persona),
+        "training_data": training["sha256"] if training else None,
+        "judge": {"spec": judge, "identity": [model_identity(p) for p in spec_paths(judge)]} if judge else None,
+    }
+
+
+def _check_out(out: Path, inputs: dict, force: bool) -> dict | None:
+    """The existing results when `out` already holds this comparison; refuse to clobber non-reports."""
+    if not out.exists():
+        return None
+    manifest = read_manifest(out) or {}
+    if manifest.get("stage") == "compare" and manifest.get("inputs") == inputs:  # same inputs: a no-op, force or not
+        try:
+            return json.loads((out / "comparison.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+    if not force and any(out.iterdir()):
+        what = ("holds a comparison of different models, prompts or settings"
+                if manifest.get("stage") == "compare" else "is not a comparison report (no compare manifest.json)")
+        raise OutputExistsError(
+            f"{out} already exists and {what}. Choose another --out, or re-run with --force to replace it."
+        )
+    return None
+
+
+def _results(settings, prompt_pairs, persona_info, mined, training, overlaps, judge, entries) -> dict:
+    """The results dict every report file is rendered from (shape: report.SCHEMA, README)."""
+    overlapping = {o["prompt_index"] for o in overlaps}
+    return {
+        "format": FORMAT,
+        "created": now_iso(),
+        "versions": versions(),
+        "settings": to_dict(settings),
+        "seed": settings.seed,
+        "samples": settings.samples,
+        "prompts": [{"index": i, "text": t, "source": s, "overlaps_training": i in overlapping}
+                    for i, (t, s) in enumerate(prompt_pairs)],
+        "persona": {**{k: persona_info[k] for k in ("path", "name", "description", "markers")},
+                    "mined_markers": mined, "out_of_character": persona_info["out_of_character"], "mining": MINING_NOTE},
+        "training_data": training,
+        "overlaps": overlaps,
+        "warnings": [],
+        "judge": {"model": judge, "rubric": JUDGE_RUBRIC, "template": JUDGE_TEMPLATE,
+                  "settings": to_dict(JUDGE_SETTINGS)} if judge else None,
+        "models": [{"name": e["name"], **{k: v for k, v in e.items() if k not in ("name", "loaded_name")}}
+                   for e in entries],
+        "seconds": 0.0,
+    }
+
+
+def _write(out: Path, results: dict, inputs: dict) -> None:
+    """The four report files and the stage manifest, all or nothing."""
+    with atomic_output_dir(out, force=True) as tmp:
+        write_reports(tmp, results)
+        write_manifest(tmp, {
+            "stage": "compare",
+            "inputs": inputs,
+            "settings": results["settings"],
+            "files": list(REPORT_FILES),
+            "versions": results["versions"],
+            "seconds": results["seconds"],
+            "created": results["created"],
+            "metrics": {m["name"]: {k: v for k, v in m["scorecard"].items() if k != "per_prompt"}
+                        for m in results["models"]},
+        })
+
+
+def compare_models(
+    models: list[str],
+    prompts: list[str] | list[Path],
+    settings: GenerationSettings = GenerationSettings(),
+    persona: Path | None = None,
+    training_data: Path | None = None,
+    out: Path | None = None,
+    judge: str | None = None,
+    progress: Progress | None = None,
+    force: bool = False,
+) -> CompareResult:
+    """Run every prompt through every model with identical settings and seed; write the report dir.
+
+    models: converted or fused model dirs, or "BASE_DIR::ADAPTER_DIR". prompts: prompt files (Path)
+    and/or prompt texts (str); repeats are dropped, first kept. An existing comparison report at
+    `out` is a no-op when made from the same inputs and is replaced otherwise; any other existing
+    directory is refused unless force.
+    """
+    progress = progress or _quiet
+    started = time.perf_counter()
+    check_settings(settings)  # a bad setting fails now, not after the first model has loaded
+    models = [str(m) for m in models]
+    prompt_pairs = collect_prompts(list(prompts))
+    check_model_specs(models)
+    if judge:
+        check_model_specs([judge])
+    persona_info = read_persona(persona)
+    training, training_replies, training_prompts = read_training_data(training_data)
+    inputs = _inputs_key(models, prompt_pairs, settings, persona_info, training, judge)
+    out = Path(out) if out else _default_out()
+    existing = _check_out(out, inputs, force)
+    if existing is not None:
+        progress(f"compare: {out} already holds this comparison (same models, prompts and settings), nothing to do")
+        return CompareResult(out, existing, "up-to-date")
+    check_writable(out.parent)
+
+    texts = [t for t, _ in prompt_pairs]
+    entries = []
+    for i, spec in enumerate(models):
+        entries.append(run_model(spec, texts, settings, f"[model {i + 1}/{len(models)}]", progress))
+    for entry, name in zip(entries, unique_names(entries)):
+        entry["name"] = name
+
+    base_replies = [r.text for e in entries if e["is_base"] for r in e["raw_replies"]]
+    mined = scoring.mine_markers(training_replies, base_replies, exclude=persona_info["markers"])
+    markers = persona_info["markers"] + mined
+    for entry in entries:
+        score_model(entry, texts, markers, persona_info["out_of_character"],
+                    training["reply_words"] if training else None)
+    if judge:
+        judge_replies(judge, texts, entries, persona_info, settings.seed, progress)
+        _free_memory()
+        for entry in entries:
+            entry["scorecard"] = _scorecard(entry["replies"], texts, bool(markers),
+                                            training["reply_words"] if training else None, entry)
+
+    overlaps = scoring.find_overlaps(texts, training_prompts)
+    results = _results(settings, prompt_pairs, persona_info, mined, training, overlaps, judge, entries)
+    results["warnings"] = _warnings(overlaps, results["models"], settings)
+    results["seconds"] = round(time.perf_counter() - started, 3)
+
+    _write(out, results, inputs)
+    progress(f"compare: wrote {out} ({', '.join(REPORT_FILES)}, {MANIFEST_NAME})")
+    return CompareResult(out, results)

@@ -1,0 +1,160 @@
+"""What a comparison is about: its prompts, model specs, persona, training data, and training runs.
+
+Everything here is read and checked before any model loads, so a typo in the last argument fails
+in a second instead of after the first model has generated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import persona as scoring
+from .errors import CheckpointError, DataError
+from .manifest import outputs_root, read_manifest, sha256_json
+
+
+def collect_prompts(prompts: list[str | Path]) -> list[tuple[str, str]]:
+    """(text, source) pairs from prompt files (Path) and inline prompts (str), first copy kept.
+
+    An empty or unreadable file is an error rather than a silent zero-prompt comparison.
+    """
+    from .data import read_prompt_lines
+
+    found: list[tuple[str, str]] = []
+    for item in prompts:
+        if isinstance(item, Path):
+            if item.is_dir():
+                raise DataError(f"{item} is a directory. --prompts takes a text file with one prompt per line (or JSONL).")
+            try:
+                found += read_prompt_lines(item)  # DataError (with file:line) for missing, empty or invalid files
+            except OSError as error:
+                raise DataError(
+                    f"Cannot read prompt file {item} ({error.strerror or error}). Check its permissions, "
+                    "or copy the prompts to a readable UTF-8 text file."
+                ) from None
+        else:
+            if not str(item).strip():
+                raise DataError("An inline prompt is empty. Give some text, or leave the option out.")
+            found.append((str(item), "argument"))
+    unique, seen = [], set()
+    for text, source in found:
+        if text not in seen:
+            seen.add(text)
+            unique.append((text, source))
+    if not unique:
+        raise DataError("No prompts to compare. Pass --prompts FILE (one prompt per line) or --prompt TEXT.")
+    return unique
+
+
+def spec_paths(spec: str) -> list[Path]:
+    """The directories a model spec names; a bare name may mean outputs/models/<name>, as in generate."""
+    paths = []
+    for part in str(spec).split("::"):
+        path = Path(part).expanduser()
+        if not path.exists() and len(path.parts) == 1 and (outputs_root() / "models" / path.name).is_dir():
+            path = outputs_root() / "models" / path.name
+        paths.append(path)
+    return paths
+
+
+def check_model_specs(models: list[str]) -> None:
+    """Fail before any model loads when a model directory is missing or named twice."""
+    if not models:
+        raise CheckpointError("No models to compare. Give one or more model directories (or BASE::ADAPTERS).")
+    for spec in models:
+        for path in spec_paths(spec):
+            if not path.is_dir():
+                what = "does not exist" if not path.exists() else "is not a directory"
+                raise CheckpointError(
+                    f"Model {path} {what}. Give a converted or fused model directory (gemma-mlx convert / fuse), "
+                    "or BASE_DIR::ADAPTER_DIR for a base model with LoRA adapters."
+                )
+    seen = set()
+    for spec in models:
+        key = tuple(p.resolve() for p in spec_paths(spec))
+        if key in seen:
+            raise CheckpointError(f"Model {spec} is given twice. Each model is compared once; remove the repeat.")
+        seen.add(key)
+
+
+def model_identity(directory: Path) -> str:
+    """A cheap fingerprint of a model or adapter dir: its manifest, else its files' names, sizes, times."""
+    manifest = read_manifest(directory)
+    if manifest:
+        return sha256_json(manifest)
+    return sha256_json(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir() if p.is_file()))
+
+
+def read_training_data(training_data: Path | None) -> tuple[dict | None, list[str], list[tuple[str, str]]]:
+    """(summary, training replies, (training prompt, source) pairs) of a persona dataset."""
+    if training_data is None:
+        return None, [], []
+    from .data import data_hash, load_examples
+
+    examples = [e for e in load_examples(Path(training_data)) if e.messages]
+    replies = [e.reply for e in examples if e.reply]
+    prompts = [(e.prompt, e.source) for e in examples if e.prompt]
+    summary = {
+        "path": str(training_data),
+        "sha256": data_hash(Path(training_data)),
+        "examples": len(examples),
+        "reply_words": scoring.length_stats([scoring.word_count(r) for r in replies]),
+    }
+    return summary, replies, prompts
+
+
+def read_persona(persona: Path | None) -> dict:
+    if persona is None:
+        return {"path": None, "name": None, "description": None, "markers": [], "out_of_character": []}
+    from .data import load_persona
+
+    spec = load_persona(Path(persona))
+    return {"path": str(persona), "name": spec.name, "description": spec.description,
+            "markers": list(spec.markers), "out_of_character": list(spec.out_of_character)}
+
+
+# ---------------------------------------------------------------------------- training runs
+
+def read_loss_curve(metrics_file: Path) -> dict | None:
+    """Train/valid (epoch, loss) points from a training run's metrics.jsonl; bad lines are skipped."""
+    curve = {"source": str(metrics_file), "train": [], "valid": []}
+    for line in metrics_file.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            split, epoch, loss = record["split"], float(record["epoch"]), float(record["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if split in ("train", "valid"):
+            curve[split].append([epoch, loss])
+    return curve if curve["train"] or curve["valid"] else None
+
+
+def find_run_dir(manifest: dict | None, adapter_path: Path | None) -> Path | None:
+    """The training run a model came from: its adapters dir (or the fused model's recorded one)."""
+    candidates = []
+    if adapter_path:
+        candidates.append(Path(adapter_path))
+    if manifest and manifest.get("adapters"):
+        candidates.append(Path(manifest["adapters"]))
+    train_manifest = (manifest or {}).get("train_manifest") or {}
+    for key in ("out_dir", "adapter_dir", "run_dir"):
+        if isinstance(train_manifest.get(key), str):
+            candidates.append(Path(train_manifest[key]))
+    for directory in candidates:
+        for run_dir in (directory, directory.parent):  # adapters may be the run's last/ checkpoint
+            if (run_dir / "metrics.jsonl").is_file():
+                return run_dir
+    return None
+
+
+def manifest_summary(manifest: dict | None) -> dict | None:
+    """The parts of a model's manifest a reader of the comparison needs (not the whole train log)."""
+    if not manifest:
+        return None
+    keep = ("stage", "name", "flavour", "model_type", "settings", "base_model", "adapters", "created", "source")
+    summary = {k: manifest[k] for k in keep if k in manifest}
+    train = manifest.get("train_manifest")
+    if isinstance(train, dict):
+        summary["train"] = {k: train[k] for k in ("settings", "summary", "data_sha256", "created") if k in train}
+    return summary

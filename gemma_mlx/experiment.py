@@ -1,0 +1,414 @@
+"""`gemma-mlx run`: the whole experiment from one config, with identical settings for every model.
+
+convert each checkpoint -> check and split the data -> train each model (same data, settings, seed)
+-> fuse -> compare the fused models and the un-tuned bases -> summary table + report.html.
+Every stage is idempotent, so a re-run skips finished work, an interrupted run resumes, and a
+changed setting re-runs only the stages downstream of it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import checkpoints, compare, data, data_checks, fuse, train
+from .config import ExperimentConfig, apply_overrides, load_config, to_dict
+from .errors import ConfigError, DataError, GemmaMlxError
+from .manifest import now_iso, outputs_root, read_manifest, sha256_json, versions, write_manifest
+
+STAGES = ("convert", "data", "train", "fuse", "compare")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "data" / "experiment.yaml"
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    status: str  # ran | up-to-date | skipped | interrupted
+    seconds: float
+    peak_memory_gb: float
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    stages: list[StageRecord]
+    summary_rows: list[dict]
+    report_html: Path | None
+    status: str  # finished | interrupted
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
+    """Relative data/persona/prompt paths (and local checkpoint dirs) are relative to the config file."""
+
+    def resolve(value: str) -> str:
+        if not value:
+            return value
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+    def resolve_checkpoint(spec: str) -> str:
+        candidate = base_dir / spec
+        return str(candidate.resolve()) if not Path(spec).is_absolute() and candidate.is_dir() else spec
+
+    return apply_overrides(
+        config,
+        {
+            "data": resolve(config.data),
+            "persona": resolve(config.persona),
+            "prompts": [resolve(p) for p in config.prompts],
+            "checkpoints": [resolve_checkpoint(c) for c in config.checkpoints],
+        },
+    )
+
+
+def load_experiment(config_path: Path | None, overrides: dict | None = None) -> ExperimentConfig:
+    """The shipped config when none is given; paths resolved; CLI overrides applied last."""
+    path = Path(config_path) if config_path else DEFAULT_CONFIG
+    config = resolve_paths(load_config(path), path.parent.resolve())
+    return apply_overrides(config, overrides or {})
+
+
+def demo_config(progress: Progress = _quiet) -> ExperimentConfig:
+    """The pipeline on two tiny random checkpoints (one -pt, one -it) and the shipped data, offline."""
+    from .tiny import write_tiny_pair
+
+    root = outputs_root() / "runs" / "demo" / "checkpoints"
+    progress(f"demo: building tiny Gemma 3 checkpoints (random weights) in {root}")
+    pair = write_tiny_pair(root)
+    config = load_experiment(DEFAULT_CONFIG)
+    return apply_overrides(
+        config,
+        {
+            "name": "demo",
+            "checkpoints": [str(pair["tiny-gemma-3-pt"]), str(pair["tiny-gemma-3-it"])],
+            "dtype": "float32",
+            "quantize_bits": 0,
+            "lora.num_layers": -1,
+            "train.epochs": 2,
+            "train.learning_rate": 1e-3,
+            "generation.max_tokens": 40,
+        },
+    )
+
+
+# --- pre-flight: fail before any long work ------------------------------------------------
+
+
+def preflight(config: ExperimentConfig, progress: Progress = _quiet) -> list[checkpoints.Source]:
+    """Check config values, checkpoint names, data and prompt files before anything slow starts."""
+    if not config.checkpoints:
+        raise ConfigError("The config lists no checkpoints. Add at least one under 'checkpoints:'.")
+    if config.quantize_bits not in (0, 4, 8):
+        raise ConfigError(f"quantize_bits must be 0, 4 or 8, not {config.quantize_bits}.")
+    if config.dtype and config.dtype not in checkpoints.DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(checkpoints.DTYPES)} (or empty), not '{config.dtype}'.")
+    sources = [checkpoints.resolve_source(spec) for spec in config.checkpoints]
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"Two checkpoints share the name {names}; every model needs its own name.")
+    report = data_checks.check_dataset(config.data, prompts=[Path(p) for p in config.prompts],
+                                max_seq_length=config.train.max_seq_length)
+    if report.errors:
+        listed = "\n".join(f"  {p.where}: {p.message}" for p in report.errors[:20])
+        raise DataError(f"The dataset {config.data} has {len(report.errors)} error(s); fix them first:\n{listed}")
+    for problem in report.warnings:
+        progress(f"data warning: {problem.where}: {problem.message}")
+    for prompt_file in config.prompts:
+        data.read_prompts(Path(prompt_file))
+    if config.persona:
+        data.load_persona(Path(config.persona))
+    check_resources(config, sources, progress)
+    return sources
+
+
+# Parameter counts of the registry's models (DESIGN.md), for estimates before anything is downloaded.
+KNOWN_PARAMS = {"google/gemma-3-270m": 268e6, "google/gemma-3-270m-it": 268e6,
+                "google/gemma-3-1b-pt": 1.0e9, "google/gemma-3-1b-it": 1.0e9}
+
+
+def estimate_params(config: dict) -> float:
+    """Parameters of a Gemma 3 text model from its config.json shape (tied embeddings)."""
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    q_out = config.get("num_attention_heads", 4) * config.get("head_dim", 256)
+    kv_out = config.get("num_key_value_heads", 1) * config.get("head_dim", 256)
+    per_layer = 2 * hidden * q_out + 2 * hidden * kv_out + 3 * hidden * config["intermediate_size"]
+    return config["vocab_size"] * hidden + layers * per_layer
+
+
+def check_resources(config: ExperimentConfig, sources, progress: Progress = _quiet) -> dict:
+    """Estimate disk and memory for the chosen models and stop early when the machine cannot hold them."""
+    import os
+    import shutil
+
+    from .backend import default_dtype
+
+    bytes_per_param = {"float32": 4, "bfloat16": 2, "float16": 2}[config.dtype or default_dtype()]
+    if config.quantize_bits:
+        bytes_per_param = config.quantize_bits / 8 + 0.1
+    params = []
+    for source in sources:
+        if source.local_path is not None:
+            params.append(estimate_params(checkpoints.read_config(source.local_path)))
+        elif source.hub_id in KNOWN_PARAMS:
+            params.append(KNOWN_PARAMS[source.hub_id])
+    if not params:
+        return {}
+    # converted + fused copies of each model on disk (the hub download lives in the HF cache)
+    disk = sum(2 * p * bytes_per_param for p in params)
+    # training holds one model at a time: weights, plus gradients/activations headroom (~1.5x weights)
+    memory = max(params) * bytes_per_param * 2.5
+    probe = outputs_root()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    total_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    progress(f"estimate: {disk / 1e9:.1f} GB of disk ({free / 1e9:.0f} GB free), "
+             f"{memory / 1e9:.1f} GB of memory while training ({total_memory / 1e9:.0f} GB in this machine)")
+    if disk > free:
+        raise GemmaMlxError(
+            f"Not enough disk space: these models need about {disk / 1e9:.1f} GB under {probe} and "
+            f"{free / 1e9:.1f} GB is free. Free some space, choose smaller models, or set quantize_bits: 4."
+        )
+    if memory > total_memory:
+        raise GemmaMlxError(
+            f"Not enough memory: training the largest model needs about {memory / 1e9:.1f} GB and this machine has "
+            f"{total_memory / 1e9:.1f} GB. Choose a smaller model, set dtype: bfloat16, or quantize_bits: 4."
+        )
+    return {"disk_bytes": disk, "memory_bytes": memory}
+
+
+# --- the stages ---------------------------------------------------------------------------
+
+
+class _Interrupted(Exception):
+    """Raised inside the run when a stage stopped early (Ctrl-C) and saved resumable state."""
+
+
+def _measure(stage: str, records: list[StageRecord], progress: Progress, work: Callable[[], tuple[str, dict]]):
+    """Run one stage, recording wall time and peak memory; `work` returns (status, details)."""
+    import mlx.core as mx
+
+    progress(f"== {stage}")
+    mx.reset_peak_memory()
+    started = time.perf_counter()
+    status, details = work()
+    record = StageRecord(stage, status, round(time.perf_counter() - started, 2), round(mx.get_peak_memory() / 1e9, 3), details)
+    records.append(record)
+    if status == "interrupted":
+        raise _Interrupted(stage)
+    return details
+
+
+def _convert(config: ExperimentConfig, sources, run_dir: Path, progress: Progress) -> tuple[str, dict]:
+    models, statuses = {}, []
+    for spec, source in zip(config.checkpoints, sources):
+        result = checkpoints.convert_checkpoint(
+            spec,
+            out=run_dir / "models" / source.name,
+            dtype=config.dtype or None,
+            quantize_bits=config.quantize_bits or None,
+            force=True,  # the run owns its directories: a changed setting re-converts
+            progress=progress,
+        )
+        models[source.name] = str(result.path)
+        statuses.append(result.status)
+    return _overall(statuses), {"models": models}
+
+
+def _split(config: ExperimentConfig, run_dir: Path, progress: Progress) -> tuple[str, dict]:
+    source = Path(config.data)
+    if source.is_dir() and (source / "train.jsonl").is_file():
+        progress(f"data: using the existing split in {source}")
+        return "up-to-date", {"data_dir": str(source)}
+    result = data_checks.split_dataset(source, run_dir / "data", seed=config.train.seed, force=True)
+    progress(f"data: {result.counts} -> {result.out_dir}")
+    return _status(result.status), {"data_dir": str(result.out_dir), "counts": result.counts}
+
+
+def _train(config: ExperimentConfig, models: dict, data_dir: Path, run_dir: Path, progress: Progress) -> tuple[str, dict]:
+    adapters, summaries, statuses = {}, {}, []
+    for name, model_dir in models.items():
+        progress(f"train: {name}")
+        result = train.train_model(
+            model_dir,
+            data_dir,
+            out=run_dir / "adapters" / name,
+            lora=config.lora,
+            train=config.train,
+            run_name=config.name,
+            resume=True,
+            force=True,
+            progress=progress,
+        )
+        adapters[name] = str(result.out_dir)
+        summaries[name] = result.summary
+        statuses.append(result.status)
+        if result.status == "interrupted":
+            break
+    return _overall(statuses), {"adapters": adapters, "summaries": summaries}
+
+
+def _fuse(adapters: dict, progress: Progress) -> tuple[str, dict]:
+    fused, statuses = {}, []
+    for name, adapter_dir in adapters.items():
+        result = fuse.fuse_model(Path(adapter_dir), force=True, progress=progress)
+        fused[name] = str(result.out_dir)
+        statuses.append(result.status)
+    return _overall(statuses), {"fused": fused}
+
+
+def _compare(config: ExperimentConfig, fused: dict, models: dict, data_dir: Path, run_dir: Path,
+             progress: Progress) -> tuple[str, dict]:
+    """Fused models first, then the un-tuned bases, so the report shows what fine-tuning changed."""
+    specs = list(fused.values()) + (list(models.values()) if config.compare_bases else [])
+    train_file = data_dir / "train.jsonl"
+    result = compare.compare_models(
+        specs,
+        [Path(p) for p in config.prompts],
+        settings=config.generation,
+        persona=Path(config.persona) if config.persona else None,
+        training_data=train_file if train_file.is_file() else None,
+        out=run_dir / "compare",
+        force=True,  # a changed model or setting replaces the run's report; unchanged inputs are a no-op
+        progress=progress,
+    )
+    # scorecards keyed by model directory, so the summary can find each model's row
+    scorecards = {str(Path(m["path"]).resolve()): {"name": m["name"], **m["scorecard"]} for m in result.results["models"]}
+    for card in scorecards.values():
+        card.pop("per_prompt", None)
+    return _status(result.status), {"report_dir": str(result.out_dir), "scorecards": scorecards}
+
+
+def _status(status: str) -> str:
+    return "up-to-date" if status == "up-to-date" else ("interrupted" if status == "interrupted" else "ran")
+
+
+def _overall(statuses: list[str]) -> str:
+    mapped = [_status(s) for s in statuses]
+    if "interrupted" in mapped:
+        return "interrupted"
+    return "up-to-date" if mapped and all(s == "up-to-date" for s in mapped) else "ran"
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+def _previous_details(run_dir: Path) -> dict:
+    manifest = read_manifest(run_dir) or {}
+    return {record["stage"]: record.get("details", {}) for record in manifest.get("stages", [])}
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    only: list[str] | None = None,
+    progress: Progress = _quiet,
+) -> RunResult:
+    """Run (or resume) every stage of the experiment; returns the summary rows and the report path."""
+    only = list(only or STAGES)
+    unknown = [s for s in only if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"Unknown stage(s) {', '.join(unknown)}. Stages are: {', '.join(STAGES)}.")
+    sources = preflight(config, progress)
+    run_dir = outputs_root() / "runs" / config.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = _previous_details(run_dir)
+    records: list[StageRecord] = []
+    started = now_iso()
+
+    def stage(name: str, work: Callable[[], tuple[str, dict]]) -> dict:
+        if name in only:
+            return _measure(name, records, progress, work)
+        if name not in previous:
+            raise GemmaMlxError(f"Stage '{name}' has not run yet for {run_dir}, so it cannot be skipped. "
+                                f"Run it first (leave out --only, or add {name} to it).")
+        records.append(StageRecord(name, "skipped", 0.0, 0.0, previous[name]))
+        return previous[name]
+
+    status = "finished"
+    try:
+        models = stage("convert", lambda: _convert(config, sources, run_dir, progress))["models"]
+        data_dir = Path(stage("data", lambda: _split(config, run_dir, progress))["data_dir"])
+        adapters = stage("train", lambda: _train(config, models, data_dir, run_dir, progress))["adapters"]
+        fused = stage("fuse", lambda: _fuse(adapters, progress))["fused"]
+        stage("compare", lambda: _compare(config, fused, models, data_dir, run_dir, progress))
+    except _Interrupted:
+        status = "interrupted"
+    finally:
+        _write_run_manifest(run_dir, config, records, previous, started)
+
+    if status == "interrupted":
+        return RunResult(run_dir, records, [], None, status)
+    details = {r.stage: r.details for r in records}
+    report = Path(details["compare"]["report_dir"]) / "report.html"
+    return RunResult(run_dir, records, summary_rows(details), report, status)
+
+
+def _write_run_manifest(run_dir: Path, config: ExperimentConfig, records: list[StageRecord], previous: dict, started: str) -> None:
+    """One manifest for the run: per stage inputs, settings, status, wall time, peak memory, metrics."""
+    done = {r.stage for r in records}
+    stages = [r.__dict__ for r in records] + [
+        {"stage": name, "status": "not run", "details": details} for name, details in previous.items() if name not in done
+    ]
+    write_manifest(run_dir, {
+        "stage": "run",
+        "name": config.name,
+        "config": to_dict(config),
+        "config_sha256": sha256_json(to_dict(config)),
+        "stages": stages,
+        "started": started,
+        "finished": now_iso(),
+        "versions": versions(),
+    })
+
+
+def summary_rows(details: dict) -> list[dict]:
+    """The table a blog post would show: per model, train time, best val loss, and reply numbers."""
+    summaries = details["train"].get("summaries", {})
+    scorecards = details["compare"].get("scorecards", {})
+    fused = details["fuse"].get("fused", {})
+    rows = []
+    for name, base_dir in details["convert"]["models"].items():
+        for model_dir, tuned in ((fused.get(name), True), (base_dir, False)):
+            card = scorecards.get(str(Path(model_dir).resolve())) if model_dir else None
+            if card is None:
+                continue
+            train_summary = summaries.get(name, {}) if tuned else {}
+            rows.append({
+                "model": f"{name} + LoRA" if tuned else f"{name} (base)",
+                "train_seconds": train_summary.get("train_seconds"),
+                "best_val_loss": train_summary.get("best_val_loss"),
+                "mean_words": card.get("mean_words"),
+                "cut_rate": card.get("cut_rate"),
+                "persona_marker_rate": card.get("persona_marker_rate"),
+            })
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    """A fixed-width table for the terminal."""
+    header = ("model", "train s", "best val", "mean words", "cut", "persona")
+    lines = [f"{header[0]:<36} {header[1]:>8} {header[2]:>9} {header[3]:>10} {header[4]:>6} {header[5]:>8}"]
+
+    def number(value, spec):
+        return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+    for row in rows:
+        lines.append(
+            f"{row['model']:<36} {number(row['train_seconds'], '8.1f'):>8} {number(row['best_val_loss'], '9.3f'):>9} "
+            f"{number(row['mean_words'], '10.1f'):>10} {number(row['cut_rate'], '6.0%'):>6} "
+            f"{number(row['persona_marker_rate'], '8.0%'):>8}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,399 @@
+"""`gemma-mlx fuse`: bake LoRA adapters (and trained turn-token rows) into a standalone model dir.
+
+The fused directory is a complete, Gemma-correct converted model: later stages load it like any
+other (`mlx_lm.load`), with no adapter bookkeeping. Beyond mlx-lm's own fuse we check that the
+adapters belong to the base before doing any work, bake the `<start_of_turn>`/`<end_of_turn>`
+embedding rows a base (-pt) model was trained with (without them a fused -pt model never stops:
+see DESIGN.md), never overwrite a different output silently, and can export Hugging Face weights
+that `transformers` loads as Gemma3ForCausalLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .chat_format import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
+from .checkpoints import make_gemma_correct
+from .errors import CheckpointError, GemmaMlxError, OutputExistsError
+from .manifest import (
+    atomic_output_dir,
+    check_writable,
+    now_iso,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+    sha256_tree,
+    versions,
+    write_manifest,
+)
+
+ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json", "turn_tokens.safetensors")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+HF_DTYPES = ("bfloat16", "float32")
+MODEL_TYPE = "gemma3_text"
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class FuseResult:
+    out_dir: Path
+    status: str  # "fused" or "up-to-date"
+    manifest: dict
+    hf_dir: Path | None = None  # the Hugging Face export, when one was asked for
+
+
+# ---------------------------------------------------------------- inputs and checks
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise GemmaMlxError(f"{path}:{error.lineno}: {what} is not valid JSON ({error.msg}). Re-run training, or fix the file.") from None
+
+
+def train_manifest_of(adapter_dir: Path) -> dict | None:
+    """The training manifest for an adapter dir; `last/` has none of its own, so look one level up."""
+    for directory in (adapter_dir, adapter_dir.parent):
+        manifest = read_manifest(directory)
+        if manifest and manifest.get("stage") == "train":
+            return manifest
+    return None
+
+
+def check_adapter_dir(adapter_dir: Path) -> dict:
+    """Fail with one clear paragraph unless `adapter_dir` holds mlx-lm adapters; return their config."""
+    if not adapter_dir.is_dir():
+        raise GemmaMlxError(
+            f"Adapter directory {adapter_dir} does not exist. Give the run directory that `gemma-mlx train` "
+            "wrote (outputs/runs/<run>/<model>/, holding adapters.safetensors and adapter_config.json)."
+        )
+    missing = [name for name in ADAPTER_FILES[:2] if not (adapter_dir / name).is_file()]
+    if missing:
+        raise GemmaMlxError(
+            f"{adapter_dir} has no {' and no '.join(missing)}, so there are no adapters to fuse. Point to the "
+            "directory that `gemma-mlx train` wrote (or its last/ subdirectory), or train first."
+        )
+    config = _read_json(adapter_dir / "adapter_config.json", "adapter_config.json")
+    fine_tune_type = config.get("fine_tune_type", "lora")
+    if fine_tune_type not in ("lora", "dora", "full"):
+        raise GemmaMlxError(
+            f"{adapter_dir / 'adapter_config.json'}: fine_tune_type is {fine_tune_type!r}; fuse knows lora, dora and full."
+        )
+    if fine_tune_type != "full" and not isinstance(config.get("lora_parameters"), dict):
+        raise GemmaMlxError(
+            f"{adapter_dir / 'adapter_config.json'} has no lora_parameters (rank, scale, dropout), so the adapters "
+            "cannot be rebuilt. It is not an mlx-lm adapter config; re-run training to write a complete one."
+        )
+    return config
+
+
+def resolve_base(adapter_dir: Path, base: str | Path | None, train_manifest: dict | None, adapter_config: dict) -> Path:
+    """The base model dir: the one given, else the one recorded by training."""
+    if base is None:
+        recorded = (train_manifest or {}).get("base_model") or adapter_config.get("model")
+        if not recorded:
+            raise GemmaMlxError(
+                f"{adapter_dir} has no training manifest naming its base model, so fuse cannot tell which model "
+                "the adapters belong to. Pass the converted base model directory with --base."
+            )
+        base = recorded
+    base = Path(base).expanduser()
+    if not (base / "config.json").is_file() or not list(base.glob("model*.safetensors")):
+        raise CheckpointError(
+            f"Base model {base} is not a converted model directory (it needs config.json and model*.safetensors). "
+            "Convert it with `gemma-mlx convert`, or pass the right directory with --base."
+        )
+    return base.resolve()
+
+
+def check_base_matches(base: Path, adapter_dir: Path, train_manifest: dict | None) -> dict:
+    """Catch adapters trained on another model before any weights are loaded; return the base config."""
+    config = _read_json(base / "config.json", "config.json")
+    if config.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(
+            f"{base / 'config.json'}: model_type is {config.get('model_type')!r}, but fuse works with Gemma 3 text "
+            f"models ({MODEL_TYPE!r}). Pass the converted Gemma 3 model the adapters were trained on with --base."
+        )
+    trained_on = (train_manifest or {}).get("base_manifest") or {}
+    base_manifest = read_manifest(base) or {}
+    shape = {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")}
+    if trained_on.get("shape") and trained_on["shape"] != shape:
+        raise GemmaMlxError(
+            f"The adapters in {adapter_dir} were trained on a model of shape {trained_on['shape']}, but the base "
+            f"{base} has shape {shape}. Fuse them with the model they were trained on "
+            f"({(train_manifest or {}).get('base_model', 'see the run manifest')})."
+        )
+    if trained_on.get("source_id") and base_manifest.get("source_id") and trained_on["source_id"] != base_manifest["source_id"]:
+        raise GemmaMlxError(
+            f"The adapters in {adapter_dir} were trained on {trained_on.get('name', 'another model')} "
+            f"({(train_manifest or {}).get('base_model')}), but the base given is {base_manifest.get('name', base)} "
+            f"({base}), converted from a different checkpoint. Fusing them would give a model nobody trained. "
+            "Pass the base the adapters were trained on with --base (or leave --base out)."
+        )
+    return config
+
+
+def fuse_inputs(adapter_dir: Path, base: Path, dequantize: bool) -> dict:
+    """What the fused model is made of; the same dict on a re-run means there is nothing to do."""
+    base_manifest = read_manifest(base) or {}
+    if base_manifest.get("source_id"):
+        base_id = {"source_id": base_manifest["source_id"], "settings": base_manifest.get("settings")}
+    else:
+        base_id = {"sha256": sha256_tree(base, "*.safetensors")}
+    adapters = {name: sha256_file(adapter_dir / name) for name in ADAPTER_FILES if (adapter_dir / name).is_file()}
+    return {"base_model": str(base), "base_id": base_id, "adapters_sha256": adapters, "dequantize": bool(dequantize)}
+
+
+# ---------------------------------------------------------------- fusing
+
+
+def _load_base_with_adapters(base: Path, adapter_dir: Path):
+    """mlx-lm load + its adapter loading, with its shape/name errors turned into our error."""
+    from mlx_lm.utils import load_adapters, load_model, load_tokenizer
+
+    model, config = load_model(base, lazy=True)
+    try:
+        load_adapters(model, str(adapter_dir))
+    except (ValueError, KeyError, IndexError) as error:
+        raise GemmaMlxError(
+            f"The adapters in {adapter_dir} do not fit the base model {base}: {' '.join(str(error).split())}. They were trained on a "
+            "different model (other shapes or layer count). Fuse them with the base they were trained on (--base)."
+        ) from None
+    tokenizer = load_tokenizer(base, eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer, config
+
+
+def _merge_lora(model, dequantize: bool) -> int:
+    """mlx-lm's fuse step: replace each LoRA/DoRA layer by its merged linear; returns how many."""
+    from mlx.utils import tree_unflatten
+
+    fused = [(name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules() if hasattr(module, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return len(fused)
+
+
+def bake_turn_tokens(model, adapter_dir: Path) -> bool:
+    """Write the trained turn-token rows into the (tied) embedding; quantized embeddings are handled there."""
+    from .adapters import apply_turn_tokens
+
+    return apply_turn_tokens(model, adapter_dir)
+
+
+def _save_fused(tmp: Path, base: Path, model, tokenizer, config: dict) -> None:
+    from mlx_lm.utils import save
+
+    with contextlib.redirect_stdout(sys.stderr):  # mlx-lm may print; keep stdout for results
+        save(tmp, str(base), model, tokenizer, config, donate_model=False)
+    make_gemma_correct(tmp)
+
+
+def fuse_model(
+    adapter_dir: str | Path,
+    out: str | Path | None = None,
+    base: str | Path | None = None,
+    dequantize: bool = False,
+    export_hf: str | Path | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    hf_dtype: str | None = None,
+) -> FuseResult:
+    """Fuse `adapter_dir`'s adapters into their base model; optionally export it for transformers.
+
+    A re-run with the same adapters, base and settings is a no-op ("up-to-date"); a different
+    existing output needs force=True. `hf_dtype` (bfloat16 | float32) applies to the export only;
+    default: float32 when the fused weights are float32, else bfloat16.
+    """
+    progress = progress or _quiet
+    adapter_dir = Path(adapter_dir).expanduser().resolve()
+    adapter_config = check_adapter_dir(adapter_dir)
+    train_manifest = train_manifest_of(adapter_dir)
+    base = resolve_base(adapter_dir, base, train_manifest, adapter_config)
+    base_config = check_base_matches(base, adapter_dir, train_manifest)
+    if hf_dtype is not None and hf_dtype not in HF_DTYPES:
+        raise GemmaMlxError(f"Unknown export dtype {hf_dtype!r}. Choose one of: {', '.join(HF_DTYPES)}.")
+    out = Path(out).expanduser() if out else adapter_dir / "fused"
+    inputs = fuse_inputs(adapter_dir, base, dequantize)
+
+    existing = read_manifest(out)
+    if existing and existing.get("stage") == "fuse" and existing.get("inputs") == inputs:
+        progress(f"{out}: already fused from the same adapters and base, nothing to do")
+        result = FuseResult(out, "up-to-date", existing)
+    else:
+        if out.exists() and not force:
+            raise OutputExistsError(
+                f"{out} already exists and holds a different model (other adapters, base or settings). "
+                "Re-run with --force to replace it, or choose another --out."
+            )
+        result = _fuse(adapter_dir, adapter_config, base, base_config, out, inputs, train_manifest, dequantize, progress)
+    if export_hf is not None:
+        result.hf_dir = export_hf_model(result.out_dir, export_hf, dtype=hf_dtype, force=force, progress=progress)
+    return result
+
+
+def _fuse(adapter_dir, adapter_config, base, base_config, out, inputs, train_manifest, dequantize, progress) -> FuseResult:
+    import mlx.core as mx
+    from mlx_lm.utils import dequantize_model
+
+    base_bytes = sum(p.stat().st_size for p in base.glob("model*.safetensors"))
+    check_writable(out.parent, need_bytes=int(base_bytes * (4 if dequantize else 1.2)) + (20 << 20))
+    started = time.perf_counter()
+    progress(f"fusing {adapter_dir} into {base}")
+    model, tokenizer, config = _load_base_with_adapters(base, adapter_dir)
+    merged = _merge_lora(model, dequantize)
+    if dequantize:
+        model = dequantize_model(model)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    turn_tokens = bake_turn_tokens(model, adapter_dir)
+    mx.eval(model.parameters())
+    base_manifest = read_manifest(base) or {}
+    with atomic_output_dir(out, force=True) as tmp:
+        _save_fused(tmp, base, model, tokenizer, config)
+        manifest = {
+            "stage": "fuse",
+            "name": _fused_name(adapter_dir, base, base_manifest, train_manifest),
+            "base_model": str(base),
+            "adapters": str(adapter_dir),
+            "flavour": base_manifest.get("flavour") or (train_manifest or {}).get("flavour"),
+            "model_type": base_config.get("model_type"),
+            "shape": {k: base_config.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")},
+            "inputs": inputs,
+            "inputs_sha256": sha256_json(inputs),
+            "settings": {"dequantize": bool(dequantize), "quantization": config.get("quantization")},
+            "adapter_config": adapter_config,
+            "fused_layers": merged,
+            "turn_tokens_baked": turn_tokens,
+            "train_manifest": train_manifest,
+            "size_bytes": sum(p.stat().st_size for p in tmp.glob("*.safetensors")),
+            "seconds": round(time.perf_counter() - started, 2),
+            "created": now_iso(),
+            "versions": versions(),
+        }
+        write_manifest(tmp, manifest)
+    progress(
+        f"fused {merged} adapter layers" + (" and the turn-token rows" if turn_tokens else "")
+        + f" -> {out} ({manifest['seconds']:.1f}s)"
+    )
+    return FuseResult(out, "fused", manifest)
+
+
+def _fused_name(adapter_dir: Path, base: Path, base_manifest: dict, train_manifest: dict | None) -> str:
+    """A short display name for reports: '<base name>+<run name>'."""
+    run_dir = adapter_dir.parent if adapter_dir.name == "last" else adapter_dir
+    run = (train_manifest or {}).get("run_name") or run_dir.parent.name
+    if adapter_dir.name == "last":
+        run += "/last"
+    return f"{base_manifest.get('name') or base.name}+{run}"
+
+
+# ---------------------------------------------------------------- Hugging Face export
+
+
+def hf_config(config: dict, dtype: str, tied: bool) -> dict:
+    """A transformers config.json for Gemma3ForCausalLM from an MLX model's config."""
+    hf = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    hf.update(
+        architectures=["Gemma3ForCausalLM"],
+        model_type=MODEL_TYPE,
+        tie_word_embeddings=tied,
+        torch_dtype=dtype,
+        bos_token_id=BOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    eos = config.get("eos_token_id", EOS_ID)
+    eos = list(eos) if isinstance(eos, list) else [eos]
+    hf["eos_token_id"] = eos + [i for i in (EOS_ID, END_OF_TURN_ID) if i not in eos]
+    return dict(sorted(hf.items()))
+
+
+def _hf_weights(model_dir: Path, dtype: str | None):
+    """Float weights under HF names (MLX's Gemma 3 uses the same names), de-quantized if needed."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import dequantize_model, load_model
+
+    model, config = load_model(model_dir, lazy=True)
+    if config.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(f"{model_dir}: model_type {config.get('model_type')!r} cannot be exported as Gemma3ForCausalLM.")
+    model = dequantize_model(model)
+    weights = dict(tree_flatten(model.parameters()))
+    if dtype is None:
+        dtype = "float32" if weights["model.embed_tokens.weight"].dtype == mx.float32 else "bfloat16"
+    cast = getattr(mx, dtype)
+    return {name: w.astype(cast) for name, w in weights.items()}, config, dtype
+
+
+def export_hf_model(
+    model_dir: str | Path, out: str | Path, dtype: str | None = None, force: bool = False, progress: Progress | None = None
+) -> Path:
+    """Write a Hugging Face Gemma3ForCausalLM checkpoint (safetensors, config, tokenizer) of an MLX model dir."""
+    import mlx.core as mx
+
+    progress = progress or _quiet
+    model_dir, out = Path(model_dir), Path(out).expanduser()
+    if dtype is not None and dtype not in HF_DTYPES:
+        raise GemmaMlxError(f"Unknown export dtype {dtype!r}. Choose one of: {', '.join(HF_DTYPES)}.")
+    source = read_manifest(model_dir) or {}
+    source_id = source.get("inputs_sha256") or sha256_tree(model_dir)
+    existing = read_manifest(out)
+    if existing and existing.get("stage") == "export-hf" and existing.get("source_id") == source_id and (
+        dtype is None or existing.get("dtype") == dtype
+    ):
+        progress(f"{out}: already exported from the same model, nothing to do")
+        return out
+    if out.exists() and not force:
+        raise OutputExistsError(
+            f"{out} already exists and holds something else. Re-run with --force to replace it, or choose another --export-hf."
+        )
+    started = time.perf_counter()
+    weights, config, dtype = _hf_weights(model_dir, dtype)
+    check_writable(out.parent, need_bytes=sum(w.nbytes for w in weights.values()) + (20 << 20))
+    progress(f"exporting {model_dir} as Hugging Face {dtype} safetensors -> {out}")
+    with atomic_output_dir(out, force=True) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
+        tied = "lm_head.weight" not in weights
+        (tmp / "config.json").write_text(json.dumps(hf_config(config, dtype, tied), indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy(model_dir / name, tmp / name)
+        generation = _read_json(model_dir / "generation_config.json", "generation_config.json") if (
+            model_dir / "generation_config.json"
+        ).is_file() else {}
+        generation.update(bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=hf_config(config, dtype, tied)["eos_token_id"])
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_manifest(tmp, {
+            "stage": "export-hf",
+            "source_model": str(model_dir.resolve()),
+            "source_id": source_id,
+            "source_manifest": source or None,
+            "dtype": dtype,
+            "architecture": "Gemma3ForCausalLM",
+            "size_bytes": (tmp / "model.safetensors").stat().st_size,
+            "seconds": round(time.perf_counter() - started, 2),
+            "created": now_iso(),
+            "versions": versions(),
+        })
+    progress(f"exported {out} ({dtype})")
+    return out

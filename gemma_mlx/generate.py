@@ -1,0 +1,396 @@
+"""The generation engine: load a model, then answer many prompts in one batch with Gemma's stop rules.
+
+Every prompt is rendered with the one turn format (chat_format), for -pt and -it alike. A reply is
+the *first* model turn only: generation stops on <eos>, <end_of_turn> and on any other special or
+<unusedN> token (a fine-tuned base model ends its turn with those, see DESIGN.md), the stop token is
+never part of the text, and `Reply.stop_token` names it. A reply that reaches max_tokens is reported
+with finish_reason "length" (a cut reply), never silently shown as complete.
+
+All prompts x samples of a call go through one mlx-lm BatchGenerator, each row with its own sampler,
+logits processors and token limit, so a settings sweep is one batch too. Sampling draws come from a
+per-row key made from (seed, sample index): a row's reply does not depend on what else is in the
+batch, and the same seed gives the same replies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .chat_format import prompt_ids, reply_end_token_ids
+from .config import GenerationSettings
+from .errors import CheckpointError, ConfigError, GemmaMlxError
+from .manifest import outputs_root, read_manifest
+
+ADAPTER_SEPARATOR = "::"
+# Rows decoded together at most; more rows than this still run, continuously batched by mlx-lm.
+MAX_BATCH_ROWS = 128
+MAX_PREFILL_ROWS = 32
+
+Progress = Callable[[str], None]
+OnToken = Callable[[int, int], None]  # (row index, token id) for every reply token, as it is made
+
+
+@dataclass
+class LoadedModel:
+    name: str  # a short label for reports ("gemma-3-1b-pt", "run/gemma-3-1b-pt-fused", "base+adapters")
+    path: Path  # the model dir (for base+adapters: the base dir)
+    model: object
+    tokenizer: object
+    manifest: dict | None  # the model dir's manifest.json (base's for base+adapters)
+    adapter_path: Path | None  # LoRA adapter dir applied on top, if any
+
+
+@dataclass
+class Reply:
+    prompt_index: int
+    sample_index: int
+    prompt: str  # the last user message
+    text: str  # the first model turn, without the stop token, stripped
+    tokens: int  # tokens in `text` (the stop token is not counted)
+    finish_reason: str  # "stop" | "length"
+    stop_token: str | None  # the token that ended the reply, e.g. "<end_of_turn>" or "<unused1359>"
+    seconds: float  # wall time from the start of the batch until this reply was done (prefill included)
+    tokens_per_second: float  # generated tokens (stop token included) / seconds
+    settings: dict  # the GenerationSettings this row used
+
+    @property
+    def cut(self) -> bool:
+        """True when the token limit ended the reply: show it as cut, never as complete."""
+        return self.finish_reason == "length"
+
+
+def _resolve_model_dir(spec: str | Path) -> Path:
+    """A model dir from a path, or a short name converted earlier (outputs/models/<name>)."""
+    path = Path(spec).expanduser()
+    if not path.exists() and len(path.parts) == 1 and (outputs_root() / "models" / path.name).is_dir():
+        path = outputs_root() / "models" / path.name
+    if not path.exists():
+        raise CheckpointError(
+            f"Model directory {spec} does not exist. Give a converted model dir (`gemma-mlx convert NAME` "
+            "writes outputs/models/NAME), a fused model dir, or BASE_DIR::ADAPTER_DIR for a base model "
+            "with LoRA adapters."
+        )
+    if not path.is_dir():
+        raise CheckpointError(f"{spec} is a file, not a model directory. Give the directory that holds config.json.")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not list(path.glob("*.safetensors")):
+        missing.append("weights (*.safetensors)")
+    if missing:
+        raise CheckpointError(
+            f"{path} is not an MLX model directory: it has no {' and no '.join(missing)}. Point to a dir "
+            "written by `gemma-mlx convert` or `gemma-mlx fuse` (a Hugging Face checkpoint must be converted first)."
+        )
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise CheckpointError(
+            f"{path} has no tokenizer (tokenizer.json or tokenizer.model), so prompts cannot be encoded. "
+            "Copy the tokenizer files from the model it was made from, or convert the model again."
+        )
+    return path
+
+
+def _label(path: Path) -> str:
+    """A readable name: the dir name, with its parent's for generic names like fused/ or last/."""
+    return f"{path.parent.name}-{path.name}" if path.name in ("fused", "last") else path.name
+
+
+def load_model(spec: str | Path, adapter_path: str | Path | None = None) -> LoadedModel:
+    """Load a converted or fused model dir, or a base model with LoRA adapters (`BASE::ADAPTERS`)."""
+    from mlx_lm import load
+
+    from .adapters import check_adapter_dir, load_with_adapters
+
+    spec_text = str(spec)
+    if ADAPTER_SEPARATOR in spec_text:
+        if adapter_path is not None:
+            raise GemmaMlxError(
+                f"{spec_text} already names adapters after '{ADAPTER_SEPARATOR}'; do not also pass an adapter path."
+            )
+        spec_text, adapter_path = spec_text.split(ADAPTER_SEPARATOR, 1)
+    model_dir = _resolve_model_dir(spec_text)
+    adapter_dir = check_adapter_dir(Path(adapter_path).expanduser()) if adapter_path is not None else None
+    try:
+        if adapter_dir is None:
+            model, tokenizer = load(str(model_dir))
+        else:
+            model, tokenizer = load_with_adapters(model_dir, adapter_dir)  # LoRA + trained turn-token rows
+    except (ValueError, KeyError) as error:  # unknown model type, missing or mismatched weights
+        raise CheckpointError(
+            f"mlx-lm could not load {model_dir} ({error}). Convert it again with `gemma-mlx convert`."
+        ) from None
+    name = _label(model_dir)
+    if adapter_dir is not None:
+        name += f"+{adapter_dir.parent.name}/{adapter_dir.name}"
+    return LoadedModel(name, model_dir, model, tokenizer, read_manifest(model_dir), adapter_dir)
+
+
+def check_settings(settings: GenerationSettings) -> None:
+    """Reject settings that would fail deep inside sampling, with the fix in the message."""
+    rules = [
+        (settings.max_tokens >= 1, "max_tokens must be at least 1"),
+        (settings.min_new_tokens >= 0, "min_new_tokens must be 0 or more"),
+        (settings.min_new_tokens <= settings.max_tokens, "min_new_tokens cannot exceed max_tokens"),
+        (settings.temperature >= 0, "temperature must be 0 (greedy) or more"),
+        (0 < settings.top_p <= 1, "top_p must be in (0, 1] (1.0 turns it off)"),
+        (settings.top_k >= 0, "top_k must be 0 (off) or more"),
+        (0 <= settings.min_p <= 1, "min_p must be in [0, 1] (0 turns it off)"),
+        (settings.repetition_penalty > 0, "repetition_penalty must be above 0 (1.0 turns it off)"),
+        (settings.samples >= 1, "samples must be at least 1"),
+    ]
+    problems = [why for ok, why in rules if not ok]
+    if problems:
+        raise ConfigError(f"Invalid generation settings: {'; '.join(problems)} (got {dataclasses.asdict(settings)}).")
+
+
+def _row_key(seed: int, sample_index: int):
+    """A PRNG key for one (seed, sample) pair, independent of the batch around it."""
+    import mlx.core as mx
+
+    digest = hashlib.sha256(f"{seed}:{sample_index}".encode()).digest()
+    return mx.random.key(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def make_row_sampler(settings: GenerationSettings, sample_index: int = 0):
+    """mlx-lm's sampling (temperature, top-p, min-p, top-k, in make_sampler's order) with a row's own key."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+
+    if settings.temperature == 0:
+        return greedy_sampler  # one shared object: mlx-lm then samples all greedy rows in one call
+    state = {"key": _row_key(settings.seed, sample_index)}
+
+    def sample(logprobs):
+        state["key"], draw = mx.random.split(state["key"])
+        if 0 < settings.top_p < 1:
+            logprobs = apply_top_p(logprobs, settings.top_p)
+        if settings.min_p > 0:
+            logprobs = apply_min_p(logprobs, settings.min_p)
+        if 0 < settings.top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, settings.top_k)
+        return mx.random.categorical(logprobs * (1 / settings.temperature), key=draw)
+
+    return sample
+
+
+def min_new_tokens_processor(end_ids: set[int], prompt_length: int, min_new_tokens: int):
+    """A logits processor that forbids every reply-ending token until min_new_tokens were generated.
+
+    mlx-lm's batch generator hands processors the prompt plus the tokens so far, so the number
+    generated is the context length minus the prompt length.
+    """
+    import mlx.core as mx
+    import numpy as np
+
+    masks: dict[int, object] = {}
+
+    def processor(context, logits):
+        if len(context) - prompt_length >= min_new_tokens:
+            return logits
+        vocab = logits.shape[-1]
+        if vocab not in masks:
+            blocked = np.zeros(vocab, dtype=bool)
+            blocked[[i for i in end_ids if i < vocab]] = True
+            masks[vocab] = mx.array(blocked)
+        return mx.where(masks[vocab], mx.array(-float("inf"), logits.dtype), logits)
+
+    return processor
+
+
+def _logits_processors(settings: GenerationSettings, end_ids: set[int], prompt_length: int) -> list:
+    from mlx_lm.sample_utils import make_logits_processors
+
+    processors = []
+    if settings.repetition_penalty != 1.0:
+        processors += make_logits_processors(repetition_penalty=settings.repetition_penalty)
+    if settings.min_new_tokens > 0:
+        processors.append(min_new_tokens_processor(end_ids, prompt_length, settings.min_new_tokens))
+    return processors
+
+
+_END_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def end_token_ids(tokenizer) -> set[int]:
+    """reply_end_token_ids, computed once per tokenizer (it scans the whole vocabulary)."""
+    try:
+        if tokenizer not in _END_IDS:
+            _END_IDS[tokenizer] = reply_end_token_ids(tokenizer)
+        return _END_IDS[tokenizer]
+    except TypeError:  # not weak-referenceable
+        return reply_end_token_ids(tokenizer)
+
+
+@dataclass
+class _Row:
+    prompt_index: int
+    sample_index: int
+    prompt: str
+    ids: list[int]
+    settings: GenerationSettings
+
+
+def _as_messages(prompt, index: int) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt)
+        and all(m.get("role") in ("system", "user", "assistant") for m in prompt)
+        and prompt[-1]["role"] == "user"
+    ):
+        return prompt
+    raise GemmaMlxError(
+        f"Prompt {index + 1} is neither a string nor a list of chat turns ending in a user turn "
+        f"({{'role': 'system'|'user'|'assistant', 'content': str}}): {prompt!r:.200}"
+    )
+
+
+def _settings_per_prompt(settings, count: int) -> list[GenerationSettings]:
+    if isinstance(settings, GenerationSettings):
+        per_prompt = [settings] * count
+    else:
+        per_prompt = list(settings)
+        if len(per_prompt) != count:
+            raise ConfigError(
+                f"Got {len(per_prompt)} generation settings for {count} prompts; give one GenerationSettings "
+                "for all prompts, or a list with exactly one per prompt."
+            )
+    for item in per_prompt:
+        check_settings(item)
+    return per_prompt
+
+
+def _rows(tokenizer, prompts, settings) -> list[_Row]:
+    """One row per prompt x sample, in the order replies are returned."""
+    rows = []
+    for index, (prompt, row_settings) in enumerate(zip(prompts, _settings_per_prompt(settings, len(prompts)))):
+        messages = _as_messages(prompt, index)
+        ids = prompt_ids(tokenizer, messages)
+        for sample in range(row_settings.samples):
+            rows.append(_Row(index, sample, messages[-1]["content"], ids, row_settings))
+    return rows
+
+
+def _run_rows(loaded: LoadedModel, rows: list[_Row], progress: Progress | None = None,
+              on_token: OnToken | None = None) -> list[Reply]:
+    """Decode all rows in one BatchGenerator and turn the token streams into Replies."""
+    from mlx_lm.generate import BatchGenerator
+
+    tokenizer = loaded.tokenizer
+    end_ids = end_token_ids(tokenizer)
+    generator = BatchGenerator(
+        loaded.model,
+        stop_tokens=[[i] for i in sorted(end_ids)],
+        completion_batch_size=min(len(rows), MAX_BATCH_ROWS),
+        prefill_batch_size=min(len(rows), MAX_PREFILL_ROWS),
+    )
+    try:
+        uids = generator.insert(
+            [row.ids for row in rows],
+            max_tokens=[row.settings.max_tokens for row in rows],
+            samplers=[make_row_sampler(row.settings, row.sample_index) for row in rows],
+            logits_processors=[_logits_processors(row.settings, end_ids, len(row.ids)) for row in rows],
+        )
+        index_of = {uid: i for i, uid in enumerate(uids)}
+        tokens: list[list[int]] = [[] for _ in rows]
+        finished: dict[int, tuple[str, int | None, float]] = {}
+        started = time.perf_counter()
+        while responses := generator.next_generated():
+            for response in responses:
+                i = index_of[response.uid]
+                stop_id = None
+                if response.finish_reason == "stop":
+                    stop_id = response.token  # the ending token is reported, never shown
+                else:
+                    tokens[i].append(response.token)
+                    if on_token is not None:
+                        on_token(i, response.token)
+                if response.finish_reason is not None:
+                    finished[i] = (response.finish_reason, stop_id, time.perf_counter() - started)
+                    # a line per quarter of the batch: enough to see it move, not a wall of text
+                    done = len(finished)
+                    if progress is not None and (done == len(rows) or done % max(1, len(rows) // 4) == 0):
+                        progress(f"{loaded.name}: {done}/{len(rows)} replies done")
+    finally:
+        generator.close()
+
+    replies = []
+    for i, row in enumerate(rows):
+        reason, stop_id, seconds = finished[i]
+        generated = len(tokens[i]) + (stop_id is not None)
+        replies.append(
+            Reply(
+                prompt_index=row.prompt_index,
+                sample_index=row.sample_index,
+                prompt=row.prompt,
+                text=tokenizer.decode(tokens[i]).strip(),
+                tokens=len(tokens[i]),
+                finish_reason=reason,
+                stop_token=None if stop_id is None else str(tokenizer._tokenizer.convert_ids_to_tokens(int(stop_id))),
+                seconds=round(seconds, 4),
+                tokens_per_second=round(generated / seconds, 2) if seconds > 0 else 0.0,
+                settings=dataclasses.asdict(row.settings),
+            )
+        )
+    return replies
+
+
+def generate_replies(
+    loaded: LoadedModel,
+    prompts: list[str] | list[list[dict]],
+    settings: GenerationSettings | list[GenerationSettings] = GenerationSettings(),
+    progress: Progress | None = None,
+) -> list[Reply]:
+    """Replies to every prompt (a string is one user turn; or a list of chat turns), `samples` each.
+
+    `settings` is one GenerationSettings for all prompts or a list with one per prompt (a sweep).
+    All prompts x samples run as one batch; replies come back ordered by prompt, then sample.
+    The batch's throughput is sum(r.tokens) / max(r.seconds).
+    """
+    if not prompts:
+        return []
+    rows = _rows(loaded.tokenizer, list(prompts), settings)
+    if progress is not None:
+        progress(f"{loaded.name}: generating {len(rows)} replies ({len(prompts)} prompts) in one batch")
+    return _run_rows(loaded, rows, progress)
+
+
+def stream_reply(
+    loaded: LoadedModel,
+    messages: list[dict],
+    settings: GenerationSettings = GenerationSettings(),
+    on_text: Callable[[str], None] | None = None,
+) -> Reply:
+    """One reply to a conversation, with its text handed to `on_text` piece by piece (for chat).
+
+    Same engine, format and stop rules as generate_replies; `samples` is ignored (one reply).
+    """
+    settings = dataclasses.replace(settings, samples=1)
+    rows = _rows(loaded.tokenizer, [messages], settings)
+    detokenizer = loaded.tokenizer.detokenizer
+    detokenizer.reset()
+    shown = {"any": False}
+
+    def emit(text: str) -> None:
+        if not shown["any"]:  # hold back leading whitespace, as the final text is stripped
+            text = text.lstrip()
+            shown["any"] = bool(text)
+        if text and on_text is not None:
+            on_text(text)
+
+    def on_token(_row: int, token: int) -> None:
+        detokenizer.add_token(token)
+        emit(detokenizer.last_segment)
+
+    reply = _run_rows(loaded, rows, on_token=on_token)[0]
+    detokenizer.finalize()
+    emit(detokenizer.last_segment.rstrip())
+    return reply

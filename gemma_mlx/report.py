@@ -1,0 +1,400 @@
+"""Render a comparison's results dict into comparison.txt, comparison.md, comparison.json, report.html.
+
+The results dict (built by compare.py, shape checked by `validate_results` and documented in the
+README) is the single source: every file is a view of it, so the four can never disagree. The HTML
+page is self-contained (inline CSS and SVG, no scripts, no external assets) so it can be mailed or
+opened offline years later; all model text is escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import textwrap
+from pathlib import Path
+
+from .manifest import write_json
+from .plot import line_chart
+
+FORMAT = "gemma-mlx-compare/1"
+QUIET_STOPS = ("<end_of_turn>", "<eos>", None)  # the normal endings; any other stop token is shown
+REPORT_FILES = ("comparison.txt", "comparison.md", "comparison.json", "report.html")
+
+
+# ---------------------------------------------------------------------------- shape of the results
+
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OPT_STR = (str, type(None))
+
+_SCORECARD = {
+    "replies": int, "mean_words": _OPT_NUM, "median_words": _OPT_NUM, "words_stdev": _OPT_NUM,
+    "words_cv": _OPT_NUM, "min_words": _OPT_NUM, "max_words": _OPT_NUM, "mean_words_vs_training": _OPT_NUM,
+    "cut_rate": _OPT_NUM, "mid_sentence_rate": _OPT_NUM, "empty_rate": _OPT_NUM,
+    "persona_marker_rate": _OPT_NUM, "out_of_character_hits": int, "out_of_character_rate": _OPT_NUM,
+    "distinct_1": _OPT_NUM, "distinct_2": _OPT_NUM,
+}
+_REPLY = {
+    "prompt_index": int, "sample_index": int, "text": str, "tokens": int, "finish_reason": str,
+    "stop_token": _OPT_STR, "seconds": _NUM, "tokens_per_second": _NUM, "words": int, "cut": bool,
+    "mid_sentence": bool, "empty": bool, "markers": [str], "out_of_character": [str],
+    "judge_score": (int, type(None)), "judge_raw": _OPT_STR,
+}
+SCHEMA = {
+    "format": str, "created": str, "versions": dict, "settings": dict, "seed": int, "samples": int,
+    "prompts": [{"index": int, "text": str, "source": str, "overlaps_training": bool}],
+    "persona": {"path": _OPT_STR, "name": _OPT_STR, "markers": [str], "mined_markers": [str],
+                "out_of_character": [str], "mining": str},
+    "training_data": (dict, type(None)),
+    "overlaps": [{"prompt_index": int, "prompt": str, "training_prompt": str, "training_source": str,
+                  "similarity": _NUM}],
+    "warnings": [str],
+    "judge": (dict, type(None)),
+    "models": [{
+        "name": str, "spec": str, "path": str, "adapter_path": _OPT_STR, "stage": _OPT_STR, "is_base": bool,
+        "manifest": (dict, type(None)), "load_seconds": _NUM, "generate_seconds": _NUM, "tokens": int,
+        "tokens_per_second": _NUM, "peak_memory_gb": _NUM, "loss_curve": (dict, type(None)),
+        "scorecard": {**_SCORECARD, "tokens_per_second": _NUM, "peak_memory_gb": _NUM,
+                      "judge_mean": _OPT_NUM, "per_prompt": [{"prompt_index": int, **_SCORECARD}]},
+        "replies": [_REPLY],
+    }],
+    "seconds": _NUM,
+}
+_RATES = ("cut_rate", "mid_sentence_rate", "empty_rate", "persona_marker_rate", "out_of_character_rate",
+          "distinct_1", "distinct_2")
+
+
+def _check(value, spec, where: str, problems: list[str]) -> None:
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected an object, got {type(value).__name__}")
+            return
+        for key, sub in spec.items():
+            if key not in value:
+                problems.append(f"{where}.{key}: missing")
+            else:
+                _check(value[key], sub, f"{where}.{key}", problems)
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {type(value).__name__}")
+            return
+        for i, item in enumerate(value):
+            _check(item, spec[0], f"{where}[{i}]", problems)
+    else:
+        types = spec if isinstance(spec, tuple) else (spec,)
+        if isinstance(value, bool) and bool not in types:  # bool is an int in Python; not in JSON
+            problems.append(f"{where}: expected {'/'.join(t.__name__ for t in types)}, got bool")
+        elif not isinstance(value, types):
+            problems.append(f"{where}: expected {'/'.join(t.__name__ for t in types)}, got {type(value).__name__}")
+
+
+def validate_results(results: dict) -> list[str]:
+    """Problems with a comparison.json dict (empty list: valid): keys, types, ranges, cross-references."""
+    problems: list[str] = []
+    _check(results, SCHEMA, "$", problems)
+    if problems:
+        return problems
+    if results["format"] != FORMAT:
+        problems.append(f"$.format: expected {FORMAT!r}, got {results['format']!r}")
+    n_prompts = len(results["prompts"])
+    for m, model in enumerate(results["models"]):
+        where = f"$.models[{m}]"
+        card = model["scorecard"]
+        for name in _RATES:
+            value = card[name]
+            if value is not None and not 0.0 <= value <= 1.0:
+                problems.append(f"{where}.scorecard.{name}: {value} is not in [0, 1]")
+        for name in ("mean_words", "median_words", "min_words", "max_words"):
+            if card[name] is not None and card[name] < 0:
+                problems.append(f"{where}.scorecard.{name}: {card[name]} is negative")
+        expected = n_prompts * results["samples"]
+        if len(model["replies"]) != expected:
+            problems.append(f"{where}.replies: {len(model['replies'])} replies, expected {expected}")
+        for r, reply in enumerate(model["replies"]):
+            if not 0 <= reply["prompt_index"] < n_prompts:
+                problems.append(f"{where}.replies[{r}].prompt_index: {reply['prompt_index']} out of range")
+            if reply["finish_reason"] not in ("stop", "length"):
+                problems.append(f"{where}.replies[{r}].finish_reason: {reply['finish_reason']!r}")
+            if reply["cut"] != (reply["finish_reason"] == "length"):
+                problems.append(f"{where}.replies[{r}].cut disagrees with finish_reason")
+            if reply["judge_score"] is not None and not 1 <= reply["judge_score"] <= 5:
+                problems.append(f"{where}.replies[{r}].judge_score: {reply['judge_score']} not in 1..5")
+    return problems
+
+
+# ---------------------------------------------------------------------------- number formatting
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def _num(value, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _words_spread(card: dict) -> str:
+    if card["words_stdev"] is None:
+        return "n/a"
+    cv = "" if card["words_cv"] is None else f" (CV {card['words_cv']:.2f})"
+    return f"{card['words_stdev']:.1f}{cv}"
+
+
+# (label, function of a model's scorecard) in display order; the judge row appears only with a judge.
+SCORE_ROWS = [
+    ("replies", lambda c: str(c["replies"])),
+    ("mean words", lambda c: _num(c["mean_words"])),
+    ("median words", lambda c: _num(c["median_words"])),
+    ("words stdev", _words_spread),
+    ("words min-max", lambda c: "n/a" if c["min_words"] is None else f"{c['min_words']}-{c['max_words']}"),
+    ("mean words / training", lambda c: _num(c["mean_words_vs_training"], 2)),
+    ("cut by token limit", lambda c: _pct(c["cut_rate"])),
+    ("ends mid-sentence (not cut)", lambda c: _pct(c["mid_sentence_rate"])),
+    ("empty replies", lambda c: _pct(c["empty_rate"])),
+    ("persona-marker rate", lambda c: _pct(c["persona_marker_rate"])),
+    ("out-of-character hits", lambda c: str(c["out_of_character_hits"])),
+    ("distinct-1", lambda c: _num(c["distinct_1"], 2)),
+    ("distinct-2", lambda c: _num(c["distinct_2"], 2)),
+    ("judge mean (1-5)", lambda c: _num(c["judge_mean"], 2)),
+    ("tokens/s", lambda c: _num(c["tokens_per_second"])),
+    ("peak memory GB", lambda c: _num(c["peak_memory_gb"], 3)),
+]
+# The training data's reply lengths, shown beside the models' for the length rows.
+_TRAINING_ROWS = {
+    "mean words": lambda t: _num(t["mean"]),
+    "median words": lambda t: _num(t["median"]),
+    "words stdev": lambda t: _words_spread({"words_stdev": t["stdev"], "words_cv": t["cv"]}),
+    "words min-max": lambda t: "n/a" if t["min"] is None else f"{t['min']}-{t['max']}",
+    "replies": lambda t: str(t["n"]),
+}
+
+
+def scorecard_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the scorecard (metrics down, models across, training replies last)."""
+    training = (results.get("training_data") or {}).get("reply_words")
+    header = ["", *(m["name"] for m in results["models"])] + (["training replies"] if training else [])
+    rows = []
+    for label, cell in SCORE_ROWS:
+        if label.startswith("judge") and not results.get("judge"):
+            continue
+        row = [label, *(cell(m["scorecard"]) for m in results["models"])]
+        if training:
+            row.append(_TRAINING_ROWS[label](training) if label in _TRAINING_ROWS else "")
+        rows.append(row)
+    return header, rows
+
+
+def reply_tags(reply: dict) -> list[str]:
+    """Short notes shown beside a reply: cut flag, unusual stop token, trailing off, judge score."""
+    tags = []
+    if reply["cut"]:
+        tags.append(f"[cut at {reply['tokens']} tokens]")
+    elif reply["stop_token"] not in QUIET_STOPS:
+        tags.append(f"[stopped by {reply['stop_token']}]")
+    if reply["mid_sentence"]:
+        tags.append("[ends mid-sentence]")
+    if reply["out_of_character"]:
+        tags.append("[out of character: " + ", ".join(reply["out_of_character"]) + "]")
+    if reply["judge_score"] is not None:
+        tags.append(f"[judge {reply['judge_score']}/5]")
+    return tags
+
+
+def _reply_heading(model: dict, reply: dict, samples: int) -> str:
+    sample = f", sample {reply['sample_index'] + 1}" if samples > 1 else ""
+    words = "1 word" if reply["words"] == 1 else f"{reply['words']} words"
+    return " ".join([f"{model['name']}{sample} ({words})", *reply_tags(reply)])
+
+
+def _replies_for(results: dict, prompt_index: int):
+    for model in results["models"]:
+        for reply in model["replies"]:
+            if reply["prompt_index"] == prompt_index:
+                yield model, reply
+
+
+def _settings_line(results: dict) -> str:
+    s = results["settings"]
+    mode = "greedy" if not s.get("temperature") else f"temperature {s['temperature']}, top-p {s.get('top_p')}"
+    return f"{mode}, max {s.get('max_tokens')} tokens, seed {results['seed']}, {results['samples']} sample(s) per prompt"
+
+
+def _markers_line(results: dict) -> str:
+    persona = results["persona"]
+    parts = [f"{len(persona['markers'])} from the persona spec"]
+    if persona["mined_markers"]:
+        parts.append(f"{len(persona['mined_markers'])} mined: " + ", ".join(persona["mined_markers"]))
+    return "Persona markers: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------- comparison.txt
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def render_scorecard_text(results: dict) -> str:
+    """The scorecard as a plain-text table (also what the CLI prints)."""
+    return _text_table(*scorecard_table(results))
+
+
+def render_text(results: dict) -> str:
+    """The side-by-side text a person reads first."""
+    out = [f"gemma-mlx compare, {results['created']}", f"Settings: {_settings_line(results)}"]
+    out += [f"Model {m['name']}: {m['spec']}" for m in results["models"]]
+    out.append(_markers_line(results))
+    out += [f"WARNING: {w}" for w in results["warnings"]]
+    for prompt in results["prompts"]:
+        out += ["", f"=== Prompt {prompt['index'] + 1}/{len(results['prompts'])}: {prompt['text']}"]
+        for model, reply in _replies_for(results, prompt["index"]):
+            out.append(f"--- {_reply_heading(model, reply, results['samples'])}")
+            body = reply["text"].strip() or "(empty reply)"
+            out += [textwrap.fill(p, 100) if p.strip() else "" for p in body.split("\n")]
+    out += ["", "=== Scorecard", render_scorecard_text(results)]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------- comparison.md
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(results: dict) -> str:
+    out = ["# gemma-mlx comparison", "", f"*{results['created']}*, {_settings_line(results)}", ""]
+    out += [f"- **{m['name']}**: `{m['spec']}`" for m in results["models"]]
+    out += ["", _markers_line(results), ""]
+    out += [f"> **Warning:** {w}" for w in results["warnings"]]
+    header, rows = scorecard_table(results)
+    out += ["", "## Scorecard", "", "| " + " | ".join(_md_cell(h) for h in header) + " |",
+            "|" + "---|" + "---:|" * (len(header) - 1)]
+    out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    for prompt in results["prompts"]:
+        out += ["", f"## {prompt['index'] + 1}. {_md_cell(prompt['text'])}"]
+        for model, reply in _replies_for(results, prompt["index"]):
+            fence = "````" if "```" in reply["text"] else "```"
+            out += ["", f"**{_reply_heading(model, reply, results['samples'])}**", "",
+                    fence + "text", reply["text"].strip() or "(empty reply)", fence]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------- report.html
+
+def loss_svg(curve: dict, title: str) -> str:
+    """The training run's train/validation loss by epoch, drawn by plot.py like the run's loss.svg."""
+    series = {"train loss": [tuple(p) for p in curve.get("train") or []],
+              "validation loss": [tuple(p) for p in curve.get("valid") or []]}
+    return line_chart(series, title, "epoch", "loss")
+
+
+def highlight(text: str, phrases: list[str]) -> str:
+    """HTML-escaped text with the given phrases wrapped in <mark> (matching is case-insensitive)."""
+    phrases = sorted({p for p in phrases if p.strip()}, key=len, reverse=True)
+    if not phrases:
+        return html.escape(text)
+    pattern = re.compile("|".join(rf"(?<!\w){re.escape(p)}(?!\w)" for p in phrases), re.IGNORECASE)
+    pieces, last = [], 0
+    for match in pattern.finditer(text.replace("\u2019", "'")):
+        pieces += [html.escape(text[last:match.start()]), f"<mark>{html.escape(text[match.start():match.end()])}</mark>"]
+        last = match.end()
+    pieces.append(html.escape(text[last:]))
+    return "".join(pieces)
+
+
+_CSS = """
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1400px;
+padding:0 16px;color:#222}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+.meta{color:#555}.warn{background:#fff4e0;border-left:4px solid #f0a020;padding:6px 10px;margin:6px 0}
+table{border-collapse:collapse;margin:6px 0}th,td{border:1px solid #ddd;padding:5px 8px;vertical-align:top}
+th{background:#f3f3f3;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
+table.grid{table-layout:fixed;width:100%}table.grid td{white-space:pre-wrap;word-wrap:break-word}
+table.grid th.p{width:16%}.tags{display:block;margin-top:6px;font-size:12px;white-space:normal}
+.tag{display:inline-block;border-radius:3px;padding:0 5px;margin:2px 3px 0 0;background:#eee;color:#333}
+.tag.cut{background:#fde2e1;color:#a00}.tag.stop{background:#e6ecff;color:#224}.tag.mid{background:#fff0c8}
+.tag.ooc{background:#f9d3f2;color:#707}mark{background:#d9f5d0;padding:0 1px}
+.curves{display:flex;flex-wrap:wrap;gap:18px}.curves figure{margin:0;width:560px;max-width:100%}
+.curves svg{width:100%;height:auto}figcaption{font-size:13px;color:#444}
+code{background:#f3f3f3;padding:0 3px}.note{font-size:13px;color:#555;max-width:900px}
+"""
+
+
+def _tag_html(tag: str) -> str:
+    kind = ("cut" if tag.startswith("[cut") else "stop" if tag.startswith("[stopped")
+            else "mid" if tag.startswith("[ends") else "ooc" if tag.startswith("[out") else "")
+    return f'<span class="tag {kind}">{html.escape(tag.strip("[]"))}</span>'
+
+
+def render_html(results: dict) -> str:
+    e = html.escape
+    persona = results["persona"]
+    markers = persona["markers"] + persona["mined_markers"]
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width,initial-scale=1">',
+           f"<title>gemma-mlx comparison {e(results['created'])}</title><style>{_CSS}</style></head><body>",
+           "<h1>gemma-mlx comparison</h1>",
+           f'<p class="meta">{e(results["created"])} &middot; {e(_settings_line(results))}</p>']
+    out += [f'<div class="warn">{e(w)}</div>' for w in results["warnings"]]
+
+    out.append("<h2>Models and settings</h2><table><tr><th>model</th><th>source</th><th>stage</th>"
+               "<th>load s</th><th>generate s</th><th>tokens</th></tr>")
+    for m in results["models"]:
+        out.append(f"<tr><td>{e(m['name'])}</td><td><code>{e(m['spec'])}</code></td><td>{e(str(m['stage']))}"
+                   f"{' (base)' if m['is_base'] else ''}</td><td class=n>{m['load_seconds']:.1f}</td>"
+                   f"<td class=n>{m['generate_seconds']:.1f}</td><td class=n>{m['tokens']}</td></tr>")
+    settings = results["settings"]
+    out.append("</table><table><tr>" + "".join(f"<th>{e(k)}</th>" for k in settings) + "</tr><tr>"
+               + "".join(f"<td class=n>{e(json.dumps(v))}</td>" for v in settings.values()) + "</tr></table>")
+
+    header, rows = scorecard_table(results)
+    out.append("<h2>Scorecard</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+    out += ["<tr>" + f"<th>{e(r[0])}</th>" + "".join(f"<td class=n>{e(c)}</td>" for c in r[1:]) + "</tr>" for r in rows]
+    out.append("</table>")
+    out.append(f'<p class="note">{e(_markers_line(results))}. {e(persona["mining"])} Highlighted in the '
+               "replies below. Out-of-character phrases: " + e(", ".join(persona["out_of_character"]) or "none") + ".</p>")
+    if results.get("judge"):
+        out.append(f'<p class="note">Judge: <code>{e(results["judge"]["model"])}</code> scored each reply 1-5 '
+                   f'({e(results["judge"]["rubric"])}). Unparseable answers count as no score.</p>')
+
+    out.append('<h2>Replies</h2><table class="grid"><tr><th class="p">prompt</th>'
+               + "".join(f"<th>{e(m['name'])}</th>" for m in results["models"]) + "</tr>")
+    for prompt in results["prompts"]:
+        overlap = ' <span class="tag mid">in training data</span>' if prompt["overlaps_training"] else ""
+        cells = []
+        for model in results["models"]:
+            replies = [r for r in model["replies"] if r["prompt_index"] == prompt["index"]]
+            parts = []
+            for r in replies:
+                words = "1 word" if r["words"] == 1 else f"{r['words']} words"
+                tags = "".join(_tag_html(t) for t in [words, *reply_tags(r)])
+                body = highlight(r["text"].strip(), markers) or "<em>(empty reply)</em>"
+                parts.append(f'{body}<span class="tags">{tags}</span>')
+            cells.append("<td>" + "<hr>".join(parts) + "</td>")
+        out.append(f'<tr><th class="p">{e(prompt["text"])}{overlap}</th>{"".join(cells)}</tr>')
+    out.append("</table>")
+
+    curves = [m for m in results["models"] if m["loss_curve"]]
+    out.append("<h2>Training loss</h2>")
+    if curves:
+        out.append('<div class="curves">')
+        for m in curves:
+            out.append(f"<figure>{loss_svg(m['loss_curve'], m['name'])}<figcaption>"
+                       f"<code>{e(m['loss_curve']['source'])}</code></figcaption></figure>")
+        out.append("</div>")
+    else:
+        out.append('<p class="note">No training run found for these models (a converted base model has none).</p>')
+    out.append(f'<p class="note">Versions: {e(", ".join(f"{k} {v}" for k, v in results["versions"].items()))}. '
+               "Everything on this page is also in comparison.json.</p></body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_reports(directory: Path, results: dict) -> list[Path]:
+    """Write the four report files into directory (which the caller makes atomic)."""
+    directory = Path(directory)
+    write_json(directory / "comparison.json", results)
+    (directory / "comparison.txt").write_text(render_text(results))
+    (directory / "comparison.md").write_text(render_markdown(results))
+    (directory / "report.html").write_text(render_html(results))
+    return [directory / name for name in REPORT_FILES]

@@ -1,0 +1,346 @@
+"""`gemma-mlx train`: LoRA fine-tuning in epochs, with best/last adapters, resume and a manifest.
+
+The run works in `<out>.partial/` and is renamed to `<out>/` only when it finished, so a later
+stage never finds half a run, and a finished run is only replaced with force. Ctrl-C saves the
+current adapters and a resume state there; `resume=True` continues with the same data order
+(epoch orders depend on (seed, epoch) only) and reaches the same final loss.
+The loop itself lives in train_loop.py; this module sets a run up and writes its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, adapter_config
+from .checkpoints import detect_flavour
+from .config import LoraSettings, TrainSettings, to_dict
+from .errors import CheckpointError, OutputExistsError, TrainingError
+from .manifest import check_writable, now_iso, outputs_root, read_manifest, sha256_json, versions, write_json, write_manifest
+
+RESUME_FILE = "resume_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+METRICS_FILE = "metrics.jsonl"
+SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    summary: dict
+    status: str  # "trained" | "up-to-date" | "interrupted"
+
+
+@dataclass
+class RunSetup:
+    """Everything a run needs that is decided before the first step."""
+
+    model_dir: Path
+    base_manifest: dict | None
+    flavour: str
+    turn_tokens: bool
+    data: Path
+    data_sha256: str
+    lora: LoraSettings
+    train: TrainSettings
+    out: Path
+    work: Path
+    identity: dict = field(default_factory=dict)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A converted model directory, given as a path or as a name under outputs/models/."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        named = outputs_root() / "models" / str(model)
+        if named.is_dir():
+            path = named
+        else:
+            raise CheckpointError(
+                f"No converted model at {model} (also looked in {named}). Convert it first with "
+                f"`gemma-mlx convert {model}`, or pass the directory that holds its config.json."
+            )
+    if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
+        raise CheckpointError(
+            f"{path} is not a converted MLX model (it needs config.json and *.safetensors). "
+            "Convert the checkpoint with `gemma-mlx convert` and pass the output directory."
+        )
+    return path.resolve()
+
+
+def model_flavour(model_dir: Path, manifest: dict | None) -> str:
+    """"pt" or "it": the model's manifest says; otherwise guess from its name and chat template."""
+    if manifest and manifest.get("flavour") in ("pt", "it"):
+        return manifest["flavour"]
+    return detect_flavour(model_dir, model_dir.name)
+
+
+def want_turn_tokens(setting: str, flavour: str) -> bool:
+    if setting not in ("auto", "on", "off"):
+        raise TrainingError(f"lora.train_turn_tokens is '{setting}'; use auto, on or off.")
+    return setting == "on" or (setting == "auto" and flavour == "pt")
+
+
+def check_settings(lora: LoraSettings, train: TrainSettings) -> None:
+    """Reject settings that cannot work before loading anything."""
+    problems = []
+    if train.epochs < 1:
+        problems.append(f"train.epochs is {train.epochs}; it must be at least 1")
+    if train.batch_size < 1:
+        problems.append(f"train.batch_size is {train.batch_size}; it must be at least 1")
+    if not train.learning_rate > 0:
+        problems.append(f"train.learning_rate is {train.learning_rate}; it must be above 0")
+    if train.lr_schedule not in SCHEDULES:
+        problems.append(f"train.lr_schedule is '{train.lr_schedule}'; use one of {', '.join(SCHEDULES)}")
+    if train.optimizer not in OPTIMIZERS:
+        problems.append(f"train.optimizer is '{train.optimizer}'; use one of {', '.join(OPTIMIZERS)}")
+    if train.max_seq_length < 8:
+        problems.append(f"train.max_seq_length is {train.max_seq_length}; it must be at least 8")
+    if lora.rank < 1 and lora.fine_tune_type != "full":
+        problems.append(f"lora.rank is {lora.rank}; it must be at least 1")
+    if not 0 <= lora.dropout < 1:
+        problems.append(f"lora.dropout is {lora.dropout}; it must be in [0, 1)")
+    if problems:
+        raise TrainingError("Cannot train with these settings: " + "; ".join(problems) + ". Fix them in the config or options.")
+
+
+def _base_id(model_dir: Path, manifest: dict | None) -> str:
+    """What identifies the base model: its manifest, or its files' names, sizes and times."""
+    if manifest:
+        return sha256_json(manifest)
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime] for p in sorted(model_dir.iterdir()) if p.is_file()}
+    return sha256_json(files)
+
+
+def plan_run(model, data, out, lora, train, run_name) -> RunSetup:
+    from .data import data_hash
+
+    check_settings(lora, train)
+    model_dir = resolve_model_dir(model)
+    manifest = read_manifest(model_dir)
+    flavour = model_flavour(model_dir, manifest)
+    turn = want_turn_tokens(lora.train_turn_tokens, flavour)
+    out = Path(out) if out else outputs_root() / "runs" / run_name / model_dir.name
+    data = Path(data)
+    setup = RunSetup(model_dir, manifest, flavour, turn, data, data_hash(data), lora, train, out,
+                     out.with_name(out.name + ".partial"))
+    setup.identity = {
+        "base_model": str(model_dir),
+        "base_id": _base_id(model_dir, manifest),
+        "data_sha256": setup.data_sha256,
+        "lora": to_dict(lora),
+        "train": to_dict(train),
+        "turn_tokens": turn,
+    }
+    return setup
+
+
+def _identity_diff(old: dict, new: dict) -> list[str]:
+    keys = []
+    for key in new:
+        if isinstance(new[key], dict) and isinstance(old.get(key), dict):
+            keys += [f"{key}.{k}" for k in new[key] if old[key].get(k) != new[key][k]]
+        elif old.get(key) != new[key]:
+            keys.append(key)
+    return keys
+
+
+def read_resume_state(setup: RunSetup, force: bool, progress) -> dict | None:
+    """The saved state of an interrupted run; None when there is none (a new run starts)."""
+    path = setup.work / RESUME_FILE
+    if not path.is_file():
+        progress(f"nothing to resume in {setup.work}; starting a new run")
+        return None
+    state = json.loads(path.read_text())
+    changed = _identity_diff(state["identity"], setup.identity)
+    if changed and force:
+        progress(f"the interrupted run in {setup.work} used a different {', '.join(changed)}; starting over (--force)")
+        return None
+    if changed:
+        raise TrainingError(
+            f"Cannot resume the run in {setup.work}: it was started with a different "
+            f"{', '.join(changed)} (base model {state['identity']['base_model']}). Resume with the same "
+            "model, data and settings, or start over with --force."
+        )
+    return state
+
+
+def prepare_work_dir(setup: RunSetup, resume: bool, force: bool, progress) -> dict | None:
+    """Decide between refuse / resume / fresh start; return the resume state if resuming."""
+    check_writable(setup.out.parent)
+    if resume:
+        state = read_resume_state(setup, force, progress)
+        if state is not None:
+            return state
+    if setup.out.exists() and not force:
+        raise OutputExistsError(
+            f"{setup.out} already holds a finished training run with a different model, data or settings. "
+            "Re-run with --force to replace it, or choose another --out or --run-name."
+        )
+    if setup.work.exists():
+        if (setup.work / RESUME_FILE).is_file() and not force and not resume:
+            raise OutputExistsError(
+                f"An interrupted run is waiting in {setup.work}. Add --resume to continue it, or --force "
+                "to discard it and start over."
+            )
+        progress(f"discarding the unfinished run in {setup.work}")
+        shutil.rmtree(setup.work)
+    setup.work.mkdir(parents=True)
+    return None
+
+
+def schedule(train: TrainSettings, total_steps: int):
+    """The learning rate per step: optional linear warmup, then constant/cosine/linear decay."""
+    import mlx.optimizers as optim
+
+    decay_steps = max(total_steps - train.warmup_steps, 1)
+    main = {
+        "constant": lambda: optim.exponential_decay(train.learning_rate, 1.0),
+        "cosine": lambda: optim.cosine_decay(train.learning_rate, decay_steps),
+        "linear": lambda: optim.linear_schedule(train.learning_rate, 0.0, decay_steps),
+    }[train.lr_schedule]()
+    if not train.warmup_steps:
+        return main
+    warmup = optim.linear_schedule(0.0, train.learning_rate, train.warmup_steps)
+    return optim.join_schedules([warmup, main], [train.warmup_steps])
+
+
+def make_optimizer(train: TrainSettings, total_steps: int):
+    import mlx.optimizers as optim
+
+    lr = schedule(train, total_steps)
+    if train.optimizer == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=train.weight_decay)
+    if train.optimizer == "adam":
+        return optim.Adam(learning_rate=lr)
+    return optim.SGD(learning_rate=lr, weight_decay=train.weight_decay)
+
+
+def write_adapter_dir(directory: Path, setup: RunSetup, num_layers: int, weights: dict, turn) -> None:
+    from .adapters import save_adapters
+
+    config = adapter_config(setup.lora, num_layers, setup.model_dir, turn is not None)
+    save_adapters(directory, weights, config, turn)
+
+
+def copy_adapter_files(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE):
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
+def read_metrics(work: Path) -> list[dict]:
+    path = work / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def finish_run(setup: RunSetup, summary: dict) -> dict:
+    """Write summary, loss curve and manifest into the work dir, then move it to the output dir."""
+    from .plot import loss_curve_svg
+
+    work = setup.work
+    metrics = read_metrics(work)
+    (work / "loss.svg").write_text(loss_curve_svg(metrics, f"{setup.model_dir.name}: training and validation loss"))
+    write_json(work / "summary.json", summary)
+    for leftover in (RESUME_FILE, OPTIMIZER_FILE):
+        (work / leftover).unlink(missing_ok=True)
+    manifest = {
+        "stage": "train",
+        "base_model": str(setup.model_dir),
+        "base_manifest": setup.base_manifest,
+        "flavour": setup.flavour,
+        "data": str(setup.data.resolve()),
+        "data_sha256": setup.data_sha256,
+        "settings": {"lora": to_dict(setup.lora), "train": to_dict(setup.train), "turn_tokens": setup.turn_tokens},
+        "identity": sha256_json(setup.identity),
+        "summary": summary,
+        "created": now_iso(),
+        "versions": versions(),
+    }
+    write_manifest(work, manifest)
+    old = setup.out.with_name(f".{setup.out.name}.old")
+    if setup.out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        setup.out.rename(old)
+    work.rename(setup.out)
+    shutil.rmtree(old, ignore_errors=True)
+    return manifest
+
+
+def train_model(
+    model: str | Path,
+    data: str | Path,
+    out: Path | None = None,
+    lora: LoraSettings = LoraSettings(),
+    train: TrainSettings = TrainSettings(),
+    run_name: str = "default",
+    resume: bool = False,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+    callback: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Fine-tune `model` (a converted model dir or name) on `data`; see the module docstring.
+
+    `callback(event)` is called after every step ({"kind": "step", ...}) and validation
+    ({"kind": "valid", ...}); raising KeyboardInterrupt from it acts like Ctrl-C.
+    """
+    from .train_loop import run_training
+
+    say = progress or _quiet
+    setup = plan_run(model, data, out, lora, train, run_name)
+    existing = read_manifest(setup.out)
+    resumable = resume and (setup.work / RESUME_FILE).is_file()
+    if not resumable and existing and existing.get("stage") == "train" and existing.get("identity") == sha256_json(setup.identity):
+        say(f"{setup.out}: already trained with the same model, data and settings, nothing to do")
+        return TrainResult(setup.out, existing.get("summary", {}), "up-to-date")
+    state = prepare_work_dir(setup, resume, force, say)
+    started = time.time()
+    summary, status = run_training(setup, state, progress, callback)
+    if status == "interrupted":
+        return TrainResult(setup.work, summary, status)
+    summary["finished"] = now_iso()
+    summary["run_seconds"] = round(time.time() - started, 2)
+    finish_run(setup, summary)
+    say(f"done: best validation loss {_fmt(summary.get('best_val_loss'))} at epoch {summary.get('best_epoch')}; "
+             f"adapters in {setup.out}")
+    return TrainResult(setup.out, summary, status)
+
+
+def train_with_config(
+    model: str | Path,
+    data: str | Path | None = None,
+    config_path: Path | None = None,
+    overrides: dict | None = None,
+    out: Path | None = None,
+    run_name: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """`gemma-mlx train`: settings from an experiment YAML (or defaults), dotted-key overrides on top.
+
+    The data defaults to the config's `data`, the run name to the config's `name`.
+    """
+    from .config import apply_overrides, load_config
+
+    config = apply_overrides(load_config(config_path), overrides or {})
+    return train_model(model, data or config.data, out=out, lora=config.lora, train=config.train,
+                       run_name=run_name or config.name, resume=resume, force=force, progress=progress)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"

@@ -1,0 +1,397 @@
+"""The training loop, readable top to bottom: epochs of length-bucketed batches, validation,
+best/last adapters, early stopping, Ctrl-C and NaN handling, progress.
+
+Only the state that survives a step (`Position`) is saved for resume; the data order of every
+epoch is a pure function of (seed, epoch) and dropout is seeded per step, so a resumed run sees
+exactly the batches and randomness the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from . import batching, tuning
+from .errors import CheckpointError, TrainingError
+from .manifest import write_json
+from .train import METRICS_FILE, OPTIMIZER_FILE, RESUME_FILE, RunSetup, copy_adapter_files, make_optimizer, write_adapter_dir
+
+LAST_DIR = "last"
+# mx.compile for the training step. Off: length-bucketed batches give almost every step a new
+# shape, so a compiled step retraces nearly every time; scripts/bench_train.py --compile measured
+# no gain per epoch (0.56x vs 0.53x mlx-lm's time) and 20% more peak memory.
+COMPILE_STEP = False
+
+
+@dataclass
+class Position:
+    """Where the run stands after the last completed step (saved in resume_state.json)."""
+
+    epoch: int = 0  # index of the current epoch (0-based)
+    step_in_epoch: int = 0  # batches of this epoch already trained
+    step: int = 0  # steps trained in total
+    trained_tokens: int = 0
+    examples_seen: int = 0
+    train_seconds: float = 0.0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    best_val_loss: float | None = None
+    best_epoch: float | None = None
+    best_step: int | None = None
+    last_val_loss: float | None = None
+    bad_validations: int = 0
+    stopped_early: bool = False
+    validated_step: int = 0  # the step of the last validation (a resumed run repeats a missed one)
+
+
+class Reporter:
+    """A live single-line status on a terminal (stderr), plain report lines everywhere else."""
+
+    def __init__(self, progress, live: bool | None = None):
+        self.progress = progress
+        self.live = sys.stderr.isatty() if live is None else live
+        self.width = 0
+
+    def message(self, text: str) -> None:
+        self._end_line()
+        self.progress(text)
+
+    def status(self, text: str, report: bool) -> None:
+        if self.live:
+            sys.stderr.write("\r" + text.ljust(self.width))
+            sys.stderr.flush()
+            self.width = len(text)
+        elif report:
+            self.progress(text)
+
+    def _end_line(self) -> None:
+        if self.live and self.width:
+            sys.stderr.write("\n")
+            self.width = 0
+
+
+def load_model(setup: RunSetup):
+    from mlx_lm import load
+
+    try:
+        return load(str(setup.model_dir))
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        raise CheckpointError(f"Could not load the model in {setup.model_dir}: {error}. Convert it again with `gemma-mlx convert`.") from None
+
+
+def tokenize_split(tokenizer, examples, setup: RunSetup, say) -> list[batching.Sequence]:
+    sequences = [batching.tokenize_example(tokenizer, e, setup.train.response_only, setup.train.max_seq_length) for e in examples]
+    truncated = [s.source for s in sequences if s.truncated]
+    if truncated:
+        say(f"warning: {len(truncated)} examples are longer than max_seq_length {setup.train.max_seq_length} "
+            f"tokens and were cut (first: {truncated[0]}); raise train.max_seq_length to keep them whole")
+    empty = [s for s in sequences if s.trained_tokens == 0]
+    if empty:
+        say(f"warning: {len(empty)} examples have no reply tokens left to learn from (first: {empty[0].source}); skipped")
+    return [s for s in sequences if s.trained_tokens > 0]
+
+
+def _arrays(batch: batching.Batch):
+    return mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.targets)
+
+
+def evaluate(trainee, sequences, batch_size: int) -> tuple[float, int, float]:
+    """(mean loss per trained token, trained tokens, seconds) over a split, without dropout."""
+    trainee.eval()
+    started = time.perf_counter()
+    total, count = 0.0, 0
+    for indices in batching.plan_sorted([len(s) for s in sequences], batch_size):
+        batch = batching.make_batch(sequences, indices)
+        loss, n = tuning.loss_fn(trainee, *_arrays(batch))
+        total += loss.item() * n.item()
+        count += n.item()
+    trainee.train()
+    return total / max(count, 1), count, time.perf_counter() - started
+
+
+def _split_trainable(flat: dict) -> tuple[dict, object]:
+    """Trainee weights -> (mlx-lm adapter weights, turn rows or None)."""
+    weights = {k[len("lm."):]: v for k, v in flat.items() if k.startswith("lm.")}
+    return weights, flat.get("turn_rows")
+
+
+class Run:
+    """One training run's mutable pieces; methods are the loop's steps."""
+
+    def __init__(self, setup: RunSetup, resume_state: dict | None, progress, callback):
+        self.setup, self.callback = setup, callback
+        self.reporter = Reporter(progress or (lambda _: None), live=False if progress is None else None)
+        self.say = self.reporter.message
+        from .data import load_splits
+
+        splits = load_splits(setup.data, seed=setup.train.seed)
+        if not splits.train:
+            raise TrainingError(f"{setup.data} has no training examples. Add examples, or check the path.")
+        lm, tokenizer = load_model(setup)
+        self.train_seqs = tokenize_split(tokenizer, splits.train, setup, self.say)
+        self.valid_seqs = tokenize_split(tokenizer, splits.valid, setup, self.say)
+        if not self.train_seqs:
+            raise TrainingError(f"None of the training examples in {setup.data} has reply tokens to learn from.")
+        mx.random.seed(setup.train.seed)  # LoRA initialisation
+        self.trainee = tuning.prepare(lm, setup.lora, setup.turn_tokens, setup.train.grad_checkpoint)
+        self.num_layers = tuning.resolve_num_layers(setup.lora, lm)
+        self.lengths = [len(s) for s in self.train_seqs]
+        batch = setup.train.batch_size
+        self.steps_per_epoch = math.ceil(len(self.train_seqs) / batch)
+        self.total_steps = self.steps_per_epoch * setup.train.epochs
+        self.optimizer = make_optimizer(setup.train, self.total_steps)
+        self.optimizer.init(self.trainee.trainable_parameters())
+        self.position = Position()
+        if resume_state is not None:
+            self._restore(resume_state)
+        self.report_every = max(1, math.ceil(self.steps_per_epoch / 10))
+        self.step_fn = self._make_step()
+        self._commit()
+        self.good = self.committed[0]  # weights whose loss was finite (kept if the loss blows up)
+
+    # ----- set-up helpers -------------------------------------------------------------------
+    def _make_step(self):
+        trainee, optimizer = self.trainee, self.optimizer
+        loss_and_grad = nn.value_and_grad(trainee, tuning.loss_fn)
+
+        def step(inputs, positions, targets):
+            (loss, count), grads = loss_and_grad(trainee, inputs, positions, targets)
+            grads = nn.average_gradients(grads)  # a no-op in one process; the MLX launcher's path
+            optimizer.update(trainee, grads)
+            return loss, count
+
+        if not COMPILE_STEP:
+            return step
+        state = [trainee.state, optimizer.state, mx.random.state]
+        return mx.compile(step, inputs=state, outputs=state)
+
+    def _restore(self, state: dict) -> None:
+        work = self.setup.work
+        saved = mx.load(str(work / LAST_DIR / "adapters.safetensors"))
+        weights = [(f"lm.{k}", v) for k, v in saved.items()]
+        turn = work / LAST_DIR / "turn_tokens.safetensors"
+        if turn.is_file():
+            weights.append(("turn_rows", mx.load(str(turn))["rows"]))
+        try:
+            self.trainee.load_weights(weights, strict=False)
+        except ValueError as error:
+            raise TrainingError(f"The saved adapters in {work} do not fit this model ({error}). Start over with --force.") from None
+        self.optimizer.state = tree_unflatten(list(mx.load(str(work / OPTIMIZER_FILE)).items()))
+        self.position = p = Position(**state["position"])
+        # drop reports made after the saved state (e.g. a validation that Ctrl-C cut short)
+        metrics = work / METRICS_FILE
+        if metrics.is_file():
+            kept = [line for line in metrics.read_text().splitlines() if line.strip()
+                    and json.loads(line)["step"] <= (p.step if json.loads(line)["split"] == "train" else p.validated_step)]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        self.say(f"resuming at epoch {self.position.epoch + 1}, step {self.position.step}/{self.total_steps}")
+
+    def _commit(self) -> None:
+        """Remember the last completed step: weights and optimizer state (references, no copies)
+        and the position, so Ctrl-C at any moment saves a consistent state."""
+        self.committed = (dict(tree_flatten(self.trainee.trainable_parameters())),
+                          tree_map(lambda x: x, self.optimizer.state), replace(self.position))
+
+    # ----- saving ---------------------------------------------------------------------------
+    def _save_adapters(self, directory, flat: dict) -> None:
+        weights, rows = _split_trainable(flat)
+        turn = (list(self.trainee.turn_ids), rows) if rows is not None else None
+        write_adapter_dir(directory, self.setup, self.num_layers, weights, turn)
+
+    def save_resume_state(self) -> None:
+        flat, opt_state, position = self.committed
+        work = self.setup.work
+        self._save_adapters(work / LAST_DIR, flat)
+        mx.save_safetensors(str(work / OPTIMIZER_FILE), dict(tree_flatten(opt_state)))
+        write_json(work / RESUME_FILE, {"identity": self.setup.identity, "position": asdict(position)})
+
+    def log(self, record: dict) -> None:
+        with open(self.setup.work / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # ----- the loop -------------------------------------------------------------------------
+    def header(self) -> None:
+        s, train = self.setup, self.setup.train
+        plan = batching.plan_epoch(self.lengths, train.batch_size, train.seed, 0)
+        self.padding = batching.padding_fraction(self.lengths, plan)
+        self.say(f"{len(self.train_seqs)} examples, 1 epoch = {self.steps_per_epoch} steps of {train.batch_size} examples, "
+                 f"{train.epochs} epochs = {self.total_steps} steps, padding {self.padding:.1%}")
+        trainable = tuning.count_parameters(self.trainee.trainable_parameters())
+        total = tuning.count_parameters(self.trainee.lm.parameters())
+        rows = " + turn-token rows" if s.turn_tokens else ""
+        self.say(f"{s.model_dir.name} ({s.flavour}): {s.lora.fine_tune_type} on the last {self.num_layers} layers{rows}, "
+                 f"{trainable / 1e6:.3f}M of {total / 1e6:.1f}M parameters trainable; "
+                 f"{len(self.valid_seqs)} validation examples")
+        backward = len(self.trainee.lm.layers) if s.turn_tokens else self.num_layers
+        longest = max(self.lengths)
+        max_trained = max(sum(self.train_seqs[i].trained_tokens for i in b) for b in plan)
+        estimate = tuning.estimate_memory(self.trainee, train.batch_size, longest, max_trained, backward)
+        machine = tuning.machine_memory()
+        have = f" of {machine / 1e9:.1f} GB" if machine else ""
+        self.say(f"memory estimate: {estimate['total'] / 1e9:.2f} GB{have} (weights {estimate['weights'] / 1e9:.2f}, "
+                 f"activations {estimate['activations'] / 1e9:.2f}, logits {estimate['logits'] / 1e9:.2f})")
+        if machine and estimate["total"] > machine:
+            self.say(f"warning: this run may need more memory ({estimate['total'] / 1e9:.1f} GB) than the machine has "
+                     f"({machine / 1e9:.1f} GB); lower train.batch_size or train.max_seq_length, or set grad_checkpoint")
+        self.estimate = estimate
+
+    def validate(self) -> float | None:
+        """Validation loss now; keeps the best adapters; counts toward early stopping."""
+        p = self.position
+        if not self.valid_seqs or p.validated_step == p.step:
+            return None
+        loss, count, seconds = evaluate(self.trainee, self.valid_seqs, self.setup.train.batch_size)
+        epoch = round(p.step / self.steps_per_epoch, 4)
+        record = {"epoch": epoch, "step": p.step, "split": "valid", "loss": loss,
+                  "tokens_per_second": count / seconds if seconds else 0.0,
+                  "peak_memory_gb": mx.get_peak_memory() / 1e9, "learning_rate": self.learning_rate()}
+        self.log(record)
+        p.last_val_loss = loss
+        p.validated_step = p.step
+        if p.best_val_loss is None or loss < p.best_val_loss:
+            p.best_val_loss, p.best_epoch, p.best_step, p.bad_validations = loss, epoch, p.step, 0
+            self._save_adapters(self.setup.work, dict(tree_flatten(self.trainee.trainable_parameters())))
+            mark = " (best so far, saved)"
+        else:
+            p.bad_validations += 1
+            mark = ""
+        self.say(f"epoch {epoch:.2f} step {p.step}/{self.total_steps}: validation loss {loss:.4f}{mark}")
+        if self.callback:
+            self.callback({"kind": "valid", **record})
+        patience = self.setup.train.early_stopping_patience
+        if patience and p.bad_validations >= patience:
+            p.stopped_early = True
+        self._commit()
+        return loss
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.learning_rate.item())
+
+    def train_step(self, batch: batching.Batch) -> float:
+        p, seed = self.position, self.setup.train.seed
+        mx.random.seed(seed * 1_000_003 + p.step)  # dropout: the same masks on resume
+        loss, _ = self.step_fn(*_arrays(batch))
+        mx.eval(loss, self.trainee.trainable_parameters(), self.optimizer.state)
+        value = loss.item()
+        if math.isfinite(value):
+            self.good = self.committed[0]
+        else:
+            self._save_adapters(self.setup.work / LAST_DIR, self.good)
+            (self.setup.work / RESUME_FILE).unlink(missing_ok=True)
+            raise TrainingError(
+                f"The training loss became {value} at step {p.step + 1} (epoch {p.epoch + 1}), so training stopped. "
+                f"The last good adapters are in {self.setup.work / LAST_DIR}. Lower the learning rate "
+                f"(now {self.setup.train.learning_rate:g}; try {self.setup.train.learning_rate / 10:g}) and run again."
+            )
+        return value
+
+    def run(self) -> None:
+        p, train = self.position, self.setup.train
+        every = train.val_every_steps
+        window_loss = window_tokens = 0.0
+        if p.step and every and p.step % every == 0:
+            self.validate()  # interrupted during this validation; a no-op when it finished
+        while p.epoch < train.epochs and not p.stopped_early:
+            plan = batching.plan_epoch(self.lengths, train.batch_size, train.seed, p.epoch)
+            while p.step_in_epoch < len(plan) and not p.stopped_early:
+                started = time.perf_counter()
+                batch = batching.make_batch(self.train_seqs, plan[p.step_in_epoch])
+                loss = self.train_step(batch)
+                elapsed = time.perf_counter() - started
+                p.step += 1
+                p.step_in_epoch += 1
+                p.trained_tokens += batch.tokens
+                p.examples_seen += batch.examples
+                p.train_seconds += elapsed
+                p.first_loss = loss if p.first_loss is None else p.first_loss
+                p.last_loss = loss
+                self._commit()
+                window_loss += loss * batch.trained_tokens
+                window_tokens += batch.trained_tokens
+                report = p.step % self.report_every == 0 or p.step_in_epoch == len(plan)
+                shown = loss
+                if report:  # report lines show the mean loss per trained token since the last report
+                    shown = window_loss / window_tokens
+                    self.log({"epoch": round(p.step / self.steps_per_epoch, 4), "step": p.step, "split": "train",
+                              "loss": shown, "tokens_per_second": p.trained_tokens / p.train_seconds,
+                              "peak_memory_gb": mx.get_peak_memory() / 1e9, "learning_rate": self.learning_rate()})
+                    window_loss = window_tokens = 0.0
+                self.reporter.status(self.status_line(shown), report)
+                if self.callback:
+                    self.callback({"kind": "step", "epoch": p.epoch + 1, "step": p.step, "loss": loss,
+                                   "tokens": batch.tokens, "examples": batch.examples, "seconds": elapsed})
+                if every and p.step % every == 0 and p.step_in_epoch < len(plan):
+                    self.validate()
+            if p.stopped_early:
+                break
+            p.epoch += 1
+            p.step_in_epoch = 0
+            self.validate()
+        if p.stopped_early:
+            self.say(f"early stopping: no validation improvement in {train.early_stopping_patience} validations")
+
+    def status_line(self, loss: float) -> str:
+        p = self.position
+        val = f"{p.last_val_loss:.4f}" if p.last_val_loss is not None else "-"
+        rate = p.trained_tokens / p.train_seconds if p.train_seconds else 0.0
+        eta = (self.total_steps - p.step) * p.train_seconds / max(p.step, 1)
+        return (f"epoch {p.epoch + 1}/{self.setup.train.epochs} step {p.step}/{self.total_steps} loss {loss:.4f} "
+                f"val {val} {rate:.0f} tok/s peak {mx.get_peak_memory() / 1e9:.2f} GB ETA {eta:.0f}s")
+
+    def summary(self) -> dict:
+        p = self.position
+        return {
+            "epochs": self.setup.train.epochs,
+            "epochs_completed": p.epoch,
+            "steps": p.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "train_examples": len(self.train_seqs),
+            "valid_examples": len(self.valid_seqs),
+            "examples_seen": p.examples_seen,
+            "trained_tokens": p.trained_tokens,
+            "train_seconds": round(p.train_seconds, 3),
+            "tokens_per_second": round(p.trained_tokens / p.train_seconds, 2) if p.train_seconds else 0.0,
+            "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4),
+            "memory_estimate_gb": round(self.estimate["total"] / 1e9, 4),
+            "padding_fraction": round(self.padding, 4),
+            "first_loss": p.first_loss,
+            "final_loss": p.last_loss,
+            "best_val_loss": p.best_val_loss,
+            "best_epoch": p.best_epoch,
+            "best_step": p.best_step,
+            "final_val_loss": p.last_val_loss,
+            "stopped_early": p.stopped_early,
+            "turn_tokens_trained": self.setup.turn_tokens,
+            "flavour": self.setup.flavour,
+        }
+
+    def finish(self) -> None:
+        """last/ holds the final weights; without validation the final weights are also the best."""
+        flat = dict(tree_flatten(self.trainee.trainable_parameters()))
+        self._save_adapters(self.setup.work / LAST_DIR, flat)
+        if self.position.best_val_loss is None:
+            copy_adapter_files(self.setup.work / LAST_DIR, self.setup.work)
+
+
+def run_training(setup: RunSetup, resume_state: dict | None, progress, callback) -> tuple[dict, str]:
+    """Train; return (summary, "trained" | "interrupted")."""
+    run = Run(setup, resume_state, progress, callback)
+    run.header()
+    try:
+        run.run()
+    except KeyboardInterrupt:
+        run.save_resume_state()
+        p = run.committed[2]
+        run.say(f"interrupted at epoch {p.epoch + 1}, step {p.step}/{run.total_steps}: the current adapters are in "
+                f"{setup.work / LAST_DIR}; continue with the same command plus --resume")
+        return run.summary(), "interrupted"
+    run.finish()
+    run.reporter.message(f"trained {run.position.step} steps in {run.position.train_seconds:.1f}s")
+    return run.summary(), "trained"

@@ -1,0 +1,156 @@
+"""`gemma-mlx run`: the whole pipeline on the demo's tiny checkpoints, re-runs, resume, bad configs."""
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gemma_mlx import experiment
+from gemma_mlx.cli import cli
+
+REPORT_FILES = ("comparison.txt", "comparison.md", "comparison.json", "report.html")
+
+
+@pytest.fixture(scope="module")
+def demo_outputs(tmp_path_factory):
+    """One shared outputs dir: the tests below run in order against the same experiment."""
+    return tmp_path_factory.mktemp("demo-outputs")
+
+
+@pytest.fixture
+def in_demo_outputs(demo_outputs, monkeypatch):
+    monkeypatch.setenv("GEMMA_MLX_OUTPUTS", str(demo_outputs))
+    return demo_outputs
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(cli, ["run", *args])
+    assert "Traceback" not in result.output
+    return result
+
+
+def stage_statuses(run_dir: Path) -> dict:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return {record["stage"]: record["status"] for record in manifest["stages"]}
+
+
+def test_demo_runs_every_stage_and_writes_everything(in_demo_outputs):
+    result = run_cli("--demo")
+    assert result.exit_code == 0, result.output
+    run_dir = in_demo_outputs / "runs" / "demo"
+    assert stage_statuses(run_dir) == {s: "ran" for s in experiment.STAGES}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for record in manifest["stages"]:
+        assert record["seconds"] >= 0 and record["peak_memory_gb"] >= 0
+    assert manifest["config"]["train"]["epochs"] == 2 and manifest["versions"]["mlx"]
+    for name in ("tiny-gemma-3-pt", "tiny-gemma-3-it"):
+        adapters = run_dir / "adapters" / name
+        assert (adapters / "adapters.safetensors").is_file() and (adapters / "adapter_config.json").is_file()
+        assert (adapters / "fused" / "model.safetensors").is_file()
+        assert json.loads((adapters / "fused" / "config.json").read_text())["eos_token_id"] == [1, 106]
+    # only the base model learns the turn-token rows
+    assert (run_dir / "adapters" / "tiny-gemma-3-pt" / "turn_tokens.safetensors").is_file()
+    assert not (run_dir / "adapters" / "tiny-gemma-3-it" / "turn_tokens.safetensors").exists()
+    for name in REPORT_FILES:
+        assert (run_dir / "compare" / name).is_file()
+    results = json.loads((run_dir / "compare" / "comparison.json").read_text())
+    assert len(results["models"]) == 4  # two fused models and their two bases
+    # the summary table and the report path end the output
+    assert "tiny-gemma-3-pt + LoRA" in result.stdout and "tiny-gemma-3-it (base)" in result.stdout
+    assert f"Report: {run_dir / 'compare' / 'report.html'}" in result.stdout
+
+
+def test_second_run_skips_every_stage(in_demo_outputs):
+    run_dir = in_demo_outputs / "runs" / "demo"
+    weights = run_dir / "adapters" / "tiny-gemma-3-pt" / "adapters.safetensors"
+    before = weights.stat().st_mtime_ns
+    result = run_cli("--demo")
+    assert result.exit_code == 0, result.output
+    assert stage_statuses(run_dir) == {s: "up-to-date" for s in experiment.STAGES}
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_changed_training_setting_reruns_only_what_it_affects(in_demo_outputs):
+    run_dir = in_demo_outputs / "runs" / "demo"
+    result = run_cli("--demo", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert stage_statuses(run_dir) == {"convert": "up-to-date", "data": "up-to-date", "train": "ran", "fuse": "ran", "compare": "ran"}
+    summary = json.loads((run_dir / "adapters" / "tiny-gemma-3-it" / "summary.json").read_text())
+    assert summary["epochs"] == 1
+
+
+def test_only_compare_reuses_earlier_stages(in_demo_outputs):
+    run_dir = in_demo_outputs / "runs" / "demo"
+    result = run_cli("--demo", "--epochs", "1", "--only", "compare", "--max-tokens", "8")
+    assert result.exit_code == 0, result.output
+    statuses = stage_statuses(run_dir)
+    assert statuses["compare"] == "ran" and statuses["train"] == "skipped"
+    results = json.loads((run_dir / "compare" / "comparison.json").read_text())
+    assert results["settings"]["max_tokens"] == 8
+
+
+def test_interrupted_training_resumes(in_demo_outputs, monkeypatch):
+    def stop_at_step_5(event):
+        if event.get("kind") == "step" and event.get("step") == 5:
+            raise KeyboardInterrupt
+
+    real_train = experiment.train.train_model
+    monkeypatch.setattr(experiment.train, "train_model", functools.partial(real_train, callback=stop_at_step_5))
+    result = run_cli("--demo", "--name", "resumed", "--epochs", "1")
+    assert result.exit_code == 130
+    assert "Run the same command again to resume" in result.output
+    run_dir = in_demo_outputs / "runs" / "resumed"
+    assert stage_statuses(run_dir)["train"] == "interrupted"
+    assert not (run_dir / "compare").exists()
+
+    monkeypatch.setattr(experiment.train, "train_model", real_train)
+    resumed = run_cli("--demo", "--name", "resumed", "--epochs", "1")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resum" in resumed.output.lower()
+    assert stage_statuses(run_dir)["train"] == "ran"
+    summary = json.loads((run_dir / "adapters" / "tiny-gemma-3-pt" / "summary.json").read_text())
+    assert summary["examples_seen"] == summary["train_examples"]  # one full epoch, no example lost or repeated
+    for name in REPORT_FILES:
+        assert (run_dir / "compare" / name).is_file()
+
+
+def test_bad_config_names_the_key_and_line(tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text("name: x\ntrain:\n  epochs: 2\n  learning_rat: 0.1\n")
+    result = run_cli(str(config))
+    assert result.exit_code == 1
+    assert f"{config}:4" in result.output and "learning_rat" in result.output and "learning_rate" in result.output
+
+    config.write_text("name: x\ntrain:\n  epochs: lots\n")
+    result = run_cli(str(config))
+    assert result.exit_code == 1
+    assert f"{config}:3" in result.output and "'train.epochs' must be int" in result.output
+
+
+def test_unreachable_checkpoint_fails_before_any_work(tmp_path, isolated_outputs):
+    config = tmp_path / "exp.yaml"
+    config.write_text("name: offline\ncheckpoints: [not-a-model]\n")
+    result = run_cli(str(config))
+    assert result.exit_code == 1
+    assert "Unknown checkpoint 'not-a-model'" in result.output
+    assert not (isolated_outputs / "runs" / "offline").exists()
+
+
+def test_invalid_data_fails_before_any_work(tmp_path, isolated_outputs):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"name: baddata\ndata: {data}\n")
+    result = run_cli(str(config))
+    assert result.exit_code == 1
+    assert f"{data}:1" in result.output
+    assert not (isolated_outputs / "runs" / "baddata").exists()
+
+
+def test_shipped_config_is_the_default_and_loads():
+    config = experiment.load_experiment(None)
+    assert config.checkpoints == ["gemma-3-1b-pt", "gemma-3-1b-it"]
+    assert Path(config.data).is_dir() and Path(config.persona).is_file()
+    assert all(Path(p).is_file() for p in config.prompts)

@@ -245,7 +245,7 @@ def _train(config: ExperimentConfig, models: dict, data_dir: Path, run_dir: Path
         result = train.train_model(
             model_dir,
             data_dir,
-            out=run_dir / "adapters" / name,
+            out=run_dir / name,  # the same place `gemma-mlx train --run-name <experiment>` uses
             lora=config.lora,
             train=config.train,
             run_name=config.name,

@@ -133,9 +133,9 @@ def _weights(shape: dict, seed: int) -> dict[str, np.ndarray]:
     def norm(size):  # Gemma norms multiply by (1 + w); keep w small
         return (0.1 * rng.standard_normal(size)).astype(np.float32)
 
-    # Small embeddings (std 0.05) keep the untrained model's logits near uniform, as a real init would:
-    # the first training loss is then about ln(vocab), and learning shows in the curve.
-    weights = {"model.embed_tokens.weight": (0.05 * rng.standard_normal((shape["vocab_size"], hidden))).astype(np.float32)}
+    # Modest embeddings (std 0.2): the untrained model starts near uniform (first loss a little above
+    # ln(vocab)) yet logits can grow large enough for a trained tiny model to say real words.
+    weights = {"model.embed_tokens.weight": (0.2 * rng.standard_normal((shape["vocab_size"], hidden))).astype(np.float32)}
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}"
         weights.update(

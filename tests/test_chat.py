@@ -70,7 +70,8 @@ def test_multi_turn_history_reset_and_quit(pt):
 
 
 def test_replies_cut_by_the_limit_are_flagged(pt):
-    _, out = run(pt, "Tell me a story", settings=G(max_tokens=4))
+    # min_new_tokens == max_tokens: no stop token can end the reply first, so the limit must
+    _, out = run(pt, "Tell me a story", settings=G(max_tokens=4, min_new_tokens=4))
     assert "[cut at 4 tokens]" in out
 
 

@@ -46,13 +46,13 @@ def test_demo_runs_every_stage_and_writes_everything(in_demo_outputs):
         assert record["seconds"] >= 0 and record["peak_memory_gb"] >= 0
     assert manifest["config"]["train"]["epochs"] == 2 and manifest["versions"]["mlx"]
     for name in ("tiny-gemma-3-pt", "tiny-gemma-3-it"):
-        adapters = run_dir / "adapters" / name
+        adapters = run_dir / name
         assert (adapters / "adapters.safetensors").is_file() and (adapters / "adapter_config.json").is_file()
         assert (adapters / "fused" / "model.safetensors").is_file()
         assert json.loads((adapters / "fused" / "config.json").read_text())["eos_token_id"] == [1, 106]
     # only the base model learns the turn-token rows
-    assert (run_dir / "adapters" / "tiny-gemma-3-pt" / "turn_tokens.safetensors").is_file()
-    assert not (run_dir / "adapters" / "tiny-gemma-3-it" / "turn_tokens.safetensors").exists()
+    assert (run_dir / "tiny-gemma-3-pt" / "turn_tokens.safetensors").is_file()
+    assert not (run_dir / "tiny-gemma-3-it" / "turn_tokens.safetensors").exists()
     for name in REPORT_FILES:
         assert (run_dir / "compare" / name).is_file()
     results = json.loads((run_dir / "compare" / "comparison.json").read_text())
@@ -64,7 +64,7 @@ def test_demo_runs_every_stage_and_writes_everything(in_demo_outputs):
 
 def test_second_run_skips_every_stage(in_demo_outputs):
     run_dir = in_demo_outputs / "runs" / "demo"
-    weights = run_dir / "adapters" / "tiny-gemma-3-pt" / "adapters.safetensors"
+    weights = run_dir / "tiny-gemma-3-pt" / "adapters.safetensors"
     before = weights.stat().st_mtime_ns
     result = run_cli("--demo")
     assert result.exit_code == 0, result.output
@@ -77,7 +77,7 @@ def test_changed_training_setting_reruns_only_what_it_affects(in_demo_outputs):
     result = run_cli("--demo", "--epochs", "1")
     assert result.exit_code == 0, result.output
     assert stage_statuses(run_dir) == {"convert": "up-to-date", "data": "up-to-date", "train": "ran", "fuse": "ran", "compare": "ran"}
-    summary = json.loads((run_dir / "adapters" / "tiny-gemma-3-it" / "summary.json").read_text())
+    summary = json.loads((run_dir / "tiny-gemma-3-it" / "summary.json").read_text())
     assert summary["epochs"] == 1
 
 
@@ -110,7 +110,7 @@ def test_interrupted_training_resumes(in_demo_outputs, monkeypatch):
     assert resumed.exit_code == 0, resumed.output
     assert "resum" in resumed.output.lower()
     assert stage_statuses(run_dir)["train"] == "ran"
-    summary = json.loads((run_dir / "adapters" / "tiny-gemma-3-pt" / "summary.json").read_text())
+    summary = json.loads((run_dir / "tiny-gemma-3-pt" / "summary.json").read_text())
     assert summary["examples_seen"] == summary["train_examples"]  # one full epoch, no example lost or repeated
     for name in REPORT_FILES:
         assert (run_dir / "compare" / name).is_file()

@@ -159,7 +159,8 @@ def read_resume_state(setup: RunSetup, force: bool, progress) -> dict | None:
     """The saved state of an interrupted run; None when there is none (a new run starts)."""
     path = setup.work / RESUME_FILE
     if not path.is_file():
-        progress(f"nothing to resume in {setup.work}; starting a new run")
+        if setup.work.exists():  # a run that died before its first save: say why it starts over
+            progress(f"nothing to resume in {setup.work}; starting a new run")
         return None
     state = json.loads(path.read_text())
     changed = _identity_diff(state["identity"], setup.identity)

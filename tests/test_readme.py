@@ -1,0 +1,50 @@
+"""The README's commands stay true: every `gemma-mlx ...` line in its bash blocks parses against the CLI."""
+
+import re
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+
+from gemma_mlx.cli import cli
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_commands() -> list[str]:
+    """`gemma-mlx` command lines from ```bash blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            for part in line.split("&&"):
+                part = part.strip()
+                if part.startswith("gemma-mlx "):
+                    commands.append(part)
+    return commands
+
+
+def parse(command_line: str) -> click.Context:
+    """Find the (sub)command and parse its options as click would, without running anything."""
+    args = shlex.split(command_line)[1:]
+    command, names = cli, ["gemma-mlx"]
+    while isinstance(command, click.Group):
+        name = args.pop(0)
+        sub = command.get_command(click.Context(command), name)
+        assert sub is not None, f"README names an unknown command: {' '.join(names)} {name}"
+        command, names = sub, [*names, name]
+    return command.make_context(" ".join(names), args)
+
+
+def test_readme_has_the_two_commands_first():
+    text = README.read_text()
+    first_blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)[:2]
+    assert "gemma-mlx run --demo" in first_blocks[0]
+    assert "pytest" in first_blocks[1]
+
+
+@pytest.mark.parametrize("command_line", readme_commands())
+def test_readme_command_parses(command_line):
+    ctx = parse(command_line)
+    assert ctx.command is not None

@@ -14,16 +14,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import backend
 from .chat_format import END_OF_TURN_ID, EOS_ID, GEMMA_TURN_TEMPLATE
 from .errors import CheckpointError, OutputExistsError
 from .manifest import (
+    Progress,
     atomic_output_dir,
     check_writable,
     now_iso,
     outputs_root,
+    quiet,
     read_manifest,
     sha256_tree,
     versions,
@@ -42,11 +43,6 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*
 DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_MODEL_TYPES = ("gemma3_text",)
 
-Progress = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -230,7 +226,7 @@ def convert_checkpoint(
     group_size: int = 64,
     revision: str | None = None,
     force: bool = False,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> ConvertResult:
     """Convert one checkpoint to an MLX model dir; a no-op if it was already converted the same way."""
     dtype = dtype or backend.default_dtype()
@@ -312,7 +308,7 @@ def _convert_into(out: Path, checkpoint: Path, record: dict) -> dict:
     return manifest
 
 
-def convert_many(specs: list[str], out_root: Path | None = None, progress: Progress = _quiet, **options) -> list[ConvertResult]:
+def convert_many(specs: list[str], out_root: Path | None = None, progress: Progress = quiet, **options) -> list[ConvertResult]:
     """Convert several checkpoints with the same settings; resolve every name first so typos fail fast."""
     sources = [resolve_source(spec) for spec in specs]
     names = [s.name for s in sources]

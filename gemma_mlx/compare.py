@@ -14,7 +14,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import persona as scoring
 from .compare_inputs import (
@@ -29,15 +28,17 @@ from .compare_inputs import (
     read_loss_curve,
 )
 from .config import GenerationSettings, to_dict
-from .errors import OutputExistsError, GemmaMlxError
+from .errors import OutputExistsError
 from .generate import check_settings, generate_replies, load_model
 from .judge import JUDGE_RUBRIC, JUDGE_SETTINGS, JUDGE_TEMPLATE, judge_replies
 from .manifest import (
     MANIFEST_NAME,
+    Progress,
     atomic_output_dir,
     check_writable,
     now_iso,
     outputs_root,
+    quiet,
     read_manifest,
     sha256_json,
     versions,
@@ -45,7 +46,6 @@ from .manifest import (
 )
 from .report import FORMAT, REPORT_FILES, write_reports
 
-Progress = Callable[[str], None]
 
 MINING_NOTE = (
     "Mined markers are phrases of 2-3 words (not starting or ending with a common word) and names "
@@ -54,10 +54,6 @@ MINING_NOTE = (
     "converted, not fine-tuned. Without training data, or a base model whose replies hold at least 50 "
     "words in all, nothing is mined."
 )
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 @dataclass
@@ -279,7 +275,7 @@ def compare_models(
     `out` is a no-op when made from the same inputs and is replaced otherwise; any other existing
     directory is refused unless force.
     """
-    progress = progress or _quiet
+    progress = progress or quiet
     started = time.perf_counter()
     check_settings(settings)  # a bad setting fails now, not after the first model has loaded
     models = [str(m) for m in models]

@@ -12,7 +12,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .chat_format import BOS, encode, render
 from .data import (
@@ -31,16 +30,12 @@ from .data import (
     split_examples,
 )
 from .errors import DataError, OutputExistsError
-from .manifest import atomic_output_dir, now_iso, outputs_root, read_manifest, versions, write_manifest
+from .manifest import Progress, atomic_output_dir, now_iso, outputs_root, quiet, read_manifest, versions, write_manifest
 
 LOW_SPREAD_CV = 0.25  # reply words' coefficient of variation below this: "all alike"
 MIN_REPLIES_FOR_SPREAD = 5
 
-Progress = Callable[[str], None]
 
-
-def _quiet(_: str) -> None:
-    pass
 
 
 @dataclass
@@ -319,7 +314,7 @@ def _write_jsonl(path: Path, examples: list[Example]) -> None:
 
 
 def split_dataset(path, out: Path, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.1,
-                  force: bool = False, progress: Progress = _quiet) -> SplitResult:
+                  force: bool = False, progress: Progress = quiet) -> SplitResult:
     """Write train/valid/test.jsonl (mlx-lm's layout, chat records) + manifest; same inputs: a no-op."""
     out = Path(out)
     inputs = {"source_sha256": data_hash(path), "seed": seed,

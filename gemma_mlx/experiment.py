@@ -16,17 +16,13 @@ from typing import Callable
 from . import checkpoints, compare, data, data_checks, fuse, train
 from .config import ExperimentConfig, apply_overrides, load_config, to_dict
 from .errors import ConfigError, DataError, GemmaMlxError
-from .manifest import now_iso, outputs_root, read_manifest, sha256_json, versions, write_manifest
+from .manifest import Progress, now_iso, outputs_root, quiet, read_manifest, sha256_json, versions, write_manifest
 
 STAGES = ("convert", "data", "train", "fuse", "compare")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "data" / "experiment.yaml"
 
-Progress = Callable[[str], None]
 
-
-def _quiet(_: str) -> None:
-    pass
 
 
 @dataclass
@@ -81,7 +77,7 @@ def load_experiment(config_path: Path | None, overrides: dict | None = None) -> 
     return apply_overrides(config, overrides or {})
 
 
-def demo_config(progress: Progress = _quiet) -> ExperimentConfig:
+def demo_config(progress: Progress = quiet) -> ExperimentConfig:
     """The pipeline on two tiny random checkpoints (one -pt, one -it) and the shipped data, offline."""
     from .tiny import write_tiny_pair
 
@@ -107,7 +103,7 @@ def demo_config(progress: Progress = _quiet) -> ExperimentConfig:
 # --- pre-flight: fail before any long work ------------------------------------------------
 
 
-def preflight(config: ExperimentConfig, progress: Progress = _quiet) -> list[checkpoints.Source]:
+def preflight(config: ExperimentConfig, progress: Progress = quiet) -> list[checkpoints.Source]:
     """Check config values, checkpoint names, data and prompt files before anything slow starts."""
     if not config.checkpoints:
         raise ConfigError("The config lists no checkpoints. Add at least one under 'checkpoints:'.")
@@ -148,7 +144,7 @@ def estimate_params(config: dict) -> float:
     return config["vocab_size"] * hidden + layers * per_layer
 
 
-def check_resources(config: ExperimentConfig, sources, progress: Progress = _quiet) -> dict:
+def check_resources(config: ExperimentConfig, sources, progress: Progress = quiet) -> dict:
     """Estimate disk and memory for the chosen models and stop early when the machine cannot hold them."""
     import os
     import shutil
@@ -314,7 +310,7 @@ def _previous_details(run_dir: Path) -> dict:
 def run_experiment(
     config: ExperimentConfig,
     only: list[str] | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> RunResult:
     """Run (or resume) every stage of the experiment; returns the summary rows and the report path."""
     only = list(only or STAGES)

@@ -17,15 +17,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .chat_format import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
 from .checkpoints import make_gemma_correct
 from .errors import CheckpointError, GemmaMlxError, OutputExistsError
 from .manifest import (
+    Progress,
     atomic_output_dir,
     check_writable,
     now_iso,
+    quiet,
     read_manifest,
     sha256_file,
     sha256_json,
@@ -47,11 +48,6 @@ TOKENIZER_FILES = (
 HF_DTYPES = ("bfloat16", "float32")
 MODEL_TYPE = "gemma3_text"
 
-Progress = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 @dataclass
@@ -225,7 +221,7 @@ def fuse_model(
     existing output needs force=True. `hf_dtype` (bfloat16 | float32) applies to the export only;
     default: float32 when the fused weights are float32, else bfloat16.
     """
-    progress = progress or _quiet
+    progress = progress or quiet
     adapter_dir = Path(adapter_dir).expanduser().resolve()
     adapter_config = check_adapter_dir(adapter_dir)
     train_manifest = train_manifest_of(adapter_dir)
@@ -351,7 +347,7 @@ def export_hf_model(
     """Write a Hugging Face Gemma3ForCausalLM checkpoint (safetensors, config, tokenizer) of an MLX model dir."""
     import mlx.core as mx
 
-    progress = progress or _quiet
+    progress = progress or quiet
     model_dir, out = Path(model_dir), Path(out).expanduser()
     if dtype is not None and dtype not in HF_DTYPES:
         raise GemmaMlxError(f"Unknown export dtype {dtype!r}. Choose one of: {', '.join(HF_DTYPES)}.")

@@ -25,14 +25,13 @@ from typing import Callable
 from .chat_format import prompt_ids, reply_end_token_ids
 from .config import GenerationSettings
 from .errors import CheckpointError, ConfigError, GemmaMlxError
-from .manifest import outputs_root, read_manifest
+from .manifest import Progress, outputs_root, read_manifest
 
 ADAPTER_SEPARATOR = "::"
 # Rows decoded together at most; more rows than this still run, continuously batched by mlx-lm.
 MAX_BATCH_ROWS = 128
 MAX_PREFILL_ROWS = 32
 
-Progress = Callable[[str], None]
 OnToken = Callable[[int, int], None]  # (row index, token id) for every reply token, as it is made
 
 

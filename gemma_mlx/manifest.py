@@ -14,11 +14,18 @@ import os
 import shutil
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import GemmaMlxError, OutputExistsError
 
 MANIFEST_NAME = "manifest.json"
+
+# Library functions report progress through a callable (the CLI prints to stderr); by default, nothing.
+Progress = Callable[[str], None]
+
+
+def quiet(_: str) -> None:
+    """The default progress sink: a library call prints nothing unless given a callable."""
 OUTPUTS_ENV = "GEMMA_MLX_OUTPUTS"
 
 

@@ -21,7 +21,17 @@ from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, adapter_conf
 from .checkpoints import detect_flavour
 from .config import LoraSettings, TrainSettings, to_dict
 from .errors import CheckpointError, OutputExistsError, TrainingError
-from .manifest import check_writable, now_iso, outputs_root, read_manifest, sha256_json, versions, write_json, write_manifest
+from .manifest import (
+    check_writable,
+    now_iso,
+    outputs_root,
+    quiet,
+    read_manifest,
+    sha256_json,
+    versions,
+    write_json,
+    write_manifest,
+)
 
 RESUME_FILE = "resume_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -53,9 +63,6 @@ class RunSetup:
     work: Path
     identity: dict = field(default_factory=dict)
 
-
-def _quiet(_: str) -> None:
-    pass
 
 
 def resolve_model_dir(model: str | Path) -> Path:
@@ -301,7 +308,7 @@ def train_model(
     """
     from .train_loop import run_training
 
-    say = progress or _quiet
+    say = progress or quiet
     setup = plan_run(model, data, out, lora, train, run_name)
     existing = read_manifest(setup.out)
     resumable = resume and (setup.work / RESUME_FILE).is_file()

@@ -74,14 +74,9 @@ def resolve_source(spec: str) -> Source:
     )
 
 
-def fetch(source: Source, revision: str | None = None) -> tuple[Path, str | None]:
-    """Local directory of a checkpoint and its hub commit (None for a local dir).
-
-    Downloads go through huggingface_hub: its cache, HF_TOKEN and HF_HUB_OFFLINE apply.
-    """
-    if source.local_path is not None:
-        return source.local_path, None
-    from huggingface_hub import snapshot_download
+@contextlib.contextmanager
+def _hub_errors(repo: str, revision: str | None):
+    """Turn huggingface_hub's exceptions into one paragraph that says what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -89,9 +84,8 @@ def fetch(source: Source, revision: str | None = None) -> tuple[Path, str | None
         RevisionNotFoundError,
     )
 
-    repo = source.hub_id
     try:
-        path = Path(snapshot_download(repo, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
+        yield
     except GatedRepoError:
         raise CheckpointError(
             f"{repo} is a gated model and this machine has no access to it. Accept Google's licence at "
@@ -113,7 +107,37 @@ def fetch(source: Source, revision: str | None = None) -> tuple[Path, str | None
             "Connect to the internet (and unset HF_HUB_OFFLINE) to download it once, or pass a local "
             "checkpoint directory instead."
         ) from None
+
+
+def fetch(source: Source, revision: str | None = None) -> tuple[Path, str | None]:
+    """Local directory of a checkpoint and its hub commit (None for a local dir).
+
+    Downloads go through huggingface_hub: its cache, HF_TOKEN and HF_HUB_OFFLINE apply.
+    """
+    if source.local_path is not None:
+        return source.local_path, None
+    import huggingface_hub
+
+    with _hub_errors(source.hub_id, revision):
+        path = Path(huggingface_hub.snapshot_download(source.hub_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
     return path, path.name if path.parent.name == "snapshots" else revision
+
+
+def check_reachable(source: Source, revision: str | None = None) -> dict:
+    """Fetch only config.json (cached, or a few KB) to learn early that a checkpoint can be had.
+
+    Gated, missing and offline-and-not-cached checkpoints fail here, before any long work.
+    Returns the checkpoint's config.
+    """
+    if source.local_path is not None:
+        return validate_checkpoint(source.local_path)
+    import huggingface_hub
+
+    with _hub_errors(source.hub_id, revision):
+        path = huggingface_hub.hf_hub_download(source.hub_id, "config.json", revision=revision)
+    config = json.loads(Path(path).read_text())
+    check_model_type(config, f"{source.hub_id} config.json")
+    return config
 
 
 def read_config(checkpoint: Path) -> dict:
@@ -129,10 +153,8 @@ def read_config(checkpoint: Path) -> dict:
         raise CheckpointError(f"{config_path}:{error.lineno}: config.json is not valid JSON ({error.msg}).") from None
 
 
-def validate_checkpoint(checkpoint: Path) -> dict:
-    """Check that a directory is a Gemma 3 text checkpoint we can convert; return its config."""
-    checkpoint = Path(checkpoint)
-    config = read_config(checkpoint)
+def check_model_type(config: dict, where: str) -> None:
+    """gemma-mlx trains Gemma 3 *text* models; say so clearly for anything else."""
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         hint = (
@@ -141,9 +163,16 @@ def validate_checkpoint(checkpoint: Path) -> dict:
             else ""
         )
         raise CheckpointError(
-            f"{checkpoint / 'config.json'}: model_type is {model_type!r}, but gemma-mlx works with Gemma 3 "
+            f"{where}: model_type is {model_type!r}, but gemma-mlx works with Gemma 3 "
             f"text checkpoints (model_type 'gemma3_text').{hint}"
         )
+
+
+def validate_checkpoint(checkpoint: Path) -> dict:
+    """Check that a directory is a Gemma 3 text checkpoint we can convert; return its config."""
+    checkpoint = Path(checkpoint)
+    config = read_config(checkpoint)
+    check_model_type(config, str(checkpoint / "config.json"))
     missing = []
     if not list(checkpoint.glob("*.safetensors")):
         missing.append("model weights (*.safetensors)")

@@ -104,7 +104,7 @@ def demo_config(progress: Progress = quiet) -> ExperimentConfig:
 
 
 def preflight(config: ExperimentConfig, progress: Progress = quiet) -> list[checkpoints.Source]:
-    """Check config values, checkpoint names, data and prompt files before anything slow starts."""
+    """Check config values, checkpoints, data, prompt files and resources before anything slow starts."""
     if not config.checkpoints:
         raise ConfigError("The config lists no checkpoints. Add at least one under 'checkpoints:'.")
     if config.quantize_bits not in (0, 4, 8):
@@ -126,13 +126,10 @@ def preflight(config: ExperimentConfig, progress: Progress = quiet) -> list[chec
         data.read_prompts(Path(prompt_file))
     if config.persona:
         data.load_persona(Path(config.persona))
-    check_resources(config, sources, progress)
+    # config.json only (a few KB, or the cache): gated, missing or offline checkpoints fail now
+    model_configs = [checkpoints.check_reachable(source) for source in sources]
+    check_resources(config, model_configs, progress)
     return sources
-
-
-# Parameter counts of the registry's models (DESIGN.md), for estimates before anything is downloaded.
-KNOWN_PARAMS = {"google/gemma-3-270m": 268e6, "google/gemma-3-270m-it": 268e6,
-                "google/gemma-3-1b-pt": 1.0e9, "google/gemma-3-1b-it": 1.0e9}
 
 
 def estimate_params(config: dict) -> float:
@@ -144,7 +141,7 @@ def estimate_params(config: dict) -> float:
     return config["vocab_size"] * hidden + layers * per_layer
 
 
-def check_resources(config: ExperimentConfig, sources, progress: Progress = quiet) -> dict:
+def check_resources(config: ExperimentConfig, model_configs: list[dict], progress: Progress = quiet) -> dict:
     """Estimate disk and memory for the chosen models and stop early when the machine cannot hold them."""
     import os
     import shutil
@@ -154,17 +151,11 @@ def check_resources(config: ExperimentConfig, sources, progress: Progress = quie
     bytes_per_param = {"float32": 4, "bfloat16": 2, "float16": 2}[config.dtype or default_dtype()]
     if config.quantize_bits:
         bytes_per_param = config.quantize_bits / 8 + 0.1
-    params = []
-    for source in sources:
-        if source.local_path is not None:
-            params.append(estimate_params(checkpoints.read_config(source.local_path)))
-        elif source.hub_id in KNOWN_PARAMS:
-            params.append(KNOWN_PARAMS[source.hub_id])
-    if not params:
-        return {}
+    params = [estimate_params(model_config) for model_config in model_configs]
     # converted + fused copies of each model on disk (the hub download lives in the HF cache)
     disk = sum(2 * p * bytes_per_param for p in params)
-    # training holds one model at a time: weights, plus gradients/activations headroom (~1.5x weights)
+    # training holds one model at a time: its weights plus headroom for activations, logits and the
+    # optimizer (a rough 1.5x the weights; `train` prints a finer estimate once the model is loaded)
     memory = max(params) * bytes_per_param * 2.5
     probe = outputs_root()
     while not probe.exists():

@@ -154,3 +154,35 @@ def test_shipped_config_is_the_default_and_loads():
     assert config.checkpoints == ["gemma-3-1b-pt", "gemma-3-1b-it"]
     assert Path(config.data).is_dir() and Path(config.persona).is_file()
     assert all(Path(p).is_file() for p in config.prompts)
+
+
+def test_offline_checkpoint_fails_before_any_work(tmp_path, isolated_outputs, monkeypatch):
+    """The second checkpoint is not cached: nothing is converted for the first one either."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    from gemma_mlx.tiny import write_tiny_checkpoint
+
+    local = write_tiny_checkpoint(tmp_path / "local-pt", "pt")
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"name: unreachable\ncheckpoints: [{local}, gemma-3-1b-it]\n")
+    result = run_cli(str(config))
+    assert result.exit_code == 1
+    assert "google/gemma-3-1b-it is not in the local Hugging Face cache" in result.output
+    assert not (isolated_outputs / "runs" / "unreachable").exists()
+
+
+def test_not_enough_disk_is_said_before_any_work(tmp_path, isolated_outputs, monkeypatch):
+    import shutil
+
+    from gemma_mlx.tiny import write_tiny_checkpoint
+
+    local = write_tiny_checkpoint(tmp_path / "local-pt", "pt")
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"name: nodisk\ncheckpoints: [{local}]\nlora:\n  num_layers: -1\n")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    result = run_cli(str(config))
+    assert result.exit_code == 1
+    assert "Not enough disk space" in result.output and "GB is free" in result.output
+    assert not (isolated_outputs / "runs" / "nodisk").exists()

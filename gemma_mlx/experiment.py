@@ -14,15 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 from . import checkpoints, compare, data, data_checks, fuse, train
-from .config import ExperimentConfig, apply_overrides, load_config, to_dict
+from .config import SHIPPED_DATA, ExperimentConfig, apply_overrides, load_config, to_dict
 from .errors import ConfigError, DataError, GemmaMlxError
 from .manifest import Progress, now_iso, outputs_root, quiet, read_manifest, sha256_json, versions, write_manifest
 
 STAGES = ("convert", "data", "train", "fuse", "compare")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = PROJECT_ROOT / "data" / "experiment.yaml"
-
-
+DEFAULT_CONFIG = SHIPPED_DATA / "experiment.yaml"
 
 
 @dataclass
@@ -70,11 +67,10 @@ def resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
     )
 
 
-def load_experiment(config_path: Path | None, overrides: dict | None = None) -> ExperimentConfig:
-    """The shipped config when none is given; paths resolved; CLI overrides applied last."""
+def load_experiment(config_path: Path | None) -> ExperimentConfig:
+    """An experiment YAML (the shipped one when none is given) with its relative paths resolved."""
     path = Path(config_path) if config_path else DEFAULT_CONFIG
-    config = resolve_paths(load_config(path), path.parent.resolve())
-    return apply_overrides(config, overrides or {})
+    return resolve_paths(load_config(path), path.parent.resolve())
 
 
 def demo_config(progress: Progress = quiet) -> ExperimentConfig:
@@ -294,8 +290,13 @@ def _overall(statuses: list[str]) -> str:
 
 
 def _previous_details(run_dir: Path) -> dict:
+    """Outputs of the stages that finished in an earlier run (what --only may reuse)."""
     manifest = read_manifest(run_dir) or {}
-    return {record["stage"]: record.get("details", {}) for record in manifest.get("stages", [])}
+    return {
+        record["stage"]: record.get("details", {})
+        for record in manifest.get("stages", [])
+        if record.get("status") in ("ran", "up-to-date", "skipped")
+    }
 
 
 def run_experiment(

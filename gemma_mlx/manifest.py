@@ -124,6 +124,10 @@ def atomic_output_dir(final: Path, force: bool = False) -> Iterator[Path]:
     so a half-written model is never left where a later stage would find it.
     """
     final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise OutputExistsError(
+            f"{final} is a file, and an output directory would replace it. Choose another output directory."
+        )
     if final.exists() and not force:
         raise OutputExistsError(
             f"{final} already exists and holds something different. "

@@ -270,3 +270,12 @@ def test_blas_preload_gives_the_same_results(tmp_path):
     if ctypes.util.find_library("openblas"):
         assert "OpenBLAS preloaded" in outputs["on"][1]
     np.testing.assert_allclose(outputs["on"][0], outputs["off"][0], rtol=1e-4, atol=1e-4)
+
+
+def test_force_never_replaces_a_file_with_an_output_dir(tiny_checkpoints, tmp_path):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("mine")
+    result = run_cli("convert", tiny_checkpoints["pt"], "--out", precious, "--force")
+    assert result.exit_code == 1
+    assert "is a file" in result.output
+    assert precious.read_text() == "mine"

@@ -19,7 +19,7 @@ def collect_prompts(prompts: list[str | Path]) -> list[tuple[str, str]]:
 
     An empty or unreadable file is an error rather than a silent zero-prompt comparison.
     """
-    from .data import read_prompt_lines
+    from .prompts import read_prompt_lines
 
     found: list[tuple[str, str]] = []
     for item in prompts:
@@ -107,7 +107,7 @@ def read_training_data(training_data: Path | None) -> tuple[dict | None, list[st
 def read_persona(persona: Path | None) -> dict:
     if persona is None:
         return {"path": None, "name": None, "description": None, "markers": [], "out_of_character": []}
-    from .data import load_persona
+    from .prompts import load_persona
 
     spec = load_persona(Path(persona))
     return {"path": str(persona), "name": spec.name, "description": spec.description,

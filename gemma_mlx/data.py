@@ -1,4 +1,4 @@
-"""Persona datasets: read mlx-lm's JSONL formats (and Hugging Face datasets), prompt sets, persona specs.
+"""Persona datasets: read mlx-lm's JSONL formats (and Hugging Face datasets), load and split them.
 
 Accepted record shapes are mlx-lm's: chat `{"messages": [...]}`, `{"prompt": ..., "completion": ...}`
 and `{"text": ...}`. Reading collects every problem with its `file:line`, so `gemma-mlx data check`
@@ -15,8 +15,6 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 from .errors import DataError
 from .manifest import sha256_file, sha256_tree
@@ -75,14 +73,6 @@ class Parsed:
     warnings: list[Problem] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     shapes: dict[str, int] = field(default_factory=dict)  # "chat" | "completion" | "text" -> count
-
-
-@dataclass
-class Persona:
-    name: str
-    description: str
-    markers: list[str]
-    out_of_character: list[str]
 
 
 # ---------------------------------------------------------------- records
@@ -438,112 +428,6 @@ def load_splits(path, seed: int = 0, valid_fraction: float = 0.1, test_fraction:
 
 
 # ---------------------------------------------------------------- prompts, persona, hashes
-
-
-def _prompt_from_record(record) -> str | None:
-    if isinstance(record, dict):
-        if isinstance(record.get("prompt"), str):
-            return record["prompt"]
-        messages = record.get("messages")
-        if isinstance(messages, list):
-            users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-            if users and isinstance(users[-1], str):
-                return users[-1]
-    return None
-
-
-def read_prompt_lines(path) -> list[tuple[str, str]]:
-    """(prompt, "file:line") pairs of a prompt file; see read_prompts."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Prompt file {path} does not exist. Give a .txt file (one prompt per line) or a .jsonl file.")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not valid UTF-8 (byte offset {error.start}); save the file as UTF-8.") from None
-    found = []
-    for number, line in enumerate(lines, 1):
-        stripped = line.strip()
-        if not stripped or (stripped.startswith("#") and not path.name.endswith(".jsonl")):
-            continue
-        where = f"{path}:{number}"
-        if path.name.endswith(".jsonl"):
-            try:
-                prompt = _prompt_from_record(json.loads(stripped))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}).") from None
-            if not prompt or not prompt.strip():
-                raise DataError(
-                    f"{where}: no prompt found; each line needs a non-empty \"prompt\" string or "
-                    "\"messages\" with a user message."
-                )
-            found.append((prompt, where))
-        else:
-            found.append((stripped, where))
-    if not found:
-        raise DataError(f"Prompt file {path} holds no prompts (blank lines and # comments are skipped).")
-    return found
-
-
-def read_prompts(path) -> list[str]:
-    """Prompts from a .txt file (one per line; blank and # lines skipped) or a .jsonl file ("prompt" or "messages")."""
-    return [prompt for prompt, _ in read_prompt_lines(path)]
-
-
-def _line_of(node, key: str) -> int:
-    if isinstance(node, yaml.MappingNode):
-        for k, _ in node.value:
-            if k.value == key:
-                return k.start_mark.line + 1
-    return 1
-
-
-def _string_list(value, where: str, key: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise DataError(f"{where}: '{key}' must be a list of non-empty strings, not {_short(value)}.")
-    return value
-
-
-def load_persona(path) -> Persona:
-    """A persona spec (YAML: name, description, markers, out_of_character); DataError names file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Persona file {path} does not exist. Give a YAML file with name, description and markers.")
-    text = path.read_text(encoding="utf-8")
-    try:
-        node, data = yaml.compose(text), yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        raise DataError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML ({getattr(error, 'problem', error)}).") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}:1: a persona must be a mapping with name, description, markers, out_of_character.")
-    known = ("name", "description", "markers", "out_of_character")
-    for key in data:
-        if key not in known:
-            raise DataError(f"{path}:{_line_of(node, key)}: unknown key '{key}'. Known keys: {', '.join(known)}.")
-    for key in ("name", "markers"):
-        if key not in data:
-            raise DataError(f"{path}:1: the persona has no '{key}'; add it.")
-    for key in ("name", "description"):
-        if key in data and not isinstance(data[key], str):
-            raise DataError(f"{path}:{_line_of(node, key)}: '{key}' must be a string, not {_short(data[key])}.")
-    return Persona(
-        name=data["name"],
-        description=data.get("description") or "",
-        markers=_string_list(data["markers"], f"{path}:{_line_of(node, 'markers')}", "markers"),
-        out_of_character=_string_list(data.get("out_of_character") or [], f"{path}:{_line_of(node, 'out_of_character')}",
-                                      "out_of_character"),
-    )
-
-
-def marker_pattern(marker: str) -> re.Pattern:
-    """A marker as a whole word or phrase, any case ("Mum" matches "mum," but not "mummy")."""
-    return re.compile(r"(?<!\w)" + re.escape(marker) + r"(?!\w)", re.IGNORECASE)
-
-
-def count_markers(text: str, markers: list[str]) -> dict[str, int]:
-    """How often each marker occurs in text."""
-    return {marker: len(marker_pattern(marker).findall(text)) for marker in markers}
 
 
 def data_hash(path) -> str:

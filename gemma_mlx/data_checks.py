@@ -19,17 +19,15 @@ from .data import (
     Example,
     Parsed,
     Problem,
-    count_markers,
     data_hash,
     load_examples,
-    load_persona,
     near_duplicate_pairs,
     normalise,
     parse_dataset,
-    read_prompt_lines,
     split_examples,
 )
 from .errors import DataError, OutputExistsError
+from .prompts import count_markers, load_persona, read_prompt_lines
 from .manifest import Progress, atomic_output_dir, now_iso, outputs_root, quiet, read_manifest, versions, write_manifest
 
 LOW_SPREAD_CV = 0.25  # reply words' coefficient of variation below this: "all alike"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import checkpoints, compare, data, data_checks, fuse, train
+from . import checkpoints, compare, data_checks, fuse, prompts, train
 from .config import SHIPPED_DATA, ExperimentConfig, apply_overrides, load_config, to_dict
 from .errors import ConfigError, DataError, GemmaMlxError
 from .manifest import Progress, now_iso, outputs_root, quiet, read_manifest, sha256_json, versions, write_manifest
@@ -119,9 +119,9 @@ def preflight(config: ExperimentConfig, progress: Progress = quiet) -> list[chec
     for problem in report.warnings:
         progress(f"data warning: {problem.where}: {problem.message}")
     for prompt_file in config.prompts:
-        data.read_prompts(Path(prompt_file))
+        prompts.read_prompts(Path(prompt_file))
     if config.persona:
-        data.load_persona(Path(config.persona))
+        prompts.load_persona(Path(config.persona))
     # config.json only (a few KB, or the cache): gated, missing or offline checkpoints fail now
     model_configs = [checkpoints.check_reachable(source) for source in sources]
     check_resources(config, model_configs, progress)

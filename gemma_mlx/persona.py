@@ -15,7 +15,8 @@ import unicodedata
 from collections import Counter
 from typing import Iterable
 
-from .data import NEAR_DUPLICATE_JACCARD, marker_pattern, similarity
+from .data import NEAR_DUPLICATE_JACCARD, similarity
+from .prompts import marker_pattern
 
 # Words: letters/digits with inner apostrophes ("don't", "Bingo's"); punctuation and emoji are not words.
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")

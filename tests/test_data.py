@@ -9,15 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from gemma_mlx.cli import cli
-from gemma_mlx.data import (
-    load_examples,
-    load_persona,
-    load_splits,
-    normalise,
-    read_prompts,
-)
+from gemma_mlx.data import load_examples, load_splits, normalise
 from gemma_mlx.data_checks import check_dataset, dataset_stats, split_dataset
 from gemma_mlx.errors import DataError, OutputExistsError
+from gemma_mlx.prompts import load_persona, read_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "data" / "bluey"

@@ -44,7 +44,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_MODEL_TYPES = ("gemma3_text",)
 
 
-
 @dataclass(frozen=True)
 class Source:
     """Where a checkpoint comes from: a hub repo id or a local directory."""

@@ -34,8 +34,6 @@ LOW_SPREAD_CV = 0.25  # reply words' coefficient of variation below this: "all a
 MIN_REPLIES_FOR_SPREAD = 5
 
 
-
-
 @dataclass
 class CheckReport:
     errors: list[Problem]

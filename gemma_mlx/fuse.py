@@ -49,7 +49,6 @@ HF_DTYPES = ("bfloat16", "float32")
 MODEL_TYPE = "gemma3_text"
 
 
-
 @dataclass
 class FuseResult:
     out_dir: Path

@@ -64,7 +64,6 @@ class RunSetup:
     identity: dict = field(default_factory=dict)
 
 
-
 def resolve_model_dir(model: str | Path) -> Path:
     """A converted model directory, given as a path or as a name under outputs/models/."""
     path = Path(model).expanduser()

@@ -97,12 +97,17 @@ def apply_turn_tokens(model, adapter_dir: Path) -> bool:
 
 
 def check_adapter_dir(adapter_dir: Path) -> Path:
+    """`adapter_dir` as a Path, or one clear paragraph when it holds no mlx-lm adapters."""
     adapter_dir = Path(adapter_dir)
+    where = "the directory `gemma-mlx train` wrote (outputs/runs/<run>/<model>/, or its last/ folder)"
+    if not adapter_dir.is_dir():
+        problem = "is a file, not a directory" if adapter_dir.exists() else "does not exist"
+        raise CheckpointError(f"Adapter directory {adapter_dir} {problem}. Give {where}.")
     missing = [name for name in (ADAPTERS_FILE, CONFIG_FILE) if not (adapter_dir / name).is_file()]
     if missing:
         raise CheckpointError(
-            f"{adapter_dir} is not an adapter directory: it has no {' or '.join(missing)}. "
-            "Point to a training run's output (outputs/runs/<run>/<model>/) or its last/ folder."
+            f"{adapter_dir} is not an adapter directory: it has no {' and no '.join(missing)}. "
+            f"Point to {where}, or train first."
         )
     return adapter_dir
 

@@ -39,17 +39,22 @@ def describe_settings(settings: GenerationSettings) -> str:
 
 def change_settings(settings: GenerationSettings, assignments: list[str]) -> GenerationSettings:
     """`key=value` words applied to a copy of settings; values are read as YAML scalars (0.7, 64, true)."""
+    known = [f.name for f in dataclasses.fields(GenerationSettings) if f.name != "samples"]
     overrides = {}
     for word in assignments:
         key, sep, value = word.partition("=")
         if not sep or not key or not value:
             raise GemmaMlxError(f"'{word}' is not key=value. Example: /settings temperature=0.7")
+        if key == "samples":
+            raise GemmaMlxError("chat writes one reply per turn; 'samples' applies to compare only.")
+        if key not in known:
+            raise GemmaMlxError(f"Unknown setting '{key}'. Settings: {', '.join(known)}.")
         try:
             overrides[key] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise GemmaMlxError(f"'{value}' is not a valid value for {key}.") from None
-    if "samples" in overrides:
-        raise GemmaMlxError("chat writes one reply per turn; 'samples' applies to compare only.")
+            overrides[key] = None
+        if overrides[key] is None:  # apply_overrides would skip it silently
+            raise GemmaMlxError(f"'{value}' is not a valid value for {key}.")
     changed = apply_overrides(settings, overrides)
     check_settings(changed)
     return changed

@@ -164,6 +164,8 @@ def fuse(adapter_dir, base, out, dequantize, export_hf, hf_dtype, force):
     """
     from .fuse import fuse_model
 
+    if hf_dtype and export_hf is None:
+        raise click.UsageError("--hf-dtype sets the dtype of the --export-hf checkpoint; add --export-hf DIR.")
     result = fuse_model(adapter_dir, out=out, base=base, dequantize=dequantize, export_hf=export_hf,
                         force=force, progress=echo_progress, hf_dtype=hf_dtype)
     click.echo(f"{result.status}\t{result.out_dir}")
@@ -278,7 +280,8 @@ def compare(models, prompt_files, prompt_texts, persona, training_data, judge, o
 
 @cli.command()
 @click.option("--model", required=True, help="Converted model directory (or its name under outputs/models/).")
-@click.option("--data", help="Dataset: a JSONL file or a directory (train/valid files, or split here). Default: the config's data.")
+@click.option("--data", help="Dataset: a JSONL file or a directory (its train/valid.jsonl as they are; other "
+              "data split 90/10 into train/valid here). Default: the config's data.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Experiment YAML; options below override it.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory. Default: outputs/runs/<run-name>/<model>/.")
 @click.option("--run-name", help="Run name for the default output directory. Default: the config's name.")
@@ -307,10 +310,11 @@ def compare(models, prompt_files, prompt_texts, persona, training_data, judge, o
 def train(model, data, config_path, out, run_name, resume, force, **options):
     """LoRA-fine-tune a converted model on a persona dataset, in epochs.
 
-    Every example trains every epoch, in length-bucketed batches; the loss counts reply tokens only.
-    The best adapters by validation loss go to the output directory (mlx-lm layout, so
+    Every example trains every epoch, in length-bucketed batches; by default the loss counts reply
+    tokens only. The best adapters by validation loss go to the output directory (mlx-lm layout, so
     `mlx_lm generate --adapter-path` works), the final ones to last/, with metrics.jsonl, summary.json,
     loss.svg and manifest.json. Ctrl-C saves a resumable state (exit code 130); --resume continues it.
+    Settings not given here come from --config, else the defaults (README's config table).
     """
     from .train import train_with_config
 

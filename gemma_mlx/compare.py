@@ -8,6 +8,7 @@ grades every reply 1-5 against a fixed rubric.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import gc
 import json
@@ -17,15 +18,15 @@ from pathlib import Path
 
 from . import persona as scoring
 from .compare_inputs import (
-    model_identity,
-    read_persona,
-    spec_paths,
-    read_training_data,
     check_model_specs,
     collect_prompts,
     find_run_dir,
     manifest_summary,
+    model_identity,
     read_loss_curve,
+    read_persona,
+    read_training_data,
+    spec_paths,
 )
 from .config import GenerationSettings, to_dict
 from .errors import OutputExistsError
@@ -45,7 +46,6 @@ from .manifest import (
     write_manifest,
 )
 from .report import FORMAT, REPORT_FILES, write_reports
-
 
 MINING_NOTE = (
     "Mined markers are phrases of 2-3 words (not starting or ending with a common word) and names "
@@ -88,7 +88,7 @@ def run_model(spec: str, prompts: list[str], settings: GenerationSettings, posit
     peak_gb = mx.get_peak_memory() / 1e9
     tokens = sum(r.tokens for r in replies)
     manifest = loaded.manifest
-    adapter_path = Path(loaded.adapter_path) if loaded.adapter_path else None
+    adapter_path = loaded.adapter_path
     stage = "base+adapters" if adapter_path else (manifest or {}).get("stage")
     run_dir = find_run_dir(manifest, adapter_path)
     entry = {
@@ -200,6 +200,8 @@ def _check_out(out: Path, inputs: dict, force: bool) -> dict | None:
     """The existing results when `out` already holds this comparison; refuse to clobber non-reports."""
     if not out.exists():
         return None
+    if not out.is_dir():  # refuse now, not after every model has generated
+        raise OutputExistsError(f"{out} is a file, and the report directory would replace it. Choose another --out.")
     manifest = read_manifest(out) or {}
     if manifest.get("stage") == "compare" and manifest.get("inputs") == inputs:  # same inputs: a no-op, force or not
         try:
@@ -233,7 +235,7 @@ def _results(settings, prompt_pairs, persona_info, mined, training, overlaps, ju
         "overlaps": overlaps,
         "warnings": [],
         "judge": {"model": judge, "rubric": JUDGE_RUBRIC, "template": JUDGE_TEMPLATE,
-                  "settings": to_dict(JUDGE_SETTINGS)} if judge else None,
+                  "settings": to_dict(dataclasses.replace(JUDGE_SETTINGS, seed=settings.seed))} if judge else None,
         "models": [{"name": e["name"], **{k: v for k, v in e.items() if k not in ("name", "loaded_name")}}
                    for e in entries],
         "seconds": 0.0,
@@ -272,8 +274,8 @@ def compare_models(
 
     models: converted or fused model dirs, or "BASE_DIR::ADAPTER_DIR". prompts: prompt files (Path)
     and/or prompt texts (str); repeats are dropped, first kept. An existing comparison report at
-    `out` is a no-op when made from the same inputs and is replaced otherwise; any other existing
-    directory is refused unless force.
+    `out` made from the same inputs is a no-op (status "up-to-date"); a different report, or any
+    other non-empty directory, is refused unless force, and then replaced in one rename.
     """
     progress = progress or quiet
     started = time.perf_counter()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from . import persona as scoring
 from .errors import CheckpointError, DataError
-from .manifest import outputs_root, read_manifest, sha256_json
+from .generate import ADAPTER_SEPARATOR, model_dir_path, resolve_model_dir
+from .manifest import read_manifest, sha256_json
 
 
 def collect_prompts(prompts: list[str | Path]) -> list[tuple[str, str]]:
@@ -48,28 +49,29 @@ def collect_prompts(prompts: list[str | Path]) -> list[tuple[str, str]]:
 
 
 def spec_paths(spec: str) -> list[Path]:
-    """The directories a model spec names; a bare name may mean outputs/models/<name>, as in generate."""
-    paths = []
-    for part in str(spec).split("::"):
-        path = Path(part).expanduser()
-        if not path.exists() and len(path.parts) == 1 and (outputs_root() / "models" / path.name).is_dir():
-            path = outputs_root() / "models" / path.name
-        paths.append(path)
-    return paths
+    """The directories a model spec names (the model, then its adapters if any), read as load_model reads them."""
+    model, separator, adapters = str(spec).partition(ADAPTER_SEPARATOR)
+    return [model_dir_path(model)] + ([Path(adapters).expanduser()] if separator else [])
 
 
 def check_model_specs(models: list[str]) -> None:
-    """Fail before any model loads when a model directory is missing or named twice."""
+    """Fail before any model loads when a model or adapter directory is missing, incomplete or named twice."""
+    from .adapters import check_adapter_dir
+
     if not models:
         raise CheckpointError("No models to compare. Give one or more model directories (or BASE::ADAPTERS).")
     for spec in models:
-        for path in spec_paths(spec):
+        paths = spec_paths(spec)
+        for path in paths:
             if not path.is_dir():
                 what = "does not exist" if not path.exists() else "is not a directory"
                 raise CheckpointError(
                     f"Model {path} {what}. Give a converted or fused model directory (gemma-mlx convert / fuse), "
                     "or BASE_DIR::ADAPTER_DIR for a base model with LoRA adapters."
                 )
+        resolve_model_dir(paths[0])  # config, weights and tokenizer are there
+        if len(paths) > 1:
+            check_adapter_dir(paths[1])
     seen = set()
     for spec in models:
         key = tuple(p.resolve() for p in spec_paths(spec))
@@ -131,16 +133,12 @@ def read_loss_curve(metrics_file: Path) -> dict | None:
 
 
 def find_run_dir(manifest: dict | None, adapter_path: Path | None) -> Path | None:
-    """The training run a model came from: its adapters dir (or the fused model's recorded one)."""
+    """The training run a model came from: its adapters dir, or the one a fused model's manifest records."""
     candidates = []
     if adapter_path:
         candidates.append(Path(adapter_path))
     if manifest and manifest.get("adapters"):
         candidates.append(Path(manifest["adapters"]))
-    train_manifest = (manifest or {}).get("train_manifest") or {}
-    for key in ("out_dir", "adapter_dir", "run_dir"):
-        if isinstance(train_manifest.get(key), str):
-            candidates.append(Path(train_manifest[key]))
     for directory in candidates:
         for run_dir in (directory, directory.parent):  # adapters may be the run's last/ checkpoint
             if (run_dir / "metrics.jsonl").is_file():

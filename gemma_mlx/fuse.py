@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, apply_turn_tokens, check_adapter_dir
 from .chat_format import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
 from .checkpoints import make_gemma_correct
 from .errors import CheckpointError, GemmaMlxError, OutputExistsError
@@ -34,8 +35,9 @@ from .manifest import (
     versions,
     write_manifest,
 )
+from .train import refuse_to_replace_inputs
 
-ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json", "turn_tokens.safetensors")
+ADAPTER_FILES = (ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
@@ -64,7 +66,8 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise GemmaMlxError(f"{path}:{error.lineno}: {what} is not valid JSON ({error.msg}). Re-run training, or fix the file.") from None
+        raise GemmaMlxError(f"{path}:{error.lineno}: {what} is not valid JSON ({error.msg}). Fix the file, or re-create it "
+                            "with the stage that wrote it (convert, train or fuse).") from None
 
 
 def train_manifest_of(adapter_dir: Path) -> dict | None:
@@ -76,28 +79,16 @@ def train_manifest_of(adapter_dir: Path) -> dict | None:
     return None
 
 
-def check_adapter_dir(adapter_dir: Path) -> dict:
+def read_adapter_config(adapter_dir: Path) -> dict:
     """Fail with one clear paragraph unless `adapter_dir` holds mlx-lm adapters; return their config."""
-    if not adapter_dir.is_dir():
-        raise GemmaMlxError(
-            f"Adapter directory {adapter_dir} does not exist. Give the run directory that `gemma-mlx train` "
-            "wrote (outputs/runs/<run>/<model>/, holding adapters.safetensors and adapter_config.json)."
-        )
-    missing = [name for name in ADAPTER_FILES[:2] if not (adapter_dir / name).is_file()]
-    if missing:
-        raise GemmaMlxError(
-            f"{adapter_dir} has no {' and no '.join(missing)}, so there are no adapters to fuse. Point to the "
-            "directory that `gemma-mlx train` wrote (or its last/ subdirectory), or train first."
-        )
-    config = _read_json(adapter_dir / "adapter_config.json", "adapter_config.json")
+    path = check_adapter_dir(adapter_dir) / CONFIG_FILE
+    config = _read_json(path, CONFIG_FILE)
     fine_tune_type = config.get("fine_tune_type", "lora")
     if fine_tune_type not in ("lora", "dora", "full"):
-        raise GemmaMlxError(
-            f"{adapter_dir / 'adapter_config.json'}: fine_tune_type is {fine_tune_type!r}; fuse knows lora, dora and full."
-        )
+        raise GemmaMlxError(f"{path}: fine_tune_type is {fine_tune_type!r}; fuse knows lora, dora and full.")
     if fine_tune_type != "full" and not isinstance(config.get("lora_parameters"), dict):
         raise GemmaMlxError(
-            f"{adapter_dir / 'adapter_config.json'} has no lora_parameters (rank, scale, dropout), so the adapters "
+            f"{path} has no lora_parameters (rank, scale, dropout), so the adapters "
             "cannot be rebuilt. It is not an mlx-lm adapter config; re-run training to write a complete one."
         )
     return config
@@ -189,13 +180,6 @@ def _merge_lora(model, dequantize: bool) -> int:
     return len(fused)
 
 
-def bake_turn_tokens(model, adapter_dir: Path) -> bool:
-    """Write the trained turn-token rows into the (tied) embedding; quantized embeddings are handled there."""
-    from .adapters import apply_turn_tokens
-
-    return apply_turn_tokens(model, adapter_dir)
-
-
 def _save_fused(tmp: Path, base: Path, model, tokenizer, config: dict) -> None:
     from mlx_lm.utils import save
 
@@ -222,13 +206,17 @@ def fuse_model(
     """
     progress = progress or quiet
     adapter_dir = Path(adapter_dir).expanduser().resolve()
-    adapter_config = check_adapter_dir(adapter_dir)
+    adapter_config = read_adapter_config(adapter_dir)
     train_manifest = train_manifest_of(adapter_dir)
     base = resolve_base(adapter_dir, base, train_manifest, adapter_config)
     base_config = check_base_matches(base, adapter_dir, train_manifest)
     if hf_dtype is not None and hf_dtype not in HF_DTYPES:
         raise GemmaMlxError(f"Unknown export dtype {hf_dtype!r}. Choose one of: {', '.join(HF_DTYPES)}.")
     out = Path(out).expanduser() if out else adapter_dir / "fused"
+    inputs_of = {"the adapters": adapter_dir, "the base model": base}
+    refuse_to_replace_inputs(out, inputs_of)
+    if export_hf is not None:
+        refuse_to_replace_inputs(export_hf, {**inputs_of, "the fused model": out})
     inputs = fuse_inputs(adapter_dir, base, dequantize)
 
     existing = read_manifest(out)
@@ -236,6 +224,8 @@ def fuse_model(
         progress(f"{out}: already fused from the same adapters and base, nothing to do")
         result = FuseResult(out, "up-to-date", existing)
     else:
+        if out.exists() and not out.is_dir():
+            raise OutputExistsError(f"{out} is a file, and the fused model would replace it. Choose another --out.")
         if out.exists() and not force:
             raise OutputExistsError(
                 f"{out} already exists and holds a different model (other adapters, base or settings). "
@@ -261,14 +251,14 @@ def _fuse(adapter_dir, adapter_config, base, base_config, out, inputs, train_man
         model = dequantize_model(model)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
-    turn_tokens = bake_turn_tokens(model, adapter_dir)
+    turn_tokens = apply_turn_tokens(model, adapter_dir)  # into the (tied) embedding; quantized ones too
     mx.eval(model.parameters())
     base_manifest = read_manifest(base) or {}
     with atomic_output_dir(out, force=True) as tmp:
         _save_fused(tmp, base, model, tokenizer, config)
         manifest = {
             "stage": "fuse",
-            "name": _fused_name(adapter_dir, base, base_manifest, train_manifest),
+            "name": _fused_name(adapter_dir, base, base_manifest),
             "base_model": str(base),
             "adapters": str(adapter_dir),
             "flavour": base_manifest.get("flavour") or (train_manifest or {}).get("flavour"),
@@ -294,10 +284,10 @@ def _fuse(adapter_dir, adapter_config, base, base_config, out, inputs, train_man
     return FuseResult(out, "fused", manifest)
 
 
-def _fused_name(adapter_dir: Path, base: Path, base_manifest: dict, train_manifest: dict | None) -> str:
-    """A short display name for reports: '<base name>+<run name>'."""
+def _fused_name(adapter_dir: Path, base: Path, base_manifest: dict) -> str:
+    """A short display name for reports: '<base name>+<run name>' (the run dir's parent, as train lays it out)."""
     run_dir = adapter_dir.parent if adapter_dir.name == "last" else adapter_dir
-    run = (train_manifest or {}).get("run_name") or run_dir.parent.name
+    run = run_dir.parent.name
     if adapter_dir.name == "last":
         run += "/last"
     return f"{base_manifest.get('name') or base.name}+{run}"
@@ -350,6 +340,7 @@ def export_hf_model(
     model_dir, out = Path(model_dir), Path(out).expanduser()
     if dtype is not None and dtype not in HF_DTYPES:
         raise GemmaMlxError(f"Unknown export dtype {dtype!r}. Choose one of: {', '.join(HF_DTYPES)}.")
+    refuse_to_replace_inputs(out, {"the model it exports": model_dir})
     source = read_manifest(model_dir) or {}
     source_id = source.get("inputs_sha256") or sha256_tree(model_dir)
     existing = read_manifest(out)
@@ -368,15 +359,15 @@ def export_hf_model(
     progress(f"exporting {model_dir} as Hugging Face {dtype} safetensors -> {out}")
     with atomic_output_dir(out, force=True) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
-        tied = "lm_head.weight" not in weights
-        (tmp / "config.json").write_text(json.dumps(hf_config(config, dtype, tied), indent=2) + "\n")
+        hf = hf_config(config, dtype, tied="lm_head.weight" not in weights)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copy(model_dir / name, tmp / name)
         generation = _read_json(model_dir / "generation_config.json", "generation_config.json") if (
             model_dir / "generation_config.json"
         ).is_file() else {}
-        generation.update(bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=hf_config(config, dtype, tied)["eos_token_id"])
+        generation.update(bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=hf["eos_token_id"])
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         write_manifest(tmp, {
             "stage": "export-hf",

@@ -64,11 +64,20 @@ class Reply:
         return self.finish_reason == "length"
 
 
-def _resolve_model_dir(spec: str | Path) -> Path:
-    """A model dir from a path, or a short name converted earlier (outputs/models/<name>)."""
+def model_dir_path(spec: str | Path) -> Path:
+    """The path a model spec names: a path as given, or a bare name converted earlier (outputs/models/<name>).
+
+    Only resolves; resolve_model_dir also checks that a model is there.
+    """
     path = Path(spec).expanduser()
     if not path.exists() and len(path.parts) == 1 and (outputs_root() / "models" / path.name).is_dir():
         path = outputs_root() / "models" / path.name
+    return path
+
+
+def resolve_model_dir(spec: str | Path) -> Path:
+    """A model dir that mlx-lm can load (config, weights, tokenizer), or a CheckpointError saying what is missing."""
+    path = model_dir_path(spec)
     if not path.exists():
         raise CheckpointError(
             f"Model directory {spec} does not exist. Give a converted model dir (`gemma-mlx convert NAME` "
@@ -113,7 +122,7 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None) -> Load
                 f"{spec_text} already names adapters after '{ADAPTER_SEPARATOR}'; do not also pass an adapter path."
             )
         spec_text, adapter_path = spec_text.split(ADAPTER_SEPARATOR, 1)
-    model_dir = _resolve_model_dir(spec_text)
+    model_dir = resolve_model_dir(spec_text)
     adapter_dir = check_adapter_dir(Path(adapter_path).expanduser()) if adapter_path is not None else None
     try:
         if adapter_dir is None:

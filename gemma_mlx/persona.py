@@ -15,7 +15,7 @@ import unicodedata
 from collections import Counter
 from typing import Iterable
 
-from .data import NEAR_DUPLICATE_JACCARD, similarity
+from .data import NEAR_DUPLICATE_JACCARD, near_duplicate_pairs
 from .prompts import marker_pattern
 
 # Words: letters/digits with inner apostrophes ("don't", "Bingo's"); punctuation and emoji are not words.
@@ -38,17 +38,18 @@ STOPWORDS = frozenset(
 )
 
 
-def _fold(text: str) -> str:
+def fold_apostrophes(text: str) -> str:
+    """Curly apostrophes as straight ones, one character for one (so match offsets still fit the text)."""
     return text.translate(_APOSTROPHES)
 
 
 def words(text: str) -> list[str]:
     """The words of a reply, lowercased, curly apostrophes folded to straight ones."""
-    return [w.lower() for w in _WORD.findall(_fold(text))]
+    return [w.lower() for w in _WORD.findall(fold_apostrophes(text))]
 
 
 def word_count(text: str) -> int:
-    return len(_WORD.findall(_fold(text)))
+    return len(_WORD.findall(fold_apostrophes(text)))
 
 
 def _is_trailing_decoration(char: str) -> bool:
@@ -79,8 +80,8 @@ def find_phrases(text: str, phrases: Iterable[str]) -> list[str]:
     Whole words or phrases in any case, as `gemma-mlx data stats` counts them ("Mum" is not in
     "minimum"); curly apostrophes count as straight ones.
     """
-    folded = _fold(text)
-    return [p for p in phrases if p.strip() and marker_pattern(_fold(p.strip())).search(folded)]
+    folded = fold_apostrophes(text)
+    return [p for p in phrases if p.strip() and marker_pattern(fold_apostrophes(p.strip())).search(folded)]
 
 
 def marker_rate(texts: list[str], markers: list[str]) -> float | None:
@@ -129,13 +130,17 @@ def find_overlaps(prompts: list[str], training_prompts: list[tuple[str, str]],
     A model answering a prompt it was trained on is recalling, not generalising, so the report
     flags those numbers as not held out.
     """
-    found = []
-    for index, prompt in enumerate(prompts):
-        best = max(((similarity(prompt, t), t, s) for t, s in training_prompts), default=None)
-        if best and best[0] >= threshold:
-            found.append({"prompt_index": index, "prompt": prompt, "training_prompt": best[1],
-                          "training_source": best[2], "similarity": round(best[0], 3)})
-    return found
+    # data check's pair search (each text normalised once, pairs pruned by size), keeping the
+    # closest (first, on a tie) training prompt for each compare prompt
+    n = len(training_prompts)
+    best: dict[int, tuple[float, int]] = {}
+    texts = [t for t, _ in training_prompts] + list(prompts)
+    for i, j, score in near_duplicate_pairs(texts, threshold):
+        if i < n <= j and score > best.get(j - n, (-1.0, 0))[0]:
+            best[j - n] = (score, i)
+    return [{"prompt_index": index, "prompt": prompts[index], "training_prompt": training_prompts[i][0],
+             "training_source": training_prompts[i][1], "similarity": score}
+            for index, (score, i) in sorted(best.items())]
 
 
 def _contains(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
@@ -150,7 +155,7 @@ def _candidate_grams(text: str, max_n: int) -> set[tuple[str, ...]]:
     tokens = words(text)
     grams = {g for n in range(2, max_n + 1) for g in _ngrams(tokens, n)
              if g[0] not in STOPWORDS and g[-1] not in STOPWORDS}
-    grams.update((name.lower(),) for name in _NAME.findall(_fold(text)) if name.lower() not in STOPWORDS)
+    grams.update((name.lower(),) for name in _NAME.findall(fold_apostrophes(text)) if name.lower() not in STOPWORDS)
     return grams
 
 

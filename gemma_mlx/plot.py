@@ -22,7 +22,8 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
     if not points:
         points = [(0.0, 0.0), (1.0, 1.0)]
     xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x_low, x_high = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    x_low = min(xs)
+    x_high = max(xs) if max(xs) > x_low else x_low + 1  # one point (or one epoch) still gets a width
     pad = (max(ys) - min(ys)) * 0.05 or 0.5
     y_low, y_high = min(ys) - pad, max(ys) + pad
     plot_w = WIDTH - MARGIN["left"] - MARGIN["right"]

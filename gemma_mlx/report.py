@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 from .manifest import write_json
+from .persona import fold_apostrophes
 from .plot import line_chart
 
 FORMAT = "gemma-mlx-compare/1"
@@ -200,10 +201,13 @@ def reply_tags(reply: dict) -> list[str]:
     return tags
 
 
+def _words(reply: dict) -> str:
+    return "1 word" if reply["words"] == 1 else f"{reply['words']} words"
+
+
 def _reply_heading(model: dict, reply: dict, samples: int) -> str:
     sample = f", sample {reply['sample_index'] + 1}" if samples > 1 else ""
-    words = "1 word" if reply["words"] == 1 else f"{reply['words']} words"
-    return " ".join([f"{model['name']}{sample} ({words})", *reply_tags(reply)])
+    return " ".join([f"{model['name']}{sample} ({_words(reply)})", *reply_tags(reply)])
 
 
 def _replies_for(results: dict, prompt_index: int):
@@ -274,7 +278,8 @@ def render_markdown(results: dict) -> str:
     for prompt in results["prompts"]:
         out += ["", f"## {prompt['index'] + 1}. {_md_cell(prompt['text'])}"]
         for model, reply in _replies_for(results, prompt["index"]):
-            fence = "````" if "```" in reply["text"] else "```"
+            # a fence longer than any backtick run in the reply, so model text cannot close it early
+            fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", reply["text"])), default=0))
             out += ["", f"**{_reply_heading(model, reply, results['samples'])}**", "",
                     fence + "text", reply["text"].strip() or "(empty reply)", fence]
     return "\n".join(out) + "\n"
@@ -290,13 +295,14 @@ def loss_svg(curve: dict, title: str) -> str:
 
 
 def highlight(text: str, phrases: list[str]) -> str:
-    """HTML-escaped text with the given phrases wrapped in <mark> (matching is case-insensitive)."""
-    phrases = sorted({p for p in phrases if p.strip()}, key=len, reverse=True)
+    """HTML-escaped text with the given phrases wrapped in <mark>, matched as the scorecard counts them
+    (persona.find_phrases: whole words, any case, curly apostrophes as straight ones)."""
+    phrases = sorted({fold_apostrophes(p.strip()) for p in phrases if p.strip()}, key=len, reverse=True)
     if not phrases:
         return html.escape(text)
     pattern = re.compile("|".join(rf"(?<!\w){re.escape(p)}(?!\w)" for p in phrases), re.IGNORECASE)
     pieces, last = [], 0
-    for match in pattern.finditer(text.replace("\u2019", "'")):
+    for match in pattern.finditer(fold_apostrophes(text)):
         pieces += [html.escape(text[last:match.start()]), f"<mark>{html.escape(text[match.start():match.end()])}</mark>"]
         last = match.end()
     pieces.append(html.escape(text[last:]))
@@ -309,7 +315,7 @@ padding:0 16px;color:#222}
 h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 .meta{color:#555}.warn{background:#fff4e0;border-left:4px solid #f0a020;padding:6px 10px;margin:6px 0}
 table{border-collapse:collapse;margin:6px 0}th,td{border:1px solid #ddd;padding:5px 8px;vertical-align:top}
-th{background:#f3f3f3;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f3f3f3;text-align:left;white-space:nowrap}table.grid th{white-space:normal}td.n{text-align:right;font-variant-numeric:tabular-nums}
 table.grid{table-layout:fixed;width:100%}table.grid td{white-space:pre-wrap;word-wrap:break-word}
 table.grid th.p{width:16%}.tags{display:block;margin-top:6px;font-size:12px;white-space:normal}
 .tag{display:inline-block;border-radius:3px;padding:0 5px;margin:2px 3px 0 0;background:#eee;color:#333}
@@ -324,7 +330,9 @@ code{background:#f3f3f3;padding:0 3px}.note{font-size:13px;color:#555;max-width:
 def _tag_html(tag: str) -> str:
     kind = ("cut" if tag.startswith("[cut") else "stop" if tag.startswith("[stopped")
             else "mid" if tag.startswith("[ends") else "ooc" if tag.startswith("[out") else "")
-    return f'<span class="tag {kind}">{html.escape(tag.strip("[]"))}</span>'
+    if tag.startswith("[") and tag.endswith("]"):  # one bracket each side: "[stopped by [multimodal]]" keeps its own
+        tag = tag[1:-1]
+    return f'<span class="tag {kind}">{html.escape(tag)}</span>'
 
 
 def render_html(results: dict) -> str:
@@ -341,7 +349,7 @@ def render_html(results: dict) -> str:
     out.append("<h2>Models and settings</h2><table><tr><th>model</th><th>source</th><th>stage</th>"
                "<th>load s</th><th>generate s</th><th>tokens</th></tr>")
     for m in results["models"]:
-        out.append(f"<tr><td>{e(m['name'])}</td><td><code>{e(m['spec'])}</code></td><td>{e(str(m['stage']))}"
+        out.append(f"<tr><td>{e(m['name'])}</td><td><code>{e(m['spec'])}</code></td><td>{e(m['stage'] or 'no manifest')}"
                    f"{' (base)' if m['is_base'] else ''}</td><td class=n>{m['load_seconds']:.1f}</td>"
                    f"<td class=n>{m['generate_seconds']:.1f}</td><td class=n>{m['tokens']}</td></tr>")
     settings = results["settings"]
@@ -367,8 +375,8 @@ def render_html(results: dict) -> str:
             replies = [r for r in model["replies"] if r["prompt_index"] == prompt["index"]]
             parts = []
             for r in replies:
-                words = "1 word" if r["words"] == 1 else f"{r['words']} words"
-                tags = "".join(_tag_html(t) for t in [words, *reply_tags(r)])
+                sample = [f"sample {r['sample_index'] + 1}"] if results["samples"] > 1 else []
+                tags = "".join(_tag_html(t) for t in [*sample, _words(r), *reply_tags(r)])
                 body = highlight(r["text"].strip(), markers) or "<em>(empty reply)</em>"
                 parts.append(f'{body}<span class="tags">{tags}</span>')
             cells.append("<td>" + "<hr>".join(parts) + "</td>")

@@ -10,18 +10,18 @@ The loop itself lives in train_loop.py; this module sets a run up and writes its
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, adapter_config
+from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, adapter_config, save_adapters
 from .checkpoints import detect_flavour
 from .config import LoraSettings, TrainSettings, to_dict
 from .errors import CheckpointError, OutputExistsError, TrainingError
 from .manifest import (
+    Progress,
     check_writable,
     now_iso,
     outputs_root,
@@ -60,8 +60,12 @@ class RunSetup:
     lora: LoraSettings
     train: TrainSettings
     out: Path
-    work: Path
-    identity: dict = field(default_factory=dict)
+    identity: dict  # what must match for a re-run to be a no-op or a resume to continue
+
+    @property
+    def work(self) -> Path:
+        """Where the run lives until it finished (`<out>.partial`)."""
+        return self.out.with_name(self.out.name + ".partial")
 
 
 def resolve_model_dir(model: str | Path) -> Path:
@@ -112,6 +116,9 @@ def check_settings(lora: LoraSettings, train: TrainSettings) -> None:
         problems.append(f"train.optimizer is '{train.optimizer}'; use one of {', '.join(OPTIMIZERS)}")
     if train.max_seq_length < 8:
         problems.append(f"train.max_seq_length is {train.max_seq_length}; it must be at least 8")
+    for key in ("warmup_steps", "val_every_steps", "early_stopping_patience", "weight_decay"):
+        if getattr(train, key) < 0:
+            problems.append(f"train.{key} is {getattr(train, key)}; it must be 0 or more")
     if lora.rank < 1 and lora.fine_tune_type != "full":
         problems.append(f"lora.rank is {lora.rank}; it must be at least 1")
     if not 0 <= lora.dropout < 1:
@@ -136,19 +143,18 @@ def plan_run(model, data, out, lora, train, run_name) -> RunSetup:
     manifest = read_manifest(model_dir)
     flavour = model_flavour(model_dir, manifest)
     turn = want_turn_tokens(lora.train_turn_tokens, flavour)
-    out = Path(out) if out else outputs_root() / "runs" / run_name / model_dir.name
+    out = Path(out).expanduser() if out else outputs_root() / "runs" / run_name / model_dir.name
     data = Path(data)
-    setup = RunSetup(model_dir, manifest, flavour, turn, data, data_hash(data), lora, train, out,
-                     out.with_name(out.name + ".partial"))
-    setup.identity = {
+    data_sha256 = data_hash(data)
+    identity = {
         "base_model": str(model_dir),
         "base_id": _base_id(model_dir, manifest),
-        "data_sha256": setup.data_sha256,
+        "data_sha256": data_sha256,
         "lora": to_dict(lora),
         "train": to_dict(train),
         "turn_tokens": turn,
     }
-    return setup
+    return RunSetup(model_dir, manifest, flavour, turn, data, data_sha256, lora, train, out, identity)
 
 
 def _identity_diff(old: dict, new: dict) -> list[str]:
@@ -182,16 +188,41 @@ def read_resume_state(setup: RunSetup, force: bool, progress) -> dict | None:
     return state
 
 
+def refuse_to_replace_inputs(out: Path, inputs: dict[str, Path]) -> None:
+    """An output that would replace (or sit above) one of its own inputs is a mistake even with --force.
+
+    `inputs` maps a description ("the model it trains") to a path.
+    """
+    target = Path(out).expanduser().resolve()
+    for what, path in inputs.items():
+        path = Path(path).expanduser().resolve()
+        if path == target or target in path.parents:
+            where = "is" if path == target else f"holds ({path})"
+            raise OutputExistsError(
+                f"The output {out} {where} {what}; writing there would replace it. Choose another output directory."
+            )
+
+
 def prepare_work_dir(setup: RunSetup, resume: bool, force: bool, progress) -> dict | None:
     """Decide between refuse / resume / fresh start; return the resume state if resuming."""
+    inputs = {"the model it trains": setup.model_dir}
+    if setup.data.exists():  # not a hub dataset id
+        inputs["the training data"] = setup.data
+    refuse_to_replace_inputs(setup.out, inputs)
+    for path in (setup.out, setup.work):
+        if path.exists() and not path.is_dir():
+            raise OutputExistsError(f"{path} is a file, and a training run would replace it. Choose another --out or --run-name.")
     check_writable(setup.out.parent)
     if resume:
         state = read_resume_state(setup, force, progress)
         if state is not None:
             return state
     if setup.out.exists() and not force:
+        manifest = read_manifest(setup.out)
+        what = ("a finished training run with a different model, data or settings"
+                if manifest and manifest.get("stage") == "train" else "something that is not this training run")
         raise OutputExistsError(
-            f"{setup.out} already holds a finished training run with a different model, data or settings. "
+            f"{setup.out} already holds {what}. "
             "Re-run with --force to replace it, or choose another --out or --run-name."
         )
     if setup.work.exists():
@@ -234,8 +265,6 @@ def make_optimizer(train: TrainSettings, total_steps: int):
 
 
 def write_adapter_dir(directory: Path, setup: RunSetup, num_layers: int, weights: dict, turn) -> None:
-    from .adapters import save_adapters
-
     config = adapter_config(setup.lora, num_layers, setup.model_dir, turn is not None)
     save_adapters(directory, weights, config, turn)
 
@@ -292,23 +321,24 @@ def train_model(
     model: str | Path,
     data: str | Path,
     out: Path | None = None,
-    lora: LoraSettings = LoraSettings(),
-    train: TrainSettings = TrainSettings(),
+    lora: LoraSettings | None = None,
+    train: TrainSettings | None = None,
     run_name: str = "default",
     resume: bool = False,
     force: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Fine-tune `model` (a converted model dir or name) on `data`; see the module docstring.
 
     `callback(event)` is called after every step ({"kind": "step", ...}) and validation
     ({"kind": "valid", ...}); raising KeyboardInterrupt from it acts like Ctrl-C.
+    `lora` and `train` default to the config defaults (LoraSettings(), TrainSettings()).
     """
     from .train_loop import run_training
 
     say = progress or quiet
-    setup = plan_run(model, data, out, lora, train, run_name)
+    setup = plan_run(model, data, out, lora or LoraSettings(), train or TrainSettings(), run_name)
     existing = read_manifest(setup.out)
     resumable = resume and (setup.work / RESUME_FILE).is_file()
     if not resumable and existing and existing.get("stage") == "train" and existing.get("identity") == sha256_json(setup.identity):
@@ -322,8 +352,11 @@ def train_model(
     summary["finished"] = now_iso()
     summary["run_seconds"] = round(time.time() - started, 2)
     finish_run(setup, summary)
-    say(f"done: best validation loss {_fmt(summary.get('best_val_loss'))} at epoch {summary.get('best_epoch')}; "
-             f"adapters in {setup.out}")
+    if summary.get("best_val_loss") is None:
+        say(f"done: no validation examples, so the final adapters are kept; adapters in {setup.out}")
+    else:
+        say(f"done: best validation loss {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}; "
+            f"adapters in {setup.out}")
     return TrainResult(setup.out, summary, status)
 
 
@@ -336,7 +369,7 @@ def train_with_config(
     run_name: str | None = None,
     resume: bool = False,
     force: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> TrainResult:
     """`gemma-mlx train`: settings from an experiment YAML (or defaults), dotted-key overrides on top.
 
@@ -347,7 +380,3 @@ def train_with_config(
     config = apply_overrides(load_config(config_path), overrides or {})
     return train_model(model, data or config.data, out=out, lora=config.lora, train=config.train,
                        run_name=run_name or config.name, resume=resume, force=force, progress=progress)
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"

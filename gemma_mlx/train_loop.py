@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -19,8 +20,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import batching, tuning
+from .adapters import ADAPTERS_FILE, read_turn_tokens
 from .errors import CheckpointError, TrainingError
-from .manifest import write_json
+from .manifest import quiet, write_json
 from .train import METRICS_FILE, OPTIMIZER_FILE, RESUME_FILE, RunSetup, copy_adapter_files, make_optimizer, write_adapter_dir
 
 LAST_DIR = "last"
@@ -37,7 +39,7 @@ class Position:
     epoch: int = 0  # index of the current epoch (0-based)
     step_in_epoch: int = 0  # batches of this epoch already trained
     step: int = 0  # steps trained in total
-    trained_tokens: int = 0
+    trained_tokens: int = 0  # real (unpadded) input tokens of the trained batches, not only the loss positions
     examples_seen: int = 0
     train_seconds: float = 0.0
     first_loss: float | None = None
@@ -60,7 +62,7 @@ class Reporter:
         self.width = 0
 
     def message(self, text: str) -> None:
-        self._end_line()
+        self.end_line()
         self.progress(text)
 
     def status(self, text: str, report: bool) -> None:
@@ -71,7 +73,7 @@ class Reporter:
         elif report:
             self.progress(text)
 
-    def _end_line(self) -> None:
+    def end_line(self) -> None:
         if self.live and self.width:
             sys.stderr.write("\n")
             self.width = 0
@@ -127,7 +129,7 @@ class Run:
 
     def __init__(self, setup: RunSetup, resume_state: dict | None, progress, callback):
         self.setup, self.callback = setup, callback
-        self.reporter = Reporter(progress or (lambda _: None), live=False if progress is None else None)
+        self.reporter = Reporter(progress or quiet, live=False if progress is None else None)
         self.say = self.reporter.message
         from .data import load_splits
 
@@ -138,7 +140,8 @@ class Run:
         self.train_seqs = tokenize_split(tokenizer, splits.train, setup, self.say)
         self.valid_seqs = tokenize_split(tokenizer, splits.valid, setup, self.say)
         if not self.train_seqs:
-            raise TrainingError(f"None of the training examples in {setup.data} has reply tokens to learn from.")
+            raise TrainingError(f"None of the training examples in {setup.data} has reply tokens to learn from "
+                                f"within train.max_seq_length ({setup.train.max_seq_length} tokens). Raise it, or check the data.")
         mx.random.seed(setup.train.seed)  # LoRA initialisation
         self.trainee = tuning.prepare(lm, setup.lora, setup.turn_tokens, setup.train.grad_checkpoint)
         self.num_layers = tuning.resolve_num_layers(setup.lora, lm)
@@ -174,11 +177,11 @@ class Run:
 
     def _restore(self, state: dict) -> None:
         work = self.setup.work
-        saved = mx.load(str(work / LAST_DIR / "adapters.safetensors"))
+        saved = mx.load(str(work / LAST_DIR / ADAPTERS_FILE))
         weights = [(f"lm.{k}", v) for k, v in saved.items()]
-        turn = work / LAST_DIR / "turn_tokens.safetensors"
-        if turn.is_file():
-            weights.append(("turn_rows", mx.load(str(turn))["rows"]))
+        turn = read_turn_tokens(work / LAST_DIR)
+        if turn is not None:
+            weights.append(("turn_rows", turn[1]))
         try:
             self.trainee.load_weights(weights, strict=False)
         except ValueError as error:
@@ -188,9 +191,9 @@ class Run:
         # drop reports made after the saved state (e.g. a validation that Ctrl-C cut short)
         metrics = work / METRICS_FILE
         if metrics.is_file():
-            kept = [line for line in metrics.read_text().splitlines() if line.strip()
-                    and json.loads(line)["step"] <= (p.step if json.loads(line)["split"] == "train" else p.validated_step)]
-            metrics.write_text("".join(line + "\n" for line in kept))
+            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            kept = [r for r in records if r["step"] <= (p.step if r["split"] == "train" else p.validated_step)]
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.say(f"resuming at epoch {self.position.epoch + 1}, step {self.position.step}/{self.total_steps}")
 
     def _commit(self) -> None:
@@ -232,14 +235,16 @@ class Run:
         backward = len(self.trainee.lm.layers) if s.turn_tokens else self.num_layers
         longest = max(self.lengths)
         max_trained = max(sum(self.train_seqs[i].trained_tokens for i in b) for b in plan)
-        estimate = tuning.estimate_memory(self.trainee, train.batch_size, longest, max_trained, backward)
+        estimate = tuning.estimate_memory(self.trainee, train.batch_size, longest, max_trained, backward,
+                                          train.grad_checkpoint)
         machine = tuning.machine_memory()
         have = f" of {machine / 1e9:.1f} GB" if machine else ""
         self.say(f"memory estimate: {estimate['total'] / 1e9:.2f} GB{have} (weights {estimate['weights'] / 1e9:.2f}, "
                  f"activations {estimate['activations'] / 1e9:.2f}, logits {estimate['logits'] / 1e9:.2f})")
         if machine and estimate["total"] > machine:
             self.say(f"warning: this run may need more memory ({estimate['total'] / 1e9:.1f} GB) than the machine has "
-                     f"({machine / 1e9:.1f} GB); lower train.batch_size or train.max_seq_length, or set grad_checkpoint")
+                     f"({machine / 1e9:.1f} GB); lower train.batch_size or train.max_seq_length"
+                     + ("" if train.grad_checkpoint else ", or set train.grad_checkpoint: true"))
         self.estimate = estimate
 
     def validate(self) -> float | None:
@@ -382,10 +387,20 @@ class Run:
 
 def run_training(setup: RunSetup, resume_state: dict | None, progress, callback) -> tuple[dict, str]:
     """Train; return (summary, "trained" | "interrupted")."""
-    run = Run(setup, resume_state, progress, callback)
+    try:
+        run = Run(setup, resume_state, progress, callback)
+    except BaseException:
+        # a fresh run that failed to start (bad data, bad num_layers, Ctrl-C while loading) has saved
+        # nothing: leave no empty work dir for the next run to report as "unfinished"
+        if resume_state is None:
+            shutil.rmtree(setup.work, ignore_errors=True)
+        raise
     run.header()
     try:
         run.run()
+    except Exception:
+        run.reporter.end_line()  # the error's message starts on a line of its own, not after the live status
+        raise
     except KeyboardInterrupt:
         run.save_resume_state()
         p = run.committed[2]

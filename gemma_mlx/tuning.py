@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 import types
 
 import mlx.core as mx
@@ -134,11 +135,13 @@ def count_parameters(tree) -> int:
     return sum(v.size for _, v in tree_flatten(tree))
 
 
-def estimate_memory(trainee: Trainee, batch_size: int, max_length: int, max_trained: int, backward_layers: int) -> dict:
+def estimate_memory(trainee: Trainee, batch_size: int, max_length: int, max_trained: int, backward_layers: int,
+                    grad_checkpoint: bool = False) -> dict:
     """A rough peak-memory estimate in bytes, to warn before a run that cannot fit.
 
     Weights + trainable copies (weight, gradient, two Adam moments) + activations kept for the
-    backward pass of the layers it reaches + the logits of the trained positions.
+    backward pass of the layers it reaches (with grad_checkpoint: only each layer's input, plus one
+    layer's activations while it is recomputed) + the logits of the trained positions.
     """
     args = trainee.lm.args
     hidden, inter = args.hidden_size, args.intermediate_size
@@ -149,7 +152,10 @@ def estimate_memory(trainee: Trainee, batch_size: int, max_length: int, max_trai
     trainable = sum(v.nbytes for _, v in tree_flatten(trainee.trainable_parameters())) * 4
     tokens = batch_size * max_length
     per_layer = tokens * (12 * hidden + 4 * inter) * itemsize + batch_size * heads * max_length**2 * 4 * 2
-    activations = per_layer * max(backward_layers, 1)
+    if grad_checkpoint:
+        activations = per_layer + tokens * hidden * itemsize * backward_layers
+    else:
+        activations = per_layer * max(backward_layers, 1)
     logits = max_trained * vocab * 4 * 3
     total = weights + trainable + activations + logits
     return {"weights": weights, "trainable": trainable, "activations": activations, "logits": logits, "total": total}
@@ -157,8 +163,6 @@ def estimate_memory(trainee: Trainee, batch_size: int, max_length: int, max_trai
 
 def machine_memory() -> int | None:
     """Physical RAM in bytes (unified memory on a Mac), or None where it cannot be read."""
-    import os
-
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -86,7 +86,7 @@ def batched(models: list[Path], max_tokens: int, out: Path) -> tuple[float, int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--keep", type=Path, help="Build the models here (and keep them) instead of a temp dir.")
+    parser.add_argument("--keep", type=Path, help="Build the models here (and keep them, reused next time) instead of a temp dir.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
@@ -94,9 +94,11 @@ def main() -> None:
         print(f"models: 2 x random Gemma 3 {SHAPE}, float32; 8 prompts; greedy; max {args.max_tokens} tokens", flush=True)
         # warm-up: the first call of a new shape pays one-time costs on both paths
         one_at_a_time(models[:1], 2)
-        batched(models[:1], 2, root / "warmup")
+        # reports always go to the fresh temp dir: a report kept from an earlier run with the same
+        # inputs would make compare a no-op and the timing meaningless
+        batched(models[:1], 2, Path(tmp) / "warmup")
         base_s, base_tokens = one_at_a_time(models, args.max_tokens)
-        ours_s, ours_tokens = batched(models, args.max_tokens, root / "report")
+        ours_s, ours_tokens = batched(models, args.max_tokens, Path(tmp) / "report")
     print(f"one at a time (mlx_lm.generate): {base_s:7.2f} s  {base_tokens:5d} tokens  {base_tokens / base_s:8.1f} tokens/s")
     print(f"batched (gemma-mlx compare):     {ours_s:7.2f} s  {ours_tokens:5d} tokens  {ours_tokens / ours_s:8.1f} tokens/s")
     print(f"wall-time ratio: {base_s / ours_s:.2f}x (goal >= 3x); tokens/s ratio: "

@@ -102,7 +102,7 @@ def run_mlx_lm(model_dir: Path, data: Path, epochs: int, out: Path) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load(str(model_dir))
-    records = {s: [json.loads(line) for line in open(data / f"{s}.jsonl")] for s in ("train", "valid")}
+    records = {s: [json.loads(line) for line in (data / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "valid")}
     train_set = CacheDataset(ChatDataset(records["train"], tokenizer, mask_prompt=True))
     valid_set = CacheDataset(ChatDataset(records["valid"], tokenizer, mask_prompt=True))
     mx.random.seed(0)
@@ -167,12 +167,12 @@ def run_ours(model_dir: Path, data: Path, epochs: int, out: Path, compiled: bool
 
 
 def _our_sequences(model_dir: Path, data: Path):
-    from mlx_lm import load
+    from mlx_lm.utils import load_tokenizer
 
     from gemma_mlx.batching import tokenize_example
     from gemma_mlx.data import load_examples
 
-    _, tokenizer = load(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     return [tokenize_example(tokenizer, e) for e in load_examples(data / "train.jsonl")]
 
 
@@ -204,7 +204,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         started = time.perf_counter()
-        model, data = build(root, args.vocab, args.examples)
+        build(root, args.vocab, args.examples)  # the trainers find the model and data under root
         print(f"model: gemma-3-270m shapes, vocab {args.vocab} (real: 262144), float32, random weights; "
               f"{args.examples} examples, built in {time.perf_counter() - started:.0f}s", flush=True)
         # the peak is measured before and after the trainers; the higher one counts

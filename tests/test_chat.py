@@ -156,3 +156,14 @@ def test_system_message_stays_through_reset(pt):
                          system="You are Bluey.")
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
     assert messages[0]["content"] == "You are Bluey." and messages[1]["content"] == "Hello"
+
+
+def test_change_settings_names_the_known_keys_and_refuses_empty_values():
+    from gemma_mlx.chat import change_settings
+    from gemma_mlx.errors import GemmaMlxError
+
+    with pytest.raises(GemmaMlxError, match="Unknown setting 'colour'. Settings: max_tokens, .*seed"):
+        change_settings(G(), ["colour=blue"])
+    with pytest.raises(GemmaMlxError, match="'null' is not a valid value for temperature"):
+        change_settings(G(), ["temperature=null"])  # would otherwise be skipped, leaving the old value
+    assert change_settings(G(), ["temperature=0.7", "max_tokens=12"]) == G(temperature=0.7, max_tokens=12)

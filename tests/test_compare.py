@@ -386,3 +386,36 @@ def test_cli_refuses_to_overwrite_a_directory_that_is_not_a_report(tmp_path, run
     (precious / "notes.txt").write_text("keep me")
     _fails_cleanly([*runner_args, "--out", str(precious)], "not a comparison report", "--force")
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_out_that_is_a_file_fails_before_loading(tmp_path, runner_args):
+    target = tmp_path / "report"
+    target.write_text("keep me")
+    for force in ([], ["--force"]):
+        _fails_cleanly([*runner_args, "--out", str(target), *force], "is a file")
+    assert target.read_text() == "keep me"
+
+
+def test_cli_incomplete_last_model_fails_before_the_first_loads(tmp_path, runner_args, converted_models):
+    """A dir without weights, or adapters that are not adapters, named last: refused before any model runs."""
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    result = _fails_cleanly([*runner_args, str(empty)], "is not an MLX model directory")
+    assert "loading" not in result.output
+    spec = f"{converted_models['pt']}::{tmp_path}"
+    result = _fails_cleanly([*runner_args, spec], "is not an adapter directory")
+    assert "loading" not in result.output
+
+
+def test_html_tags_keep_a_bracketed_stop_token(compared):
+    results = json.loads(json.dumps(compared.results))
+    reply = results["models"][0]["replies"][0]
+    reply.update(cut=False, finish_reason="stop", stop_token="[multimodal]")
+    assert '<span class="tag stop">stopped by [multimodal]</span>' in render_html(results)
+
+
+def test_html_highlights_markers_with_curly_apostrophes(compared):
+    from gemma_mlx.report import highlight
+
+    assert highlight("Bingo\u2019s turn, I\u2019m it", ["bingo", "I'm"]) == "<mark>Bingo</mark>\u2019s turn, <mark>I\u2019m</mark> it"

@@ -266,3 +266,13 @@ def test_hf_export_loads_in_transformers_with_matching_logits(fused, tmp_path, d
     assert hf_model.generation_config.eos_token_id == [1, 106]
     hf_tokenizer = AutoTokenizer.from_pretrained(export)
     assert hf_tokenizer.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]) == TURN_IDS
+
+
+def test_outputs_never_replace_the_adapters_or_the_base(adapters, converted_models):
+    with pytest.raises(OutputExistsError, match="the base model"):
+        fuse_model(adapters, out=converted_models["pt"], force=True)
+    with pytest.raises(OutputExistsError, match="the adapters"):
+        fuse_model(adapters, out=adapters.parent, force=True)
+    with pytest.raises(OutputExistsError, match="the adapters"):
+        fuse_model(adapters, export_hf=adapters, force=True)
+    assert (adapters / "adapters.safetensors").is_file() and (converted_models["pt"] / "config.json").is_file()

@@ -268,3 +268,21 @@ def test_dora_and_full_fine_tuning_save_adapters_mlx_lm_loads(converted_models, 
     assert mx.array_equal(model.parameters()["model"]["layers"][5]["mlp"]["up_proj"]["weight"] if fine_tune_type == "full"
                           else model.layers[5].self_attn.q_proj.m, saved[expected]).item()
     assert math.isfinite(result.summary["final_loss"])
+
+
+def test_outputs_never_replace_inputs_or_files_and_a_failed_start_leaves_nothing(converted_models, data_file, tmp_path):
+    model = converted_models["it"]
+    for out in (model, model.parent, data_file):  # even with force: the run would delete what it reads
+        with pytest.raises(OutputExistsError, match="would replace it"):
+            train_model(model, data_file, out=out, lora=LORA, force=True)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(OutputExistsError, match="is a file"):
+        train_model(model, data_file, out=a_file, lora=LORA, force=True)
+    assert a_file.read_text() == "keep me"
+    with pytest.raises(TrainingError, match="warmup_steps is -1"):
+        train_model(model, data_file, out=tmp_path / "run", lora=LORA, train=TrainSettings(warmup_steps=-1))
+    # a setting only the loaded model can refuse: no empty <out>.partial is left to be "discarded" next time
+    with pytest.raises(TrainingError, match="this model has 6 layers"):
+        train_model(model, data_file, out=tmp_path / "run", lora=LoraSettings(num_layers=99))
+    assert not (tmp_path / "run.partial").exists() and not (tmp_path / "run").exists()

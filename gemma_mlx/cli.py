@@ -21,7 +21,14 @@ def echo_progress(message: str) -> None:
 
 
 class FriendlyGroup(click.Group):
-    """Turns our typed errors into ClickExceptions: a message, exit code 1, no traceback."""
+    """Lists commands in the order data flows, and turns our typed errors into ClickExceptions
+    (a message, exit code 1, no traceback)."""
+
+    ORDER = ("run", "convert", "data", "train", "fuse", "compare", "chat", "info")
+
+    def list_commands(self, ctx):
+        names = super().list_commands(ctx)
+        return [n for n in self.ORDER if n in names] + [n for n in names if n not in self.ORDER]
 
     def invoke(self, ctx):
         try:
@@ -69,17 +76,18 @@ def generation_options(command):
 def cli():
     """Give a small Gemma 3 model a personality: convert, fine-tune with LoRA, fuse, compare.
 
-    Start with `gemma-mlx convert gemma-3-1b-pt gemma-3-1b-it`, or see README.md.
+    Start with `gemma-mlx run --demo` (offline, tiny random models, about 20 seconds), then
+    `gemma-mlx run` for the real experiment (gemma-3-1b-pt vs gemma-3-1b-it). See README.md.
     """
 
 
-@cli.command()
+@cli.command(short_help="Show the MLX backend, device, BLAS and dtype.")
 def info():
     """Show the MLX backend, device, BLAS and dtype policy in effect."""
     click.echo(_version_text())
 
 
-@cli.command()
+@cli.command(short_help="Convert Gemma 3 checkpoints to MLX.")
 @click.argument("checkpoints", nargs=-1, required=True)
 @click.option("--out", type=click.Path(path_type=Path),
               help="Output directory (one checkpoint) or parent directory (several). Default: outputs/models/<name>.")
@@ -108,9 +116,9 @@ def convert(checkpoints, out, dtype, quantize_bits, group_size, revision, force)
         click.echo(f"{result.name}\t{result.status}\t{result.path}")
 
 
-@cli.command()
+@cli.command(short_help="Run the whole experiment from one config.")
 @click.argument("config_file", required=False, type=click.Path(path_type=Path))
-@click.option("--demo", is_flag=True, help="Run the whole pipeline on two tiny random checkpoints (offline, ~2 minutes).")
+@click.option("--demo", is_flag=True, help="Run the whole pipeline on two tiny random checkpoints (offline, about 20 s on 2 CPU cores).")
 @click.option("--only", "only", multiple=True, type=click.Choice(["convert", "data", "train", "fuse", "compare"]),
               help="Run only these stages (repeatable); the others reuse their earlier outputs.")
 @click.option("--name", help="Experiment name (outputs/runs/<name>/); overrides the config.")
@@ -142,7 +150,7 @@ def run(config_file, demo, only, name, epochs, max_tokens):
     click.echo(f"\nReport: {result.report_html}")
 
 
-@cli.command()
+@cli.command(short_help="Bake LoRA adapters into their base model.")
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
 @click.option("--base", type=click.Path(path_type=Path),
               help="Converted base model dir. Default: the base_model recorded in the run's manifest.json.")
@@ -173,12 +181,12 @@ def fuse(adapter_dir, base, out, dequantize, export_hf, hf_dtype, force):
         click.echo(f"hf-export\t{result.hf_dir}")
 
 
-@cli.group("data")
+@cli.group("data", short_help="Check, summarise and split a persona dataset.")
 def data_group():
     """Check, summarise and split a persona dataset (mlx-lm JSONL: chat, prompt/completion or text)."""
 
 
-@data_group.command("check")
+@data_group.command("check", short_help="Validate a dataset; errors as file:line.")
 @click.argument("path")
 @click.option("--model", help="Model dir whose tokenizer counts tokens (enables the too-long warning).")
 @click.option("--prompts", "prompt_files", multiple=True, type=click.Path(path_type=Path),
@@ -205,7 +213,7 @@ def data_check(path, model, prompt_files, max_seq_length):
     click.echo(summary)
 
 
-@data_group.command("stats")
+@data_group.command("stats", short_help="Counts, reply lengths, markers, overlap.")
 @click.argument("path")
 @click.option("--model", help="Model dir whose tokenizer counts tokens.")
 @click.option("--prompts", "prompt_files", multiple=True, type=click.Path(path_type=Path),
@@ -224,7 +232,7 @@ def data_stats(path, model, prompt_files, persona, as_json):
     click.echo(json.dumps(stats, indent=2) if as_json else render_stats(stats))
 
 
-@data_group.command("split")
+@data_group.command("split", short_help="Split into train/valid/test.jsonl.")
 @click.argument("path")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for train/valid/test.jsonl.")
 @click.option("--seed", default=0, show_default=True, help="Shuffle seed; the same seed gives the same split.")
@@ -245,7 +253,7 @@ def data_split(path, out, seed, valid_fraction, test_fraction, force):
     click.echo(f"{result.status}\t{result.out_dir}\ttrain {counts['train']}, valid {counts['valid']}, test {counts['test']}")
 
 
-@cli.command()
+@cli.command(short_help="Answer the same prompts with several models.")
 @click.argument("models", nargs=-1, required=True)
 @click.option("--prompts", "prompt_files", multiple=True, type=click.Path(path_type=Path),
               help="Prompt file: one prompt per line (# comments, blank lines skipped) or JSONL. Repeatable.")
@@ -278,7 +286,7 @@ def compare(models, prompt_files, prompt_texts, persona, training_data, judge, o
     click.echo(f"\nReport: {result.out_dir}/ (comparison.txt, comparison.md, comparison.json, report.html)")
 
 
-@cli.command()
+@cli.command(short_help="LoRA-fine-tune a converted model.")
 @click.option("--model", required=True, help="Converted model directory (or its name under outputs/models/).")
 @click.option("--data", help="Dataset: a JSONL file or a directory (its train/valid.jsonl as they are; other "
               "data split 90/10 into train/valid here). Default: the config's data.")
@@ -332,7 +340,7 @@ def train(model, data, config_path, out, run_name, resume, force, **options):
         sys.exit(130)
 
 
-@cli.command()
+@cli.command(short_help="Chat with a model in the terminal.")
 @click.argument("model")
 @click.option("--adapters", "adapter_path", type=click.Path(path_type=Path),
               help="LoRA adapter dir to apply on top of MODEL (same as MODEL::ADAPTERS).")

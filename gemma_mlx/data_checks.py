@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .chat_format import BOS, encode, render
+from .checkpoints import model_dir_path
 from .data import (
     NEAR_DUPLICATE_JACCARD,
     Example,
@@ -28,7 +29,7 @@ from .data import (
 )
 from .errors import DataError, OutputExistsError
 from .prompts import count_markers, load_persona, read_prompt_lines
-from .manifest import Progress, atomic_output_dir, now_iso, outputs_root, quiet, read_manifest, versions, write_manifest
+from .manifest import Progress, atomic_output_dir, now_iso, quiet, read_manifest, versions, write_manifest
 
 LOW_SPREAD_CV = 0.25  # reply words' coefficient of variation below this: "all alike"
 MIN_REPLIES_FOR_SPREAD = 5
@@ -53,9 +54,7 @@ def load_tokenizer(model: str | Path):
     """Only the tokenizer of a model dir (or of a model converted under outputs/models/<name>)."""
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
-    path = Path(model)
-    if not path.is_dir() and (outputs_root() / "models" / str(model)).is_dir():
-        path = outputs_root() / "models" / str(model)
+    path = model_dir_path(model)
     if not path.is_dir() or not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
         raise DataError(
             f"{model} is not a model directory with a tokenizer, so tokens cannot be counted. Give a converted "

@@ -139,10 +139,10 @@ def estimate_params(config: dict) -> float:
 
 def check_resources(config: ExperimentConfig, model_configs: list[dict], progress: Progress = quiet) -> dict:
     """Estimate disk and memory for the chosen models and stop early when the machine cannot hold them."""
-    import os
     import shutil
 
     from .backend import default_dtype
+    from .tuning import machine_memory
 
     bytes_per_param = {"float32": 4, "bfloat16": 2, "float16": 2}[config.dtype or default_dtype()]
     if config.quantize_bits:
@@ -157,15 +157,15 @@ def check_resources(config: ExperimentConfig, model_configs: list[dict], progres
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    total_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    progress(f"estimate: {disk / 1e9:.1f} GB of disk ({free / 1e9:.0f} GB free), "
-             f"{memory / 1e9:.1f} GB of memory while training ({total_memory / 1e9:.0f} GB in this machine)")
+    total_memory = machine_memory()
+    progress(f"estimate: {disk / 1e9:.1f} GB of disk ({free / 1e9:.0f} GB free), {memory / 1e9:.1f} GB of memory "
+             f"while training" + (f" ({total_memory / 1e9:.0f} GB in this machine)" if total_memory else ""))
     if disk > free:
         raise GemmaMlxError(
             f"Not enough disk space: these models need about {disk / 1e9:.1f} GB under {probe} and "
             f"{free / 1e9:.1f} GB is free. Free some space, choose smaller models, or set quantize_bits: 4."
         )
-    if memory > total_memory:
+    if total_memory and memory > total_memory:
         raise GemmaMlxError(
             f"Not enough memory: training the largest model needs about {memory / 1e9:.1f} GB and this machine has "
             f"{total_memory / 1e9:.1f} GB. Choose a smaller model, set dtype: bfloat16, or quantize_bits: 4."

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Callable
 
 from .chat_format import prompt_ids, reply_end_token_ids
+from .checkpoints import resolve_model_dir
 from .config import GenerationSettings
 from .errors import CheckpointError, ConfigError, GemmaMlxError
-from .manifest import Progress, outputs_root, read_manifest
+from .manifest import Progress, read_manifest
 
 ADAPTER_SEPARATOR = "::"
 # Rows decoded together at most; more rows than this still run, continuously batched by mlx-lm.
@@ -62,46 +63,6 @@ class Reply:
     def cut(self) -> bool:
         """True when the token limit ended the reply: show it as cut, never as complete."""
         return self.finish_reason == "length"
-
-
-def model_dir_path(spec: str | Path) -> Path:
-    """The path a model spec names: a path as given, or a bare name converted earlier (outputs/models/<name>).
-
-    Only resolves; resolve_model_dir also checks that a model is there.
-    """
-    path = Path(spec).expanduser()
-    if not path.exists() and len(path.parts) == 1 and (outputs_root() / "models" / path.name).is_dir():
-        path = outputs_root() / "models" / path.name
-    return path
-
-
-def resolve_model_dir(spec: str | Path) -> Path:
-    """A model dir that mlx-lm can load (config, weights, tokenizer), or a CheckpointError saying what is missing."""
-    path = model_dir_path(spec)
-    if not path.exists():
-        raise CheckpointError(
-            f"Model directory {spec} does not exist. Give a converted model dir (`gemma-mlx convert NAME` "
-            "writes outputs/models/NAME), a fused model dir, or BASE_DIR::ADAPTER_DIR for a base model "
-            "with LoRA adapters."
-        )
-    if not path.is_dir():
-        raise CheckpointError(f"{spec} is a file, not a model directory. Give the directory that holds config.json.")
-    missing = []
-    if not (path / "config.json").is_file():
-        missing.append("config.json")
-    if not list(path.glob("*.safetensors")):
-        missing.append("weights (*.safetensors)")
-    if missing:
-        raise CheckpointError(
-            f"{path} is not an MLX model directory: it has no {' and no '.join(missing)}. Point to a dir "
-            "written by `gemma-mlx convert` or `gemma-mlx fuse` (a Hugging Face checkpoint must be converted first)."
-        )
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        raise CheckpointError(
-            f"{path} has no tokenizer (tokenizer.json or tokenizer.model), so prompts cannot be encoded. "
-            "Copy the tokenizer files from the model it was made from, or convert the model again."
-        )
-    return path
 
 
 def _label(path: Path) -> str:

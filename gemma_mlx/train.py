@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, adapter_config, save_adapters
-from .checkpoints import detect_flavour
+from .checkpoints import detect_flavour, resolve_model_dir
 from .config import LoraSettings, TrainSettings, to_dict
-from .errors import CheckpointError, OutputExistsError, TrainingError
+from .errors import OutputExistsError, TrainingError
 from .manifest import (
     Progress,
     check_writable,
@@ -66,26 +66,6 @@ class RunSetup:
     def work(self) -> Path:
         """Where the run lives until it finished (`<out>.partial`)."""
         return self.out.with_name(self.out.name + ".partial")
-
-
-def resolve_model_dir(model: str | Path) -> Path:
-    """A converted model directory, given as a path or as a name under outputs/models/."""
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        named = outputs_root() / "models" / str(model)
-        if named.is_dir():
-            path = named
-        else:
-            raise CheckpointError(
-                f"No converted model at {model} (also looked in {named}). Convert it first with "
-                f"`gemma-mlx convert {model}`, or pass the directory that holds its config.json."
-            )
-    if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
-        raise CheckpointError(
-            f"{path} is not a converted MLX model (it needs config.json and *.safetensors). "
-            "Convert the checkpoint with `gemma-mlx convert` and pass the output directory."
-        )
-    return path.resolve()
 
 
 def model_flavour(model_dir: Path, manifest: dict | None) -> str:

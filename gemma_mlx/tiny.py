@@ -81,7 +81,7 @@ def build_tokenizer(corpus: str | None = None, vocab_size: int = TINY_SHAPE["voc
     tokenizer.train_from_iterator([corpus] * 4, trainer=trainer)
     missing = vocab_size - tokenizer.get_vocab_size()
     if missing > 0:
-        tokenizer.add_special_tokens([f"<unused{i}>" for i in range(99, 99 + missing)])
+        tokenizer = _with_unused_filler(tokenizer, missing)
     # Gemma's tokenizer prepends <bos> when asked to add special tokens.
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 2)]
@@ -89,6 +89,22 @@ def build_tokenizer(corpus: str | None = None, vocab_size: int = TINY_SHAPE["voc
     for token_id, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(token) == token_id, (token, tokenizer.token_to_id(token))
     return tokenizer
+
+
+def _with_unused_filler(tokenizer, count: int):
+    """Append `count` more <unusedN> entries to the BPE vocabulary itself.
+
+    Plain vocabulary entries (no merge reaches them), not added tokens: transformers loads tens of
+    thousands of added tokens slowly, and nothing but their <unusedN> names matters here.
+    """
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    first = len(vocab)
+    for offset in range(count):
+        vocab[f"<unused{99 + offset}>"] = first + offset
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def _config(flavour: str, shape: dict) -> dict:

@@ -143,8 +143,15 @@ def atomic_output_dir(final: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(finished: Path, final: Path) -> None:
+    """Move a finished directory to `final`, replacing what was there with as short a gap as renames allow."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if old.exists():
+        shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
-    os.replace(tmp, final)
+    os.replace(finished, final)
     shutil.rmtree(old, ignore_errors=True)

@@ -24,6 +24,7 @@ from .manifest import (
     Progress,
     check_writable,
     now_iso,
+    replace_dir,
     outputs_root,
     quiet,
     read_manifest,
@@ -287,13 +288,7 @@ def finish_run(setup: RunSetup, summary: dict) -> dict:
         "versions": versions(),
     }
     write_manifest(work, manifest)
-    old = setup.out.with_name(f".{setup.out.name}.old")
-    if setup.out.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        setup.out.rename(old)
-    work.rename(setup.out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(work, setup.out)
     return manifest
 
 

@@ -48,3 +48,21 @@ def test_readme_has_the_two_commands_first():
 def test_readme_command_parses(command_line):
     ctx = parse(command_line)
     assert ctx.command is not None
+
+
+def test_readme_config_reference_names_every_key():
+    import dataclasses
+
+    from gemma_mlx.config import ExperimentConfig
+
+    text = README.read_text()
+    table = text[text.index("## The config file"):text.index("## The other commands")]
+    missing = []
+    for field in dataclasses.fields(ExperimentConfig):
+        if dataclasses.is_dataclass(field.type) or field.name in ("lora", "train", "generation"):
+            for sub in dataclasses.fields(getattr(ExperimentConfig(), field.name)):
+                if f"`{field.name}.{sub.name}`" not in table and f"`{sub.name}`" not in table:
+                    missing.append(f"{field.name}.{sub.name}")
+        elif f"`{field.name}`" not in table:
+            missing.append(field.name)
+    assert missing == []

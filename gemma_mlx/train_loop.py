@@ -65,8 +65,10 @@ class Reporter:
         self.end_line()
         self.progress(text)
 
-    def status(self, text: str, report: bool) -> None:
+    def status(self, text: str, report: bool, done: float = 0.0) -> None:
         if self.live:
+            filled = round(20 * min(max(done, 0.0), 1.0))
+            text = f"[{'#' * filled}{'.' * (20 - filled)}] {text}"  # the bar is for eyes, not for logs
             sys.stderr.write("\r" + text.ljust(self.width))
             sys.stderr.flush()
             self.width = len(text)
@@ -328,7 +330,7 @@ class Run:
                               "loss": shown, "tokens_per_second": p.trained_tokens / p.train_seconds,
                               "peak_memory_gb": mx.get_peak_memory() / 1e9, "learning_rate": self.learning_rate()})
                     window_loss = window_tokens = 0.0
-                self.reporter.status(self.status_line(shown), report)
+                self.reporter.status(self.status_line(shown), report, done=p.step / max(self.total_steps, 1))
                 if self.callback:
                     self.callback({"kind": "step", "epoch": p.epoch + 1, "step": p.step, "loss": loss,
                                    "tokens": batch.tokens, "examples": batch.examples, "seconds": elapsed})

@@ -53,17 +53,25 @@ def _print_version(ctx, _param, value):
 
 
 def generation_options(command):
-    """The GenerationSettings options that compare and chat share: one definition, one --help text."""
+    """The GenerationSettings options that compare and chat share: one definition, one --help text.
+
+    Defaults come from config.GenerationSettings, the one table of defaults.
+    """
+    from .config import GenerationSettings
+
+    d = GenerationSettings()
     options = [
-        click.option("--max-tokens", default=256, show_default=True,
+        click.option("--max-tokens", default=d.max_tokens, show_default=True,
                      help="Token limit per reply; a reply reaching it is flagged [cut at N tokens]."),
-        click.option("--min-new-tokens", default=0, show_default=True, help="Suppress stop tokens until this many tokens were generated."),
-        click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature (0: greedy)."),
-        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling (1.0: off)."),
-        click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0: off)."),
-        click.option("--min-p", default=0.0, show_default=True, help="Drop tokens below min-p x p(max) (0: off)."),
-        click.option("--repetition-penalty", default=1.0, show_default=True, help="> 1 discourages repeats (1.0: off)."),
-        click.option("--seed", default=0, show_default=True, help="Sampling seed (the same for every model)."),
+        click.option("--min-new-tokens", default=d.min_new_tokens, show_default=True,
+                     help="Suppress stop tokens until this many tokens were generated."),
+        click.option("--temperature", default=d.temperature, show_default=True, help="Sampling temperature (0: greedy)."),
+        click.option("--top-p", default=d.top_p, show_default=True, help="Nucleus sampling (1.0: off)."),
+        click.option("--top-k", default=d.top_k, show_default=True, help="Keep the k most likely tokens (0: off)."),
+        click.option("--min-p", default=d.min_p, show_default=True, help="Drop tokens below min-p x p(max) (0: off)."),
+        click.option("--repetition-penalty", default=d.repetition_penalty, show_default=True,
+                     help="> 1 discourages repeats (1.0: off)."),
+        click.option("--seed", default=d.seed, show_default=True, help="Sampling seed (the same for every model)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -324,15 +332,19 @@ def train(model, data, config_path, out, run_name, resume, force, **options):
     loss.svg and manifest.json. Ctrl-C saves a resumable state (exit code 130); --resume continues it.
     Settings not given here come from --config, else the defaults (README's config table).
     """
+    import dataclasses
+
+    from .config import LoraSettings
     from .train import train_with_config
 
-    names = {"patience": "train.early_stopping_patience", "keys": "lora.keys"}
-    lora_keys = {"fine_tune_type", "rank", "scale", "dropout", "num_layers", "train_turn_tokens"}
+    lora_keys = {field.name for field in dataclasses.fields(LoraSettings)}
     overrides = {}
     for key, value in options.items():
+        if key == "patience":
+            key = "early_stopping_patience"
         if key == "keys":
             value = list(value) or None
-        overrides[names.get(key) or (f"lora.{key}" if key in lora_keys else f"train.{key}")] = value
+        overrides[f"lora.{key}" if key in lora_keys else f"train.{key}"] = value
     result = train_with_config(model, data, config_path, overrides, out=out, run_name=run_name,
                                resume=resume, force=force, progress=echo_progress)
     click.echo(f"{result.status}\t{result.out_dir}")

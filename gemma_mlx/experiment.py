@@ -216,8 +216,7 @@ def _split(config: ExperimentConfig, run_dir: Path, progress: Progress) -> tuple
     if source.is_dir() and (source / "train.jsonl").is_file():
         progress(f"data: using the existing split in {source}")
         return "up-to-date", {"data_dir": str(source)}
-    result = data_checks.split_dataset(source, run_dir / "data", seed=config.train.seed, force=True)
-    progress(f"data: {result.counts} -> {result.out_dir}")
+    result = data_checks.split_dataset(source, run_dir / "data", seed=config.train.seed, force=True, progress=progress)
     return _status(result.status), {"data_dir": str(result.out_dir), "counts": result.counts}
 
 

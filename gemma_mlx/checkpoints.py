@@ -26,6 +26,7 @@ from .manifest import (
     outputs_root,
     quiet,
     read_manifest,
+    sha256_file,
     sha256_tree,
     versions,
     write_manifest,
@@ -51,22 +52,33 @@ class Source:
     spec: str  # what the user typed
     name: str  # short name used for the output directory
     hub_id: str | None = None
-    local_path: Path | None = None
+    local_path: Path | None = None  # a Hugging Face checkpoint directory
+    gguf_path: Path | None = None  # a GGUF model file (llama.cpp, LM Studio, Ollama)
 
 
 def resolve_source(spec: str) -> Source:
     """Turn a short name, hub id or local directory into a Source; unknown names are an error."""
+    from .gguf_import import PACKAGED_NAME, is_gguf, packaged_base_model
+
     path = Path(spec).expanduser()
+    if spec == PACKAGED_NAME and not path.exists():
+        return Source(spec=spec, name=PACKAGED_NAME, gguf_path=packaged_base_model())
     if path.exists():
+        if path.is_file() and is_gguf(path):
+            return Source(spec=spec, name=path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name,
+                          gguf_path=path.resolve())
         if not path.is_dir():
-            raise CheckpointError(f"{spec} is a file, not a checkpoint directory. Give the directory that holds config.json.")
+            raise CheckpointError(
+                f"{spec} is a file but not a GGUF model file. Give a .gguf file, or the Hugging Face checkpoint "
+                "directory that holds config.json."
+            )
         return Source(spec=spec, name=path.resolve().name, local_path=path.resolve())
     if spec in REGISTRY:
         return Source(spec=spec, name=spec, hub_id=REGISTRY[spec])
     parts = spec.split("/")
     if len(parts) == 2 and all(parts) and not spec.startswith((".", "~")):
         return Source(spec=spec, name=parts[1], hub_id=spec)
-    known = ", ".join(sorted(REGISTRY))
+    known = ", ".join(sorted([*REGISTRY, PACKAGED_NAME]))
     raise CheckpointError(
         f"Unknown checkpoint '{spec}': it is not a known short name, a hub id (owner/name) or an "
         f"existing directory. Known names: {known}."
@@ -128,6 +140,12 @@ def check_reachable(source: Source, revision: str | None = None) -> dict:
     Gated, missing and offline-and-not-cached checkpoints fail here, before any long work.
     Returns the checkpoint's config.
     """
+    if source.gguf_path is not None:
+        from .gguf_import import check_architecture, hf_config, _open
+
+        reader = _open(source.gguf_path)
+        check_architecture(reader, source.gguf_path)
+        return hf_config(reader)
     if source.local_path is not None:
         return validate_checkpoint(source.local_path)
     import huggingface_hub
@@ -191,15 +209,6 @@ def has_chat_template(checkpoint: Path) -> bool:
         return True
     tokenizer_config = checkpoint / "tokenizer_config.json"
     return tokenizer_config.is_file() and bool(json.loads(tokenizer_config.read_text()).get("chat_template"))
-
-
-def detect_flavour(checkpoint: Path, name: str = "") -> str:
-    """"pt" for a base model (no chat template, or named -pt), "it" for an instruction-tuned one."""
-    if name.endswith("-pt") or name == "gemma-3-270m":
-        return "pt"
-    if name.endswith("-it"):
-        return "it"
-    return "it" if has_chat_template(checkpoint) else "pt"
 
 
 def make_gemma_correct(model_dir: Path) -> None:
@@ -275,15 +284,40 @@ class ConvertResult:
     manifest: dict
 
 
-def _settings(dtype: str, quantize_bits: int | None, group_size: int) -> dict:
-    return {"dtype": dtype, "quantize_bits": quantize_bits, "group_size": group_size if quantize_bits else None}
+def _settings(dtype: str, quantize_bits: int | None, group_size: int, flavour: str | None) -> dict:
+    return {"dtype": dtype, "quantize_bits": quantize_bits, "group_size": group_size if quantize_bits else None,
+            "flavour": flavour}
 
 
-def _estimate_bytes(checkpoint: Path, dtype: str, quantize_bits: int | None) -> int:
-    source_bytes = sum(p.stat().st_size for p in Path(checkpoint).glob("*.safetensors"))
-    params = source_bytes / 2  # hub weights are bf16
+def _source_parameters(source: Source, checkpoint: Path | None) -> float:
+    """Parameters of the source model, for the disk estimate (hub weights are bf16: 2 bytes each)."""
+    if source.gguf_path is not None:
+        from .gguf_import import _open
+
+        return float(sum(int(t.n_elements) for t in _open(source.gguf_path).tensors))
+    return sum(p.stat().st_size for p in Path(checkpoint).glob("*.safetensors")) / 2
+
+
+def _estimate_bytes(params: float, dtype: str, quantize_bits: int | None, staged_float32: bool) -> int:
     bytes_per_param = (quantize_bits / 8 + 0.1) if quantize_bits else (4 if dtype == "float32" else 2)
-    return int(params * bytes_per_param * 1.1) + (50 << 20)
+    staged = params * 4 if staged_float32 else 0  # a GGUF file is first written out as a float32 checkpoint
+    return int(params * bytes_per_param * 1.1 + staged) + (50 << 20)
+
+
+def _source_eos_ids(checkpoint: Path) -> list[int]:
+    """The eos ids the source checkpoint declares (generation config first, as generation uses it)."""
+    from .flavour import eos_ids_of
+
+    for name in ("generation_config.json", "config.json"):
+        path = Path(checkpoint) / name
+        if path.is_file():
+            try:
+                ids = eos_ids_of(json.loads(path.read_text()))
+            except json.JSONDecodeError:
+                continue
+            if ids:
+                return ids
+    return []
 
 
 def convert_checkpoint(
@@ -295,21 +329,32 @@ def convert_checkpoint(
     revision: str | None = None,
     force: bool = False,
     progress: Progress = quiet,
+    flavour: str | None = None,
 ) -> ConvertResult:
-    """Convert one checkpoint to an MLX model dir; a no-op if it was already converted the same way."""
+    """Convert one checkpoint (hub id, HF directory or GGUF file) to an MLX model dir.
+
+    A no-op if it was already converted the same way. `flavour` ("pt" or "it") overrides the
+    base/instruct detection (flavour.py), which otherwise reads the converted weights.
+    """
     dtype = dtype or backend.default_dtype()
     if dtype not in DTYPES:
         raise CheckpointError(f"Unknown dtype '{dtype}'. Choose one of: {', '.join(DTYPES)}.")
     if quantize_bits not in (None, 4, 8):
         raise CheckpointError(f"Quantization must be 4 or 8 bits, not {quantize_bits}.")
+    if flavour not in (None, "pt", "it"):
+        raise CheckpointError(f"Flavour must be 'pt' (base) or 'it' (instruction-tuned), not {flavour!r}.")
     source = resolve_source(spec)
     out = Path(out) if out else default_output(source, quantize_bits)
-    settings = _settings(dtype, quantize_bits, group_size)
+    settings = _settings(dtype, quantize_bits, group_size, flavour)
 
     progress(f"{source.spec}: locating checkpoint")
-    checkpoint, commit = fetch(source, revision)
-    config = validate_checkpoint(checkpoint)
-    source_id = {"hub_id": source.hub_id, "revision": commit} if source.hub_id else {"sha256": sha256_tree(checkpoint)}
+    if source.gguf_path is not None:
+        checkpoint, config = None, check_reachable(source)
+        source_id = {"sha256": sha256_file(source.gguf_path)}
+    else:
+        checkpoint, commit = fetch(source, revision)
+        config = validate_checkpoint(checkpoint)
+        source_id = {"hub_id": source.hub_id, "revision": commit} if source.hub_id else {"sha256": sha256_tree(checkpoint)}
 
     existing = read_manifest(out)
     if existing and existing.get("source_id") == source_id and existing.get("settings") == settings:
@@ -321,36 +366,54 @@ def convert_checkpoint(
             "Re-run with --force to replace it, or choose another --out."
         )
 
-    check_writable(out.parent, _estimate_bytes(checkpoint, dtype, quantize_bits))
+    params = _source_parameters(source, checkpoint)
+    check_writable(out.parent, _estimate_bytes(params, dtype, quantize_bits, source.gguf_path is not None))
+    local = source.gguf_path or checkpoint
     record = {
         "stage": "convert",
         "name": source.name,
-        "source": {"spec": source.spec, "hub_id": source.hub_id, "local_path": str(checkpoint)},
+        "source": {"spec": source.spec, "hub_id": source.hub_id, "local_path": str(local),
+                   "format": "gguf" if source.gguf_path else "huggingface"},
         "source_id": source_id,
         "settings": settings,
-        "flavour": detect_flavour(checkpoint, source.name),
         "model_type": config.get("model_type"),
         "shape": {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")},
     }
     progress(f"{source.spec}: converting to {dtype}" + (f", {quantize_bits}-bit" if quantize_bits else "") + f" -> {out}")
     try:
-        manifest = _convert_into(out, checkpoint, record)
+        manifest = _convert_into(out, source, checkpoint, record, progress)
     except OSError as error:  # disk full, permissions changed mid-way: the temp dir is already gone
         raise CheckpointError(
             f"Converting {source.spec} to {out} failed while writing ({error.strerror or error}). "
             "Nothing was left behind; free disk space or fix permissions and run the command again."
         ) from None
+    progress(f"{source.spec}: {manifest['flavour_evidence']['explanation']}")
     progress(f"{source.spec}: done in {manifest['seconds']:.1f}s ({manifest['size_bytes'] / 1e6:.1f} MB)")
     return ConvertResult(source.name, out, "converted", manifest)
 
 
-def _convert_into(out: Path, checkpoint: Path, record: dict) -> dict:
-    """Run mlx-lm's conversion into a temp dir next to `out`, fix it up, and rename it into place."""
+def _convert_into(out: Path, source: Source, checkpoint: Path | None, record: dict, progress: Progress) -> dict:
+    """Run mlx-lm's conversion into a temp dir next to `out`, fix it up, and rename it into place.
+
+    A GGUF source is first written out as a Hugging Face checkpoint inside the same temp dir.
+    """
+    import shutil
+
     from mlx_lm.convert import convert as mlx_convert
+
+    from .flavour import detect_flavour
 
     settings = record["settings"]
     started = time.perf_counter()
     with atomic_output_dir(out, force=True) as tmp:
+        extra = {}
+        if source.gguf_path is not None:
+            from .gguf_import import gguf_to_hf
+
+            checkpoint = tmp / "hf"
+            extra["gguf"] = gguf_to_hf(source.gguf_path, checkpoint, progress)
+            validate_checkpoint(checkpoint)
+        source_eos = _source_eos_ids(checkpoint)
         staged = tmp / "mlx"  # mlx_lm.convert insists on creating its own directory
         with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints [INFO] lines; keep stdout for results
             mlx_convert(
@@ -361,12 +424,18 @@ def _convert_into(out: Path, checkpoint: Path, record: dict) -> dict:
                 q_bits=settings["quantize_bits"],
                 q_group_size=settings["group_size"],
             )
+        if source.gguf_path is not None:
+            shutil.rmtree(checkpoint)
         for item in staged.iterdir():
             item.rename(tmp / item.name)
         staged.rmdir()
         make_gemma_correct(tmp)
+        flavour = detect_flavour(tmp, source.name, source_eos, settings["flavour"])
         manifest = {
             **record,
+            **extra,
+            "flavour": flavour.flavour,
+            "flavour_evidence": {**flavour.record(), "explanation": flavour.explain()},
             "size_bytes": sum(p.stat().st_size for p in tmp.glob("*.safetensors")),
             "seconds": round(time.perf_counter() - started, 2),
             "created": now_iso(),

@@ -10,6 +10,7 @@ Deterministic for a seed, built in about a second, no torch and no network.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,107 @@ def write_tiny_pair(root: Path, seed: int = 0) -> dict[str, Path]:
         "tiny-gemma-3-pt": write_tiny_checkpoint(root / "tiny-gemma-3-pt", "pt", seed),
         "tiny-gemma-3-it": write_tiny_checkpoint(root / "tiny-gemma-3-it", "it", seed + 1),
     }
+
+
+# ---------------------------------------------------------------------------- tiny GGUF files
+
+_GGUF_BLOCK_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _gguf_name(hf_name: str) -> str:
+    stem = hf_name[: -len(".weight")]
+    if stem == "model.embed_tokens":
+        return "token_embd.weight"
+    if stem == "model.norm":
+        return "output_norm.weight"
+    _, _, layer, part = stem.split(".", 3)
+    return f"blk.{layer}.{_GGUF_BLOCK_NAMES[part]}.weight"
+
+
+def _sentencepiece_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style vocabulary as llama.cpp stores it: Gemma's special ids, byte pieces, words."""
+    normal, control, unused, byte = 1, 3, 5, 6  # llama.cpp token types
+    tokens, types = list(SPECIAL_TOKENS), [control] * len(SPECIAL_TOKENS)
+    for i, token in enumerate(tokens):
+        if token.startswith("<unused"):
+            types[i] = unused
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [byte] * 256
+    seen = set(tokens)
+    pieces = list("\u2581abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?'")
+    for word in re.findall(r"[A-Za-z']+", tokenizer_corpus()):
+        pieces += ["\u2581" + word, word]
+    for piece in pieces:
+        if len(tokens) < size and piece not in seen:
+            seen.add(piece)
+            tokens.append(piece)
+            types.append(normal)
+    while len(tokens) < size:
+        tokens.append(f"<unused{len(tokens)}>")
+        types.append(unused)
+    scores = [0.0 if t != normal else -float(i) for i, t in enumerate(types)]
+    return tokens[:size], scores[:size], types[:size]
+
+
+def write_tiny_gguf(path: Path, flavour: str = "pt", seed: int = 0, quant: str = "F32",
+                    architecture: str = "gemma3", kind: str = "model") -> Path:
+    """A tiny Gemma 3 model as a llama.cpp GGUF file, with the weights of write_tiny_checkpoint(seed).
+
+    Norm weights are stored as (1 + w) and 2-D weights in `quant` ("F32", "F16" or "Q8_0"), as
+    llama.cpp writes them. `architecture` and `kind` (general.type) exist to build wrong files.
+    """
+    import gguf
+
+    shape = dict(TINY_SHAPE)
+    weights = _weights(shape, seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_type(kind)
+    writer.add_name(f"tiny-gemma-3-{flavour}")
+    a = architecture
+    writer.add_uint32(f"{a}.context_length", 32768)
+    writer.add_uint32(f"{a}.embedding_length", shape["hidden_size"])
+    writer.add_uint32(f"{a}.block_count", shape["num_hidden_layers"])
+    writer.add_uint32(f"{a}.feed_forward_length", shape["intermediate_size"])
+    writer.add_uint32(f"{a}.attention.head_count", shape["num_attention_heads"])
+    writer.add_uint32(f"{a}.attention.head_count_kv", shape["num_key_value_heads"])
+    writer.add_uint32(f"{a}.attention.key_length", shape["head_dim"])
+    writer.add_uint32(f"{a}.attention.value_length", shape["head_dim"])
+    writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)
+    writer.add_float32(f"{a}.rope.freq_base", 1_000_000.0)
+    writer.add_uint32(f"{a}.attention.sliding_window", 512)
+    tokens, scores, types = _sentencepiece_vocab(shape["vocab_size"])
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    qtype = gguf.GGMLQuantizationType[quant]
+    for name, value in weights.items():
+        if name.endswith("norm.weight"):
+            writer.add_tensor(_gguf_name(name), (value + 1.0).astype(np.float32))
+        elif quant == "F32":
+            writer.add_tensor(_gguf_name(name), value)
+        elif quant == "F16":
+            writer.add_tensor(_gguf_name(name), value.astype(np.float16))
+        else:
+            writer.add_tensor(_gguf_name(name), gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

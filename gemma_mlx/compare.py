@@ -165,6 +165,13 @@ def _warnings(overlaps: list[dict], models: list[dict], settings: GenerationSett
             f"are not held-out evidence: {listed}. Use prompts the model was not trained on."
         )
     for model in models:
+        loops = [r for r in model["replies"] if r["loop"]]
+        if loops:
+            warnings.append(
+                f"{model['name']}: {len(loops)} of {len(model['replies'])} replies are loops (word 4-grams repeated 3+ "
+                "times cover half the reply), e.g. prompt " f"{loops[0]['prompt_index'] + 1}. Greedy decoding of a small "
+                "fine-tuned model does this; a repetition penalty (--repetition-penalty 1.1) or a later checkpoint helps."
+            )
         if model["scorecard"]["cut_rate"] and model["scorecard"]["cut_rate"] >= 0.5:
             warnings.append(
                 f"{model['name']}: {model['scorecard']['cut_rate']:.0%} of replies hit the {settings.max_tokens}-token "

@@ -35,6 +35,9 @@ class LoraSettings:
     keys: list[str] = field(default_factory=list)
     # train the <start_of_turn>/<end_of_turn> embedding rows: auto = on for base (-pt) models only
     train_turn_tokens: str = "auto"  # auto | on | off
+    # where a base model's <end_of_turn> row starts: "eos" copies <eos>'s row (the base model already
+    # reads it as "the text ends here"); "keep" leaves the never-trained row
+    turn_token_init: str = "keep"  # eos | keep
 
 
 @dataclass
@@ -52,6 +55,16 @@ class TrainSettings:
     early_stopping_patience: int = 0  # stop after N validations without improvement (0: off)
     grad_checkpoint: bool = False  # trade compute for memory on long sequences
     seed: int = 0  # data order, LoRA init and dropout
+    # the turn-token rows learn at learning_rate times this (they start far from where they must go)
+    turn_token_lr_scale: float = 1.0
+    # loss weight of the <end_of_turn> prediction at each reply end (1: like every other token)
+    end_of_turn_weight: float = 5.0
+    # at each validation, answer up to 16 validation prompts greedily with at most this many tokens
+    # and count clean endings (stopped by itself, no loop); 0: off
+    val_generation_tokens: int = 160
+    # which validation keeps the "best" adapters: stops = most clean endings (later wins a tie);
+    # loss = lowest validation loss
+    best_by: str = "stops"  # stops | loss
 
 
 @dataclass
@@ -63,6 +76,7 @@ class GenerationSettings:
     top_k: int = 0  # keep the k most likely tokens (0: off)
     min_p: float = 0.0  # drop tokens below min_p * p(max) (0: off)
     repetition_penalty: float = 1.0  # > 1 discourages repeats (1.0: off)
+    no_repeat_ngram: int = 0  # never repeat a token n-gram of the reply this long (0: off)
     samples: int = 1  # replies per prompt
     seed: int = 0  # sampling seed
 

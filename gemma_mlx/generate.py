@@ -111,6 +111,7 @@ def check_settings(settings: GenerationSettings) -> None:
         (settings.top_k >= 0, "top_k must be 0 (off) or more"),
         (0 <= settings.min_p <= 1, "min_p must be in [0, 1] (0 turns it off)"),
         (settings.repetition_penalty > 0, "repetition_penalty must be above 0 (1.0 turns it off)"),
+        (settings.no_repeat_ngram == 0 or settings.no_repeat_ngram >= 2, "no_repeat_ngram must be 0 (off) or at least 2"),
         (settings.samples >= 1, "samples must be at least 1"),
     ]
     problems = [why for ok, why in rules if not ok]
@@ -172,12 +173,38 @@ def min_new_tokens_processor(end_ids: set[int], prompt_length: int, min_new_toke
     return processor
 
 
+def no_repeat_ngram_processor(n: int, prompt_length: int):
+    """A logits processor that forbids any token completing an n-gram the reply already contains.
+
+    Greedy decoding of a small fine-tuned model falls into loops ("a big house with a big house
+    with ..."); once a token n-gram was said, it cannot be said again. Only the reply counts (the
+    prompt may be quoted), and the ending tokens are never banned, so a reply can always stop.
+    """
+    import mlx.core as mx
+
+    def processor(context, logits):
+        reply = context[prompt_length:].tolist() if len(context) > prompt_length else []
+        if len(reply) < n:
+            return logits
+        prefix = reply[len(reply) - n + 1:]
+        banned = {reply[i + n - 1] for i in range(len(reply) - n + 1) if reply[i:i + n - 1] == prefix}
+        if not banned:
+            return logits
+        index = mx.array(sorted(banned), dtype=mx.int32)
+        logits[:, index] = -float("inf")
+        return logits
+
+    return processor
+
+
 def _logits_processors(settings: GenerationSettings, end_ids: set[int], prompt_length: int) -> list:
     from mlx_lm.sample_utils import make_logits_processors
 
     processors = []
     if settings.repetition_penalty != 1.0:
         processors += make_logits_processors(repetition_penalty=settings.repetition_penalty)
+    if settings.no_repeat_ngram:
+        processors.append(no_repeat_ngram_processor(settings.no_repeat_ngram, prompt_length))
     if settings.min_new_tokens > 0:
         processors.append(min_new_tokens_processor(end_ids, prompt_length, settings.min_new_tokens))
     return processors

@@ -100,6 +100,33 @@ def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
+# A reply is a loop when word 4-grams that occur 3+ times in it cover at least half of its words.
+LOOP_NGRAM, LOOP_REPEATS, LOOP_COVERAGE = 4, 3, 0.5
+
+
+def loop_coverage(text: str, n: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS) -> float:
+    """Share of a reply's words inside a word n-gram that occurs `repeats` or more times in it.
+
+    "a big house with a big house with a big house" is covered entirely; a reply that repeats one
+    phrase once or twice ("I'm going to the zoo! Today I'm going to see...") stays near zero.
+    """
+    tokens = words(text)
+    grams = _ngrams(tokens, n)
+    if not grams:
+        return 0.0
+    counts = Counter(grams)
+    covered = [False] * len(tokens)
+    for start, gram in enumerate(grams):
+        if counts[gram] >= repeats:
+            covered[start : start + n] = [True] * n
+    return sum(covered) / len(tokens)
+
+
+def is_loop(text: str) -> bool:
+    """A degenerate reply that goes round in circles (see loop_coverage)."""
+    return loop_coverage(text) >= LOOP_COVERAGE
+
+
 def distinct_n(texts: list[str], n: int) -> float | None:
     """Unique word n-grams / all word n-grams across the replies: low means repetitive output."""
     grams = [g for t in texts for g in _ngrams(words(t), n)]
@@ -206,6 +233,7 @@ def reply_flags(text: str, finish_reason: str, markers: list[str], out_of_charac
         "cut": cut,
         "empty": not text.strip(),
         "mid_sentence": (not cut) and ends_mid_sentence(text),
+        "loop": is_loop(text),
         "markers": find_phrases(text, markers),
         "out_of_character": find_phrases(text, out_of_character),
     }
@@ -231,6 +259,8 @@ def summarise(texts: list[str], flags: list[dict], has_markers: bool, training_w
         "max_words": stats["max"],
         "mean_words_vs_training": stats["mean"] / train_mean if train_mean and stats["mean"] is not None else None,
         "cut_rate": sum(f["cut"] for f in flags) / n if n else None,
+        "stop_rate": sum(not f["cut"] for f in flags) / n if n else None,
+        "loop_rate": sum(f["loop"] for f in flags) / n if n else None,
         "mid_sentence_rate": sum(f["mid_sentence"] for f in not_cut) / len(not_cut) if not_cut else None,
         "empty_rate": sum(f["empty"] for f in flags) / n if n else None,
         "persona_marker_rate": (sum(1 for f in flags if f["markers"]) / n) if has_markers and n else None,

@@ -32,14 +32,14 @@ _OPT_STR = (str, type(None))
 _SCORECARD = {
     "replies": int, "mean_words": _OPT_NUM, "median_words": _OPT_NUM, "words_stdev": _OPT_NUM,
     "words_cv": _OPT_NUM, "min_words": _OPT_NUM, "max_words": _OPT_NUM, "mean_words_vs_training": _OPT_NUM,
-    "cut_rate": _OPT_NUM, "mid_sentence_rate": _OPT_NUM, "empty_rate": _OPT_NUM,
-    "persona_marker_rate": _OPT_NUM, "out_of_character_hits": int, "out_of_character_rate": _OPT_NUM,
+    "cut_rate": _OPT_NUM, "stop_rate": _OPT_NUM, "loop_rate": _OPT_NUM, "mid_sentence_rate": _OPT_NUM,
+    "empty_rate": _OPT_NUM, "persona_marker_rate": _OPT_NUM, "out_of_character_hits": int, "out_of_character_rate": _OPT_NUM,
     "distinct_1": _OPT_NUM, "distinct_2": _OPT_NUM,
 }
 _REPLY = {
     "prompt_index": int, "sample_index": int, "text": str, "tokens": int, "finish_reason": str,
     "stop_token": _OPT_STR, "seconds": _NUM, "tokens_per_second": _NUM, "words": int, "cut": bool,
-    "mid_sentence": bool, "empty": bool, "markers": [str], "out_of_character": [str],
+    "loop": bool, "mid_sentence": bool, "empty": bool, "markers": [str], "out_of_character": [str],
     "judge_score": (int, type(None)), "judge_raw": _OPT_STR,
 }
 SCHEMA = {
@@ -62,7 +62,7 @@ SCHEMA = {
     }],
     "seconds": _NUM,
 }
-_RATES = ("cut_rate", "mid_sentence_rate", "empty_rate", "persona_marker_rate", "out_of_character_rate",
+_RATES = ("cut_rate", "stop_rate", "loop_rate", "mid_sentence_rate", "empty_rate", "persona_marker_rate", "out_of_character_rate",
           "distinct_1", "distinct_2")
 
 
@@ -149,7 +149,9 @@ SCORE_ROWS = [
     ("words stdev", _words_spread),
     ("words min-max", lambda c: "n/a" if c["min_words"] is None else f"{c['min_words']}-{c['max_words']}"),
     ("mean words / training", lambda c: _num(c["mean_words_vs_training"], 2)),
+    ("stopped by itself", lambda c: _pct(c["stop_rate"])),
     ("cut by token limit", lambda c: _pct(c["cut_rate"])),
+    ("loops (repeats itself)", lambda c: _pct(c["loop_rate"])),
     ("ends mid-sentence (not cut)", lambda c: _pct(c["mid_sentence_rate"])),
     ("empty replies", lambda c: _pct(c["empty_rate"])),
     ("persona-marker rate", lambda c: _pct(c["persona_marker_rate"])),
@@ -186,12 +188,14 @@ def scorecard_table(results: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def reply_tags(reply: dict) -> list[str]:
-    """Short notes shown beside a reply: cut flag, unusual stop token, trailing off, judge score."""
+    """Short notes shown beside a reply: cut and loop flags, unusual stop token, trailing off, judge score."""
     tags = []
     if reply["cut"]:
         tags.append(f"[cut at {reply['tokens']} tokens]")
     elif reply["stop_token"] not in QUIET_STOPS:
         tags.append(f"[stopped by {reply['stop_token']}]")
+    if reply.get("loop"):
+        tags.append("[loop]")
     if reply["mid_sentence"]:
         tags.append("[ends mid-sentence]")
     if reply["out_of_character"]:
@@ -328,7 +332,7 @@ code{background:#f3f3f3;padding:0 3px}.note{font-size:13px;color:#555;max-width:
 
 
 def _tag_html(tag: str) -> str:
-    kind = ("cut" if tag.startswith("[cut") else "stop" if tag.startswith("[stopped")
+    kind = ("cut" if tag.startswith(("[cut", "[loop")) else "stop" if tag.startswith("[stopped")
             else "mid" if tag.startswith("[ends") else "ooc" if tag.startswith("[out") else "")
     if tag.startswith("[") and tag.endswith("]"):  # one bracket each side: "[stopped by [multimodal]]" keeps its own
         tag = tag[1:-1]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, adapter_config, save_adapters
-from .checkpoints import detect_flavour, resolve_model_dir
+from .checkpoints import resolve_model_dir
 from .config import LoraSettings, TrainSettings, to_dict
 from .errors import OutputExistsError, TrainingError
 from .manifest import (
@@ -70,10 +70,16 @@ class RunSetup:
 
 
 def model_flavour(model_dir: Path, manifest: dict | None) -> str:
-    """"pt" or "it": the model's manifest says; otherwise guess from its name and chat template."""
+    """"pt" or "it": the model's manifest says; otherwise read it from the weights (flavour.py)."""
+    import json
+
+    from .flavour import detect_flavour, eos_ids_of
+
     if manifest and manifest.get("flavour") in ("pt", "it"):
         return manifest["flavour"]
-    return detect_flavour(model_dir, model_dir.name)
+    generation = model_dir / "generation_config.json"
+    eos = eos_ids_of(json.loads(generation.read_text())) if generation.is_file() else []
+    return detect_flavour(model_dir, model_dir.name, eos).flavour
 
 
 def want_turn_tokens(setting: str, flavour: str) -> bool:
@@ -97,7 +103,15 @@ def check_settings(lora: LoraSettings, train: TrainSettings) -> None:
         problems.append(f"train.optimizer is '{train.optimizer}'; use one of {', '.join(OPTIMIZERS)}")
     if train.max_seq_length < 8:
         problems.append(f"train.max_seq_length is {train.max_seq_length}; it must be at least 8")
-    for key in ("warmup_steps", "val_every_steps", "early_stopping_patience", "weight_decay"):
+    if train.best_by not in ("stops", "loss"):
+        problems.append(f"train.best_by is '{train.best_by}'; use stops or loss")
+    if not train.turn_token_lr_scale > 0:
+        problems.append(f"train.turn_token_lr_scale is {train.turn_token_lr_scale}; it must be above 0")
+    if not train.end_of_turn_weight > 0:
+        problems.append(f"train.end_of_turn_weight is {train.end_of_turn_weight}; it must be above 0")
+    if lora.turn_token_init not in ("eos", "keep"):
+        problems.append(f"lora.turn_token_init is '{lora.turn_token_init}'; use eos or keep")
+    for key in ("warmup_steps", "val_every_steps", "early_stopping_patience", "weight_decay", "val_generation_tokens"):
         if getattr(train, key) < 0:
             problems.append(f"train.{key} is {getattr(train, key)}; it must be 0 or more")
     if lora.rank < 1 and lora.fine_tune_type != "full":
@@ -234,15 +248,29 @@ def schedule(train: TrainSettings, total_steps: int):
     return optim.join_schedules([warmup, main], [train.warmup_steps])
 
 
-def make_optimizer(train: TrainSettings, total_steps: int):
+def _one_optimizer(train: TrainSettings, lr):
     import mlx.optimizers as optim
 
-    lr = schedule(train, total_steps)
     if train.optimizer == "adamw":
         return optim.AdamW(learning_rate=lr, weight_decay=train.weight_decay)
     if train.optimizer == "adam":
         return optim.Adam(learning_rate=lr)
     return optim.SGD(learning_rate=lr, weight_decay=train.weight_decay)
+
+
+def make_optimizer(train: TrainSettings, total_steps: int, turn_rows: bool = False):
+    """The optimizer; with turn rows and turn_token_lr_scale != 1, a second one for those rows."""
+    import dataclasses
+
+    import mlx.optimizers as optim
+
+    main = _one_optimizer(train, schedule(train, total_steps))
+    if not turn_rows or train.turn_token_lr_scale == 1.0:
+        return main
+    scaled = dataclasses.replace(train, learning_rate=train.learning_rate * train.turn_token_lr_scale)
+    rows = _one_optimizer(train, schedule(scaled, total_steps))
+    # the first optimizer takes everything but the rows (and reports the learning rate)
+    return optim.MultiOptimizer([main, rows], [lambda path, _: not path.startswith("turn_rows")])
 
 
 def write_adapter_dir(directory: Path, setup: RunSetup, num_layers: int, weights: dict, turn) -> None:
@@ -330,8 +358,9 @@ def train_model(
     if summary.get("best_val_loss") is None:
         say(f"done: no validation examples, so the final adapters are kept; adapters in {setup.out}")
     else:
-        say(f"done: best validation loss {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']}; "
-            f"adapters in {setup.out}")
+        why = ("most clean greedy endings" if summary["best_by"] == "stops" else "lowest validation loss")
+        say(f"done: kept the adapters of epoch {summary['best_epoch']:g} ({why}; validation loss "
+            f"{summary['best_val_loss']:.4f}); adapters in {setup.out}, the final ones in {setup.out / 'last'}")
     return TrainResult(setup.out, summary, status)
 
 

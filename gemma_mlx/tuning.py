@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 
@@ -22,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .chat_format import TURN_TOKEN_IDS
+from .chat_format import EOS_ID, END_OF_TURN_ID, TURN_TOKEN_IDS
 from .errors import TrainingError
 from .fast_gelu import use_fast_gelu
 
@@ -30,13 +31,16 @@ from .fast_gelu import use_fast_gelu
 class Trainee(nn.Module):
     """The language model plus the optional trainable turn-token rows, as one trainable tree."""
 
-    def __init__(self, lm: nn.Module, turn_ids: tuple[int, ...] = ()):
+    def __init__(self, lm: nn.Module, turn_ids: tuple[int, ...] = (), init: str = "keep"):
         super().__init__()
         self.lm = lm
         self.turn_ids = tuple(turn_ids)  # a tuple is not a parameter
         if self.turn_ids:
+            # "eos": <end_of_turn> starts as a copy of <eos>, which the base model already predicts where
+            # a text ends; its own row is still where initialisation left it (next to the <unusedN> rows)
+            start = [EOS_ID if init == "eos" and t == END_OF_TURN_ID else t for t in self.turn_ids]
             # embed() de-quantizes rows of a quantized table too
-            self.turn_rows = lm.model.embed_tokens(mx.array(self.turn_ids)).astype(mx.float32)
+            self.turn_rows = lm.model.embed_tokens(mx.array(start)).astype(mx.float32)
 
     @property
     def embed(self):
@@ -58,18 +62,79 @@ class Trainee(nn.Module):
         return logits
 
 
-def loss_fn(trainee: Trainee, inputs: mx.array, positions: mx.array, targets: mx.array):
-    """Mean cross-entropy over the trained positions, and their count.
+@contextlib.contextmanager
+def turn_rows_in_model(trainee: Trainee):
+    """Put the trainee's current turn-token rows into the model's embedding for a while (for generation).
 
-    inputs [B, L]; positions [N] flat indices into B*L; targets [N].
+    The training graph keeps them apart; mlx-lm's generator only knows the model. The embedding
+    module (and its weight) is put back afterwards, untouched.
     """
+    if not trainee.turn_ids:
+        yield
+        return
+    from .adapters import set_embedding_rows
+
+    model = trainee.lm.model
+    embed, weight = model.embed_tokens, getattr(model.embed_tokens, "weight", None)
+    head = getattr(trainee.lm, "lm_head", None)
+    head_weight = getattr(head, "weight", None)
+    set_embedding_rows(trainee.lm, list(trainee.turn_ids), trainee.turn_rows)
+    try:
+        yield
+    finally:
+        model.embed_tokens = embed
+        if weight is not None:
+            embed.weight = weight
+        if head is not None and head_weight is not None:
+            head.weight = head_weight
+
+
+def trained_logits(trainee: Trainee, inputs: mx.array, positions: mx.array) -> mx.array:
+    """Float32 logits [N, V] at the trained positions only (flat indices into B*L)."""
     embeddings = trainee.input_embeddings(inputs) if trainee.turn_ids else None
     hidden = trainee.lm.model(inputs, input_embeddings=embeddings)  # [B, L, H]
     picked = hidden.reshape(-1, hidden.shape[-1])[positions]  # [N, H]
-    logits = trainee.output_logits(picked).astype(mx.float32)  # [N, V]
-    total = nn.losses.cross_entropy(logits, targets, reduction="sum")
+    return trainee.output_logits(picked).astype(mx.float32)
+
+
+def loss_fn(trainee: Trainee, inputs: mx.array, positions: mx.array, targets: mx.array, weights: mx.array | None = None):
+    """Mean cross-entropy over the trained positions (weighted when `weights` [N] is given), and their count.
+
+    inputs [B, L]; positions [N] flat indices into B*L; targets [N].
+    """
+    losses = nn.losses.cross_entropy(trained_logits(trainee, inputs, positions), targets, reduction="none")
     count = positions.size
-    return total / count, mx.array(count)
+    if weights is None:
+        return losses.sum() / count, mx.array(count)
+    return (losses * weights).sum() / weights.sum(), mx.array(count)
+
+
+def loss_weights(targets, end_of_turn_weight: float):
+    """Per-position loss weights: `end_of_turn_weight` where the target ends a reply, 1 elsewhere (numpy)."""
+    import numpy as np
+
+    return np.where(targets == END_OF_TURN_ID, np.float32(end_of_turn_weight), np.float32(1.0)).astype(np.float32)
+
+
+def validation_sums(trainee: Trainee, inputs: mx.array, positions: mx.array, targets: mx.array,
+                    ends: mx.array, unused: mx.array) -> dict:
+    """Loss and end-of-turn numbers of one validation batch, as sums (the caller divides).
+
+    `ends` [E] indexes the positions whose target is <end_of_turn> (a reply end). There we record
+    p(<end_of_turn>), whether it is the top-1 token, and the probability mass on <unusedN> tokens:
+    a base model that has not learned to end its turn spreads "stop" over all of those.
+    """
+    logits = trained_logits(trainee, inputs, positions)
+    losses = nn.losses.cross_entropy(logits, targets, reduction="none")
+    sums = {"loss": losses.sum(), "count": positions.size}
+    if ends.size:
+        at_end = logits[ends]  # [E, V]
+        logprobs = at_end - mx.logsumexp(at_end, axis=-1, keepdims=True)
+        sums["end_p"] = mx.exp(logprobs[:, END_OF_TURN_ID]).sum()
+        sums["end_top1"] = (mx.argmax(at_end, axis=-1) == END_OF_TURN_ID).sum()
+        sums["end_unused_mass"] = mx.exp(logprobs[:, unused]).sum() if unused.size else mx.array(0.0)
+    sums["ends"] = ends.size
+    return sums
 
 
 def resolve_num_layers(lora, model) -> int:
@@ -103,8 +168,12 @@ def _checkpoint_layer(layer: nn.Module) -> None:
                                       lambda ns: ns.update(__call__=checkpointed))
 
 
-def prepare(lm: nn.Module, lora, train_turn_tokens: bool, grad_checkpoint: bool = False) -> Trainee:
-    """Freeze the model, add LoRA/DoRA layers (or unfreeze layers for full), wrap it for training."""
+def prepare(lm: nn.Module, lora, train_turn_tokens: bool, grad_checkpoint: bool = False,
+            turn_init: str = "keep") -> Trainee:
+    """Freeze the model, add LoRA/DoRA layers (or unfreeze layers for full), wrap it for training.
+
+    `turn_init` is "eos" or "keep" (only ever "eos" for a base model, whose turn rows are untrained).
+    """
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     num_layers = resolve_num_layers(lora, lm)
@@ -128,7 +197,7 @@ def prepare(lm: nn.Module, lora, train_turn_tokens: bool, grad_checkpoint: bool 
     if grad_checkpoint:
         for layer in lm.layers[-num_layers:] if not train_turn_tokens else lm.layers:
             _checkpoint_layer(layer)
-    return Trainee(lm, TURN_TOKEN_IDS if train_turn_tokens else ())
+    return Trainee(lm, TURN_TOKEN_IDS if train_turn_tokens else (), init=turn_init)
 
 
 def count_parameters(tree) -> int:

@@ -282,6 +282,33 @@ def test_hand_made_replies_are_scored_and_tagged(compared):
     assert f"--- {name} (4 words) [stopped by <unused7>] [ends mid-sentence]\n" in text
 
 
+def test_loops_are_flagged_in_every_view(compared):
+    from gemma_mlx.compare import _warnings, score_model
+    from gemma_mlx.config import GenerationSettings
+    from gemma_mlx.generate import Reply
+    from gemma_mlx.report import render_markdown, render_text
+
+    loop = "Dad was a big house with a big house with a big house with a big house with a big house"
+    made = [(loop, 40, "length"), ("I'm going to the zoo! Today I'm going to see the lions.", 14, "stop"),
+            ("We went to a big house with a big house with a big house with a big house.", 20, "stop")]
+    results = json.loads(json.dumps(compared.results))
+    entry = {**results["models"][0], "raw_replies": [Reply(i, 0, PROMPTS[i], t, n, why, None, 0.5, 10.0, {})
+                                                     for i, (t, n, why) in enumerate(made)]}
+    score_model(entry, PROMPTS, ["Dad"], [], None)
+    results["models"] = [entry]
+    results["warnings"] = _warnings([], results["models"], GenerationSettings())
+    assert validate_results(results) == []
+    assert [r["loop"] for r in entry["replies"]] == [True, False, True]
+    card = entry["scorecard"]
+    assert card["loop_rate"] == pytest.approx(2 / 3) and card["stop_rate"] == pytest.approx(2 / 3)
+    name = entry["name"]
+    assert f"--- {name} (21 words) [cut at 40 tokens] [loop]\n" in render_text(results)
+    assert f"**{name} (18 words) [loop]**" in render_markdown(results)
+    assert '<span class="tag cut">loop</span>' in render_html(results)
+    assert any("2 of 3 replies are loops" in w for w in results["warnings"])
+    assert "loops (repeats itself)" in render_text(results)
+
+
 def test_report_html_is_self_contained_and_escaped(compared):
     page = (compared.out_dir / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<style>" in page

@@ -162,6 +162,24 @@ def test_min_new_tokens_suppresses_every_stop_token_until_reached(pt_only_eos):
     assert reply.tokens == 3 and reply.stop_token == "<unused7>"
 
 
+def test_no_repeat_ngram_breaks_a_loop_and_the_reply_can_still_stop(pt_only_eos):
+    from gemma_mlx.persona import is_loop
+
+    tok = pt_only_eos.tokenizer
+    words = word_ids(tok, "a big house with")
+    last = prompt_ids(tok, [{"role": "user", "content": "Hi"}])[-1]
+    # "a big house with a big house with ..." forever; <end_of_turn> is always the runner-up
+    script = chain([last, *words]) | {words[-1]: words[0]}
+    model = scripted(pt_only_eos, script)
+    for word in words:
+        model.model.bias[word, END_OF_TURN_ID] = BIG / 2
+    looping, guarded = generate_replies(model, ["Hi", "Hi"], [G(max_tokens=40), G(max_tokens=40, no_repeat_ngram=3)])
+    assert looping.cut and is_loop(looping.text)
+    # "a big house with a big" then "house" would repeat the 3-gram "a big house": the reply ends instead
+    assert guarded.finish_reason == "stop" and guarded.stop_token == "<end_of_turn>"
+    assert not is_loop(guarded.text) and guarded.text.count("big house") == 1
+
+
 def test_greedy_batched_equals_one_at_a_time_and_mlx_lm(lively):
     from mlx_lm.generate import generate_step
 
@@ -285,6 +303,8 @@ def test_bad_settings_and_prompts_are_clear_errors(pt_only_eos):
         generate_replies(pt_only_eos, ["a", "b", "c"], [G(), G()])
     with pytest.raises(ConfigError, match="top_p must be in"):
         generate_replies(pt_only_eos, ["a"], G(top_p=0.0))
+    with pytest.raises(ConfigError, match="no_repeat_ngram must be 0"):
+        generate_replies(pt_only_eos, ["a"], G(no_repeat_ngram=1))
     with pytest.raises(ConfigError, match="min_new_tokens cannot exceed max_tokens"):
         generate_replies(pt_only_eos, ["a"], G(max_tokens=4, min_new_tokens=5))
     with pytest.raises(GemmaMlxError, match="Prompt 2 is neither"):

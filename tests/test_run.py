@@ -37,9 +37,9 @@ def stage_statuses(run_dir: Path) -> dict:
 
 
 def test_demo_runs_every_stage_and_writes_everything(in_demo_outputs):
-    result = run_cli("--demo")
+    result = run_cli("--tiny")
     assert result.exit_code == 0, result.output
-    run_dir = in_demo_outputs / "runs" / "demo"
+    run_dir = in_demo_outputs / "runs" / "tiny"
     assert stage_statuses(run_dir) == {s: "ran" for s in experiment.STAGES}
     manifest = json.loads((run_dir / "manifest.json").read_text())
     for record in manifest["stages"]:
@@ -63,18 +63,18 @@ def test_demo_runs_every_stage_and_writes_everything(in_demo_outputs):
 
 
 def test_second_run_skips_every_stage(in_demo_outputs):
-    run_dir = in_demo_outputs / "runs" / "demo"
+    run_dir = in_demo_outputs / "runs" / "tiny"
     weights = run_dir / "tiny-gemma-3-pt" / "adapters.safetensors"
     before = weights.stat().st_mtime_ns
-    result = run_cli("--demo")
+    result = run_cli("--tiny")
     assert result.exit_code == 0, result.output
     assert stage_statuses(run_dir) == {s: "up-to-date" for s in experiment.STAGES}
     assert weights.stat().st_mtime_ns == before
 
 
 def test_changed_training_setting_reruns_only_what_it_affects(in_demo_outputs):
-    run_dir = in_demo_outputs / "runs" / "demo"
-    result = run_cli("--demo", "--epochs", "1")
+    run_dir = in_demo_outputs / "runs" / "tiny"
+    result = run_cli("--tiny", "--epochs", "1")
     assert result.exit_code == 0, result.output
     assert stage_statuses(run_dir) == {"convert": "up-to-date", "data": "up-to-date", "train": "ran", "fuse": "ran", "compare": "ran"}
     summary = json.loads((run_dir / "tiny-gemma-3-it" / "summary.json").read_text())
@@ -82,8 +82,8 @@ def test_changed_training_setting_reruns_only_what_it_affects(in_demo_outputs):
 
 
 def test_only_compare_reuses_earlier_stages(in_demo_outputs):
-    run_dir = in_demo_outputs / "runs" / "demo"
-    result = run_cli("--demo", "--epochs", "1", "--only", "compare", "--max-tokens", "8")
+    run_dir = in_demo_outputs / "runs" / "tiny"
+    result = run_cli("--tiny", "--epochs", "1", "--only", "compare", "--max-tokens", "8")
     assert result.exit_code == 0, result.output
     statuses = stage_statuses(run_dir)
     assert statuses["compare"] == "ran" and statuses["train"] == "skipped"
@@ -98,7 +98,7 @@ def test_interrupted_training_resumes(in_demo_outputs, monkeypatch):
 
     real_train = experiment.train.train_model
     monkeypatch.setattr(experiment.train, "train_model", functools.partial(real_train, callback=stop_at_step_5))
-    result = run_cli("--demo", "--name", "resumed", "--epochs", "1")
+    result = run_cli("--tiny", "--name", "resumed", "--epochs", "1")
     assert result.exit_code == 130
     assert "Run the same command again to resume" in result.output
     run_dir = in_demo_outputs / "runs" / "resumed"
@@ -106,7 +106,7 @@ def test_interrupted_training_resumes(in_demo_outputs, monkeypatch):
     assert not (run_dir / "compare").exists()
 
     monkeypatch.setattr(experiment.train, "train_model", real_train)
-    resumed = run_cli("--demo", "--name", "resumed", "--epochs", "1")
+    resumed = run_cli("--tiny", "--name", "resumed", "--epochs", "1")
     assert resumed.exit_code == 0, resumed.output
     assert "resum" in resumed.output.lower()
     assert stage_statuses(run_dir)["train"] == "ran"

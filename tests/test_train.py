@@ -73,7 +73,8 @@ def test_run_writes_mlx_lm_adapters_metrics_summary_and_manifest(pt_run, convert
     valid = [m for m in read_metrics(out) if m["split"] == "valid"]
     assert [m["epoch"] for m in valid] == [1.0, 2.0, 3.0, 4.0]
     assert valid[-1]["loss"] < valid[0]["loss"]
-    assert summary["best_val_loss"] == min(m["loss"] for m in valid)
+    best = next(m for m in valid if m["step"] == summary["best_step"])
+    assert summary["best_val_loss"] == best["loss"] and summary["best_by"] == "stops"
     assert all(m["tokens_per_second"] > 0 and m["peak_memory_gb"] > 0 for m in read_metrics(out))
     assert "<svg" in (out / "loss.svg").read_text() and "validation loss" in (out / "loss.svg").read_text()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -115,6 +116,68 @@ def test_turn_rows_change_alone_and_end_of_turn_beats_unused_tokens(pt_run, conv
     unused = [i for token, i in tokenizer._tokenizer.get_vocab().items() if token.startswith("<unused")]
     assert len(unused) >= 99
     assert probs[END_OF_TURN_ID].item() > max(probs[i].item() for i in unused)
+
+
+def test_validation_measures_reply_endings_and_keeps_the_cleanest(pt_run):
+    out = pt_run[0].out_dir
+    valid = [m for m in read_metrics(out) if m["split"] == "valid"]
+    for m in valid:
+        for key in ("end_p", "end_top1", "end_unused_mass", "gen_clean_rate"):
+            assert 0.0 <= m[key] <= 1.0, (key, m)
+        assert m["gen_replies"] == 2 and m["gen_clean"] <= m["gen_stops"] <= 2 and m["gen_loops"] <= 2
+    # the base model learns to end its turn: p(<end_of_turn>) at the reply ends rises, <unusedN> mass falls
+    assert valid[-1]["end_p"] > valid[0]["end_p"]
+    assert valid[-1]["end_unused_mass"] < valid[0]["end_unused_mass"]
+    # "best" = most clean greedy endings, the later validation on a tie
+    top = max(m["gen_clean_rate"] for m in valid)
+    assert pt_run[0].summary["best_step"] == max(m["step"] for m in valid if m["gen_clean_rate"] == top)
+    assert any("greedy replies:" in line for line in pt_run[1])
+
+
+def test_selection_rule():
+    from gemma_mlx.train_loop import is_better, selection_score
+
+    record = {"loss": 2.0, "end_top1": 0.5, "gen_clean_rate": 0.75}
+    assert selection_score(record, "stops") == 0.75
+    assert selection_score({"loss": 2.0, "end_top1": 0.5}, "stops") == 0.5  # generation off
+    assert selection_score(record, "loss") == -2.0
+    assert is_better(0.75, 0.75, "stops") and not is_better(0.5, 0.75, "stops")
+    assert not is_better(-2.0, -2.0, "loss") and is_better(-1.9, -2.0, "loss") and is_better(0.0, None, "loss")
+
+
+def test_turn_token_recipe_knobs(converted_models, data_file, tmp_path):
+    from mlx_lm import load
+
+    from gemma_mlx.train import make_optimizer
+
+    # eos init: a base model's <end_of_turn> row starts as <eos>'s; <start_of_turn> keeps its own
+    lm, tokenizer = load(str(converted_models["pt"]))
+    trainee = tuning.prepare(lm, LORA, True, turn_init="eos")
+    table = lm.model.embed_tokens.weight
+    assert mx.array_equal(trainee.turn_rows[1], table[1]).item()
+    assert mx.array_equal(trainee.turn_rows[0], table[START_OF_TURN_ID]).item()
+
+    # the <end_of_turn> loss weight: a weighted mean over the trained positions
+    sequence = batching.tokenize_example(tokenizer, load_examples(data_file)[0])
+    batch = batching.make_batch([sequence], [0])
+    inputs, positions, targets = mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.targets)
+    weights = mx.array(tuning.loss_weights(batch.targets, 5.0))
+    plain = tuning.nn.losses.cross_entropy(tuning.trained_logits(trainee, inputs, positions), targets, reduction="none")
+    expected = (plain * weights).sum() / weights.sum()
+    assert tuning.loss_fn(trainee, inputs, positions, targets, weights)[0].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert int((weights == 5.0).sum().item()) == int((targets == END_OF_TURN_ID).sum().item()) == 1
+
+    # a separate learning rate for the rows: the rows move further in the same steps
+    assert type(make_optimizer(TrainSettings(turn_token_lr_scale=10.0), 10, turn_rows=True)).__name__ == "MultiOptimizer"
+    moved = {}
+    for scale in (1.0, 10.0):
+        out = tmp_path / f"scale{scale}"
+        train_model(converted_models["pt"], data_file, out=out, lora=LoraSettings(num_layers=4, rank=4, turn_token_init="keep"),
+                    train=TrainSettings(epochs=1, learning_rate=1e-4, turn_token_lr_scale=scale, val_generation_tokens=0))
+        rows = mx.load(str(out / "last" / "turn_tokens.safetensors"))["rows"]
+        start = table[mx.array([START_OF_TURN_ID, END_OF_TURN_ID])]
+        moved[scale] = mx.abs(rows - start).sum().item()
+    assert moved[10.0] > 3 * moved[1.0]
 
 
 def test_response_only_mask_covers_the_reply_and_end_of_turn(converted_models):
@@ -199,7 +262,7 @@ def test_best_adapters_are_kept_apart_from_the_last(converted_models, tmp_path):
     write_chat_data(data / "valid.jsonl", count=4, seed=4, words=OTHER_WORDS)
     result = train_model(converted_models["it"], data, out=tmp_path / "run", lora=LoraSettings(num_layers=-1, rank=8),
                          train=TrainSettings(epochs=8, learning_rate=5e-3, lr_schedule="constant",
-                                             early_stopping_patience=3))
+                                             early_stopping_patience=3, best_by="loss"))
     summary, out = result.summary, result.out_dir
     assert summary["best_epoch"] < summary["epochs_completed"]  # validation got worse after the best epoch
     assert summary["stopped_early"] and summary["epochs_completed"] < 8
@@ -213,7 +276,7 @@ def test_best_adapters_are_kept_apart_from_the_last(converted_models, tmp_path):
 
     model, tokenizer = load_with_adapters(converted_models["it"], out)
     valid = [batching.tokenize_example(tokenizer, e) for e in load_splits(data, seed=0).valid]
-    loss, _, _ = evaluate(tuning.Trainee(model), valid, 4)
+    loss = evaluate(tuning.Trainee(model), valid, 4)["loss"]
     assert loss == pytest.approx(summary["best_val_loss"], rel=1e-4)
 
 

@@ -12,9 +12,9 @@ from typing import Callable
 
 import yaml
 
-from .config import GenerationSettings, apply_overrides
+from .config import GenerationSettings, apply_overrides, check_settings
 from .errors import GemmaMlxError
-from .generate import LoadedModel, check_settings, load_model, stream_reply
+from .generate import LoadedModel, load_model, stream_reply
 from .persona import is_loop
 
 USER_PROMPT = "you> "
@@ -56,9 +56,7 @@ def change_settings(settings: GenerationSettings, assignments: list[str]) -> Gen
             overrides[key] = None
         if overrides[key] is None:  # apply_overrides would skip it silently
             raise GemmaMlxError(f"'{value}' is not a valid value for {key}.")
-    changed = apply_overrides(settings, overrides)
-    check_settings(changed)
-    return changed
+    return apply_overrides(settings, overrides, where="/settings")
 
 
 def chat_loop(

@@ -17,19 +17,20 @@ from pathlib import Path
 
 from . import backend
 from .chat_format import END_OF_TURN_ID, EOS_ID, GEMMA_TURN_TEMPLATE
-from .errors import CheckpointError, OutputExistsError
+from .errors import CheckpointError
 from .manifest import (
     Progress,
+    StageOutput,
     atomic_output_dir,
+    check_output,
     check_writable,
+    finish_output,
     now_iso,
     outputs_root,
     quiet,
-    read_manifest,
     sha256_file,
     sha256_tree,
     versions,
-    write_manifest,
 )
 
 # Short names for the checkpoints the reference experiment uses.
@@ -356,21 +357,17 @@ def convert_checkpoint(
         config = validate_checkpoint(checkpoint)
         source_id = {"hub_id": source.hub_id, "revision": commit} if source.hub_id else {"sha256": sha256_tree(checkpoint)}
 
-    existing = read_manifest(out)
-    if existing and existing.get("source_id") == source_id and existing.get("settings") == settings:
+    local = source.gguf_path or checkpoint
+    output = StageOutput("convert", out, key={"source_id": source_id, "settings": settings},
+                         inputs={"the checkpoint it converts": local})
+    existing = check_output(output, force, progress)
+    if existing:
         progress(f"{source.spec}: already converted at {out} (same source and settings), nothing to do")
         return ConvertResult(source.name, out, "up-to-date", existing)
-    if out.exists() and not force:
-        raise OutputExistsError(
-            f"{out} already exists and was made from a different source or with different settings. "
-            "Re-run with --force to replace it, or choose another --out."
-        )
 
     params = _source_parameters(source, checkpoint)
     check_writable(out.parent, _estimate_bytes(params, dtype, quantize_bits, source.gguf_path is not None))
-    local = source.gguf_path or checkpoint
     record = {
-        "stage": "convert",
         "name": source.name,
         "source": {"spec": source.spec, "hub_id": source.hub_id, "local_path": str(local),
                    "format": "gguf" if source.gguf_path else "huggingface"},
@@ -380,19 +377,13 @@ def convert_checkpoint(
         "shape": {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")},
     }
     progress(f"{source.spec}: converting to {dtype}" + (f", {quantize_bits}-bit" if quantize_bits else "") + f" -> {out}")
-    try:
-        manifest = _convert_into(out, source, checkpoint, record, progress)
-    except OSError as error:  # disk full, permissions changed mid-way: the temp dir is already gone
-        raise CheckpointError(
-            f"Converting {source.spec} to {out} failed while writing ({error.strerror or error}). "
-            "Nothing was left behind; free disk space or fix permissions and run the command again."
-        ) from None
+    manifest = _convert_into(output, source, checkpoint, record, progress)
     progress(f"{source.spec}: {manifest['flavour_evidence']['explanation']}")
     progress(f"{source.spec}: done in {manifest['seconds']:.1f}s ({manifest['size_bytes'] / 1e6:.1f} MB)")
     return ConvertResult(source.name, out, "converted", manifest)
 
 
-def _convert_into(out: Path, source: Source, checkpoint: Path | None, record: dict, progress: Progress) -> dict:
+def _convert_into(output: StageOutput, source: Source, checkpoint: Path | None, record: dict, progress: Progress) -> dict:
     """Run mlx-lm's conversion into a temp dir next to `out`, fix it up, and rename it into place.
 
     A GGUF source is first written out as a Hugging Face checkpoint inside the same temp dir.
@@ -405,7 +396,7 @@ def _convert_into(out: Path, source: Source, checkpoint: Path | None, record: di
 
     settings = record["settings"]
     started = time.perf_counter()
-    with atomic_output_dir(out, force=True) as tmp:
+    with atomic_output_dir(output.path, force=True) as tmp:
         extra = {}
         if source.gguf_path is not None:
             from .gguf_import import gguf_to_hf
@@ -431,7 +422,7 @@ def _convert_into(out: Path, source: Source, checkpoint: Path | None, record: di
         staged.rmdir()
         make_gemma_correct(tmp)
         flavour = detect_flavour(tmp, source.name, source_eos, settings["flavour"])
-        manifest = {
+        manifest = finish_output(tmp, output, {
             **record,
             **extra,
             "flavour": flavour.flavour,
@@ -440,8 +431,7 @@ def _convert_into(out: Path, source: Source, checkpoint: Path | None, record: di
             "seconds": round(time.perf_counter() - started, 2),
             "created": now_iso(),
             "versions": versions(),
-        }
-        write_manifest(tmp, manifest)
+        })
     return manifest
 
 

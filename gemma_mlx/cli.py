@@ -160,8 +160,11 @@ def run(config_file, demo, tiny, only, name, epochs, max_tokens):
 
     if sum(bool(x) for x in (demo, tiny, config_file)) > 1:
         raise click.UsageError("Use one of --demo, --tiny or a CONFIG_FILE.")
-    config = demo_config(echo_progress) if demo else tiny_config(echo_progress) if tiny else load_experiment(config_file)
-    config = apply_overrides(config, {"name": name, "train.epochs": epochs, "generation.max_tokens": max_tokens})
+    overrides = {"name": name, "train.epochs": epochs, "generation.max_tokens": max_tokens}
+    if demo or tiny:
+        config = apply_overrides(demo_config(echo_progress) if demo else tiny_config(echo_progress), overrides)
+    else:
+        config = load_experiment(config_file, overrides)
     result = run_experiment(config, only=list(only) or None, progress=echo_progress)
     if result.status == "interrupted":
         click.echo(f"Interrupted; progress is saved in {result.run_dir}. Run the same command again to resume.", err=True)
@@ -394,7 +397,15 @@ def chat(model, adapter_path, system, **generation):
     run_chat(model, adapter_path, GenerationSettings(**generation), system=system, progress=echo_progress)
 
 
+def _terminate_like_ctrl_c(signum, frame):
+    """SIGTERM (a `kill`, a closing terminal, a job scheduler) takes the Ctrl-C path: state is saved."""
+    raise KeyboardInterrupt
+
+
 def main():
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
     cli(prog_name="gemma-mlx")
 
 

@@ -28,22 +28,22 @@ from .compare_inputs import (
     read_training_data,
     spec_paths,
 )
-from .config import GenerationSettings, to_dict
-from .errors import OutputExistsError
-from .generate import check_settings, generate_replies, load_model
+from .config import GenerationSettings, check_settings, to_dict
+from .generate import generate_replies, load_model
 from .judge import JUDGE_RUBRIC, JUDGE_SETTINGS, JUDGE_TEMPLATE, judge_replies
 from .manifest import (
     MANIFEST_NAME,
     Progress,
+    StageOutput,
     atomic_output_dir,
+    check_output,
     check_writable,
+    finish_output,
     now_iso,
     outputs_root,
     quiet,
-    read_manifest,
     sha256_json,
     versions,
-    write_manifest,
 )
 from .report import FORMAT, REPORT_FILES, write_reports
 
@@ -203,25 +203,27 @@ def _inputs_key(models, prompts, settings, persona, training, judge) -> dict:
     }
 
 
-def _check_out(out: Path, inputs: dict, force: bool) -> dict | None:
-    """The existing results when `out` already holds this comparison; refuse to clobber non-reports."""
-    if not out.exists():
+def _input_paths(models: list[str], prompts: list, persona, training_data, judge) -> dict[str, Path]:
+    """Everything a comparison reads, which its report directory must never replace (the protocol's rule 1)."""
+    paths = {}
+    for spec in [*models, *([judge] if judge else [])]:
+        for path in spec_paths(spec):
+            paths[f"the model {path}"] = path
+    for item in prompts:
+        if isinstance(item, Path):
+            paths[f"the prompt file {item}"] = item
+    if persona:
+        paths["the persona spec"] = Path(persona)
+    if training_data:
+        paths["the training data"] = Path(training_data)
+    return paths
+
+
+def _existing_results(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "comparison.json").read_text())
+    except (OSError, json.JSONDecodeError):
         return None
-    if not out.is_dir():  # refuse now, not after every model has generated
-        raise OutputExistsError(f"{out} is a file, and the report directory would replace it. Choose another --out.")
-    manifest = read_manifest(out) or {}
-    if manifest.get("stage") == "compare" and manifest.get("inputs") == inputs:  # same inputs: a no-op, force or not
-        try:
-            return json.loads((out / "comparison.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-    if not force and any(out.iterdir()):
-        what = ("holds a comparison of different models, prompts or settings"
-                if manifest.get("stage") == "compare" else "is not a comparison report (no compare manifest.json)")
-        raise OutputExistsError(
-            f"{out} already exists and {what}. Choose another --out, or re-run with --force to replace it."
-        )
-    return None
 
 
 def _results(settings, prompt_pairs, persona_info, mined, training, overlaps, judge, entries) -> dict:
@@ -249,13 +251,12 @@ def _results(settings, prompt_pairs, persona_info, mined, training, overlaps, ju
     }
 
 
-def _write(out: Path, results: dict, inputs: dict) -> None:
+def _write(output: StageOutput, results: dict) -> None:
     """The four report files and the stage manifest, all or nothing."""
-    with atomic_output_dir(out, force=True) as tmp:
+    with atomic_output_dir(output.path, force=True) as tmp:
         write_reports(tmp, results)
-        write_manifest(tmp, {
-            "stage": "compare",
-            "inputs": inputs,
+        finish_output(tmp, output, {
+            "inputs": output.key,
             "settings": results["settings"],
             "files": list(REPORT_FILES),
             "versions": results["versions"],
@@ -296,8 +297,10 @@ def compare_models(
     training, training_replies, training_prompts = read_training_data(training_data)
     inputs = _inputs_key(models, prompt_pairs, settings, persona_info, training, judge)
     out = Path(out) if out else _default_out()
-    existing = _check_out(out, inputs, force)
-    if existing is not None:
+    output = StageOutput("compare", out, key=inputs,
+                         inputs=_input_paths(models, list(prompts), persona, training_data, judge))
+    existing = check_output(output, force, progress) and _existing_results(out)
+    if existing:
         progress(f"compare: {out} already holds this comparison (same models, prompts and settings), nothing to do")
         return CompareResult(out, existing, "up-to-date")
     check_writable(out.parent)
@@ -327,6 +330,6 @@ def compare_models(
     results["warnings"] = _warnings(overlaps, results["models"], settings)
     results["seconds"] = round(time.perf_counter() - started, 3)
 
-    _write(out, results, inputs)
+    _write(output, results)
     progress(f"compare: wrote {out} ({', '.join(REPORT_FILES)}, {MANIFEST_NAME})")
     return CompareResult(out, results)

@@ -8,6 +8,7 @@ here; this module imports no stage.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from .errors import ConfigError
 SHIPPED_DATA = Path(__file__).resolve().parent.parent / "data"
 
 
+DEFAULT_NUM_LAYERS = 16
+
+
 @dataclass
 class LoraSettings:
     fine_tune_type: str = "lora"  # lora | dora | full (full trains every weight: slow, large)
@@ -29,7 +33,7 @@ class LoraSettings:
     # alpha: PEFT's alpha / rank equals this scale, so alpha = scale * rank (20 * 8 = 160).
     scale: float = 20.0
     dropout: float = 0.0  # dropout on the LoRA input
-    num_layers: int = 16  # adapt the last N transformer layers (-1: all)
+    num_layers: int = DEFAULT_NUM_LAYERS  # adapt the last N transformer layers (-1: all; the default 16 means all of a smaller model)
     # projections to adapt, as paths inside a layer; empty means mlx-lm's default
     # (all attention and MLP projections of the layer)
     keys: list[str] = field(default_factory=list)
@@ -99,6 +103,115 @@ class ExperimentConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    # where each setting that is not a default came from ("exp.yaml:12", "command line"); not a setting
+    locations: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+
+NOT_SETTINGS = ("locations",)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Every rule a setting must follow, in one table: dotted key -> (test, what the value must be).
+# Checked when a config is built (load_config, apply_overrides) and when a stage gets settings
+# objects from Python, so `run` finds a bad value before convert starts.
+RULES: dict[str, tuple[typing.Callable, str]] = {
+    "name": (lambda v: bool(NAME.match(v)) and v not in (".", ".."),
+             "a plain directory name (letters, digits, '.', '_', '-'), not a path"),
+    "checkpoints": (lambda v: len(v) > 0, "a list of at least one checkpoint"),
+    "dtype": (lambda v: v in ("", *DTYPES), f"empty or one of {', '.join(DTYPES)}"),
+    "quantize_bits": (lambda v: v in (0, 4, 8), "0 (off), 4 or 8"),
+    "prompts": (lambda v: len(v) > 0, "a list of at least one prompt file"),
+    "lora.fine_tune_type": (lambda v: v in ("lora", "dora", "full"), "lora, dora or full"),
+    "lora.rank": (lambda v: v >= 1, "at least 1"),
+    "lora.scale": (lambda v: v > 0, "above 0"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lora.num_layers": (lambda v: v == -1 or v >= 1, "-1 (all layers) or at least 1"),
+    "lora.train_turn_tokens": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
+    "lora.turn_token_init": (lambda v: v in ("eos", "keep"), "eos or keep"),
+    "train.epochs": (lambda v: v >= 1, "at least 1"),
+    "train.batch_size": (lambda v: v >= 1, "at least 1"),
+    "train.learning_rate": (lambda v: v > 0, "above 0"),
+    "train.lr_schedule": (lambda v: v in ("constant", "cosine", "linear"), "constant, cosine or linear"),
+    "train.warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "train.optimizer": (lambda v: v in ("adam", "adamw", "sgd"), "adam, adamw or sgd"),
+    "train.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "train.max_seq_length": (lambda v: v >= 8, "at least 8 (tokens)"),
+    "train.val_every_steps": (lambda v: v >= 0, "0 (once per epoch) or more"),
+    "train.early_stopping_patience": (lambda v: v >= 0, "0 (off) or more"),
+    "train.seed": (lambda v: v >= 0, "0 or more"),
+    "train.turn_token_lr_scale": (lambda v: v > 0, "above 0"),
+    "train.end_of_turn_weight": (lambda v: v > 0, "above 0"),
+    "train.val_generation_tokens": (lambda v: v >= 0, "0 (off) or more"),
+    "train.best_by": (lambda v: v in ("stops", "loss"), "stops or loss"),
+    "generation.max_tokens": (lambda v: v >= 1, "at least 1"),
+    "generation.min_new_tokens": (lambda v: v >= 0, "0 or more"),
+    "generation.temperature": (lambda v: v >= 0, "0 (greedy) or more"),
+    "generation.top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1.0 turns it off)"),
+    "generation.top_k": (lambda v: v >= 0, "0 (off) or more"),
+    "generation.min_p": (lambda v: 0 <= v <= 1, "in [0, 1] (0 turns it off)"),
+    "generation.repetition_penalty": (lambda v: v > 0, "above 0 (1.0 turns it off)"),
+    "generation.no_repeat_ngram": (lambda v: v == 0 or v >= 2, "0 (off) or at least 2"),
+    "generation.samples": (lambda v: v >= 1, "at least 1"),
+    "generation.seed": (lambda v: v >= 0, "0 or more"),
+}
+SECTIONS = {LoraSettings: "lora", TrainSettings: "train", GenerationSettings: "generation"}
+
+
+def _problems(settings, prefix: str, locations: dict[str, str]) -> list[str]:
+    found = []
+    for f in dataclasses.fields(settings):
+        if f.name in NOT_SETTINGS:
+            continue
+        value, key = getattr(settings, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            found += _problems(value, f"{key}.", locations)
+        elif key in RULES and not RULES[key][0](value):
+            where = f"{locations[key]}: " if key in locations else ""
+            found.append(f"{where}{key} is {value!r}; it must be {RULES[key][1]}")
+    min_new = getattr(settings, "min_new_tokens", None)
+    if min_new is not None and min_new > settings.max_tokens:
+        found.append(f"{prefix}min_new_tokens ({min_new}) cannot exceed {prefix}max_tokens ({settings.max_tokens})")
+    return found
+
+
+def check_settings(settings, locations: dict[str, str] | None = None) -> None:
+    """Raise one ConfigError listing every setting that breaks RULES (each with its file:line when known).
+
+    `settings` is an ExperimentConfig or one of its sections (LoraSettings, TrainSettings, GenerationSettings).
+    """
+    if isinstance(settings, ExperimentConfig):
+        prefix, locations = "", settings.locations if locations is None else locations
+    else:
+        prefix = SECTIONS[type(settings)] + "."
+    problems = _problems(settings, prefix, locations or {})
+    if len(problems) == 1:
+        raise ConfigError(f"{problems[0]}. Fix it in the config file or the options.")
+    if problems:
+        listed = "\n".join(f"  {p}" for p in problems)
+        raise ConfigError(f"{len(problems)} settings cannot work; fix them in the config file or the options:\n{listed}")
+
+
+def check_against_models(config: ExperimentConfig, model_configs: dict[str, dict]) -> None:
+    """The settings that depend on a model's shape, checked against each checkpoint's config.json.
+
+    Run before convert, so `lora.num_layers: 99` fails in a second, not after a download.
+    """
+    problems = []
+    where = lambda key: f"{config.locations[key]}: " if key in config.locations else ""  # noqa: E731
+    for name, model in model_configs.items():
+        layers = model.get("num_hidden_layers")
+        n = config.lora.num_layers
+        if layers and n > layers and (n != DEFAULT_NUM_LAYERS or "lora.num_layers" in config.locations):
+            problems.append(f"{where('lora.num_layers')}lora.num_layers is {n}, but {name} has {layers} layers; "
+                            f"use 1 to {layers}, or -1 for all")
+        positions = model.get("max_position_embeddings")
+        for key, value in (("generation.max_tokens", config.generation.max_tokens),
+                           ("train.max_seq_length", config.train.max_seq_length)):
+            if positions and value > positions:
+                problems.append(f"{where(key)}{key} is {value}, but {name} reads at most {positions} tokens")
+    if problems:
+        listed = "\n".join(f"  {p}" for p in problems)
+        raise ConfigError(f"Settings that do not fit the model(s):\n{listed}")
 
 
 def _type_name(tp) -> str:
@@ -130,15 +243,43 @@ def _coerce(value, tp, where: str, key: str):
     return value
 
 
-def _build(cls, node: yaml.MappingNode, data: dict, source: str, prefix: str = ""):
-    """Make a dataclass from a YAML mapping, naming the file:line of any unknown or mistyped key."""
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with two YAML 1.2 habits: `1e-4` is a float (YAML 1.1 reads a string)
+    and a key given twice in one mapping is an error (not "the last one wins")."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key '{key}' appears twice (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?\.?[0-9_]*(?:[eE][-+]?[0-9]+)$|^[-+]?[0-9][0-9_]*\.[0-9_]*$"
+               r"|^[-+]?\.[0-9_]+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _build(cls, node: yaml.MappingNode, data: dict, source: str, prefix: str = "", locations: dict | None = None):
+    """Make a dataclass from a YAML mapping, naming the file:line of any unknown or mistyped key.
+
+    `locations` collects "file:line" for every key that was set.
+    """
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in NOT_SETTINGS}
     key_lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if node is not None else {}
     value_nodes = {k.value: v for k, v in node.value} if node is not None else {}
     values = {}
     for key, value in (data or {}).items():
         where = f"{source}:{key_lines.get(key, '?')}"
+        if locations is not None:
+            locations[f"{prefix}{key}"] = where
         if key not in fields:
             known = ", ".join(fields)
             raise ConfigError(f"{where}: unknown key '{prefix}{key}'. Known keys here: {known}.")
@@ -146,37 +287,50 @@ def _build(cls, node: yaml.MappingNode, data: dict, source: str, prefix: str = "
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: '{prefix}{key}' must be a mapping of settings, not {value!r}.")
-            values[key] = _build(tp, value_nodes.get(key), value, source, f"{prefix}{key}.")
+            values[key] = _build(tp, value_nodes.get(key), value, source, f"{prefix}{key}.", locations)
         else:
             values[key] = _coerce(value, tp, where, f"{prefix}{key}")
     return cls(**values)
 
 
-def load_config(path: Path | None = None) -> ExperimentConfig:
-    """The experiment config from a YAML file (None: all defaults)."""
+def load_config(path: Path | None = None, overrides: dict | None = None) -> ExperimentConfig:
+    """The experiment config from a YAML file (None: all defaults), with command-line `overrides`
+    (dotted keys) on top, checked as a whole: every bad value is named with its file:line."""
     if path is None:
-        return ExperimentConfig()
+        return apply_overrides(ExperimentConfig(), overrides or {})
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist. Check the path, or leave it out to use the defaults.")
-    text = path.read_text()
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"Cannot read the config file {path} ({error}). Save it as UTF-8 text and check its permissions.") from None
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = mark.line + 1 if mark else "?"
         raise ConfigError(f"{path}:{line}: not valid YAML ({getattr(error, 'problem', error)}).") from None
     if data is None:
-        return ExperimentConfig()
+        return apply_overrides(ExperimentConfig(), overrides or {})
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: the config must be a mapping of keys to values, not {type(data).__name__}.")
-    return _build(ExperimentConfig, node, data, str(path))
+    locations: dict[str, str] = {}
+    config = _build(ExperimentConfig, node, data, str(path), locations=locations)
+    config.locations = locations
+    return apply_overrides(config, overrides or {})
 
 
-def apply_overrides(config: ExperimentConfig, overrides: dict) -> ExperimentConfig:
-    """Return a copy with dotted-key overrides applied (`{"train.epochs": 3}`); None values are skipped."""
+def apply_overrides(config, overrides: dict, where: str | None = "command line"):
+    """Return a checked copy with dotted-key overrides applied (`{"train.epochs": 3}`); None values are skipped.
+
+    `config` is an ExperimentConfig or one section (e.g. GenerationSettings with `{"temperature": 0.7}`).
+    `where` says where the values came from, for error messages and an ExperimentConfig's
+    `locations`; None keeps the recorded locations (for values derived from the file, like resolved paths).
+    """
     config = dataclasses.replace(config)
+    locations = dict(config.locations) if isinstance(config, ExperimentConfig) else {}
     for dotted, value in overrides.items():
         if value is None:
             continue
@@ -189,9 +343,19 @@ def apply_overrides(config: ExperimentConfig, overrides: dict) -> ExperimentConf
         if not any(f.name == leaf for f in dataclasses.fields(target)):
             raise ConfigError(f"Unknown setting '{dotted}'.")
         hint = typing.get_type_hints(type(target))[leaf]
-        setattr(target, leaf, _coerce(value, hint, "command line", dotted))
+        setattr(target, leaf, _coerce(value, hint, where or "command line", dotted))
+        if where is not None:
+            key = dotted if isinstance(config, ExperimentConfig) else f"{SECTIONS.get(type(config), '')}.{dotted}"
+            locations[key] = where
+    if isinstance(config, ExperimentConfig):
+        config.locations = locations
+    check_settings(config, locations)
     return config
 
 
 def to_dict(settings) -> dict:
-    return dataclasses.asdict(settings)
+    """The settings as a plain dict (for manifests and hashes): where they came from is left out."""
+    values = dataclasses.asdict(settings)
+    for key in NOT_SETTINGS:
+        values.pop(key, None)
+    return values

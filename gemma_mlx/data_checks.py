@@ -27,9 +27,9 @@ from .data import (
     parse_dataset,
     split_examples,
 )
-from .errors import DataError, OutputExistsError
+from .errors import DataError
 from .prompts import count_markers, load_persona, read_prompt_lines
-from .manifest import Progress, atomic_output_dir, now_iso, quiet, read_manifest, versions, write_manifest
+from .manifest import Progress, StageOutput, atomic_output_dir, check_output, finish_output, now_iso, quiet, versions
 
 LOW_SPREAD_CV = 0.25  # reply words' coefficient of variation below this: "all alike"
 MIN_REPLIES_FOR_SPREAD = 5
@@ -314,22 +314,28 @@ def split_dataset(path, out: Path, seed: int = 0, valid_fraction: float = 0.1, t
     out = Path(out)
     inputs = {"source_sha256": data_hash(path), "seed": seed,
               "valid_fraction": valid_fraction, "test_fraction": test_fraction}
-    existing = read_manifest(out)
-    if existing and existing.get("stage") == "split" and all(existing.get(k) == v for k, v in inputs.items()):
+    output = StageOutput("split", out, key=inputs,
+                         inputs={"the dataset it splits": Path(path)} if Path(path).exists() else {})
+    existing = check_output(output, force, progress)
+    if existing:
         progress(f"{out}: already split from the same data with the same settings, nothing to do")
         return SplitResult(out, existing["counts"], "up-to-date")
-    if out.exists() and not force:
-        what = "a different split (other data, seed or fractions)" if existing else "something that is not a gemma-mlx split"
-        raise OutputExistsError(f"{out} already exists and holds {what}. Re-run with --force to replace it, or choose another --out.")
     started = time.perf_counter()
     examples = load_examples(path)
     splits = split_examples(examples, seed, valid_fraction, test_fraction)
     counts = {name: len(getattr(splits, name)) for name in ("train", "valid", "test")}
+    empty = [name for name, fraction in (("valid", valid_fraction), ("test", test_fraction)) if fraction and not counts[name]]
+    if empty:
+        raise DataError(
+            f"{path} has {len(examples)} example(s): too few to give the {' and '.join(empty)} set(s) even one "
+            f"(valid {valid_fraction:g}, test {test_fraction:g} of them). Add examples, or set the fraction to 0 to "
+            "do without that set."
+        )
     with atomic_output_dir(out, force=True) as tmp:
         for name in ("train", "valid", "test"):
             _write_jsonl(tmp / f"{name}.jsonl", getattr(splits, name))
-        write_manifest(tmp, {
-            "stage": "split", "source": str(Path(path).resolve()) if Path(path).exists() else str(path), **inputs,
+        finish_output(tmp, output, {
+            "source": str(Path(path).resolve()) if Path(path).exists() else str(path), **inputs,
             "near_duplicate_jaccard": NEAR_DUPLICATE_JACCARD, "counts": counts,
             "seconds": round(time.perf_counter() - started, 3), "created": now_iso(), "versions": versions(),
         })

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 from . import checkpoints, compare, data_checks, fuse, prompts, train
-from .config import SHIPPED_DATA, ExperimentConfig, apply_overrides, load_config, to_dict
+from .config import (
+    SHIPPED_DATA,
+    ExperimentConfig,
+    apply_overrides,
+    check_against_models,
+    check_settings,
+    load_config,
+    to_dict,
+)
 from .errors import ConfigError, DataError, GemmaMlxError
 from .manifest import Progress, now_iso, outputs_root, quiet, read_manifest, sha256_json, versions, write_manifest
 
@@ -65,13 +73,15 @@ def resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
             "prompts": [resolve(p) for p in config.prompts],
             "checkpoints": [resolve_checkpoint(c) for c in config.checkpoints],
         },
+        where=None,  # the same values, made absolute: they still come from the file's lines
     )
 
 
-def load_experiment(config_path: Path | None) -> ExperimentConfig:
-    """An experiment YAML (the shipped one when none is given) with its relative paths resolved."""
+def load_experiment(config_path: Path | None, overrides: dict | None = None) -> ExperimentConfig:
+    """An experiment YAML (the shipped one when none is given) with its relative paths resolved and
+    command-line `overrides` applied; every value is checked (config.RULES) before anything runs."""
     path = Path(config_path) if config_path else DEFAULT_CONFIG
-    return resolve_paths(load_config(path), path.parent.resolve())
+    return resolve_paths(load_config(path, overrides), path.parent.resolve())
 
 
 def demo_config(progress: Progress = quiet) -> ExperimentConfig:
@@ -115,12 +125,7 @@ def tiny_config(progress: Progress = quiet) -> ExperimentConfig:
 
 def preflight(config: ExperimentConfig, progress: Progress = quiet) -> list[checkpoints.Source]:
     """Check config values, checkpoints, data, prompt files and resources before anything slow starts."""
-    if not config.checkpoints:
-        raise ConfigError("The config lists no checkpoints. Add at least one under 'checkpoints:'.")
-    if config.quantize_bits not in (0, 4, 8):
-        raise ConfigError(f"quantize_bits must be 0, 4 or 8, not {config.quantize_bits}.")
-    if config.dtype and config.dtype not in checkpoints.DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(checkpoints.DTYPES)} (or empty), not '{config.dtype}'.")
+    check_settings(config)  # every value, with its file:line (a config built in Python has not been checked)
     sources = [checkpoints.resolve_source(spec) for spec in config.checkpoints]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
@@ -138,6 +143,7 @@ def preflight(config: ExperimentConfig, progress: Progress = quiet) -> list[chec
         prompts.load_persona(Path(config.persona))
     # config.json only (a few KB, or the cache): gated, missing or offline checkpoints fail now
     model_configs = [checkpoints.check_reachable(source) for source in sources]
+    check_against_models(config, {source.name: model for source, model in zip(sources, model_configs)})
     check_resources(config, model_configs, progress)
     return sources
 
@@ -248,6 +254,7 @@ def _train(config: ExperimentConfig, models: dict, data_dir: Path, run_dir: Path
             resume=True,
             force=True,
             progress=progress,
+            resume_hint="run the same command again to continue",
         )
         adapters[name] = str(result.out_dir)
         summaries[name] = result.summary

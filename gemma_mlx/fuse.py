@@ -21,21 +21,22 @@ from pathlib import Path
 from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, apply_turn_tokens, check_adapter_dir
 from .chat_format import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
 from .checkpoints import make_gemma_correct
-from .errors import CheckpointError, GemmaMlxError, OutputExistsError
+from .errors import CheckpointError, GemmaMlxError
 from .manifest import (
     Progress,
+    StageOutput,
     atomic_output_dir,
+    check_output,
     check_writable,
+    finish_output,
     now_iso,
     quiet,
     read_manifest,
+    refuse_to_replace_inputs,
     sha256_file,
-    sha256_json,
     sha256_tree,
     versions,
-    write_manifest,
 )
-from .train import refuse_to_replace_inputs
 
 ADAPTER_FILES = (ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE)
 TOKENIZER_FILES = (
@@ -214,33 +215,26 @@ def fuse_model(
         raise GemmaMlxError(f"Unknown export dtype {hf_dtype!r}. Choose one of: {', '.join(HF_DTYPES)}.")
     out = Path(out).expanduser() if out else adapter_dir / "fused"
     inputs_of = {"the adapters": adapter_dir, "the base model": base}
-    refuse_to_replace_inputs(out, inputs_of)
-    if export_hf is not None:
-        refuse_to_replace_inputs(export_hf, {**inputs_of, "the fused model": out})
+    if export_hf is not None:  # refused now, not after the fuse
+        refuse_to_replace_inputs(StageOutput("export-hf", Path(export_hf), {}, {**inputs_of, "the fused model": out}))
     inputs = fuse_inputs(adapter_dir, base, dequantize)
-
-    existing = read_manifest(out)
-    if existing and existing.get("stage") == "fuse" and existing.get("inputs") == inputs:
+    output = StageOutput("fuse", out, key=inputs, inputs=inputs_of)
+    existing = check_output(output, force, progress)
+    if existing:
         progress(f"{out}: already fused from the same adapters and base, nothing to do")
         result = FuseResult(out, "up-to-date", existing)
     else:
-        if out.exists() and not out.is_dir():
-            raise OutputExistsError(f"{out} is a file, and the fused model would replace it. Choose another --out.")
-        if out.exists() and not force:
-            raise OutputExistsError(
-                f"{out} already exists and holds a different model (other adapters, base or settings). "
-                "Re-run with --force to replace it, or choose another --out."
-            )
-        result = _fuse(adapter_dir, adapter_config, base, base_config, out, inputs, train_manifest, dequantize, progress)
+        result = _fuse(adapter_dir, adapter_config, base, base_config, output, train_manifest, dequantize, progress)
     if export_hf is not None:
         result.hf_dir = export_hf_model(result.out_dir, export_hf, dtype=hf_dtype, force=force, progress=progress)
     return result
 
 
-def _fuse(adapter_dir, adapter_config, base, base_config, out, inputs, train_manifest, dequantize, progress) -> FuseResult:
+def _fuse(adapter_dir, adapter_config, base, base_config, output, train_manifest, dequantize, progress) -> FuseResult:
     import mlx.core as mx
     from mlx_lm.utils import dequantize_model
 
+    out, inputs = output.path, output.key
     base_bytes = sum(p.stat().st_size for p in base.glob("model*.safetensors"))
     check_writable(out.parent, need_bytes=int(base_bytes * (4 if dequantize else 1.2)) + (20 << 20))
     started = time.perf_counter()
@@ -256,8 +250,7 @@ def _fuse(adapter_dir, adapter_config, base, base_config, out, inputs, train_man
     base_manifest = read_manifest(base) or {}
     with atomic_output_dir(out, force=True) as tmp:
         _save_fused(tmp, base, model, tokenizer, config)
-        manifest = {
-            "stage": "fuse",
+        manifest = finish_output(tmp, output, {
             "name": _fused_name(adapter_dir, base, base_manifest),
             "base_model": str(base),
             "adapters": str(adapter_dir),
@@ -265,7 +258,6 @@ def _fuse(adapter_dir, adapter_config, base, base_config, out, inputs, train_man
             "model_type": base_config.get("model_type"),
             "shape": {k: base_config.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")},
             "inputs": inputs,
-            "inputs_sha256": sha256_json(inputs),
             "settings": {"dequantize": bool(dequantize), "quantization": config.get("quantization")},
             "adapter_config": adapter_config,
             "fused_layers": merged,
@@ -275,8 +267,7 @@ def _fuse(adapter_dir, adapter_config, base, base_config, out, inputs, train_man
             "seconds": round(time.perf_counter() - started, 2),
             "created": now_iso(),
             "versions": versions(),
-        }
-        write_manifest(tmp, manifest)
+        })
     progress(
         f"fused {merged} adapter layers" + (" and the turn-token rows" if turn_tokens else "")
         + f" -> {out} ({manifest['seconds']:.1f}s)"
@@ -313,6 +304,17 @@ def hf_config(config: dict, dtype: str, tied: bool) -> dict:
     return dict(sorted(hf.items()))
 
 
+def _default_hf_dtype(model_dir: Path) -> str:
+    """float32 for a float32 model, else bfloat16 (the hub's own dtype for Gemma 3)."""
+    import mlx.core as mx
+
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        weights = mx.load(str(file))  # lazy: nothing is read but the header
+        if "model.embed_tokens.weight" in weights:
+            return "float32" if weights["model.embed_tokens.weight"].dtype == mx.float32 else "bfloat16"
+    return "bfloat16"
+
+
 def _hf_weights(model_dir: Path, dtype: str | None):
     """Float weights under HF names (MLX's Gemma 3 uses the same names), de-quantized if needed."""
     import mlx.core as mx
@@ -340,19 +342,14 @@ def export_hf_model(
     model_dir, out = Path(model_dir), Path(out).expanduser()
     if dtype is not None and dtype not in HF_DTYPES:
         raise GemmaMlxError(f"Unknown export dtype {dtype!r}. Choose one of: {', '.join(HF_DTYPES)}.")
-    refuse_to_replace_inputs(out, {"the model it exports": model_dir})
     source = read_manifest(model_dir) or {}
-    source_id = source.get("inputs_sha256") or sha256_tree(model_dir)
-    existing = read_manifest(out)
-    if existing and existing.get("stage") == "export-hf" and existing.get("source_id") == source_id and (
-        dtype is None or existing.get("dtype") == dtype
-    ):
+    source_id = source.get("key_sha256") or sha256_tree(model_dir)
+    dtype = dtype or _default_hf_dtype(model_dir)
+    output = StageOutput("export-hf", out, key={"source_id": source_id, "dtype": dtype},
+                         inputs={"the model it exports": model_dir})
+    if check_output(output, force, progress):
         progress(f"{out}: already exported from the same model, nothing to do")
         return out
-    if out.exists() and not force:
-        raise OutputExistsError(
-            f"{out} already exists and holds something else. Re-run with --force to replace it, or choose another --export-hf."
-        )
     started = time.perf_counter()
     weights, config, dtype = _hf_weights(model_dir, dtype)
     check_writable(out.parent, need_bytes=sum(w.nbytes for w in weights.values()) + (20 << 20))
@@ -369,8 +366,7 @@ def export_hf_model(
         ).is_file() else {}
         generation.update(bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=hf["eos_token_id"])
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        write_manifest(tmp, {
-            "stage": "export-hf",
+        finish_output(tmp, output, {
             "source_model": str(model_dir.resolve()),
             "source_id": source_id,
             "source_manifest": source or None,

@@ -24,7 +24,7 @@ from typing import Callable
 
 from .chat_format import prompt_ids, reply_end_token_ids
 from .checkpoints import resolve_model_dir
-from .config import GenerationSettings
+from .config import GenerationSettings, check_settings
 from .errors import CheckpointError, ConfigError, GemmaMlxError
 from .manifest import Progress, read_manifest
 
@@ -98,25 +98,6 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None) -> Load
     if adapter_dir is not None:
         name += f"+{adapter_dir.parent.name}/{adapter_dir.name}"
     return LoadedModel(name, model_dir, model, tokenizer, read_manifest(model_dir), adapter_dir)
-
-
-def check_settings(settings: GenerationSettings) -> None:
-    """Reject settings that would fail deep inside sampling, with the fix in the message."""
-    rules = [
-        (settings.max_tokens >= 1, "max_tokens must be at least 1"),
-        (settings.min_new_tokens >= 0, "min_new_tokens must be 0 or more"),
-        (settings.min_new_tokens <= settings.max_tokens, "min_new_tokens cannot exceed max_tokens"),
-        (settings.temperature >= 0, "temperature must be 0 (greedy) or more"),
-        (0 < settings.top_p <= 1, "top_p must be in (0, 1] (1.0 turns it off)"),
-        (settings.top_k >= 0, "top_k must be 0 (off) or more"),
-        (0 <= settings.min_p <= 1, "min_p must be in [0, 1] (0 turns it off)"),
-        (settings.repetition_penalty > 0, "repetition_penalty must be above 0 (1.0 turns it off)"),
-        (settings.no_repeat_ngram == 0 or settings.no_repeat_ngram >= 2, "no_repeat_ngram must be 0 (off) or at least 2"),
-        (settings.samples >= 1, "samples must be at least 1"),
-    ]
-    problems = [why for ok, why in rules if not ok]
-    if problems:
-        raise ConfigError(f"Invalid generation settings: {'; '.join(problems)} (got {dataclasses.asdict(settings)}).")
 
 
 def _row_key(seed: int, sample_index: int):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
@@ -116,12 +118,161 @@ def check_writable(directory: Path, need_bytes: int = 0) -> None:
         )
 
 
+# ---------------------------------------------------------------------------- the stage-output protocol
+#
+# Every stage (convert, split, train, fuse, export-hf, compare, and run through them) writes its
+# output directory by these rules, and only here are they written down:
+#   1. An output may never be or contain one of its inputs, and inside an input it may only be a
+#      directory this stage wrote; --force does not change that.
+#   2. A file in the way is never replaced.
+#   3. An output of this stage made from the same inputs and settings, with every recorded file still
+#      there at its recorded size, is up to date: nothing to do. One whose files are gone or cut short
+#      is made again.
+#   4. --force replaces an earlier output of this stage made from other inputs; without it, that is
+#      refused. A directory that this stage did not write (no manifest of this stage) is never
+#      replaced, --force or not: it may hold anything.
+#   5. The output is written in a temp dir next to it and renamed into place when complete; a
+#      failure or Ctrl-C leaves the old output as it was, and temp dirs left by a killed process are
+#      cleaned up by the next run.
+
+
+@dataclass
+class StageOutput:
+    """One stage's output directory, what it is made of, and what it must never replace."""
+
+    stage: str
+    path: Path
+    key: dict  # everything the output depends on: ids or hashes of the inputs, and the settings
+    inputs: dict[str, Path] = field(default_factory=dict)  # "the model it trains" -> path
+
+    @property
+    def key_sha256(self) -> str:
+        return sha256_json(self.key)
+
+
+def refuse_to_replace_inputs(output: StageOutput) -> None:
+    """Rule 1: the output is not, does not hold, and does not sit inside (unless its own) any input."""
+    target = Path(output.path).expanduser().resolve()
+    for what, path in output.inputs.items():
+        path = Path(path).expanduser().resolve()
+        if path == target or target in path.parents:
+            where = "is" if path == target else f"holds ({path})"
+            raise OutputExistsError(
+                f"The output {output.path} {where} {what}; writing there would replace it, so it is refused even "
+                "with --force. Choose another output directory."
+            )
+        if path in target.parents and target.exists() and not _written_by(target, output.stage):
+            raise OutputExistsError(
+                f"The output {output.path} is inside {what} ({path}) and holds something {output.stage} did not "
+                "write; replacing it could delete part of the input. Choose another output directory."
+            )
+
+
+def _written_by(directory: Path, stage: str) -> bool:
+    manifest = read_manifest(directory)
+    return bool(manifest) and manifest.get("stage") == stage
+
+
+def recorded_files(directory: Path) -> dict[str, int]:
+    """Relative path -> size in bytes of every file under a finished output (the manifest excluded)."""
+    directory = Path(directory)
+    return {str(p.relative_to(directory)): p.stat().st_size
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def damaged_files(directory: Path, manifest: dict) -> list[str]:
+    """Recorded files that are missing or no longer their recorded size (rule 3)."""
+    directory = Path(directory)
+    damaged = []
+    for name, size in (manifest.get("files") or {}).items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != size:
+            damaged.append(name)
+    return damaged
+
+
+def check_output(output: StageOutput, force: bool = False, progress: Progress = quiet) -> dict | None:
+    """Apply rules 1-4 before any work: the manifest when the output is up to date, else None.
+
+    Raises OutputExistsError (one paragraph: what is there, what to do) when the output may not be
+    written. Temp dirs of killed runs next to the output are removed here (rule 5).
+    """
+    path = Path(output.path)
+    refuse_to_replace_inputs(output)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path} is a file, and the {output.stage} output directory would replace it. "
+                                "Choose another output directory, or move the file away.")
+    clean_stale_temp_dirs(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return None
+    manifest = read_manifest(path)
+    if not manifest or manifest.get("stage") != output.stage:
+        raise OutputExistsError(
+            f"{path} already exists and holds something that `{output.stage}` did not write (no {output.stage} "
+            f"manifest.json), so it is not replaced, even with --force. Choose another output directory, or "
+            "move it away yourself."
+        )
+    if manifest.get("key_sha256") == output.key_sha256:
+        damaged = damaged_files(path, manifest)
+        if not damaged:
+            return manifest
+        progress(f"{path}: {len(damaged)} recorded file(s) are missing or cut short ({', '.join(damaged[:3])}); "
+                 "making the output again")
+        return None
+    if not force:
+        raise OutputExistsError(
+            f"{path} already holds a {output.stage} output made from other inputs or settings. Re-run with --force "
+            "to replace it, or choose another output directory."
+        )
+    return None
+
+
+def finish_output(directory: Path, output: StageOutput, manifest: dict) -> dict:
+    """Write the manifest of a complete output (in its temp dir): the stage's record plus the protocol's."""
+    manifest = {**manifest, "stage": output.stage, "key": output.key, "key_sha256": output.key_sha256,
+                "files": recorded_files(directory)}
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temp_dirs(final: Path) -> None:
+    """Remove `.NAME.partial-PID` / `.NAME.old-PID` dirs next to `final` whose process is gone."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    for leftover in final.parent.glob(f".{final.name}.*-*"):
+        kind, _, pid = leftover.name[len(final.name) + 2:].rpartition("-")
+        if kind in ("partial", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_error(path: Path, error: OSError) -> GemmaMlxError:
+    """A full disk or a read-only directory while writing, as one paragraph (nothing half-written was kept)."""
+    why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+           errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is used up"}.get(error.errno, error.strerror or str(error))
+    return GemmaMlxError(
+        f"Writing {path} failed: {why}. Nothing half-written was left there and any earlier output is unchanged. "
+        "Free some space or fix the permissions (or choose another output directory), then run the command again."
+    )
+
+
 @contextlib.contextmanager
 def atomic_output_dir(final: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temp dir next to `final`; on success it replaces `final` in one rename.
+    """Yield a temp dir next to `final`; on success it replaces `final` in one rename (rule 5).
 
     On any failure or Ctrl-C the temp dir is removed and `final` (if it existed) is untouched,
-    so a half-written model is never left where a later stage would find it.
+    so a half-written model is never left where a later stage would find it. A full disk or a
+    read-only directory becomes one clear GemmaMlxError.
     """
     final = Path(final)
     if final.exists() and not final.is_dir():
@@ -133,17 +284,24 @@ def atomic_output_dir(final: Path, force: bool = False) -> Iterator[Path]:
             f"{final} already exists and holds something different. "
             "Re-run with --force to replace it, or choose another output directory."
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp_dirs(final)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as error:
+        raise write_error(final, error) from None
     try:
         yield tmp
+        replace_dir(tmp, final)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(final, error) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, final)
 
 
 def replace_dir(finished: Path, final: Path) -> None:

@@ -18,27 +18,28 @@ from typing import Callable
 
 from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, adapter_config, save_adapters
 from .checkpoints import resolve_model_dir
-from .config import LoraSettings, TrainSettings, to_dict
+from .config import LoraSettings, TrainSettings, check_settings, to_dict
 from .errors import OutputExistsError, TrainingError
 from .manifest import (
     Progress,
+    StageOutput,
+    check_output,
     check_writable,
+    finish_output,
     now_iso,
-    replace_dir,
     outputs_root,
     quiet,
     read_manifest,
+    replace_dir,
     sha256_json,
     versions,
+    write_error,
     write_json,
-    write_manifest,
 )
 
 RESUME_FILE = "resume_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 METRICS_FILE = "metrics.jsonl"
-SCHEDULES = ("constant", "cosine", "linear")
-OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 @dataclass
@@ -83,43 +84,7 @@ def model_flavour(model_dir: Path, manifest: dict | None) -> str:
 
 
 def want_turn_tokens(setting: str, flavour: str) -> bool:
-    if setting not in ("auto", "on", "off"):
-        raise TrainingError(f"lora.train_turn_tokens is '{setting}'; use auto, on or off.")
     return setting == "on" or (setting == "auto" and flavour == "pt")
-
-
-def check_settings(lora: LoraSettings, train: TrainSettings) -> None:
-    """Reject settings that cannot work before loading anything."""
-    problems = []
-    if train.epochs < 1:
-        problems.append(f"train.epochs is {train.epochs}; it must be at least 1")
-    if train.batch_size < 1:
-        problems.append(f"train.batch_size is {train.batch_size}; it must be at least 1")
-    if not train.learning_rate > 0:
-        problems.append(f"train.learning_rate is {train.learning_rate}; it must be above 0")
-    if train.lr_schedule not in SCHEDULES:
-        problems.append(f"train.lr_schedule is '{train.lr_schedule}'; use one of {', '.join(SCHEDULES)}")
-    if train.optimizer not in OPTIMIZERS:
-        problems.append(f"train.optimizer is '{train.optimizer}'; use one of {', '.join(OPTIMIZERS)}")
-    if train.max_seq_length < 8:
-        problems.append(f"train.max_seq_length is {train.max_seq_length}; it must be at least 8")
-    if train.best_by not in ("stops", "loss"):
-        problems.append(f"train.best_by is '{train.best_by}'; use stops or loss")
-    if not train.turn_token_lr_scale > 0:
-        problems.append(f"train.turn_token_lr_scale is {train.turn_token_lr_scale}; it must be above 0")
-    if not train.end_of_turn_weight > 0:
-        problems.append(f"train.end_of_turn_weight is {train.end_of_turn_weight}; it must be above 0")
-    if lora.turn_token_init not in ("eos", "keep"):
-        problems.append(f"lora.turn_token_init is '{lora.turn_token_init}'; use eos or keep")
-    for key in ("warmup_steps", "val_every_steps", "early_stopping_patience", "weight_decay", "val_generation_tokens"):
-        if getattr(train, key) < 0:
-            problems.append(f"train.{key} is {getattr(train, key)}; it must be 0 or more")
-    if lora.rank < 1 and lora.fine_tune_type != "full":
-        problems.append(f"lora.rank is {lora.rank}; it must be at least 1")
-    if not 0 <= lora.dropout < 1:
-        problems.append(f"lora.dropout is {lora.dropout}; it must be in [0, 1)")
-    if problems:
-        raise TrainingError("Cannot train with these settings: " + "; ".join(problems) + ". Fix them in the config or options.")
 
 
 def _base_id(model_dir: Path, manifest: dict | None) -> str:
@@ -133,8 +98,9 @@ def _base_id(model_dir: Path, manifest: dict | None) -> str:
 def plan_run(model, data, out, lora, train, run_name) -> RunSetup:
     from .data import data_hash
 
-    check_settings(lora, train)
-    model_dir = resolve_model_dir(model)
+    check_settings(lora)
+    check_settings(train)
+    model_dir = resolve_model_dir(model).resolve()  # recorded absolute: fuse finds it from any directory
     manifest = read_manifest(model_dir)
     flavour = model_flavour(model_dir, manifest)
     turn = want_turn_tokens(lora.train_turn_tokens, flavour)
@@ -152,6 +118,14 @@ def plan_run(model, data, out, lora, train, run_name) -> RunSetup:
     return RunSetup(model_dir, manifest, flavour, turn, data, data_sha256, lora, train, out, identity)
 
 
+def stage_output(setup: RunSetup) -> StageOutput:
+    """The run's output under the stage-output protocol: its identity is the key."""
+    inputs = {"the model it trains": setup.model_dir}
+    if setup.data.exists():  # not a hub dataset id
+        inputs["the training data"] = setup.data
+    return StageOutput("train", setup.out, key=setup.identity, inputs=inputs)
+
+
 def _identity_diff(old: dict, new: dict) -> list[str]:
     keys = []
     for key in new:
@@ -162,73 +136,64 @@ def _identity_diff(old: dict, new: dict) -> list[str]:
     return keys
 
 
-def read_resume_state(setup: RunSetup, force: bool, progress) -> dict | None:
-    """The saved state of an interrupted run; None when there is none (a new run starts)."""
+def read_resume_state(setup: RunSetup) -> dict | None:
+    """The saved state of an unfinished run (None when there is none); a damaged one is an error."""
     path = setup.work / RESUME_FILE
     if not path.is_file():
-        if setup.work.exists():  # a run that died before its first save: say why it starts over
-            progress(f"nothing to resume in {setup.work}; starting a new run")
         return None
-    state = json.loads(path.read_text())
-    changed = _identity_diff(state["identity"], setup.identity)
-    if changed and force:
-        progress(f"the interrupted run in {setup.work} used a different {', '.join(changed)}; starting over (--force)")
-        return None
-    if changed:
+    try:
+        state = json.loads(path.read_text())
+        state["identity"], state["position"]  # noqa: B018  (both must be there)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
         raise TrainingError(
-            f"Cannot resume the run in {setup.work}: it was started with a different "
-            f"{', '.join(changed)} (base model {state['identity']['base_model']}). Resume with the same "
-            "model, data and settings, or start over with --force."
-        )
+            f"{path} is damaged (not the JSON a run saves), so the unfinished run in {setup.work} cannot be resumed. "
+            "Start over with --force (it discards that run), or move the directory away to keep its adapters."
+        ) from None
     return state
 
 
-def refuse_to_replace_inputs(out: Path, inputs: dict[str, Path]) -> None:
-    """An output that would replace (or sit above) one of its own inputs is a mistake even with --force.
-
-    `inputs` maps a description ("the model it trains") to a path.
-    """
-    target = Path(out).expanduser().resolve()
-    for what, path in inputs.items():
-        path = Path(path).expanduser().resolve()
-        if path == target or target in path.parents:
-            where = "is" if path == target else f"holds ({path})"
-            raise OutputExistsError(
-                f"The output {out} {where} {what}; writing there would replace it. Choose another output directory."
-            )
+def _saved_adapters(work: Path) -> list[Path]:
+    return sorted(work.rglob(ADAPTERS_FILE)) if work.is_dir() else []
 
 
 def prepare_work_dir(setup: RunSetup, resume: bool, force: bool, progress) -> dict | None:
-    """Decide between refuse / resume / fresh start; return the resume state if resuming."""
-    inputs = {"the model it trains": setup.model_dir}
-    if setup.data.exists():  # not a hub dataset id
-        inputs["the training data"] = setup.data
-    refuse_to_replace_inputs(setup.out, inputs)
-    for path in (setup.out, setup.work):
-        if path.exists() and not path.is_dir():
-            raise OutputExistsError(f"{path} is a file, and a training run would replace it. Choose another --out or --run-name.")
+    """Decide between refuse / resume / fresh start; return the resume state if resuming.
+
+    An unfinished run's saved adapters are only ever discarded with force.
+    """
+    check_output(stage_output(setup), force, progress)  # inputs, files in the way, a different finished run
+    if setup.work.exists() and not setup.work.is_dir():
+        raise OutputExistsError(f"{setup.work} is a file, and a training run would replace it. Choose another --out or --run-name.")
     check_writable(setup.out.parent)
-    if resume:
-        state = read_resume_state(setup, force, progress)
-        if state is not None:
+    state = read_resume_state(setup) if setup.work.exists() else None
+    if state is not None:
+        changed = _identity_diff(state["identity"], setup.identity)
+        if resume and not changed:
             return state
-    if setup.out.exists() and not force:
-        manifest = read_manifest(setup.out)
-        what = ("a finished training run with a different model, data or settings"
-                if manifest and manifest.get("stage") == "train" else "something that is not this training run")
+        if changed and not force:
+            raise TrainingError(
+                f"The unfinished run in {setup.work} was started with a different {', '.join(changed)}, so it cannot "
+                "be continued with these settings. Continue it with the settings it had (--resume), or start over "
+                "with --force (it discards that run and its saved adapters)."
+            )
+        if not changed and not force:
+            raise OutputExistsError(
+                f"An unfinished run is waiting in {setup.work} (its adapters are saved). Add --resume to continue it, "
+                "or --force to discard it and start over."
+            )
+    elif _saved_adapters(setup.work) and not force:
         raise OutputExistsError(
-            f"{setup.out} already holds {what}. "
-            "Re-run with --force to replace it, or choose another --out or --run-name."
+            f"{setup.work} holds adapters of an unfinished run but no resume state. They are kept: move them away, "
+            "or start over with --force (it discards them)."
         )
     if setup.work.exists():
-        if (setup.work / RESUME_FILE).is_file() and not force and not resume:
-            raise OutputExistsError(
-                f"An interrupted run is waiting in {setup.work}. Add --resume to continue it, or --force "
-                "to discard it and start over."
-            )
-        progress(f"discarding the unfinished run in {setup.work}")
+        progress(f"discarding the unfinished run in {setup.work} (--force)" if force else
+                 f"starting over in {setup.work} (nothing was saved there)")
         shutil.rmtree(setup.work)
-    setup.work.mkdir(parents=True)
+    try:
+        setup.work.mkdir(parents=True)
+    except OSError as error:
+        raise write_error(setup.work, error) from None
     return None
 
 
@@ -303,20 +268,21 @@ def finish_run(setup: RunSetup, summary: dict) -> dict:
     for leftover in (RESUME_FILE, OPTIMIZER_FILE):
         (work / leftover).unlink(missing_ok=True)
     manifest = {
-        "stage": "train",
         "base_model": str(setup.model_dir),
         "base_manifest": setup.base_manifest,
         "flavour": setup.flavour,
         "data": str(setup.data.resolve()),
         "data_sha256": setup.data_sha256,
         "settings": {"lora": to_dict(setup.lora), "train": to_dict(setup.train), "turn_tokens": setup.turn_tokens},
-        "identity": sha256_json(setup.identity),
         "summary": summary,
         "created": now_iso(),
         "versions": versions(),
     }
-    write_manifest(work, manifest)
-    replace_dir(work, setup.out)
+    manifest = finish_output(work, stage_output(setup), manifest)
+    try:
+        replace_dir(work, setup.out)
+    except OSError as error:
+        raise write_error(setup.out, error) from None
     return manifest
 
 
@@ -331,6 +297,7 @@ def train_model(
     force: bool = False,
     progress: Progress | None = None,
     callback: Callable[[dict], None] | None = None,
+    resume_hint: str = "continue with the same command plus --resume",
 ) -> TrainResult:
     """Fine-tune `model` (a converted model dir or name) on `data`; see the module docstring.
 
@@ -342,14 +309,14 @@ def train_model(
 
     say = progress or quiet
     setup = plan_run(model, data, out, lora or LoraSettings(), train or TrainSettings(), run_name)
-    existing = read_manifest(setup.out)
     resumable = resume and (setup.work / RESUME_FILE).is_file()
-    if not resumable and existing and existing.get("stage") == "train" and existing.get("identity") == sha256_json(setup.identity):
+    existing = None if resumable else check_output(stage_output(setup), force, say)
+    if existing:
         say(f"{setup.out}: already trained with the same model, data and settings, nothing to do")
         return TrainResult(setup.out, existing.get("summary", {}), "up-to-date")
     state = prepare_work_dir(setup, resume, force, say)
     started = time.time()
-    summary, status = run_training(setup, state, progress, callback)
+    summary, status = run_training(setup, state, progress, callback, resume_hint)
     if status == "interrupted":
         return TrainResult(setup.work, summary, status)
     summary["finished"] = now_iso()
@@ -379,8 +346,8 @@ def train_with_config(
 
     The data defaults to the config's `data`, the run name to the config's `name`.
     """
-    from .config import apply_overrides, load_config
+    from .config import load_config
 
-    config = apply_overrides(load_config(config_path), overrides or {})
+    config = load_config(config_path, overrides or {})
     return train_model(model, data or config.data, out=out, lora=config.lora, train=config.train,
                        run_name=run_name or config.name, resume=resume, force=force, progress=progress)

@@ -27,6 +27,7 @@ from .manifest import quiet, write_json
 from .train import METRICS_FILE, OPTIMIZER_FILE, RESUME_FILE, RunSetup, copy_adapter_files, make_optimizer, write_adapter_dir
 
 LAST_DIR = "last"
+LAST_GOOD_DIR = "last-good"  # the adapters of the step before a NaN loss
 VALIDATION_PROMPTS = 16  # validation prompts answered at each validation (when val_generation_tokens > 0)
 # mx.compile for the training step. Off: length-bucketed batches give almost every step a new
 # shape, so a compiled step retraces nearly every time; scripts/bench_train.py --compile measured
@@ -345,6 +346,7 @@ class Run:
         if patience and p.bad_validations >= patience:
             p.stopped_early = True
         self._commit()
+        self.save_resume_state()  # a hard kill (SIGKILL, power) loses at most one validation interval
         return loss
 
     def generate_validation(self) -> dict:
@@ -385,12 +387,14 @@ class Run:
         if math.isfinite(value):
             self.good = self.committed[0]
         else:
-            self._save_adapters(self.setup.work / LAST_DIR, self.good)
-            (self.setup.work / RESUME_FILE).unlink(missing_ok=True)
+            # keep what was saved (the last validation's adapters and resume state) and the last good step's
+            self._save_adapters(self.setup.work / LAST_GOOD_DIR, self.good)
             raise TrainingError(
                 f"The training loss became {value} at step {p.step + 1} (epoch {p.epoch + 1}), so training stopped. "
-                f"The last good adapters are in {self.setup.work / LAST_DIR}. Lower the learning rate "
-                f"(now {self.setup.train.learning_rate:g}; try {self.setup.train.learning_rate / 10:g}) and run again."
+                f"Nothing saved was deleted: the last good step's adapters are in {self.setup.work / LAST_GOOD_DIR}, "
+                f"the best so far in {self.setup.work}. Lower the learning rate (now "
+                f"{self.setup.train.learning_rate:g}; try {self.setup.train.learning_rate / 10:g}) and run again "
+                "with --force, which starts over (move that directory away first to keep its adapters)."
             )
         return value
 
@@ -486,7 +490,8 @@ class Run:
             copy_adapter_files(self.setup.work / LAST_DIR, self.setup.work)
 
 
-def run_training(setup: RunSetup, resume_state: dict | None, progress, callback) -> tuple[dict, str]:
+def run_training(setup: RunSetup, resume_state: dict | None, progress, callback,
+                 resume_hint: str = "continue with the same command plus --resume") -> tuple[dict, str]:
     """Train; return (summary, "trained" | "interrupted")."""
     try:
         run = Run(setup, resume_state, progress, callback)
@@ -506,7 +511,7 @@ def run_training(setup: RunSetup, resume_state: dict | None, progress, callback)
         run.save_resume_state()
         p = run.committed[2]
         run.say(f"interrupted at epoch {p.epoch + 1}, step {p.step}/{run.total_steps}: the current adapters are in "
-                f"{setup.work / LAST_DIR}; continue with the same command plus --resume")
+                f"{setup.work / LAST_DIR}; {resume_hint}")
         return run.summary(), "interrupted"
     run.finish()
     run.reporter.message(f"trained {run.position.step} steps in {run.position.train_seconds:.1f}s")

@@ -138,8 +138,11 @@ def validation_sums(trainee: Trainee, inputs: mx.array, positions: mx.array, tar
 
 
 def resolve_num_layers(lora, model) -> int:
+    """How many of the last layers get LoRA: -1 is all; the default 16 is all of a model with fewer."""
+    from .config import DEFAULT_NUM_LAYERS
+
     total = len(model.layers)
-    if lora.num_layers == -1:
+    if lora.num_layers == -1 or lora.num_layers == DEFAULT_NUM_LAYERS >= total:
         return total
     if not 0 < lora.num_layers <= total:
         raise TrainingError(

@@ -103,7 +103,7 @@ def test_settings_show_change_and_reject(pt):
     assert "settings: max_tokens=6 min_new_tokens=0 temperature=0.0" in out
     assert "settings: max_tokens=3 min_new_tokens=0 temperature=0.7" in out
     assert "Unknown setting 'colour'" in out
-    assert "top_p must be in (0, 1]" in out
+    assert "top_p is 0.0; it must be in (0, 1]" in out
     assert "one reply per turn" in out
     assert "Unknown command /bogus" in out
     assert "[cut at 3 tokens]" in out  # the changed limit was used for the next reply
@@ -138,7 +138,7 @@ def test_cli_chat_errors_are_clean(converted_models, tmp_path):
     assert "does not exist" in result.output and "Traceback" not in result.output
     result = runner.invoke(cli, ["chat", str(converted_models["pt"]), "--top-p", "0"], input="Hi\n")
     assert result.exit_code == 1
-    assert "top_p must be in (0, 1]" in result.output and "Traceback" not in result.output
+    assert "top_p is 0.0; it must be in (0, 1]" in result.output and "Traceback" not in result.output
 
 
 def test_run_chat_loads_by_name_from_outputs(converted_models, isolated_outputs):

@@ -404,14 +404,15 @@ def test_cli_model_without_tokenizer(tmp_path, converted_models, inputs):
 
 
 def test_cli_bad_setting_fails_before_loading(runner_args):
-    _fails_cleanly([*runner_args[:-2], "--max-tokens", "0"], "max_tokens must be at least 1")
+    _fails_cleanly([*runner_args[:-2], "--max-tokens", "0"], "max_tokens is 0; it must be at least 1")
 
 
 def test_cli_refuses_to_overwrite_a_directory_that_is_not_a_report(tmp_path, runner_args):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    _fails_cleanly([*runner_args, "--out", str(precious)], "not a comparison report", "--force")
+    _fails_cleanly([*runner_args, "--out", str(precious)], "`compare` did not write", "even with --force")
+    _fails_cleanly([*runner_args, "--out", str(precious), "--force"], "`compare` did not write")
     assert (precious / "notes.txt").read_text() == "keep me"
 
 

@@ -301,11 +301,11 @@ def test_load_model_errors_are_clear(converted_models, tmp_path):
 def test_bad_settings_and_prompts_are_clear_errors(pt_only_eos):
     with pytest.raises(ConfigError, match="2 generation settings for 3 prompts"):
         generate_replies(pt_only_eos, ["a", "b", "c"], [G(), G()])
-    with pytest.raises(ConfigError, match="top_p must be in"):
+    with pytest.raises(ConfigError, match=r"top_p is 0.0; it must be in \(0, 1\]"):
         generate_replies(pt_only_eos, ["a"], G(top_p=0.0))
-    with pytest.raises(ConfigError, match="no_repeat_ngram must be 0"):
+    with pytest.raises(ConfigError, match="no_repeat_ngram is 1; it must be 0"):
         generate_replies(pt_only_eos, ["a"], G(no_repeat_ngram=1))
-    with pytest.raises(ConfigError, match="min_new_tokens cannot exceed max_tokens"):
+    with pytest.raises(ConfigError, match=r"min_new_tokens \(5\) cannot exceed generation.max_tokens \(4\)"):
         generate_replies(pt_only_eos, ["a"], G(max_tokens=4, min_new_tokens=5))
     with pytest.raises(GemmaMlxError, match="Prompt 2 is neither"):
         generate_replies(pt_only_eos, ["a", [{"role": "assistant", "content": "x"}]])

@@ -15,7 +15,7 @@ from gemma_mlx.chat_format import END_OF_TURN_ID, START_OF_TURN_ID, encode
 from gemma_mlx.cli import cli
 from gemma_mlx.config import LoraSettings, TrainSettings
 from gemma_mlx.data import Example, load_examples
-from gemma_mlx.errors import OutputExistsError, TrainingError
+from gemma_mlx.errors import ConfigError, OutputExistsError, TrainingError
 from gemma_mlx.train import train_model
 
 WORDS = ("I reckon we should play a game in the backyard today Hooray my little sister wants to be the "
@@ -289,8 +289,13 @@ def test_cli_trains_with_config_and_stops_cleanly_on_nan(converted_models, data_
     assert result.exit_code == 1, result.output
     assert "became nan" in result.output and "Lower the learning rate" in result.output
     assert "Traceback" not in result.output
-    kept = mx.load(str(tmp_path / "nan.partial/last/adapters.safetensors"))
+    kept = mx.load(str(tmp_path / "nan.partial/last-good/adapters.safetensors"))
     assert all(mx.all(mx.isfinite(v)).item() for v in kept.values())
+    # the command it suggests running again never deletes what was saved without --force
+    again = runner.invoke(cli, ["train", "--model", str(converted_models["it"]), "--data", str(data_file),
+                                "--config", str(config), "--lr", "1e-3", "--out", str(tmp_path / "nan")])
+    assert again.exit_code == 1 and "--force" in again.output and "Traceback" not in again.output
+    assert (tmp_path / "nan.partial/last-good/adapters.safetensors").is_file()
 
     result = runner.invoke(cli, ["train", "--model", str(converted_models["it"]), "--data", str(data_file),
                                  "--config", str(config), "--lr", "1e-3", "--out", str(tmp_path / "ok")])
@@ -343,7 +348,7 @@ def test_outputs_never_replace_inputs_or_files_and_a_failed_start_leaves_nothing
     with pytest.raises(OutputExistsError, match="is a file"):
         train_model(model, data_file, out=a_file, lora=LORA, force=True)
     assert a_file.read_text() == "keep me"
-    with pytest.raises(TrainingError, match="warmup_steps is -1"):
+    with pytest.raises(ConfigError, match="warmup_steps is -1"):
         train_model(model, data_file, out=tmp_path / "run", lora=LORA, train=TrainSettings(warmup_steps=-1))
     # a setting only the loaded model can refuse: no empty <out>.partial is left to be "discarded" next time
     with pytest.raises(TrainingError, match="this model has 6 layers"):

@@ -1,0 +1,160 @@
+"""The one stage-output protocol (manifest.py) and what survives a kill, for every command."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gemma_mlx.cli import cli
+
+from .test_train import write_chat_data
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    return write_chat_data(tmp_path_factory.mktemp("protocol-data") / "chat.jsonl", count=24)
+
+
+# --- outputs never replace inputs, --force or not -----------------------------------------------
+
+
+def test_convert_never_replaces_its_source(tiny_checkpoints, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(tiny_checkpoints["pt"], source)
+    (tmp_path / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in source.iterdir())
+    for out in (source, tmp_path):
+        result = run_cli("convert", source, "--out", out, "--force")
+        assert result.exit_code == 1 and "refused even with --force" in result.output
+    assert sorted(p.name for p in source.iterdir()) == before and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_split_never_replaces_its_dataset(chat_data, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(chat_data, data / "chat.jsonl")
+    for out in (data, tmp_path):
+        result = run_cli("data", "split", data, "--out", out, "--force")
+        assert result.exit_code == 1 and "the dataset it splits" in result.output
+    assert (data / "chat.jsonl").read_bytes() == Path(chat_data).read_bytes()
+
+
+def test_compare_never_replaces_a_model_or_prompt_file(converted_models, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(converted_models["pt"], model)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi\n")
+    for out in (model, tmp_path):
+        result = run_cli("compare", model, "--prompts", prompts, "--out", out, "--force", "--max-tokens", "2")
+        assert result.exit_code == 1 and "refused even with --force" in result.output
+    assert (model / "model.safetensors").is_file() and prompts.read_text() == "Hi\n"
+
+
+def test_force_never_replaces_a_directory_the_stage_did_not_write(tiny_checkpoints, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    result = run_cli("convert", tiny_checkpoints["pt"], "--out", mine, "--force")
+    assert result.exit_code == 1 and "did not write" in result.output
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+# --- up to date means the recorded files are still there ---------------------------------------
+
+
+def test_a_damaged_output_is_made_again(tiny_checkpoints, tmp_path):
+    out = tmp_path / "m"
+    assert run_cli("convert", tiny_checkpoints["pt"], "--out", out).exit_code == 0
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated copy
+    again = run_cli("convert", tiny_checkpoints["pt"], "--out", out)
+    assert again.exit_code == 0 and "missing or cut short" in again.output and "converted" in again.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["model.safetensors"] == weights.stat().st_size > 100
+
+
+# --- what survives a kill ----------------------------------------------------------------------
+
+
+def test_temp_dirs_of_a_killed_convert_are_cleaned_up(tiny_checkpoints, tmp_path):
+    out = tmp_path / "m"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / f".m.partial-{dead.pid}"
+    (leftover / "mlx").mkdir(parents=True)
+    (leftover / "mlx" / "model.safetensors").write_bytes(b"x" * 1000)
+    alive = tmp_path / f".m.partial-{os.getpid()}-not-a-pid"
+    alive.mkdir()
+    assert run_cli("convert", tiny_checkpoints["pt"], "--out", out).exit_code == 0
+    assert not leftover.exists() and alive.exists()
+
+
+def _train_command(model, data, out, *extra):
+    return [sys.executable, "-m", "gemma_mlx.cli", "train", "--model", str(model), "--data", str(data), "--out", str(out),
+            "--epochs", "3", "--num-layers", "2", "--rank", "4", "--lr", "1e-3", "--val-every-steps", "2", *extra]
+
+
+def _wait_for(path: Path, process, seconds: float = 120.0) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _env():
+    return {**os.environ, "MLX_DISABLE_COMPILE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def test_sigkill_during_training_loses_at_most_one_validation(converted_models, chat_data, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(_train_command(converted_models["it"], chat_data, out), env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(out.with_name("run.partial") / "resume_state.json", process)
+    process.kill()
+    process.wait()
+    state = json.loads((out.with_name("run.partial") / "resume_state.json").read_text())
+    assert state["position"]["step"] >= 2
+    # the same command again keeps the saved adapters and says how to go on
+    again = subprocess.run(_train_command(converted_models["it"], chat_data, out), env=_env(), capture_output=True, text=True)
+    assert again.returncode == 1 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    resumed = subprocess.run(_train_command(converted_models["it"], chat_data, out, "--resume"), env=_env(),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at epoch" in resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 * summary["steps_per_epoch"]
+
+
+def test_sigterm_saves_like_ctrl_c(converted_models, chat_data, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(_train_command(converted_models["it"], chat_data, out), env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(out.with_name("run.partial") / "metrics.jsonl", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert (out.with_name("run.partial") / "resume_state.json").is_file()
+
+
+def test_damaged_resume_state_is_one_paragraph(converted_models, chat_data, tmp_path):
+    work = tmp_path / "run.partial"
+    work.mkdir()
+    (work / "resume_state.json").write_text('{"identity": ')
+    result = run_cli("train", "--model", converted_models["it"], "--data", chat_data, "--out", tmp_path / "run", "--resume")
+    assert result.exit_code == 1 and "is damaged" in result.output and "--force" in result.output
+    assert (work / "resume_state.json").is_file()

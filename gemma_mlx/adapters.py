@@ -4,7 +4,7 @@ A directory holds `adapters.safetensors` + `adapter_config.json` exactly as mlx-
 so `mlx_lm.load(base, adapter_path=dir)` and `mlx_lm generate --adapter-path dir` work. mlx-lm
 refuses any tensor in adapters.safetensors that is not a LoRA leaf, so the trained
 `<start_of_turn>`/`<end_of_turn>` rows live next to it in `turn_tokens.safetensors`
-(keys `ids` int32 [n], `rows` [n, hidden]); `load_with_adapters` applies both.
+(keys `ids` int32 [n], `rows` [n, hidden]); `models.load` applies both.
 """
 
 from __future__ import annotations
@@ -110,19 +110,3 @@ def check_adapter_dir(adapter_dir: Path) -> Path:
             f"Point to {where}, or train first."
         )
     return adapter_dir
-
-
-def load_with_adapters(model_dir: Path, adapter_dir: Path):
-    """(model, tokenizer): mlx-lm's load with the LoRA adapters AND the turn-token rows applied."""
-    from mlx_lm import load
-
-    adapter_dir = check_adapter_dir(adapter_dir)
-    try:
-        model, tokenizer = load(str(model_dir), adapter_path=str(adapter_dir))
-    except ValueError as error:
-        raise CheckpointError(
-            f"The adapters in {adapter_dir} do not fit the model {model_dir}: {error} "
-            "Load them with the base model they were trained on (adapter_config.json names it)."
-        ) from None
-    apply_turn_tokens(model, adapter_dir)
-    return model, tokenizer

@@ -18,6 +18,7 @@ from pathlib import Path
 from . import backend
 from .chat_format import END_OF_TURN_ID, EOS_ID, GEMMA_TURN_TEMPLATE
 from .errors import CheckpointError
+from .models import loading_errors
 from .manifest import (
     Progress,
     StageOutput,
@@ -43,6 +44,7 @@ REGISTRY = {
 }
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 DTYPES = ("float32", "bfloat16", "float16")
+GROUP_SIZES = (32, 64, 128)
 SUPPORTED_MODEL_TYPES = ("gemma3_text",)
 
 
@@ -115,9 +117,9 @@ def _hub_errors(repo: str, revision: str | None):
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
         raise CheckpointError(
-            f"{repo} is not in the local Hugging Face cache and {why}, so it cannot be downloaded. "
-            "Connect to the internet (and unset HF_HUB_OFFLINE) to download it once, or pass a local "
-            "checkpoint directory instead."
+            f"There is no directory {repo} here, and as a hub id it is not in the local Hugging Face cache and {why}, "
+            "so it cannot be downloaded. Check the path if you meant a local checkpoint; for a hub model, connect "
+            "to the internet (and unset HF_HUB_OFFLINE) to download it once."
         ) from None
 
 
@@ -237,46 +239,6 @@ def default_output(source: Source, quantize_bits: int | None = None) -> Path:
     return outputs_root() / "models" / f"{source.name}{suffix}"
 
 
-def model_dir_path(spec: str | Path) -> Path:
-    """The path a model spec names: a path as given, or a bare name converted earlier (outputs/models/<name>).
-
-    Only resolves; resolve_model_dir also checks that a model is there.
-    """
-    path = Path(spec).expanduser()
-    if not path.exists() and len(path.parts) == 1 and (outputs_root() / "models" / path.name).is_dir():
-        path = outputs_root() / "models" / path.name
-    return path
-
-
-def resolve_model_dir(spec: str | Path) -> Path:
-    """A model dir that mlx-lm can load (config, weights, tokenizer), or a CheckpointError saying what is missing."""
-    path = model_dir_path(spec)
-    if not path.exists():
-        raise CheckpointError(
-            f"Model directory {spec} does not exist (nor outputs/models/{Path(spec).name}). Give a converted "
-            "model dir (`gemma-mlx convert NAME` writes outputs/models/NAME), a fused model dir, or "
-            "BASE_DIR::ADAPTER_DIR for a base model with LoRA adapters."
-        )
-    if not path.is_dir():
-        raise CheckpointError(f"{spec} is a file, not a model directory. Give the directory that holds config.json.")
-    missing = []
-    if not (path / "config.json").is_file():
-        missing.append("config.json")
-    if not list(path.glob("*.safetensors")):
-        missing.append("weights (*.safetensors)")
-    if missing:
-        raise CheckpointError(
-            f"{path} is not an MLX model directory: it has no {' and no '.join(missing)}. Point to a dir "
-            "written by `gemma-mlx convert` or `gemma-mlx fuse` (a Hugging Face checkpoint must be converted first)."
-        )
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        raise CheckpointError(
-            f"{path} has no tokenizer (tokenizer.json or tokenizer.model), so prompts cannot be encoded. "
-            "Copy the tokenizer files from the model it was made from, or convert the model again."
-        )
-    return path
-
-
 @dataclass
 class ConvertResult:
     name: str
@@ -331,6 +293,7 @@ def convert_checkpoint(
     force: bool = False,
     progress: Progress = quiet,
     flavour: str | None = None,
+    remake: bool = False,
 ) -> ConvertResult:
     """Convert one checkpoint (hub id, HF directory or GGUF file) to an MLX model dir.
 
@@ -342,6 +305,9 @@ def convert_checkpoint(
         raise CheckpointError(f"Unknown dtype '{dtype}'. Choose one of: {', '.join(DTYPES)}.")
     if quantize_bits not in (None, 4, 8):
         raise CheckpointError(f"Quantization must be 4 or 8 bits, not {quantize_bits}.")
+    if quantize_bits and group_size not in GROUP_SIZES:
+        raise CheckpointError(f"--group-size is {group_size}; MLX quantizes in groups of {', '.join(map(str, GROUP_SIZES))} "
+                              "weights (64 is the usual choice).")
     if flavour not in (None, "pt", "it"):
         raise CheckpointError(f"Flavour must be 'pt' (base) or 'it' (instruction-tuned), not {flavour!r}.")
     source = resolve_source(spec)
@@ -360,7 +326,7 @@ def convert_checkpoint(
     local = source.gguf_path or checkpoint
     output = StageOutput("convert", out, key={"source_id": source_id, "settings": settings},
                          inputs={"the checkpoint it converts": local})
-    existing = check_output(output, force, progress)
+    existing = check_output(output, force, progress, remake)
     if existing:
         progress(f"{source.spec}: already converted at {out} (same source and settings), nothing to do")
         return ConvertResult(source.name, out, "up-to-date", existing)
@@ -406,7 +372,8 @@ def _convert_into(output: StageOutput, source: Source, checkpoint: Path | None, 
             validate_checkpoint(checkpoint)
         source_eos = _source_eos_ids(checkpoint)
         staged = tmp / "mlx"  # mlx_lm.convert insists on creating its own directory
-        with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints [INFO] lines; keep stdout for results
+        damaged = "The checkpoint's files may be cut short by an interrupted download or copy: fetch or copy them again."
+        with contextlib.redirect_stdout(sys.stderr), loading_errors(checkpoint, damaged):  # keep stdout for results
             mlx_convert(
                 str(checkpoint),
                 mlx_path=str(staged),

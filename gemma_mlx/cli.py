@@ -140,10 +140,12 @@ def convert(checkpoints, out, dtype, quantize_bits, group_size, revision, flavou
 @click.option("--tiny", is_flag=True, help="The whole pipeline on two tiny random checkpoints (a smoke test, under a minute).")
 @click.option("--only", "only", multiple=True, type=click.Choice(["convert", "data", "train", "fuse", "compare"]),
               help="Run only these stages (repeatable); the others reuse their earlier outputs.")
+@click.option("--redo", "redo", multiple=True, type=click.Choice(["convert", "data", "train", "fuse", "compare", "all"]),
+              help="Make these stages' outputs again even if they are up to date (repeatable; all: every stage).")
 @click.option("--name", help="Experiment name (outputs/runs/<name>/); overrides the config.")
 @click.option("--epochs", type=int, help="Override train.epochs.")
 @click.option("--max-tokens", type=int, help="Override generation.max_tokens.")
-def run(config_file, demo, tiny, only, name, epochs, max_tokens):
+def run(config_file, demo, tiny, only, redo, name, epochs, max_tokens):
     """Run the whole experiment: convert, check+split data, train, fuse, compare, summary.
 
     CONFIG_FILE is an experiment YAML (default: data/experiment.yaml, gemma-3-1b-pt vs gemma-3-1b-it
@@ -165,18 +167,19 @@ def run(config_file, demo, tiny, only, name, epochs, max_tokens):
         config = apply_overrides(demo_config(echo_progress) if demo else tiny_config(echo_progress), overrides)
     else:
         config = load_experiment(config_file, overrides)
-    result = run_experiment(config, only=list(only) or None, progress=echo_progress)
+    result = run_experiment(config, only=list(only) or None, progress=echo_progress, redo=list(redo))
     if result.status == "interrupted":
         click.echo(f"Interrupted; progress is saved in {result.run_dir}. Run the same command again to resume.", err=True)
         raise SystemExit(130)
-    click.echo("")
-    click.echo(format_summary(result.summary_rows))
-    click.echo("")
-    click.echo(sample_replies(result.report_html.parent))
+    if result.report_html is not None:
+        click.echo("")
+        click.echo(format_summary(result.summary_rows))
+        click.echo("")
+        click.echo(sample_replies(result.report_html.parent))
     click.echo("")
     for record in result.stages:
         click.echo(f"{record.stage:<8} {record.status:<11} {record.seconds:7.1f}s  peak {record.peak_memory_gb:.2f} GB")
-    click.echo(f"\nReport: {result.report_html}")
+    click.echo(f"\nReport: {result.report_html}" if result.report_html else f"\nOutputs: {result.run_dir}")
 
 
 @cli.command(short_help="Bake LoRA adapters into their base model.")
@@ -317,8 +320,8 @@ def compare(models, prompt_files, prompt_texts, persona, training_data, judge, o
 
 @cli.command(short_help="LoRA-fine-tune a converted model.")
 @click.option("--model", required=True, help="Converted model directory (or its name under outputs/models/).")
-@click.option("--data", help="Dataset: a JSONL file or a directory (its train/valid.jsonl as they are; other "
-              "data split 90/10 into train/valid here). Default: the config's data.")
+@click.option("--data", help="Dataset: a JSONL file or a directory (its train/valid.jsonl as they are; other data "
+              "split 80/10/10 like `data split`, the test set left out). Default: the config's data.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Experiment YAML; options below override it.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory. Default: outputs/runs/<run-name>/<model>/.")
 @click.option("--run-name", help="Run name for the default output directory. Default: the config's name.")

@@ -277,6 +277,7 @@ def compare_models(
     judge: str | None = None,
     progress: Progress | None = None,
     force: bool = False,
+    remake: bool = False,
 ) -> CompareResult:
     """Run every prompt through every model with identical settings and seed; write the report dir.
 
@@ -299,7 +300,7 @@ def compare_models(
     out = Path(out) if out else _default_out()
     output = StageOutput("compare", out, key=inputs,
                          inputs=_input_paths(models, list(prompts), persona, training_data, judge))
-    existing = check_output(output, force, progress) and _existing_results(out)
+    existing = check_output(output, force, progress, remake) and _existing_results(out)
     if existing:
         progress(f"compare: {out} already holds this comparison (same models, prompts and settings), nothing to do")
         return CompareResult(out, existing, "up-to-date")

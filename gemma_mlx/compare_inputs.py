@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import persona as scoring
 from .errors import CheckpointError, DataError
-from .checkpoints import model_dir_path, resolve_model_dir
+from .models import model_dir_path, resolve_model_dir
 from .generate import ADAPTER_SEPARATOR
 from .manifest import read_manifest, sha256_json
 

@@ -79,7 +79,9 @@ class GenerationSettings:
     top_p: float = 1.0  # nucleus sampling (1.0: off)
     top_k: int = 0  # keep the k most likely tokens (0: off)
     min_p: float = 0.0  # drop tokens below min_p * p(max) (0: off)
-    repetition_penalty: float = 1.0  # > 1 discourages repeats (1.0: off)
+    # > 1 discourages repeats (1.0: off). 1.1 by default: measured on the real 270M base fine-tuned with
+    # the defaults, plain greedy looped on 3 of 25 held-out prompts and 1.1 on none (README)
+    repetition_penalty: float = 1.1
     no_repeat_ngram: int = 0  # never repeat a token n-gram of the reply this long (0: off)
     samples: int = 1  # replies per prompt
     seed: int = 0  # sampling seed

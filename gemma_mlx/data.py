@@ -275,6 +275,13 @@ def parse_dataset(path) -> Parsed:
     spec = str(path)
     path = Path(path)
     parsed = Parsed()
+    if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".parquet"):
+        raise DataError(
+            f"{path} is a {path.suffix.lower()[1:].upper()} file, which is not supported: gemma-mlx reads JSONL, one "
+            'example per line, e.g. {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", '
+            '"content": "..."}]}. Convert it (pandas: df.to_json("data.jsonl", orient="records", lines=True) with '
+            "prompt and completion columns), or load it with `datasets` and save_to_disk."
+        )
     if path.is_file():
         _parse_jsonl(path, parsed)
     elif path.is_dir() and is_hf_saved_dataset(path):
@@ -407,7 +414,7 @@ def _split_dir_files(path: Path) -> dict[str, Path] | None:
     return {s: f for s, f in files.items() if f} if files["train"] else None
 
 
-def load_splits(path, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.0) -> Splits:
+def load_splits(path, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> Splits:
     """Train/valid/test: as found (a directory with train.jsonl, a HF dataset with a train split),
     otherwise a deterministic in-memory split of all the examples."""
     path = Path(path)

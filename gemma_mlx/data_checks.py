@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .chat_format import BOS, encode, render
-from .checkpoints import model_dir_path
+from .models import model_dir_path
 from .data import (
     NEAR_DUPLICATE_JACCARD,
     Example,
@@ -133,6 +133,8 @@ def _spread_warning(path, replies: list[str]) -> Problem | None:
 def check_dataset(path, model: str | Path | None = None, prompts: list[Path] = (),
                   max_seq_length: int = 512) -> CheckReport:
     """Every error (invalid records) and warning (duplicates, too long, eval overlap, low spread) of a dataset."""
+    if max_seq_length < 8:
+        raise DataError(f"--max-seq-length is {max_seq_length}; it must be at least 8 (tokens), like train.max_seq_length.")
     parsed = parse_dataset(path)
     examples = parsed.examples
     warnings = list(parsed.warnings)
@@ -309,14 +311,14 @@ def _write_jsonl(path: Path, examples: list[Example]) -> None:
 
 
 def split_dataset(path, out: Path, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.1,
-                  force: bool = False, progress: Progress = quiet) -> SplitResult:
+                  force: bool = False, progress: Progress = quiet, remake: bool = False) -> SplitResult:
     """Write train/valid/test.jsonl (mlx-lm's layout, chat records) + manifest; same inputs: a no-op."""
     out = Path(out)
     inputs = {"source_sha256": data_hash(path), "seed": seed,
               "valid_fraction": valid_fraction, "test_fraction": test_fraction}
     output = StageOutput("split", out, key=inputs,
                          inputs={"the dataset it splits": Path(path)} if Path(path).exists() else {})
-    existing = check_output(output, force, progress)
+    existing = check_output(output, force, progress, remake)
     if existing:
         progress(f"{out}: already split from the same data with the same settings, nothing to do")
         return SplitResult(out, existing["counts"], "up-to-date")

@@ -24,7 +24,18 @@ from .config import (
     to_dict,
 )
 from .errors import ConfigError, DataError, GemmaMlxError
-from .manifest import Progress, now_iso, outputs_root, quiet, read_manifest, sha256_json, versions, write_manifest
+from .manifest import (
+    Progress,
+    check_writable,
+    now_iso,
+    outputs_root,
+    quiet,
+    read_manifest,
+    sha256_json,
+    versions,
+    write_error,
+    write_manifest,
+)
 
 STAGES = ("convert", "data", "train", "fuse", "compare")
 DEFAULT_CONFIG = SHIPPED_DATA / "experiment.yaml"
@@ -215,7 +226,7 @@ def _measure(stage: str, records: list[StageRecord], progress: Progress, work: C
     return details
 
 
-def _convert(config: ExperimentConfig, sources, run_dir: Path, progress: Progress) -> tuple[str, dict]:
+def _convert(config: ExperimentConfig, sources, run_dir: Path, progress: Progress, remake: bool) -> tuple[str, dict]:
     models, statuses = {}, []
     for spec, source in zip(config.checkpoints, sources):
         result = checkpoints.convert_checkpoint(
@@ -225,22 +236,25 @@ def _convert(config: ExperimentConfig, sources, run_dir: Path, progress: Progres
             quantize_bits=config.quantize_bits or None,
             force=True,  # the run owns its directories: a changed setting re-converts
             progress=progress,
+            remake=remake,
         )
         models[source.name] = str(result.path)
         statuses.append(result.status)
     return _overall(statuses), {"models": models}
 
 
-def _split(config: ExperimentConfig, run_dir: Path, progress: Progress) -> tuple[str, dict]:
+def _split(config: ExperimentConfig, run_dir: Path, progress: Progress, remake: bool) -> tuple[str, dict]:
     source = Path(config.data)
     if source.is_dir() and (source / "train.jsonl").is_file():
         progress(f"data: using the existing split in {source}")
         return "up-to-date", {"data_dir": str(source)}
-    result = data_checks.split_dataset(source, run_dir / "data", seed=config.train.seed, force=True, progress=progress)
+    result = data_checks.split_dataset(source, run_dir / "data", seed=config.train.seed, force=True, progress=progress,
+                                       remake=remake)
     return _status(result.status), {"data_dir": str(result.out_dir), "counts": result.counts}
 
 
-def _train(config: ExperimentConfig, models: dict, data_dir: Path, run_dir: Path, progress: Progress) -> tuple[str, dict]:
+def _train(config: ExperimentConfig, models: dict, data_dir: Path, run_dir: Path, progress: Progress,
+           remake: bool) -> tuple[str, dict]:
     adapters, summaries, statuses = {}, {}, []
     for name, model_dir in models.items():
         progress(f"train: {name}")
@@ -255,6 +269,7 @@ def _train(config: ExperimentConfig, models: dict, data_dir: Path, run_dir: Path
             force=True,
             progress=progress,
             resume_hint="run the same command again to continue",
+            remake=remake,
         )
         adapters[name] = str(result.out_dir)
         summaries[name] = result.summary
@@ -264,17 +279,17 @@ def _train(config: ExperimentConfig, models: dict, data_dir: Path, run_dir: Path
     return _overall(statuses), {"adapters": adapters, "summaries": summaries}
 
 
-def _fuse(adapters: dict, progress: Progress) -> tuple[str, dict]:
+def _fuse(adapters: dict, progress: Progress, remake: bool) -> tuple[str, dict]:
     fused, statuses = {}, []
     for name, adapter_dir in adapters.items():
-        result = fuse.fuse_model(Path(adapter_dir), force=True, progress=progress)
+        result = fuse.fuse_model(Path(adapter_dir), force=True, progress=progress, remake=remake)
         fused[name] = str(result.out_dir)
         statuses.append(result.status)
     return _overall(statuses), {"fused": fused}
 
 
 def _compare(config: ExperimentConfig, fused: dict, models: dict, data_dir: Path, run_dir: Path,
-             progress: Progress) -> tuple[str, dict]:
+             progress: Progress, remake: bool) -> tuple[str, dict]:
     """Fused models first, then the un-tuned bases, so the report shows what fine-tuning changed."""
     specs = list(fused.values()) + (list(models.values()) if config.compare_bases else [])
     train_file = data_dir / "train.jsonl"
@@ -287,6 +302,7 @@ def _compare(config: ExperimentConfig, fused: dict, models: dict, data_dir: Path
         out=run_dir / "compare",
         force=True,  # a changed model or setting replaces the run's report; unchanged inputs are a no-op
         progress=progress,
+        remake=remake,
     )
     # scorecards keyed by model directory, so the summary can find each model's row
     scorecards = {str(Path(m["path"]).resolve()): {"name": m["name"], **m["scorecard"]} for m in result.results["models"]}
@@ -319,26 +335,43 @@ def _previous_details(run_dir: Path) -> dict:
     }
 
 
+class _Done(Exception):
+    """Raised when the stages asked for (--only) are done and the later ones are not wanted."""
+
+
 def run_experiment(
     config: ExperimentConfig,
     only: list[str] | None = None,
     progress: Progress = quiet,
+    redo: list[str] | None = None,
 ) -> RunResult:
-    """Run (or resume) every stage of the experiment; returns the summary rows and the report path."""
+    """Run (or resume) every stage of the experiment; returns the summary rows and the report path.
+
+    `only`: run just these stages (earlier ones reuse their outputs; later ones are left alone).
+    `redo`: make these stages' outputs again even when they are up to date ("all": every stage).
+    """
     only = list(only or STAGES)
-    unknown = [s for s in only if s not in STAGES]
+    redo = list(STAGES) if "all" in (redo or []) else list(redo or [])
+    unknown = [s for s in [*only, *redo] if s not in STAGES]
     if unknown:
         raise ConfigError(f"Unknown stage(s) {', '.join(unknown)}. Stages are: {', '.join(STAGES)}.")
+    last = max(STAGES.index(s) for s in [*only, *redo])
     sources = preflight(config, progress)
     run_dir = outputs_root() / "runs" / config.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(outputs_root() / "runs")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_error(run_dir, error) from None
     previous = _previous_details(run_dir)
     records: list[StageRecord] = []
     started = now_iso()
 
-    def stage(name: str, work: Callable[[], tuple[str, dict]]) -> dict:
-        if name in only:
-            return _measure(name, records, progress, work)
+    def stage(name: str, work: Callable[[bool], tuple[str, dict]]) -> dict:
+        if STAGES.index(name) > last:
+            raise _Done
+        if name in only or name in redo:
+            return _measure(name, records, progress, lambda: work(name in redo))
         if name not in previous:
             raise GemmaMlxError(f"Stage '{name}' has not run yet for {run_dir}, so it cannot be skipped. "
                                 f"Run it first (leave out --only, or add {name} to it).")
@@ -347,19 +380,23 @@ def run_experiment(
 
     status = "finished"
     try:
-        models = stage("convert", lambda: _convert(config, sources, run_dir, progress))["models"]
-        data_dir = Path(stage("data", lambda: _split(config, run_dir, progress))["data_dir"])
-        adapters = stage("train", lambda: _train(config, models, data_dir, run_dir, progress))["adapters"]
-        fused = stage("fuse", lambda: _fuse(adapters, progress))["fused"]
-        stage("compare", lambda: _compare(config, fused, models, data_dir, run_dir, progress))
+        models = stage("convert", lambda again: _convert(config, sources, run_dir, progress, again))["models"]
+        data_dir = Path(stage("data", lambda again: _split(config, run_dir, progress, again))["data_dir"])
+        adapters = stage("train", lambda again: _train(config, models, data_dir, run_dir, progress, again))["adapters"]
+        fused = stage("fuse", lambda again: _fuse(adapters, progress, again))["fused"]
+        stage("compare", lambda again: _compare(config, fused, models, data_dir, run_dir, progress, again))
     except _Interrupted:
         status = "interrupted"
+    except _Done:
+        pass
     finally:
         _write_run_manifest(run_dir, config, records, previous, started)
 
     if status == "interrupted":
         return RunResult(run_dir, records, [], None, status)
     details = {r.stage: r.details for r in records}
+    if "compare" not in details:  # --only stopped before the comparison
+        return RunResult(run_dir, records, [], None, status)
     report = Path(details["compare"]["report_dir"]) / "report.html"
     return RunResult(run_dir, records, summary_rows(details), report, status)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, apply_turn_tokens, check_adapter_dir
 from .chat_format import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
 from .checkpoints import make_gemma_correct
+from .models import check_adapters_fit, loading_errors, read_json, train_manifest_of
 from .errors import CheckpointError, GemmaMlxError
 from .manifest import (
     Progress,
@@ -63,27 +64,10 @@ class FuseResult:
 # ---------------------------------------------------------------- inputs and checks
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise GemmaMlxError(f"{path}:{error.lineno}: {what} is not valid JSON ({error.msg}). Fix the file, or re-create it "
-                            "with the stage that wrote it (convert, train or fuse).") from None
-
-
-def train_manifest_of(adapter_dir: Path) -> dict | None:
-    """The training manifest for an adapter dir; `last/` has none of its own, so look one level up."""
-    for directory in (adapter_dir, adapter_dir.parent):
-        manifest = read_manifest(directory)
-        if manifest and manifest.get("stage") == "train":
-            return manifest
-    return None
-
-
 def read_adapter_config(adapter_dir: Path) -> dict:
     """Fail with one clear paragraph unless `adapter_dir` holds mlx-lm adapters; return their config."""
     path = check_adapter_dir(adapter_dir) / CONFIG_FILE
-    config = _read_json(path, CONFIG_FILE)
+    config = read_json(path, CONFIG_FILE)
     fine_tune_type = config.get("fine_tune_type", "lora")
     if fine_tune_type not in ("lora", "dora", "full"):
         raise GemmaMlxError(f"{path}: fine_tune_type is {fine_tune_type!r}; fuse knows lora, dora and full.")
@@ -114,33 +98,6 @@ def resolve_base(adapter_dir: Path, base: str | Path | None, train_manifest: dic
     return base.resolve()
 
 
-def check_base_matches(base: Path, adapter_dir: Path, train_manifest: dict | None) -> dict:
-    """Catch adapters trained on another model before any weights are loaded; return the base config."""
-    config = _read_json(base / "config.json", "config.json")
-    if config.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(
-            f"{base / 'config.json'}: model_type is {config.get('model_type')!r}, but fuse works with Gemma 3 text "
-            f"models ({MODEL_TYPE!r}). Pass the converted Gemma 3 model the adapters were trained on with --base."
-        )
-    trained_on = (train_manifest or {}).get("base_manifest") or {}
-    base_manifest = read_manifest(base) or {}
-    shape = {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")}
-    if trained_on.get("shape") and trained_on["shape"] != shape:
-        raise GemmaMlxError(
-            f"The adapters in {adapter_dir} were trained on a model of shape {trained_on['shape']}, but the base "
-            f"{base} has shape {shape}. Fuse them with the model they were trained on "
-            f"({(train_manifest or {}).get('base_model', 'see the run manifest')})."
-        )
-    if trained_on.get("source_id") and base_manifest.get("source_id") and trained_on["source_id"] != base_manifest["source_id"]:
-        raise GemmaMlxError(
-            f"The adapters in {adapter_dir} were trained on {trained_on.get('name', 'another model')} "
-            f"({(train_manifest or {}).get('base_model')}), but the base given is {base_manifest.get('name', base)} "
-            f"({base}), converted from a different checkpoint. Fusing them would give a model nobody trained. "
-            "Pass the base the adapters were trained on with --base (or leave --base out)."
-        )
-    return config
-
-
 def fuse_inputs(adapter_dir: Path, base: Path, dequantize: bool) -> dict:
     """What the fused model is made of; the same dict on a re-run means there is nothing to do."""
     base_manifest = read_manifest(base) or {}
@@ -157,17 +114,22 @@ def fuse_inputs(adapter_dir: Path, base: Path, dequantize: bool) -> dict:
 
 def _load_base_with_adapters(base: Path, adapter_dir: Path):
     """mlx-lm load + its adapter loading, with its shape/name errors turned into our error."""
+    import mlx.core as mx
     from mlx_lm.utils import load_adapters, load_model, load_tokenizer
 
-    model, config = load_model(base, lazy=True)
-    try:
-        load_adapters(model, str(adapter_dir))
-    except (ValueError, KeyError, IndexError) as error:
-        raise GemmaMlxError(
-            f"The adapters in {adapter_dir} do not fit the base model {base}: {' '.join(str(error).split())}. They were trained on a "
-            "different model (other shapes or layer count). Fuse them with the base they were trained on (--base)."
-        ) from None
-    tokenizer = load_tokenizer(base, eos_token_ids=config.get("eos_token_id"))
+    with loading_errors(base):
+        model, config = load_model(base)
+    with loading_errors(adapter_dir, "They may be cut short; use the run's other adapters (last/) or train again."):
+        try:
+            load_adapters(model, str(adapter_dir))
+        except (ValueError, KeyError, IndexError) as error:
+            raise GemmaMlxError(
+                f"The adapters in {adapter_dir} do not fit the base model {base}: {' '.join(str(error).split())}. They were "
+                "trained on a different model (other shapes or layer count). Fuse them with the base they were trained on (--base)."
+            ) from None
+        mx.eval(model.parameters())  # mlx reads lazily: a damaged file shows up here, not later
+    with loading_errors(base):
+        tokenizer = load_tokenizer(base, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer, config
 
 
@@ -198,6 +160,7 @@ def fuse_model(
     force: bool = False,
     progress: Progress | None = None,
     hf_dtype: str | None = None,
+    remake: bool = False,
 ) -> FuseResult:
     """Fuse `adapter_dir`'s adapters into their base model; optionally export it for transformers.
 
@@ -210,7 +173,7 @@ def fuse_model(
     adapter_config = read_adapter_config(adapter_dir)
     train_manifest = train_manifest_of(adapter_dir)
     base = resolve_base(adapter_dir, base, train_manifest, adapter_config)
-    base_config = check_base_matches(base, adapter_dir, train_manifest)
+    base_config = check_adapters_fit(base, adapter_dir, train_manifest)
     if hf_dtype is not None and hf_dtype not in HF_DTYPES:
         raise GemmaMlxError(f"Unknown export dtype {hf_dtype!r}. Choose one of: {', '.join(HF_DTYPES)}.")
     out = Path(out).expanduser() if out else adapter_dir / "fused"
@@ -219,7 +182,7 @@ def fuse_model(
         refuse_to_replace_inputs(StageOutput("export-hf", Path(export_hf), {}, {**inputs_of, "the fused model": out}))
     inputs = fuse_inputs(adapter_dir, base, dequantize)
     output = StageOutput("fuse", out, key=inputs, inputs=inputs_of)
-    existing = check_output(output, force, progress)
+    existing = check_output(output, force, progress, remake)
     if existing:
         progress(f"{out}: already fused from the same adapters and base, nothing to do")
         result = FuseResult(out, "up-to-date", existing)
@@ -361,7 +324,7 @@ def export_hf_model(
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copy(model_dir / name, tmp / name)
-        generation = _read_json(model_dir / "generation_config.json", "generation_config.json") if (
+        generation = read_json(model_dir / "generation_config.json", "generation_config.json") if (
             model_dir / "generation_config.json"
         ).is_file() else {}
         generation.update(bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=hf["eos_token_id"])

@@ -23,15 +23,16 @@ from pathlib import Path
 from typing import Callable
 
 from .chat_format import prompt_ids, reply_end_token_ids
-from .checkpoints import resolve_model_dir
+from .models import resolve_model_dir
 from .config import GenerationSettings, check_settings
-from .errors import CheckpointError, ConfigError, GemmaMlxError
+from .errors import ConfigError, GemmaMlxError
 from .manifest import Progress, read_manifest
 
 ADAPTER_SEPARATOR = "::"
 # Rows decoded together at most; more rows than this still run, continuously batched by mlx-lm.
 MAX_BATCH_ROWS = 128
 MAX_PREFILL_ROWS = 32
+PROGRESS_SECONDS = 15.0  # a progress line at least this often while a batch runs
 
 OnToken = Callable[[int, int], None]  # (row index, token id) for every reply token, as it is made
 
@@ -72,9 +73,8 @@ def _label(path: Path) -> str:
 
 def load_model(spec: str | Path, adapter_path: str | Path | None = None) -> LoadedModel:
     """Load a converted or fused model dir, or a base model with LoRA adapters (`BASE::ADAPTERS`)."""
-    from mlx_lm import load
-
-    from .adapters import check_adapter_dir, load_with_adapters
+    from . import models
+    from .adapters import check_adapter_dir
 
     spec_text = str(spec)
     if ADAPTER_SEPARATOR in spec_text:
@@ -85,15 +85,7 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None) -> Load
         spec_text, adapter_path = spec_text.split(ADAPTER_SEPARATOR, 1)
     model_dir = resolve_model_dir(spec_text)
     adapter_dir = check_adapter_dir(Path(adapter_path).expanduser()) if adapter_path is not None else None
-    try:
-        if adapter_dir is None:
-            model, tokenizer = load(str(model_dir))
-        else:
-            model, tokenizer = load_with_adapters(model_dir, adapter_dir)  # LoRA + trained turn-token rows
-    except (ValueError, KeyError) as error:  # unknown model type, missing or mismatched weights
-        raise CheckpointError(
-            f"mlx-lm could not load {model_dir} ({error}). Convert it again with `gemma-mlx convert`."
-        ) from None
+    model, tokenizer = models.load(model_dir, adapter_dir)  # LoRA + trained turn-token rows
     name = _label(model_dir)
     if adapter_dir is not None:
         name += f"+{adapter_dir.parent.name}/{adapter_dir.name}"
@@ -256,11 +248,25 @@ def _rows(tokenizer, prompts, settings) -> list[_Row]:
     return rows
 
 
+def check_context(loaded: LoadedModel, rows: list[_Row]) -> None:
+    """A prompt plus max_tokens beyond the model's context would run for a long time and then fail or babble."""
+    limit = getattr(getattr(loaded.model, "args", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    longest = max(rows, key=lambda r: len(r.ids) + r.settings.max_tokens)
+    if len(longest.ids) + longest.settings.max_tokens > limit:
+        raise ConfigError(
+            f"max_tokens {longest.settings.max_tokens} plus a prompt of {len(longest.ids)} tokens is more than "
+            f"{loaded.name} can read ({limit} tokens). Lower max_tokens to at most {limit - len(longest.ids)}."
+        )
+
+
 def _run_rows(loaded: LoadedModel, rows: list[_Row], progress: Progress | None = None,
               on_token: OnToken | None = None) -> list[Reply]:
     """Decode all rows in one BatchGenerator and turn the token streams into Replies."""
     from mlx_lm.generate import BatchGenerator
 
+    check_context(loaded, rows)
     tokenizer = loaded.tokenizer
     end_ids = end_token_ids(tokenizer)
     generator = BatchGenerator(
@@ -279,8 +285,14 @@ def _run_rows(loaded: LoadedModel, rows: list[_Row], progress: Progress | None =
         index_of = {uid: i for i, uid in enumerate(uids)}
         tokens: list[list[int]] = [[] for _ in rows]
         finished: dict[int, tuple[str, int | None, float]] = {}
-        started = time.perf_counter()
+        started = last_report = time.perf_counter()
         while responses := generator.next_generated():
+            now = time.perf_counter()
+            if progress is not None and now - last_report >= PROGRESS_SECONDS:  # a long batch shows it is alive
+                last_report = now
+                made = sum(len(t) for t in tokens)
+                progress(f"{loaded.name}: {len(finished)}/{len(rows)} replies done, {made} tokens in {now - started:.0f}s "
+                         f"({made / (now - started):.0f} tokens/s)")
             for response in responses:
                 i = index_of[response.uid]
                 stop_id = None

@@ -191,8 +191,10 @@ def damaged_files(directory: Path, manifest: dict) -> list[str]:
     return damaged
 
 
-def check_output(output: StageOutput, force: bool = False, progress: Progress = quiet) -> dict | None:
+def check_output(output: StageOutput, force: bool = False, progress: Progress = quiet, remake: bool = False) -> dict | None:
     """Apply rules 1-4 before any work: the manifest when the output is up to date, else None.
+
+    `remake` makes an up-to-date output again (`run --redo`); it still needs no force for that.
 
     Raises OutputExistsError (one paragraph: what is there, what to do) when the output may not be
     written. Temp dirs of killed runs next to the output are removed here (rule 5).
@@ -213,6 +215,9 @@ def check_output(output: StageOutput, force: bool = False, progress: Progress = 
             "move it away yourself."
         )
     if manifest.get("key_sha256") == output.key_sha256:
+        if remake:
+            progress(f"{path}: up to date, but making it again as asked")
+            return None
         damaged = damaged_files(path, manifest)
         if not damaged:
             return manifest

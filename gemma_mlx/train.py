@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, adapter_config, save_adapters
-from .checkpoints import resolve_model_dir
+from .models import resolve_model_dir
 from .config import LoraSettings, TrainSettings, check_settings, to_dict
 from .errors import OutputExistsError, TrainingError
 from .manifest import (
@@ -298,6 +298,7 @@ def train_model(
     progress: Progress | None = None,
     callback: Callable[[dict], None] | None = None,
     resume_hint: str = "continue with the same command plus --resume",
+    remake: bool = False,
 ) -> TrainResult:
     """Fine-tune `model` (a converted model dir or name) on `data`; see the module docstring.
 
@@ -310,7 +311,7 @@ def train_model(
     say = progress or quiet
     setup = plan_run(model, data, out, lora or LoraSettings(), train or TrainSettings(), run_name)
     resumable = resume and (setup.work / RESUME_FILE).is_file()
-    existing = None if resumable else check_output(stage_output(setup), force, say)
+    existing = None if resumable else check_output(stage_output(setup), force, say, remake)
     if existing:
         say(f"{setup.out}: already trained with the same model, data and settings, nothing to do")
         return TrainResult(setup.out, existing.get("summary", {}), "up-to-date")

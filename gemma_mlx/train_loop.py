@@ -19,10 +19,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from . import batching, tuning
+from . import batching, models, tuning
 from .adapters import ADAPTERS_FILE, read_turn_tokens
 from .chat_format import END_OF_TURN_ID
-from .errors import CheckpointError, TrainingError
+from .errors import TrainingError
 from .manifest import quiet, write_json
 from .train import METRICS_FILE, OPTIMIZER_FILE, RESUME_FILE, RunSetup, copy_adapter_files, make_optimizer, write_adapter_dir
 
@@ -86,13 +86,6 @@ class Reporter:
             self.width = 0
 
 
-def load_model(setup: RunSetup):
-    from mlx_lm import load
-
-    try:
-        return load(str(setup.model_dir))
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        raise CheckpointError(f"Could not load the model in {setup.model_dir}: {error}. Convert it again with `gemma-mlx convert`.") from None
 
 
 def tokenize_split(tokenizer, examples, setup: RunSetup, say) -> list[batching.Sequence]:
@@ -186,7 +179,7 @@ class Run:
         splits = load_splits(setup.data, seed=setup.train.seed)
         if not splits.train:
             raise TrainingError(f"{setup.data} has no training examples. Add examples, or check the path.")
-        lm, tokenizer = load_model(setup)
+        lm, tokenizer = models.load(setup.model_dir)
         self.tokenizer = tokenizer
         self.train_seqs = tokenize_split(tokenizer, splits.train, setup, self.say)
         self.valid_seqs = tokenize_split(tokenizer, splits.valid, setup, self.say)
@@ -234,16 +227,21 @@ class Run:
 
     def _restore(self, state: dict) -> None:
         work = self.setup.work
-        saved = mx.load(str(work / LAST_DIR / ADAPTERS_FILE))
-        weights = [(f"lm.{k}", v) for k, v in saved.items()]
-        turn = read_turn_tokens(work / LAST_DIR)
-        if turn is not None:
-            weights.append(("turn_rows", turn[1]))
         try:
+            saved = mx.load(str(work / LAST_DIR / ADAPTERS_FILE))
+            weights = [(f"lm.{k}", v) for k, v in saved.items()]
+            turn = read_turn_tokens(work / LAST_DIR)
+            if turn is not None:
+                weights.append(("turn_rows", turn[1]))
             self.trainee.load_weights(weights, strict=False)
-        except ValueError as error:
-            raise TrainingError(f"The saved adapters in {work} do not fit this model ({error}). Start over with --force.") from None
-        self.optimizer.state = tree_unflatten(list(mx.load(str(work / OPTIMIZER_FILE)).items()))
+            self.optimizer.state = tree_unflatten(list(mx.load(str(work / OPTIMIZER_FILE)).items()))
+            mx.eval(self.trainee.trainable_parameters(), self.optimizer.state)
+        except (RuntimeError, ValueError, KeyError, OSError) as error:
+            raise TrainingError(
+                f"The saved state in {work} cannot be resumed ({' '.join(str(error).split())}): a file is missing, "
+                "damaged or from another model. Start over with --force (it discards that run), or move the "
+                "directory away to keep its adapters."
+            ) from None
         self.position = p = Position(**state["position"])
         # drop reports made after the saved state (e.g. a validation that Ctrl-C cut short)
         metrics = work / METRICS_FILE

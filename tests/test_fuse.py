@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import gemma_mlx  # noqa: F401  (preloads BLAS before mlx.core)
 import mlx.core as mx
-from gemma_mlx.adapters import load_with_adapters
+from gemma_mlx.models import load as load_with_adapters
 from gemma_mlx.cli import cli
 from gemma_mlx.errors import OutputExistsError
 from gemma_mlx.fuse import fuse_model
@@ -192,7 +192,7 @@ def test_cli_fuse_and_mismatch_errors(adapters, converted_models, tmp_path):
     empty.mkdir()
     fails([empty], "no adapters.safetensors", "train first")
     # Same shapes, but trained on the -pt model: fusing into -it would make a model nobody trained.
-    fails([adapters, "--base", converted_models["it"], "--out", tmp_path / "x"], "different checkpoint", "--base")
+    fails([adapters, "--base", converted_models["it"], "--out", tmp_path / "x"], "different checkpoint", "the base the adapters were trained on")
     # Adapters for another architecture size: shapes do not fit.
     wrong = tmp_path / "wrong-shape"
     shutil.copytree(adapters, wrong, ignore=shutil.ignore_patterns("fused", "manifest.json"))

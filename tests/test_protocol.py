@@ -158,3 +158,109 @@ def test_damaged_resume_state_is_one_paragraph(converted_models, chat_data, tmp_
     result = run_cli("train", "--model", converted_models["it"], "--data", chat_data, "--out", tmp_path / "run", "--resume")
     assert result.exit_code == 1 and "is damaged" in result.output and "--force" in result.output
     assert (work / "resume_state.json").is_file()
+
+
+# --- damaged weights: one paragraph in every command that loads them ---------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(converted_models, chat_data, tmp_path_factory):
+    """A short -pt run (adapters + turn rows) to damage copies of."""
+    from gemma_mlx.config import LoraSettings, TrainSettings
+    from gemma_mlx.train import train_model
+
+    out = tmp_path_factory.mktemp("protocol-runs") / "pt"
+    train_model(converted_models["pt"], chat_data, out=out, lora=LoraSettings(num_layers=2, rank=4),
+                train=TrainSettings(epochs=1, val_generation_tokens=0))
+    return out
+
+
+def _truncated_copy(source: Path, target: Path, name: str = "model.safetensors") -> Path:
+    shutil.copytree(source, target)
+    weights = target / name
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return target
+
+
+def test_truncated_weights_are_one_paragraph_everywhere(tiny_checkpoints, converted_models, trained, chat_data, tmp_path):
+    source = _truncated_copy(tiny_checkpoints["pt"], tmp_path / "hf")
+    model = _truncated_copy(converted_models["pt"], tmp_path / "mlx")
+    adapters = _truncated_copy(trained, tmp_path / "adapters", "adapters.safetensors")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hi\n")
+    commands = [
+        ["convert", source, "--out", tmp_path / "c"],
+        ["train", "--model", model, "--data", chat_data, "--out", tmp_path / "t", "--epochs", "1"],
+        ["fuse", adapters, "--out", tmp_path / "f"],
+        ["fuse", trained, "--base", model, "--out", tmp_path / "f2"],
+        ["compare", model, "--prompts", prompts, "--out", tmp_path / "r"],
+        ["compare", f"{converted_models['pt']}::{adapters}", "--prompts", prompts, "--out", tmp_path / "r2"],
+        ["chat", model],
+    ]
+    for command in commands:
+        result = CliRunner().invoke(cli, [str(a) for a in command], input="Hi\n/quit\n")
+        assert result.exit_code == 1, (command, result.output)
+        assert "Traceback" not in result.output, (command, result.output)
+        error = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+        assert len(error) == 1 and "cut short" in error[0], (command, result.output)  # one paragraph, with the fix
+
+
+def test_adapters_of_another_checkpoint_are_refused_by_compare_and_chat(converted_models, trained, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hi\n")
+    other = f"{converted_models['it']}::{trained}"  # same shape, other checkpoint
+    for command in (["compare", other, "--prompts", prompts, "--out", tmp_path / "r"], ["chat", other]):
+        result = CliRunner().invoke(cli, [str(a) for a in command], input="Hi\n/quit\n")
+        assert result.exit_code == 1 and "converted from a different checkpoint" in result.output, result.output
+
+
+# --- found too late, or not at all --------------------------------------------------------------
+
+
+def test_quantization_group_size_is_checked(tiny_checkpoints, tmp_path):
+    for size in ("7", "0"):
+        result = run_cli("convert", tiny_checkpoints["it"], "-q", "4", "--group-size", size, "--out", tmp_path / size)
+        assert result.exit_code == 1 and f"--group-size is {size}" in result.output and "32, 64, 128" in result.output
+        assert not (tmp_path / size).exists()
+
+
+def test_max_tokens_beyond_the_context_is_refused_before_generating(converted_models, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hi\n")
+    result = run_cli("compare", converted_models["pt"], "--prompts", prompts, "--max-tokens", "100000", "--out", tmp_path / "r")
+    assert result.exit_code == 1 and "can read (32768 tokens)" in result.output and "Lower max_tokens" in result.output
+
+
+def test_data_mistakes_found_before_writing(tmp_path):
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hooray!"}]}\n')
+    result = run_cli("data", "split", one, "--out", tmp_path / "split")
+    assert result.exit_code == 1 and "too few to give the valid and test set(s)" in result.output
+    assert not (tmp_path / "split").exists()
+    result = run_cli("data", "check", one, "--max-seq-length", "-5")
+    assert result.exit_code == 1 and "--max-seq-length is -5" in result.output
+    csv = tmp_path / "data.csv"
+    csv.write_text("prompt,completion\nHi,Hooray!\n")
+    result = run_cli("data", "check", csv)
+    assert result.exit_code == 1 and "CSV file, which is not supported" in result.output
+    assert result.output.count("not valid JSON") == 0
+
+
+def test_a_path_like_name_says_no_such_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    result = run_cli("convert", "m/doesnotexist", "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "There is no directory m/doesnotexist here" in result.output
+
+
+def test_train_splits_a_file_like_data_split_does(converted_models, chat_data, tmp_path):
+    from gemma_mlx.config import LoraSettings, TrainSettings
+    from gemma_mlx.train import train_model
+
+    assert run_cli("data", "split", chat_data, "--out", tmp_path / "split").exit_code == 0
+    counts = {name: len((tmp_path / "split" / f"{name}.jsonl").read_text().splitlines()) for name in ("train", "valid")}
+    result = train_model(converted_models["it"], chat_data, out=tmp_path / "run", lora=LoraSettings(num_layers=1, rank=2),
+                         train=TrainSettings(epochs=1, val_generation_tokens=0))
+    assert (result.summary["train_examples"], result.summary["valid_examples"]) == (counts["train"], counts["valid"])

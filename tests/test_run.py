@@ -100,7 +100,7 @@ def test_interrupted_training_resumes(in_demo_outputs, monkeypatch):
     monkeypatch.setattr(experiment.train, "train_model", functools.partial(real_train, callback=stop_at_step_5))
     result = run_cli("--tiny", "--name", "resumed", "--epochs", "1")
     assert result.exit_code == 130
-    assert "Run the same command again to resume" in result.output
+    assert "Run the same command again to resume" in result.output and "plus --resume" not in result.output
     run_dir = in_demo_outputs / "runs" / "resumed"
     assert stage_statuses(run_dir)["train"] == "interrupted"
     assert not (run_dir / "compare").exists()
@@ -169,7 +169,7 @@ def test_offline_checkpoint_fails_before_any_work(tmp_path, isolated_outputs, mo
     config.write_text(f"name: unreachable\ncheckpoints: [{local}, gemma-3-1b-it]\n")
     result = run_cli(str(config))
     assert result.exit_code == 1
-    assert "google/gemma-3-1b-it is not in the local Hugging Face cache" in result.output
+    assert "no directory google/gemma-3-1b-it here" in result.output and "not in the local Hugging Face cache" in result.output
     assert not (isolated_outputs / "runs" / "unreachable").exists()
 
 
@@ -186,3 +186,34 @@ def test_not_enough_disk_is_said_before_any_work(tmp_path, isolated_outputs, mon
     assert result.exit_code == 1
     assert "Not enough disk space" in result.output and "GB is free" in result.output
     assert not (isolated_outputs / "runs" / "nodisk").exists()
+
+
+def test_deleted_adapters_are_trained_again_not_trusted(in_demo_outputs):
+    run_dir = in_demo_outputs / "runs" / "tiny"
+    assert run_cli("--tiny").exit_code == 0  # the default run, whatever earlier tests left
+    (run_dir / "tiny-gemma-3-pt" / "adapters.safetensors").unlink()
+    result = run_cli("--tiny")
+    assert result.exit_code == 0, result.output
+    assert "missing or cut short (adapters.safetensors" in result.output
+    assert (run_dir / "tiny-gemma-3-pt" / "adapters.safetensors").is_file()
+    assert stage_statuses(run_dir)["train"] == "ran"
+
+
+def test_redo_makes_an_up_to_date_stage_again(in_demo_outputs):
+    run_dir = in_demo_outputs / "runs" / "tiny"
+    assert run_cli("--tiny").exit_code == 0  # the default run, whatever earlier tests left
+    fused = run_dir / "tiny-gemma-3-it" / "fused" / "model.safetensors"
+    before = fused.stat().st_mtime_ns
+    result = run_cli("--tiny", "--redo", "fuse")
+    assert result.exit_code == 0, result.output
+    statuses = stage_statuses(run_dir)
+    assert statuses["fuse"] == "ran" and statuses["train"] == "up-to-date"
+    assert fused.stat().st_mtime_ns != before
+
+
+def test_only_convert_on_a_new_experiment_stops_there(isolated_outputs):
+    result = run_cli("--tiny", "--name", "convert-only", "--only", "convert")
+    assert result.exit_code == 0, result.output
+    run_dir = isolated_outputs / "runs" / "convert-only"
+    assert (run_dir / "models" / "tiny-gemma-3-pt" / "model.safetensors").is_file()
+    assert not (run_dir / "data").exists() and "Report:" not in result.output

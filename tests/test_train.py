@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import mlx.core as mx
 from gemma_mlx import batching, tuning
-from gemma_mlx.adapters import load_with_adapters
+from gemma_mlx.models import load as load_with_adapters
 from gemma_mlx.chat_format import END_OF_TURN_ID, START_OF_TURN_ID, encode
 from gemma_mlx.cli import cli
 from gemma_mlx.config import LoraSettings, TrainSettings
@@ -38,7 +38,7 @@ def write_chat_data(path, count=20, seed=0, words=WORDS):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    return write_chat_data(tmp_path_factory.mktemp("data") / "chat.jsonl")
+    return write_chat_data(tmp_path_factory.mktemp("data") / "chat.jsonl", count=22)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_run_writes_mlx_lm_adapters_metrics_summary_and_manifest(pt_run, convert
         assert (out / name).is_file(), name
     assert not (out / "resume_state.json").exists() and not out.with_name("pt.partial").exists()
     summary = result.summary
-    # 20 examples -> 18 train + 2 valid; nothing dropped: 5 steps per epoch (4+4+4+4+2), every example every epoch
+    # 22 examples -> 18 train + 2 valid + 2 test (left out); nothing dropped: 5 steps per epoch (4+4+4+4+2), every example every epoch
     assert summary["train_examples"] == 18 and summary["valid_examples"] == 2
     assert summary["steps_per_epoch"] == 5 and summary["steps"] == 20
     assert summary["examples_seen"] == 4 * 18

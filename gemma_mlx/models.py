@@ -1,0 +1,163 @@
+"""Model directories, as every stage after convert reads them: find one, load one, one kind of error.
+
+A model is named by a path or by a name converted earlier (outputs/models/<name>). Loading goes
+through mlx-lm's `load` here and nowhere else, so a truncated or damaged weights file, adapters from
+another checkpoint, or a missing tokenizer give the same one-paragraph error in train, fuse,
+compare, chat and run, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+from pathlib import Path
+
+from .errors import CheckpointError, GemmaMlxError
+from .manifest import outputs_root, read_manifest
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES)
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON file stages wrote (config.json, adapter_config.json), or one paragraph saying it is damaged."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise GemmaMlxError(f"{path}:{error.lineno}: {what} is not valid JSON ({error.msg}). Fix the file, or re-create it "
+                            "with the stage that wrote it (convert, train or fuse).") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise GemmaMlxError(f"Cannot read {path} ({error}). Re-create it with the stage that wrote it.") from None
+
+
+def model_dir_path(spec: str | Path) -> Path:
+    """The path a model spec names: a path as given, or a bare name converted earlier (outputs/models/<name>).
+
+    Only resolves; resolve_model_dir also checks that a model is there.
+    """
+    path = Path(spec).expanduser()
+    if not path.exists() and len(path.parts) == 1 and (outputs_root() / "models" / path.name).is_dir():
+        path = outputs_root() / "models" / path.name
+    return path
+
+
+def resolve_model_dir(spec: str | Path) -> Path:
+    """A model dir that mlx-lm can load (config, weights, tokenizer), or a CheckpointError saying what is missing."""
+    path = model_dir_path(spec)
+    if not path.exists():
+        raise CheckpointError(
+            f"Model directory {spec} does not exist (nor outputs/models/{Path(spec).name}). Give a converted "
+            "model dir (`gemma-mlx convert NAME` writes outputs/models/NAME), a fused model dir, or "
+            "BASE_DIR::ADAPTER_DIR for a base model with LoRA adapters."
+        )
+    if not path.is_dir():
+        raise CheckpointError(f"{spec} is a file, not a model directory. Give the directory that holds config.json.")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not list(path.glob("*.safetensors")):
+        missing.append("weights (*.safetensors)")
+    if missing:
+        raise CheckpointError(
+            f"{path} is not an MLX model directory: it has no {' and no '.join(missing)}. Point to a dir "
+            "written by `gemma-mlx convert` or `gemma-mlx fuse` (a Hugging Face checkpoint must be converted first)."
+        )
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise CheckpointError(
+            f"{path} has no tokenizer (tokenizer.json or tokenizer.model), so prompts cannot be encoded. "
+            "Copy the tokenizer files from the model it was made from, or convert the model again."
+        )
+    return path
+
+
+
+@contextlib.contextmanager
+def loading_errors(path: Path, fix: str = "Convert or fuse it again (the file may be cut short by a full disk or a copy)."):
+    """mlx-lm's and MLX's errors for damaged weights or configs, as one paragraph naming the directory."""
+    try:
+        yield
+    except GemmaMlxError:
+        raise
+    except OSError as error:
+        if error.errno in WRITE_ERRNOS:  # a full disk while writing is the writer's error, not a damaged model
+            raise
+        raise CheckpointError(f"Could not load the model in {path}: {error}. {fix}") from None
+    except (RuntimeError, ValueError, KeyError, json.JSONDecodeError) as error:
+        message = " ".join(str(error).split()).rstrip(".") or type(error).__name__
+        end = "" if message.endswith("?") else "."
+        raise CheckpointError(f"Could not load the model in {path}: {message}{end} {fix}") from None
+
+
+def train_manifest_of(adapter_dir: Path) -> dict | None:
+    """The training manifest for an adapter dir; `last/` has none of its own, so look one level up."""
+    for directory in (adapter_dir, adapter_dir.parent):
+        manifest = read_manifest(directory)
+        if manifest and manifest.get("stage") == "train":
+            return manifest
+    return None
+
+
+def check_adapters_fit(base: Path, adapter_dir: Path, train_manifest: dict | None = None) -> dict:
+    """Catch adapters trained on another model before any weights are loaded; return the base config.
+
+    The one check for fuse, compare and chat: the same shape is not enough, the base must be the
+    checkpoint the adapters were trained on (its convert manifest's source).
+    """
+    train_manifest = train_manifest if train_manifest is not None else train_manifest_of(adapter_dir)
+    config = read_json(base / "config.json", "config.json")
+    if config.get("model_type") != "gemma3_text":
+        raise CheckpointError(
+            f"{base / 'config.json'}: model_type is {config.get('model_type')!r}, but gemma-mlx works with Gemma 3 text "
+            f"models ('gemma3_text'). Use the converted Gemma 3 model the adapters were trained on."
+        )
+    trained_on = (train_manifest or {}).get("base_manifest") or {}
+    base_manifest = read_manifest(base) or {}
+    shape = {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")}
+    if trained_on.get("shape") and trained_on["shape"] != shape:
+        raise GemmaMlxError(
+            f"The adapters in {adapter_dir} were trained on a model of shape {trained_on['shape']}, but the base "
+            f"{base} has shape {shape}. Use them with the model they were trained on "
+            f"({(train_manifest or {}).get('base_model', 'see the run manifest')})."
+        )
+    if trained_on.get("source_id") and base_manifest.get("source_id") and trained_on["source_id"] != base_manifest["source_id"]:
+        raise GemmaMlxError(
+            f"The adapters in {adapter_dir} were trained on {trained_on.get('name', 'another model')} "
+            f"({(train_manifest or {}).get('base_model')}), but the base given is {base_manifest.get('name', base)} "
+            f"({base}), converted from a different checkpoint. Using them there gives a model nobody trained. "
+            "Use the base the adapters were trained on (adapter_config.json names it)."
+        )
+    return config
+
+
+
+def load(model_dir: Path, adapter_dir: Path | None = None):
+    """(model, tokenizer) of a model dir, with LoRA adapters and their trained turn-token rows applied.
+
+    Adapters are checked against the base before any weights load (check_adapters_fit).
+    """
+    from mlx_lm import load as mlx_load
+
+    from .adapters import TURN_TOKENS_FILE, apply_turn_tokens, check_adapter_dir
+
+    model_dir = Path(model_dir)
+    if adapter_dir is None:
+        with loading_errors(model_dir):
+            return mlx_load(str(model_dir))
+    adapter_dir = check_adapter_dir(Path(adapter_dir))
+    check_adapters_fit(model_dir, adapter_dir)
+    with loading_errors(adapter_dir, "They may be cut short; use the run's other adapters (last/) or train again."):
+        try:
+            model, tokenizer = mlx_load(str(model_dir), adapter_path=str(adapter_dir))
+        except ValueError as error:
+            raise CheckpointError(
+                f"The adapters in {adapter_dir} do not fit the model {model_dir}: {error} "
+                "Load them with the base model they were trained on (adapter_config.json names it)."
+            ) from None
+        config = read_json(adapter_dir / "adapter_config.json", "adapter_config.json")
+        if config.get("turn_tokens_file") and not (adapter_dir / TURN_TOKENS_FILE).is_file():
+            raise CheckpointError(
+                f"{adapter_dir} was trained with turn-token rows but {TURN_TOKENS_FILE} is missing; without them a "
+                "fine-tuned base model does not end its replies. Copy the file back, or use the fused model."
+            )
+        apply_turn_tokens(model, adapter_dir)
+    return model, tokenizer

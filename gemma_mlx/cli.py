@@ -336,6 +336,12 @@ def compare(models, prompt_files, prompt_texts, persona, training_data, judge, o
 @click.option("--val-every-steps", type=int, help="Also validate every N steps (0: once per epoch).")
 @click.option("--early-stopping", "patience", type=int, help="Stop after N validations without improvement (0: off).")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations to save memory.")
+@click.option("--end-of-turn-weight", type=float, help="Loss weight of the <end_of_turn> that ends each reply (default 5).")
+@click.option("--turn-token-lr-scale", type=float, help="The turn-token rows learn at the learning rate times this.")
+@click.option("--val-generation-tokens", type=int,
+              help="Each validation answers up to 16 validation prompts greedily with this many tokens (0: off).")
+@click.option("--best-by", type=click.Choice(["stops", "loss"]),
+              help="Keep as best: most clean greedy endings (stops) or the lowest validation loss.")
 @click.option("--seed", type=int, help="Data order, LoRA initialisation and dropout.")
 @click.option("--fine-tune-type", type=click.Choice(["lora", "dora", "full"]), help="LoRA, DoRA or full fine-tuning.")
 @click.option("--rank", type=int, help="LoRA rank r.")
@@ -345,6 +351,8 @@ def compare(models, prompt_files, prompt_texts, persona, training_data, judge, o
 @click.option("--keys", multiple=True, help="Projection to adapt, e.g. self_attn.q_proj (repeatable; default: all).")
 @click.option("--train-turn-tokens", type=click.Choice(["auto", "on", "off"]),
               help="Train the <start_of_turn>/<end_of_turn> embedding rows (auto: base -pt models only).")
+@click.option("--turn-token-init", type=click.Choice(["keep", "eos"]),
+              help="A base model's <end_of_turn> row starts as it is (keep) or as a copy of <eos>'s (eos).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same model, data and settings).")
 @click.option("--force", is_flag=True, help="Replace a finished run made differently, or discard an interrupted one.")
 def train(model, data, config_path, out, run_name, resume, force, **options):

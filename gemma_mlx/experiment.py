@@ -125,7 +125,8 @@ def tiny_config(progress: Progress = quiet) -> ExperimentConfig:
             "lora.num_layers": -1,
             "train.epochs": 2,
             "train.learning_rate": 1e-3,
-            "train.val_generation_tokens": 40,
+            "train.batch_size": 8,
+            "train.val_generation_tokens": 24,
             "generation.max_tokens": 40,
         },
     )

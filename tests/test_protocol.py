@@ -104,7 +104,8 @@ def test_temp_dirs_of_a_killed_convert_are_cleaned_up(tiny_checkpoints, tmp_path
 
 def _train_command(model, data, out, *extra):
     return [sys.executable, "-m", "gemma_mlx.cli", "train", "--model", str(model), "--data", str(data), "--out", str(out),
-            "--epochs", "3", "--num-layers", "2", "--rank", "4", "--lr", "1e-3", "--val-every-steps", "2", *extra]
+            "--epochs", "3", "--num-layers", "2", "--rank", "4", "--lr", "1e-3", "--val-every-steps", "2",
+            "--val-generation-tokens", "4", *extra]
 
 
 def _wait_for(path: Path, process, seconds: float = 120.0) -> None:

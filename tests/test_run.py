@@ -1,7 +1,13 @@
-"""`gemma-mlx run`: the whole pipeline on the demo's tiny checkpoints, re-runs, resume, bad configs."""
+"""`gemma-mlx run`: the whole pipeline on tiny checkpoints (`--tiny`), re-runs, resume, bad configs.
+
+One finished `run --tiny` is made once per module and kept as a copy; every test that needs it
+starts from a fresh restore of that copy, so each passes alone and in any order.
+"""
 
 import functools
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,22 +19,36 @@ from gemma_mlx.cli import cli
 REPORT_FILES = ("comparison.txt", "comparison.md", "comparison.json", "report.html")
 
 
-@pytest.fixture(scope="module")
-def demo_outputs(tmp_path_factory):
-    """One shared outputs dir: the tests below run in order against the same experiment."""
-    return tmp_path_factory.mktemp("demo-outputs")
-
-
-@pytest.fixture
-def in_demo_outputs(demo_outputs, monkeypatch):
-    monkeypatch.setenv("GEMMA_MLX_OUTPUTS", str(demo_outputs))
-    return demo_outputs
-
-
 def run_cli(*args):
     result = CliRunner().invoke(cli, ["run", *args])
     assert "Traceback" not in result.output
     return result
+
+
+@pytest.fixture(scope="module")
+def finished_tiny_run(tmp_path_factory):
+    """(outputs dir, its pristine copy, the CLI result): `run --tiny` done once, at the default settings."""
+    outputs = tmp_path_factory.mktemp("tiny-outputs") / "outputs"
+    previous = os.environ.get("GEMMA_MLX_OUTPUTS")
+    os.environ["GEMMA_MLX_OUTPUTS"] = str(outputs)
+    try:
+        result = run_cli("--tiny")
+    finally:
+        os.environ.pop("GEMMA_MLX_OUTPUTS") if previous is None else os.environ.update(GEMMA_MLX_OUTPUTS=previous)
+    assert result.exit_code == 0, result.output
+    pristine = tmp_path_factory.mktemp("tiny-pristine") / "outputs"
+    shutil.copytree(outputs, pristine, symlinks=True)  # copy2 keeps times: the copy is the same run
+    return outputs, pristine, result
+
+
+@pytest.fixture
+def in_demo_outputs(finished_tiny_run, monkeypatch):
+    """The outputs dir holding the finished default run, as it was right after it finished."""
+    outputs, pristine, _ = finished_tiny_run
+    shutil.rmtree(outputs)
+    shutil.copytree(pristine, outputs, symlinks=True)
+    monkeypatch.setenv("GEMMA_MLX_OUTPUTS", str(outputs))
+    return outputs
 
 
 def stage_statuses(run_dir: Path) -> dict:
@@ -36,9 +56,8 @@ def stage_statuses(run_dir: Path) -> dict:
     return {record["stage"]: record["status"] for record in manifest["stages"]}
 
 
-def test_demo_runs_every_stage_and_writes_everything(in_demo_outputs):
-    result = run_cli("--tiny")
-    assert result.exit_code == 0, result.output
+def test_demo_runs_every_stage_and_writes_everything(in_demo_outputs, finished_tiny_run):
+    result = finished_tiny_run[2]
     run_dir = in_demo_outputs / "runs" / "tiny"
     assert stage_statuses(run_dir) == {s: "ran" for s in experiment.STAGES}
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -190,7 +209,6 @@ def test_not_enough_disk_is_said_before_any_work(tmp_path, isolated_outputs, mon
 
 def test_deleted_adapters_are_trained_again_not_trusted(in_demo_outputs):
     run_dir = in_demo_outputs / "runs" / "tiny"
-    assert run_cli("--tiny").exit_code == 0  # the default run, whatever earlier tests left
     (run_dir / "tiny-gemma-3-pt" / "adapters.safetensors").unlink()
     result = run_cli("--tiny")
     assert result.exit_code == 0, result.output
@@ -201,7 +219,6 @@ def test_deleted_adapters_are_trained_again_not_trusted(in_demo_outputs):
 
 def test_redo_makes_an_up_to_date_stage_again(in_demo_outputs):
     run_dir = in_demo_outputs / "runs" / "tiny"
-    assert run_cli("--tiny").exit_code == 0  # the default run, whatever earlier tests left
     fused = run_dir / "tiny-gemma-3-it" / "fused" / "model.safetensors"
     before = fused.stat().st_mtime_ns
     result = run_cli("--tiny", "--redo", "fuse")

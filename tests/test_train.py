@@ -47,7 +47,7 @@ def pt_run(converted_models, data_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "pt"
     lines = []
     result = train_model(converted_models["pt"], data_file, out=out, lora=LORA,
-                         train=TrainSettings(epochs=4, learning_rate=2e-3), progress=lines.append)
+                         train=TrainSettings(epochs=4, learning_rate=2e-3, val_generation_tokens=24), progress=lines.append)
     return result, lines
 
 
@@ -91,10 +91,12 @@ def test_run_writes_mlx_lm_adapters_metrics_summary_and_manifest(pt_run, convert
     assert model.layers[-1].self_attn.q_proj.lora_a.shape == (64, 4)
 
     # the same run again is a no-op; a different one needs force
-    again = train_model(converted_models["pt"], data_file, out=out, lora=LORA, train=TrainSettings(epochs=4, learning_rate=2e-3))
+    again = train_model(converted_models["pt"], data_file, out=out, lora=LORA,
+                        train=TrainSettings(epochs=4, learning_rate=2e-3, val_generation_tokens=24))
     assert again.status == "up-to-date" and again.summary == summary
     with pytest.raises(OutputExistsError, match="--force"):
-        train_model(converted_models["pt"], data_file, out=out, lora=LORA, train=TrainSettings(epochs=5, learning_rate=2e-3))
+        train_model(converted_models["pt"], data_file, out=out, lora=LORA,
+                    train=TrainSettings(epochs=5, learning_rate=2e-3, val_generation_tokens=24))
 
 
 def test_turn_rows_change_alone_and_end_of_turn_beats_unused_tokens(pt_run, converted_models, data_file):
@@ -213,7 +215,7 @@ def test_batches_use_every_example_once_with_less_padding_than_file_order():
 
 def test_interrupt_then_resume_reaches_the_same_final_loss(converted_models, data_file, tmp_path):
     settings = dict(lora=LoraSettings(num_layers=2, rank=4, dropout=0.1),
-                    train=TrainSettings(epochs=2, learning_rate=1e-3, val_every_steps=3))
+                    train=TrainSettings(epochs=2, learning_rate=1e-3, val_every_steps=3, val_generation_tokens=8))
     full = train_model(converted_models["it"], data_file, out=tmp_path / "full", **settings)
     again = train_model(converted_models["it"], data_file, out=tmp_path / "again", **settings)
     losses = [[(m["split"], m["step"], m["loss"]) for m in read_metrics(r.out_dir)] for r in (full, again)]
@@ -231,7 +233,7 @@ def test_interrupt_then_resume_reaches_the_same_final_loss(converted_models, dat
     assert "--resume" in lines[-1]
     with pytest.raises(OutputExistsError, match="--resume"):
         train_model(converted_models["it"], data_file, out=out, **settings)
-    changed = dict(settings, train=TrainSettings(epochs=2, learning_rate=5e-4, val_every_steps=3))
+    changed = dict(settings, train=TrainSettings(epochs=2, learning_rate=5e-4, val_every_steps=3, val_generation_tokens=8))
     with pytest.raises(TrainingError, match="train.learning_rate"):
         train_model(converted_models["it"], data_file, out=out, resume=True, **changed)
 

@@ -72,7 +72,7 @@ def reply_end_token_ids(tokenizer) -> set[int]:
     """Every token that must end a reply: <eos>, <end_of_turn>, any other special token, <unusedN>.
 
     A fine-tuned base model spreads "end of turn" probability over all the never-trained tokens
-    (see DESIGN.md), so stopping only on {1, 106} lets it ramble to the token limit.
+    (see docs/DESIGN.md), so stopping only on {1, 106} lets it ramble to the token limit.
     """
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
     ids = set(STOP_TOKEN_IDS)

@@ -2,7 +2,7 @@
 
 A converted model directory is what every later stage loads. Beyond mlx-lm's own conversion we
 make it Gemma-correct for our use: a turn template even for a -pt model, `<end_of_turn>` among
-its stop tokens, and a manifest saying where it came from (see DESIGN.md, "Gemma 3 facts").
+its stop tokens, and a manifest saying where it came from (see docs/DESIGN.md, "Gemma 3 facts").
 """
 
 from __future__ import annotations

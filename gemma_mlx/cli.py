@@ -70,7 +70,9 @@ def generation_options(command):
         click.option("--top-k", default=d.top_k, show_default=True, help="Keep the k most likely tokens (0: off)."),
         click.option("--min-p", default=d.min_p, show_default=True, help="Drop tokens below min-p x p(max) (0: off)."),
         click.option("--repetition-penalty", default=d.repetition_penalty, show_default=True,
-                     help="> 1 discourages repeats (1.0: off)."),
+                     help="> 1 discourages repeats (1.0: off, plain greedy)."),
+        click.option("--no-repeat-ngram", default=d.no_repeat_ngram, show_default=True,
+                     help="Never repeat a token n-gram of the reply this long (0: off)."),
         click.option("--seed", default=d.seed, show_default=True, help="Sampling seed (the same for every model)."),
     ]
     for option in reversed(options):

@@ -4,7 +4,7 @@ The fused directory is a complete, Gemma-correct converted model: later stages l
 other (`mlx_lm.load`), with no adapter bookkeeping. Beyond mlx-lm's own fuse we check that the
 adapters belong to the base before doing any work, bake the `<start_of_turn>`/`<end_of_turn>`
 embedding rows a base (-pt) model was trained with (without them a fused -pt model never stops:
-see DESIGN.md), never overwrite a different output silently, and can export Hugging Face weights
+see docs/DESIGN.md), never overwrite a different output silently, and can export Hugging Face weights
 that `transformers` loads as Gemma3ForCausalLM.
 """
 

@@ -2,7 +2,7 @@
 
 Every prompt is rendered with the one turn format (chat_format), for -pt and -it alike. A reply is
 the *first* model turn only: generation stops on <eos>, <end_of_turn> and on any other special or
-<unusedN> token (a fine-tuned base model ends its turn with those, see DESIGN.md), the stop token is
+<unusedN> token (a fine-tuned base model ends its turn with those, see docs/DESIGN.md), the stop token is
 never part of the text, and `Reply.stop_token` names it. A reply that reaches max_tokens is reported
 with finish_reason "length" (a cut reply), never silently shown as complete.
 

@@ -3,7 +3,7 @@
 - LoRA/DoRA layers come from mlx-lm (`linear_to_lora_layers`); "full" unfreezes whole layers.
 - Turn-token rows: a base (-pt) Gemma never saw `<start_of_turn>`/`<end_of_turn>`, and their tied
   embeddings look like the ~6,200 `<unusedN>` rows, so LoRA alone teaches "end here" to all of
-  them (DESIGN.md). The full embedding stays frozen; a small trainable [2, hidden] parameter is
+  them (docs/DESIGN.md). The full embedding stays frozen; a small trainable [2, hidden] parameter is
   spliced into the input embeddings AND into the output logits for those ids, so the rows learn
   as inputs and as outputs, and nothing else in the 262k-row table moves.
 - The MLP activation uses fast_gelu (same function, no slow CPU tanh): about half of a CPU step

@@ -75,6 +75,25 @@ def test_replies_cut_by_the_limit_are_flagged(pt):
     assert "[cut at 4 tokens]" in out
 
 
+def test_a_looping_reply_is_flagged(pt, monkeypatch):
+    import gemma_mlx.chat as chat_module
+    from gemma_mlx.chat_format import prompt_ids
+
+    tok = pt.tokenizer
+    words = tok.encode(" a big house with", add_special_tokens=False) * 5
+    lengths = []
+    real_stream = chat_module.stream_reply
+
+    def track(loaded, messages, *args, **kwargs):
+        lengths.append(len(prompt_ids(tok, messages)))
+        return real_stream(loaded, messages, *args, **kwargs)
+
+    monkeypatch.setattr(chat_module, "stream_reply", track)
+    loaded = dataclasses.replace(pt, model=EndsAfter(pt.model, lengths, words))
+    _, out = run(loaded, "Where do you live?", settings=G(max_tokens=60, repetition_penalty=1.0))
+    assert "a big house with a big house" in out and out.rstrip().endswith("[loop]")
+
+
 def test_second_turn_sees_the_first_reply_and_stop_tokens_never_show(pt, monkeypatch):
     import gemma_mlx.chat as chat_module
     from gemma_mlx.chat_format import prompt_ids

@@ -245,7 +245,7 @@ def test_quantized_base_requantizes_unless_dequantize(tiny_checkpoints, tmp_path
 # Logits here reach ~70; float32 agrees to ~1e-5, bfloat16 weights to ~0.1 (a wrong mapping is off by tens).
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-3), ("bfloat16", 0.5)])
 def test_hf_export_loads_in_transformers_with_matching_logits(fused, tmp_path, dtype, tolerance):
-    torch = pytest.importorskip("torch")
+    import torch  # a test dependency (the [test] extra)
     from mlx_lm import load
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -35,6 +35,12 @@ class FriendlyGroup(click.Group):
             return super().invoke(ctx)
         except GemmaMlxError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:
+            from .manifest import WRITE_ERRNOS, write_error
+
+            if error.errno not in WRITE_ERRNOS:
+                raise
+            raise click.ClickException(str(write_error(Path(error.filename or "the output"), error))) from None
         except KeyboardInterrupt:
             click.echo("\nInterrupted. Finished outputs are kept; nothing half-written was left behind.", err=True)
             ctx.exit(130)

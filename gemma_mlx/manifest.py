@@ -261,6 +261,9 @@ def clean_stale_temp_dirs(final: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
+
+
 def write_error(path: Path, error: OSError) -> GemmaMlxError:
     """A full disk or a read-only directory while writing, as one paragraph (nothing half-written was kept)."""
     why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",

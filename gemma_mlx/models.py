@@ -9,14 +9,11 @@ compare, chat and run, instead of a traceback.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 from pathlib import Path
 
 from .errors import CheckpointError, GemmaMlxError
-from .manifest import outputs_root, read_manifest
-
-WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES)
+from .manifest import WRITE_ERRNOS, outputs_root, read_manifest
 
 
 def read_json(path: Path, what: str) -> dict:

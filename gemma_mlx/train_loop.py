@@ -502,6 +502,13 @@ def run_training(setup: RunSetup, resume_state: dict | None, progress, callback,
     run.header()
     try:
         run.run()
+        run.finish()
+    except OSError as error:  # a full disk while saving: what was saved before stays, resumable
+        run.reporter.end_line()
+        raise TrainingError(
+            f"Saving the training run in {setup.work} failed ({error.strerror or error}) at step {run.position.step}. "
+            f"What was saved at the last validation is still there: free some space, then {resume_hint}."
+        ) from None
     except Exception:
         run.reporter.end_line()  # the error's message starts on a line of its own, not after the live status
         raise
@@ -511,6 +518,5 @@ def run_training(setup: RunSetup, resume_state: dict | None, progress, callback,
         run.say(f"interrupted at epoch {p.epoch + 1}, step {p.step}/{run.total_steps}: the current adapters are in "
                 f"{setup.work / LAST_DIR}; {resume_hint}")
         return run.summary(), "interrupted"
-    run.finish()
     run.reporter.message(f"trained {run.position.step} steps in {run.position.train_seconds:.1f}s")
     return run.summary(), "trained"

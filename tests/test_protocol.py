@@ -265,3 +265,66 @@ def test_train_splits_a_file_like_data_split_does(converted_models, chat_data, t
     result = train_model(converted_models["it"], chat_data, out=tmp_path / "run", lora=LoraSettings(num_layers=1, rank=2),
                          train=TrainSettings(epochs=1, val_generation_tokens=0))
     assert (result.summary["train_examples"], result.summary["valid_examples"]) == (counts["train"], counts["valid"])
+
+
+# --- a full disk or a read-only directory: one paragraph, nothing half-written -------------------
+
+
+def _disk_full(*_args, **_kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_during_split_compare_and_train(converted_models, chat_data, tmp_path, monkeypatch):
+    import gemma_mlx.data_checks as data_checks
+    import gemma_mlx.report as report
+    import gemma_mlx.train_loop as train_loop
+
+    monkeypatch.setattr(data_checks, "_write_jsonl", _disk_full)
+    result = run_cli("data", "split", chat_data, "--out", tmp_path / "split")
+    assert result.exit_code == 1 and "the disk is full" in result.output
+    assert not (tmp_path / "split").exists() and not list(tmp_path.glob(".split.partial-*"))
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hi\n")
+    monkeypatch.setattr(report, "write_json", _disk_full)
+    result = run_cli("compare", converted_models["pt"], "--prompts", prompts, "--out", tmp_path / "r", "--max-tokens", "2")
+    assert result.exit_code == 1 and "the disk is full" in result.output and not (tmp_path / "r").exists()
+
+    monkeypatch.setattr(train_loop, "write_adapter_dir", _disk_full)
+    result = run_cli("train", "--model", converted_models["it"], "--data", chat_data, "--out", tmp_path / "t",
+                     "--epochs", "1", "--num-layers", "1", "--val-generation-tokens", "0")
+    assert result.exit_code == 1 and "No space left on device" in result.output and "free some space" in result.output
+
+
+def test_read_only_outputs_are_one_paragraph(tiny_checkpoints, chat_data, tmp_path, monkeypatch):
+    import errno
+
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"name: ro\ncheckpoints: [{tiny_checkpoints['pt']}]\n")
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name.startswith(".") or self.name in ("runs", "split"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    result = run_cli("data", "split", chat_data, "--out", tmp_path / "split")
+    assert result.exit_code == 1 and "read-only" in result.output
+    monkeypatch.setenv("GEMMA_MLX_OUTPUTS", str(tmp_path / "ro-outputs"))
+    result = run_cli("run", config)
+    assert result.exit_code == 1 and "read-only" in result.output, result.output
+
+
+def test_a_long_batch_reports_progress(converted_models, monkeypatch):
+    import gemma_mlx.generate as generate
+    from gemma_mlx.config import GenerationSettings
+
+    monkeypatch.setattr(generate, "PROGRESS_SECONDS", 0.0)
+    lines = []
+    loaded = generate.load_model(converted_models["pt"])
+    generate.generate_replies(loaded, ["Hi", "Tell me a story"], GenerationSettings(max_tokens=6, min_new_tokens=6),
+                              progress=lines.append)
+    assert any("tokens in" in line and "tokens/s" in line for line in lines)

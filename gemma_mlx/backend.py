@@ -61,6 +61,7 @@ class BackendInfo:
     metal: bool
     blas: str
     default_dtype: str
+    distributed: str = ""
 
     def lines(self) -> list[str]:
         return [
@@ -69,6 +70,7 @@ class BackendInfo:
             f"device:        {self.device} (metal: {'yes' if self.metal else 'no'})",
             f"blas:          {self.blas}",
             f"dtype policy:  {self.default_dtype} (default for convert)",
+            f"distributed:   {self.distributed}",
         ]
 
 
@@ -100,4 +102,22 @@ def backend_info() -> BackendInfo:
         metal=metal,
         blas=blas,
         default_dtype=default_dtype(),
+        distributed=_distributed_line(),
     )
+
+
+def _distributed_line() -> str:
+    """Which mx.distributed backends this build has, and this process's rank (mlx.launch sets one)."""
+    from .distributed import available_backends, world
+
+    here = world()
+    backends = ", ".join(available_backends()) or "none"
+    return f"backends {backends}; rank {here.rank} of {here.size}" + ("" if here.distributed else " (not launched)")
+
+
+def machine_memory() -> int | None:
+    """Physical RAM in bytes (unified memory on a Mac), or None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

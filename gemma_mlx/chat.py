@@ -15,7 +15,7 @@ import yaml
 from .config import GenerationSettings, apply_overrides, check_settings
 from .errors import GemmaMlxError
 from .generate import LoadedModel, load_model, stream_reply
-from .persona import is_loop
+from .text import is_loop
 
 USER_PROMPT = "you> "
 MODEL_PROMPT = "model> "
@@ -26,6 +26,16 @@ HELP = (
 
 ReadLine = Callable[[str], str]  # shows a prompt, returns a line; EOFError / KeyboardInterrupt end the chat
 Write = Callable[[str], None]  # writes text as is (no newline added)
+
+
+def read_piped_line(prompt: str) -> str:
+    """input() for piped stdin: the prompt goes nowhere, so stdout holds only the replies."""
+    import sys
+
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
 
 
 def write_stdout(text: str) -> None:
@@ -65,8 +75,12 @@ def chat_loop(
     read_line: ReadLine = input,
     write: Write = write_stdout,
     system: str | None = None,
+    labels: bool = True,
 ) -> list[dict]:
-    """Run the conversation until /quit, Ctrl-D or Ctrl-C; return its messages (for tests and callers)."""
+    """Run the conversation until /quit, Ctrl-D or Ctrl-C; return its messages (for tests and callers).
+
+    `labels` False leaves out the "model> " label (piped use: one reply a line on stdout).
+    """
     check_settings(settings)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
@@ -99,7 +113,8 @@ def chat_loop(
                 write(f"Unknown command {command}. {HELP}\n")
             continue
         messages.append({"role": "user", "content": line})
-        write(MODEL_PROMPT)
+        if labels:
+            write(MODEL_PROMPT)
         try:
             reply = stream_reply(loaded, messages, settings, on_text=write)
         except KeyboardInterrupt:  # stop this reply, keep the conversation as it was
@@ -120,6 +135,7 @@ def run_chat(
     read_line: ReadLine = input,
     write: Write = write_stdout,
     progress: Callable[[str], None] | None = None,
+    labels: bool = True,
 ) -> list[dict]:
     """Load a model (dir, fused dir, or BASE::ADAPTERS) and chat with it."""
     check_settings(settings)
@@ -128,4 +144,4 @@ def run_chat(
     loaded = load_model(spec, adapter_path)
     if progress is not None:
         progress(f"chatting with {loaded.name} ({describe_settings(settings)}). {HELP}")
-    return chat_loop(loaded, settings, read_line=read_line, write=write, system=system)
+    return chat_loop(loaded, settings, read_line=read_line, write=write, system=system, labels=labels)

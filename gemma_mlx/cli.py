@@ -35,6 +35,13 @@ class FriendlyGroup(click.Group):
             return super().invoke(ctx)
         except GemmaMlxError as error:
             raise click.ClickException(str(error)) from None
+        except RuntimeError as error:
+            from .distributed import lost_peer
+
+            if not lost_peer(error):
+                raise
+            raise click.ClickException("Another rank of this mlx.launch run stopped (an error, Ctrl-C or a kill), so "
+                                       "this one stopped too. Rank 0's output says why.") from None
         except OSError as error:
             from .manifest import WRITE_ERRNOS, write_error
 
@@ -54,7 +61,7 @@ def _version_text() -> str:
 
 def _print_version(ctx, _param, value):
     if value and not ctx.resilient_parsing:
-        click.echo(_version_text())
+        click.echo(f"gemma-mlx {__version__}")  # one line; `gemma-mlx info` has the backend details
         ctx.exit()
 
 
@@ -88,7 +95,7 @@ def generation_options(command):
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
-              help="Show the version, MLX backend, device, BLAS and dtype policy, then exit.")
+              help="Show the version and exit (`gemma-mlx info` shows the MLX backend too).")
 def cli():
     """Give a small Gemma 3 model a personality: convert, fine-tune with LoRA, fuse, compare.
 
@@ -99,7 +106,12 @@ def cli():
 
 @cli.command(short_help="Show the MLX backend, device, BLAS and dtype.")
 def info():
-    """Show the MLX backend, device, BLAS and dtype policy in effect."""
+    """Show the version, MLX backend, device, BLAS and dtype policy in effect.
+
+    \b
+    Example:
+      gemma-mlx info
+    """
     click.echo(_version_text())
 
 
@@ -129,7 +141,7 @@ def convert(checkpoints, out, dtype, quantize_bits, group_size, revision, flavou
       gemma-mlx convert gemma-3-270m gemma-3-270m-it
       gemma-mlx convert ~/models/gemma-3-270m-q4_k_m.gguf
     """
-    from .checkpoints import convert_checkpoint, convert_many
+    from .convert import convert_checkpoint, convert_many
 
     options = dict(dtype=dtype, quantize_bits=int(quantize_bits) if quantize_bits else None,
                    group_size=group_size, revision=revision, force=force, flavour=flavour)
@@ -166,7 +178,7 @@ def run(config_file, demo, tiny, only, redo, name, epochs, max_tokens):
       gemma-mlx run data/experiment-270m.yaml --epochs 3
     """
     from .config import apply_overrides
-    from .experiment import demo_config, format_summary, load_experiment, run_experiment, sample_replies, tiny_config
+    from .run import demo_config, format_summary, load_experiment, run_experiment, sample_replies, tiny_config
 
     if sum(bool(x) for x in (demo, tiny, config_file)) > 1:
         raise click.UsageError("Use one of --demo, --tiny or a CONFIG_FILE.")
@@ -209,6 +221,11 @@ def fuse(adapter_dir, base, out, dequantize, export_hf, hf_dtype, force):
     The trained <start_of_turn>/<end_of_turn> embedding rows are baked in, the model stops on
     <end_of_turn>, and manifest.json names the base, the adapters and the settings. Re-running with
     the same inputs does nothing.
+
+    \b
+    Examples:
+      gemma-mlx fuse outputs/runs/bluey/gemma-3-270m
+      gemma-mlx fuse outputs/runs/bluey/gemma-3-270m/last --export-hf outputs/hf/bluey-270m
     """
     from .fuse import fuse_model
 
@@ -223,7 +240,13 @@ def fuse(adapter_dir, base, out, dequantize, export_hf, hf_dtype, force):
 
 @cli.group("data", short_help="Check, summarise and split a persona dataset.")
 def data_group():
-    """Check, summarise and split a persona dataset (mlx-lm JSONL: chat, prompt/completion or text)."""
+    """Check, summarise and split a persona dataset (mlx-lm JSONL: chat, prompt/completion or text).
+
+    \b
+    Examples:
+      gemma-mlx data check data/bluey --prompts data/prompts/comparison.txt
+      gemma-mlx data split data/bluey --out outputs/data/bluey
+    """
 
 
 @data_group.command("check", short_help="Validate a dataset; errors as file:line.")
@@ -237,8 +260,12 @@ def data_check(path, model, prompt_files, max_seq_length):
 
     PATH is a JSONL file, a directory of them (train/valid/test too), a saved Hugging Face dataset
     directory or a hub dataset id. Exits with code 1 when there are errors; warnings alone pass.
+
+    \b
+    Example:
+      gemma-mlx data check data/bluey --prompts data/prompts/comparison.txt --model outputs/models/gemma-3-270m
     """
-    from .data_checks import check_dataset
+    from .data import check_dataset
 
     report = check_dataset(path, model=model, prompts=list(prompt_files), max_seq_length=max_seq_length)
     for problem in report.errors:
@@ -263,10 +290,16 @@ def data_check(path, model, prompt_files, max_seq_length):
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 def data_stats(path, model, prompt_files, persona, as_json):
     """Summarise a dataset: counts, reply lengths (words; tokens with --model) with a histogram,
-    persona markers, duplicate prompts and overlap with prompt sets."""
+    persona markers, duplicate prompts and overlap with prompt sets.
+
+    \b
+    Examples:
+      gemma-mlx data stats data/bluey
+      gemma-mlx data stats data/bluey --json > stats.json
+    """
     import json
 
-    from .data_checks import dataset_stats, render_stats
+    from .data import dataset_stats, render_stats
 
     stats = dataset_stats(path, model=model, prompts=list(prompt_files), persona=persona)
     click.echo(json.dumps(stats, indent=2) if as_json else render_stats(stats))
@@ -284,8 +317,12 @@ def data_split(path, out, seed, valid_fraction, test_fraction, force):
 
     Seeded and deterministic; near-duplicate prompts always land in the same set. Re-running with
     the same data and settings does nothing.
+
+    \b
+    Example:
+      gemma-mlx data split data/bluey --out outputs/data/bluey --seed 1
     """
-    from .data_checks import split_dataset
+    from .data import split_dataset
 
     result = split_dataset(path, out, seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction,
                            force=force, progress=echo_progress)
@@ -312,18 +349,24 @@ def compare(models, prompt_files, prompt_texts, persona, training_data, judge, o
 
     MODELS are converted or fused model directories, or BASE_DIR::ADAPTER_DIR for a base model with
     LoRA adapters. Every model gets the same prompts, settings and seed, in one batch per model. Writes
-    comparison.txt, comparison.md, comparison.json and report.html into the report directory.
+    comparison.txt, comparison.md, comparison.json, replies.jsonl and report.html into the report
+    directory.
+
+    \b
+    Examples:
+      gemma-mlx compare outputs/runs/bluey/gemma-3-270m/fused outputs/models/gemma-3-270m --prompts data/prompts/comparison.txt
+      gemma-mlx compare outputs/models/gemma-3-270m::outputs/runs/bluey/gemma-3-270m --prompt "Tell me a joke"
     """
     from .compare import compare_models
     from .config import GenerationSettings
-    from .report import render_scorecard_text
+    from .scoring.report import render_scorecard_text
 
     result = compare_models(
         list(models), [*prompt_files, *prompt_texts], settings=GenerationSettings(**generation), persona=persona,
         training_data=training_data, out=out, judge=judge, progress=echo_progress, force=force,
     )
     click.echo(render_scorecard_text(result.results))
-    click.echo(f"\nReport: {result.out_dir}/ (comparison.txt, comparison.md, comparison.json, report.html)")
+    click.echo(f"\nReport: {result.out_dir}/ (comparison.txt, comparison.md, comparison.json, replies.jsonl, report.html)")
 
 
 @cli.command(short_help="LoRA-fine-tune a converted model.")
@@ -371,6 +414,11 @@ def train(model, data, config_path, out, run_name, resume, force, **options):
     `mlx_lm generate --adapter-path` works), the final ones to last/, with metrics.jsonl, summary.json,
     loss.svg and manifest.json. Ctrl-C saves a resumable state (exit code 130); --resume continues it.
     Settings not given here come from --config, else the defaults (README's config table).
+
+    \b
+    Examples:
+      gemma-mlx train --model outputs/models/gemma-3-270m --data data/bluey
+      gemma-mlx train --model gemma-3-270m --config data/experiment-270m.yaml --epochs 3 --resume
     """
     import dataclasses
 
@@ -404,16 +452,24 @@ def chat(model, adapter_path, system, **generation):
     MODEL is a converted or fused model dir, a name converted earlier (outputs/models/NAME), or
     BASE_DIR::ADAPTER_DIR. Type /settings to show the settings, /settings temperature=0.7 to change
     one, /reset to start over, /quit (or Ctrl-D) to leave. Ctrl-C stops a reply being written.
+    With stdin piped (`gemma-mlx chat M < questions.txt`), stdout gets only the replies.
+
+    \b
+    Examples:
+      gemma-mlx chat outputs/runs/bluey/gemma-3-270m/fused
+      gemma-mlx chat gemma-3-270m --temperature 0.7 --top-p 0.95
     """
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
 
-    from .chat import run_chat
+    from .chat import read_piped_line, run_chat
     from .config import GenerationSettings
 
-    run_chat(model, adapter_path, GenerationSettings(**generation), system=system, progress=echo_progress)
+    interactive = sys.stdin.isatty()  # piped: the prompts and labels stay off stdout, replies only
+    run_chat(model, adapter_path, GenerationSettings(**generation), system=system, progress=echo_progress,
+             read_line=input if interactive else read_piped_line, labels=interactive)
 
 
 def _terminate_like_ctrl_c(signum, frame):
@@ -421,10 +477,30 @@ def _terminate_like_ctrl_c(signum, frame):
     raise KeyboardInterrupt
 
 
+def _quiet_other_ranks() -> None:
+    """Under mlx.launch only rank 0 talks to the user; rank N writes to outputs/logs/rank-N.log."""
+    import os
+
+    rank = os.environ.get("MLX_RANK")
+    if rank in (None, "0"):
+        return
+    from .manifest import outputs_root
+
+    log = outputs_root() / "logs" / f"rank-{rank}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout = sys.stderr = open(log, "a", buffering=1)
+
+
 def main():
+    import os
     import signal
 
-    signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
+    if "MLX_RANK" not in os.environ:
+        # Under mlx.launch a rank may be blocked in a collective when the launcher stops it; a Python
+        # handler would never run there, so the default SIGTERM applies and the state saved at the
+        # last validation is what resumes.
+        signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
+    _quiet_other_ranks()
     cli(prog_name="gemma-mlx")
 
 

@@ -1,7 +1,7 @@
 """`gemma-mlx compare`: the same prompts, settings and seed through several models, side by side.
 
 Each model is loaded once, answers every prompt (x samples) in one batch, and is freed before the
-next loads, so peak memory is one model's. Replies are then scored (persona.py) and written as
+next loads, so peak memory is one model's. Replies are then scored (scoring/scorecard.py) and written as
 four views of one results dict (report.py). With a judge model, that model is loaded last and
 grades every reply 1-5 against a fixed rubric.
 """
@@ -13,11 +13,11 @@ import datetime as _dt
 import gc
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import persona as scoring
-from .compare_inputs import (
+from .scoring import scorecard
+from .scoring.inputs import (
     check_model_specs,
     collect_prompts,
     find_run_dir,
@@ -30,7 +30,7 @@ from .compare_inputs import (
 )
 from .config import GenerationSettings, check_settings, to_dict
 from .generate import generate_replies, load_model
-from .judge import JUDGE_RUBRIC, JUDGE_SETTINGS, JUDGE_TEMPLATE, judge_replies
+from .scoring.judge import JUDGE_RUBRIC, JUDGE_SETTINGS, JUDGE_TEMPLATE, judge_replies
 from .manifest import (
     MANIFEST_NAME,
     Progress,
@@ -45,7 +45,7 @@ from .manifest import (
     sha256_json,
     versions,
 )
-from .report import FORMAT, REPORT_FILES, write_reports
+from .scoring.report import FORMAT, REPORT_FILES, write_reports
 
 MINING_NOTE = (
     "Mined markers are phrases of 2-3 words (not starting or ending with a common word) and names "
@@ -63,6 +63,48 @@ class CompareResult:
     status: str = "compared"  # or "up-to-date" (same inputs as the report already there)
 
 
+@dataclass
+class ModelRun:
+    """One compared model: how it was loaded and ran, then its scored replies (one record per reply).
+
+    Built by run_model, named by unique_names, scored by score_model, graded by the judge; as_json()
+    is its entry in comparison.json.
+    """
+
+    loaded_name: str  # the model's own short name
+    spec: str
+    path: str
+    adapter_path: str | None
+    stage: str | None  # convert | fuse | base+adapters | None (no manifest)
+    manifest: dict | None  # the parts of the model's manifest a reader needs
+    load_seconds: float
+    generate_seconds: float
+    tokens: int
+    tokens_per_second: float
+    peak_memory_gb: float
+    loss_curve: dict | None
+    raw_replies: list = field(default_factory=list, repr=False)  # generate.Reply objects, until scored
+    name: str = ""  # the display name, unique among the compared models
+    replies: list[dict] = field(default_factory=list)
+    scorecard: dict = field(default_factory=dict)
+
+    @property
+    def is_base(self) -> bool:
+        """A converted, un-tuned model: the reference for mined markers."""
+        return self.stage == "convert"
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "ModelRun":
+        """A model's entry of a comparison.json, read back (its replies already scored)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"raw_replies", "loaded_name"}
+        return cls(loaded_name=entry["name"], **{k: v for k, v in entry.items() if k in names})
+
+    def as_json(self) -> dict:
+        keys = ("name", "spec", "path", "adapter_path", "stage", "manifest", "load_seconds", "generate_seconds",
+                "tokens", "tokens_per_second", "peak_memory_gb", "loss_curve", "scorecard", "replies")
+        return {**{k: getattr(self, k) for k in keys}, "is_base": self.is_base}
+
+
 # ---------------------------------------------------------------------------- generation
 
 def _free_memory() -> None:
@@ -72,7 +114,7 @@ def _free_memory() -> None:
     mx.clear_cache()
 
 
-def run_model(spec: str, prompts: list[str], settings: GenerationSettings, position: str, progress: Progress) -> dict:
+def run_model(spec: str, prompts: list[str], settings: GenerationSettings, position: str, progress: Progress) -> ModelRun:
     """Load one model, answer every prompt in one batch, free it; timings and peak memory included."""
     import mlx.core as mx
 
@@ -91,35 +133,34 @@ def run_model(spec: str, prompts: list[str], settings: GenerationSettings, posit
     adapter_path = loaded.adapter_path
     stage = "base+adapters" if adapter_path else (manifest or {}).get("stage")
     run_dir = find_run_dir(manifest, adapter_path)
-    entry = {
-        "loaded_name": loaded.name,
-        "spec": str(spec),
-        "path": str(loaded.path),
-        "adapter_path": str(adapter_path) if adapter_path else None,
-        "stage": stage,
-        "is_base": stage == "convert",
-        "manifest": manifest_summary(manifest),
-        "load_seconds": round(load_seconds, 3),
-        "generate_seconds": round(generate_seconds, 3),
-        "tokens": tokens,
-        "tokens_per_second": tokens / generate_seconds if generate_seconds > 0 else 0.0,
-        "peak_memory_gb": round(peak_gb, 4),
-        "loss_curve": read_loss_curve(run_dir / "metrics.jsonl") if run_dir else None,
-        "raw_replies": replies,
-    }
+    entry = ModelRun(
+        loaded_name=loaded.name,
+        spec=str(spec),
+        path=str(loaded.path),
+        adapter_path=str(adapter_path) if adapter_path else None,
+        stage=stage,
+        manifest=manifest_summary(manifest),
+        load_seconds=round(load_seconds, 3),
+        generate_seconds=round(generate_seconds, 3),
+        tokens=tokens,
+        tokens_per_second=tokens / generate_seconds if generate_seconds > 0 else 0.0,
+        peak_memory_gb=round(peak_gb, 4),
+        loss_curve=read_loss_curve(run_dir / "metrics.jsonl") if run_dir else None,
+        raw_replies=replies,
+    )
     progress(f"{position} {loaded.name}: {len(replies)} replies, {tokens} tokens in {generate_seconds:.1f}s "
-             f"({entry['tokens_per_second']:.1f} tokens/s, peak {peak_gb:.2f} GB)")
+             f"({entry.tokens_per_second:.1f} tokens/s, peak {peak_gb:.2f} GB)")
     del loaded
     _free_memory()
     return entry
 
 
-def unique_names(entries: list[dict]) -> list[str]:
+def unique_names(entries: list[ModelRun]) -> list[str]:
     """Display names: the model's own name, or enough trailing path parts to tell twins apart."""
-    names = [e["loaded_name"] for e in entries]
+    names = [e.loaded_name for e in entries]
     if len(set(names)) == len(names):
         return names
-    paths = [Path(e["adapter_path"] or e["path"]).resolve() for e in entries]
+    paths = [Path(e.adapter_path or e.path).resolve() for e in entries]
     for depth in range(1, max(len(p.parts) for p in paths) + 1):
         names = ["/".join(p.parts[-depth:]) for p in paths]
         if len(set(names)) == len(names):
@@ -129,30 +170,31 @@ def unique_names(entries: list[dict]) -> list[str]:
 
 # ---------------------------------------------------------------------------- scoring
 
-def score_model(entry: dict, prompts: list[str], markers: list[str], out_of_character: list[str],
+def score_model(entry: ModelRun, prompts: list[str], markers: list[str], out_of_character: list[str],
                 training_words: dict | None) -> None:
     """Per-reply flags, then the model's scorecard and one per prompt (over that prompt's samples)."""
     records = []
-    for r in entry.pop("raw_replies"):
-        flags = scoring.reply_flags(r.text, r.finish_reason, markers, out_of_character)
+    for r in entry.raw_replies:
+        flags = scorecard.reply_flags(r.text, r.finish_reason, markers, out_of_character)
         records.append({"prompt_index": r.prompt_index, "sample_index": r.sample_index, "text": r.text,
                         "tokens": int(r.tokens), "finish_reason": r.finish_reason, "stop_token": r.stop_token,
                         "seconds": float(r.seconds), "tokens_per_second": float(r.tokens_per_second),
                         **flags, "judge_score": None, "judge_raw": None})
-    entry["replies"] = records
-    entry["scorecard"] = _scorecard(records, prompts, bool(markers), training_words, entry)
+    entry.raw_replies = []
+    entry.replies = records
+    entry.scorecard = _scorecard(records, prompts, bool(markers), training_words, entry)
 
 
-def _scorecard(records: list[dict], prompts: list[str], has_markers: bool, training_words, entry: dict) -> dict:
-    card = scoring.summarise([r["text"] for r in records], records, has_markers, training_words)
+def _scorecard(records: list[dict], prompts: list[str], has_markers: bool, training_words, entry: ModelRun) -> dict:
+    card = scorecard.summarise([r["text"] for r in records], records, has_markers, training_words)
     scores = [r["judge_score"] for r in records if r["judge_score"] is not None]
-    card.update(tokens_per_second=entry["tokens_per_second"], peak_memory_gb=entry["peak_memory_gb"],
+    card.update(tokens_per_second=entry.tokens_per_second, peak_memory_gb=entry.peak_memory_gb,
                 judge_mean=sum(scores) / len(scores) if scores else None)
     card["per_prompt"] = []
     for index in range(len(prompts)):
         mine = [r for r in records if r["prompt_index"] == index]
         card["per_prompt"].append({"prompt_index": index,
-                                   **scoring.summarise([r["text"] for r in mine], mine, has_markers, training_words)})
+                                   **scorecard.summarise([r["text"] for r in mine], mine, has_markers, training_words)})
     return card
 
 
@@ -170,7 +212,7 @@ def _warnings(overlaps: list[dict], models: list[dict], settings: GenerationSett
             warnings.append(
                 f"{model['name']}: {len(loops)} of {len(model['replies'])} replies are loops (word 4-grams repeated 3+ "
                 "times cover half the reply), e.g. prompt " f"{loops[0]['prompt_index'] + 1}. Greedy decoding of a small "
-                "fine-tuned model does this; a repetition penalty (--repetition-penalty 1.1) or a later checkpoint helps."
+                "model does this; a higher --repetition-penalty, --no-repeat-ngram 4 or another checkpoint helps."
             )
         if model["scorecard"]["cut_rate"] and model["scorecard"]["cut_rate"] >= 0.5:
             warnings.append(
@@ -245,8 +287,7 @@ def _results(settings, prompt_pairs, persona_info, mined, training, overlaps, ju
         "warnings": [],
         "judge": {"model": judge, "rubric": JUDGE_RUBRIC, "template": JUDGE_TEMPLATE,
                   "settings": to_dict(dataclasses.replace(JUDGE_SETTINGS, seed=settings.seed))} if judge else None,
-        "models": [{"name": e["name"], **{k: v for k, v in e.items() if k not in ("name", "loaded_name")}}
-                   for e in entries],
+        "models": [e.as_json() for e in entries],
         "seconds": 0.0,
     }
 
@@ -311,10 +352,10 @@ def compare_models(
     for i, spec in enumerate(models):
         entries.append(run_model(spec, texts, settings, f"[model {i + 1}/{len(models)}]", progress))
     for entry, name in zip(entries, unique_names(entries)):
-        entry["name"] = name
+        entry.name = name
 
-    base_replies = [r.text for e in entries if e["is_base"] for r in e["raw_replies"]]
-    mined = scoring.mine_markers(training_replies, base_replies, exclude=persona_info["markers"])
+    base_replies = [r.text for e in entries if e.is_base for r in e.raw_replies]
+    mined = scorecard.mine_markers(training_replies, base_replies, exclude=persona_info["markers"])
     markers = persona_info["markers"] + mined
     for entry in entries:
         score_model(entry, texts, markers, persona_info["out_of_character"],
@@ -323,10 +364,10 @@ def compare_models(
         judge_replies(judge, texts, entries, persona_info, settings.seed, progress)
         _free_memory()
         for entry in entries:
-            entry["scorecard"] = _scorecard(entry["replies"], texts, bool(markers),
-                                            training["reply_words"] if training else None, entry)
+            entry.scorecard = _scorecard(entry.replies, texts, bool(markers),
+                                         training["reply_words"] if training else None, entry)
 
-    overlaps = scoring.find_overlaps(texts, training_prompts)
+    overlaps = scorecard.find_overlaps(texts, training_prompts)
     results = _results(settings, prompt_pairs, persona_info, mined, training, overlaps, judge, entries)
     results["warnings"] = _warnings(overlaps, results["models"], settings)
     results["seconds"] = round(time.perf_counter() - started, 3)

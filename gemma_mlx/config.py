@@ -203,7 +203,7 @@ def check_against_models(config: ExperimentConfig, model_configs: dict[str, dict
     for name, model in model_configs.items():
         layers = model.get("num_hidden_layers")
         n = config.lora.num_layers
-        if layers and n > layers and (n != DEFAULT_NUM_LAYERS or "lora.num_layers" in config.locations):
+        if layers and n > layers and n != DEFAULT_NUM_LAYERS:  # 16, the default, takes all of a smaller model
             problems.append(f"{where('lora.num_layers')}lora.num_layers is {n}, but {name} has {layers} layers; "
                             f"use 1 to {layers}, or -1 for all")
         positions = model.get("max_position_embeddings")

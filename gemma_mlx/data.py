@@ -1,456 +1,332 @@
-"""Persona datasets: read mlx-lm's JSONL formats (and Hugging Face datasets), load and split them.
+"""The `gemma-mlx data` commands as library functions: check a dataset, summarise it, split it.
 
-Accepted record shapes are mlx-lm's: chat `{"messages": [...]}`, `{"prompt": ..., "completion": ...}`
-and `{"text": ...}`. Reading collects every problem with its `file:line`, so `gemma-mlx data check`
-can list them all; `load_examples` raises them as one DataError. Checks that judge a *valid*
-dataset (duplicates, lengths, overlap) live in data_checks.py.
+examples.py reads records and reports what makes them invalid; the checks here judge a dataset that
+reads fine but would train badly: duplicate prompts, examples longer than training keeps, overlap
+with the evaluation prompts, and reply lengths so alike that the model learns one length.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
-import re
-import unicodedata
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat_format import BOS, encode, render
+from .models import model_dir_path
+from .examples import (
+    NEAR_DUPLICATE_JACCARD,
+    Example,
+    Parsed,
+    Problem,
+    data_hash,
+    load_examples,
+    near_duplicate_pairs,
+    normalise,
+    parse_dataset,
+    split_examples,
+)
 from .errors import DataError
-from .manifest import sha256_file, sha256_tree
+from .persona import count_markers, load_persona
+from .prompts import read_prompt_lines
+from .text import length_stats, word_count
+from .manifest import Progress, StageOutput, atomic_output_dir, check_output, finish_output, now_iso, quiet, versions
 
-DATA_SUFFIXES = (".jsonl", ".jsonl.txt")
-SPLIT_NAMES = ("train", "valid", "test")
-ROLES = ("system", "user", "assistant")
-NEAR_DUPLICATE_JACCARD = 0.8
-UTF8_BOM = b"\xef\xbb\xbf"
-SHAPE_HELP = 'one of {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}'
-
-
-@dataclass
-class Example:
-    messages: list[dict] | None
-    text: str | None
-    source: str  # "file:line"
-
-    @property
-    def prompt(self) -> str:
-        """The first user turn (or the text of a text record): what duplicates are judged on."""
-        if self.messages is None:
-            return self.text or ""
-        return next((m["content"] for m in self.messages if m["role"] == "user"), "")
-
-    @property
-    def reply(self) -> str | None:
-        """The last assistant turn; None for a text record."""
-        if self.messages is None:
-            return None
-        return next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), None)
+LOW_SPREAD_CV = 0.25  # reply words' coefficient of variation below this: "all alike"
+MIN_REPLIES_FOR_SPREAD = 5
 
 
 @dataclass
-class Splits:
-    train: list[Example]
-    valid: list[Example]
-    test: list[Example]
-
-
-@dataclass
-class Problem:
-    where: str  # "file:line", or the path for whole-dataset findings
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
-
-
-@dataclass
-class Parsed:
-    """Everything read from a dataset: valid examples and the problems met on the way."""
-
-    examples: list[Example] = field(default_factory=list)
-    errors: list[Problem] = field(default_factory=list)
-    warnings: list[Problem] = field(default_factory=list)
+class CheckReport:
+    errors: list[Problem]
+    warnings: list[Problem]
+    examples: int
     files: list[str] = field(default_factory=list)
-    shapes: dict[str, int] = field(default_factory=dict)  # "chat" | "completion" | "text" -> count
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
 
 
-# ---------------------------------------------------------------- records
+# ---------------------------------------------------------------- tokens
 
 
-def _check_messages(messages) -> list[str]:
-    """What is wrong with a chat record's messages (empty list: nothing)."""
-    if not isinstance(messages, list) or not messages:
-        return ["'messages' must be a non-empty list of {\"role\", \"content\"} objects"]
-    problems, roles = [], []
-    for number, message in enumerate(messages, 1):
-        if not isinstance(message, dict):
-            problems.append(f"message {number} is {type(message).__name__}, not an object with role and content")
-            roles.append(None)
-            continue
-        role = message.get("role")
-        roles.append(role)
-        label = f"message {number} ({role})" if isinstance(role, str) else f"message {number}"
-        if role not in ROLES:
-            problems.append(f"{label}: role must be one of {', '.join(ROLES)}, not {role!r}")
-        content = message.get("content")
-        if content is None:
-            problems.append(f"{label} has no content")
-        elif not isinstance(content, str):
-            problems.append(f"{label}: content must be a string, not {type(content).__name__} ({_short(content)})")
-        elif not content.strip():
-            problems.append(f"{label} has empty content")
-    if all(role in ROLES for role in roles):
-        body = roles[1:] if roles[0] == "system" else roles
-        expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(body))]
-        if body != expected:
-            problems.append(
-                f"roles out of order ({', '.join(roles)}): after an optional leading system message, "
-                "turns must alternate user, assistant, user, ..."
-            )
-        elif roles[-1] != "assistant":
-            problems.append(
-                f"the last message is from the {roles[-1]}, not the assistant: there is no reply to learn from"
-            )
-    return problems
+def load_tokenizer(model: str | Path):
+    """Only the tokenizer of a model dir (or of a model converted under outputs/models/<name>)."""
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    path = model_dir_path(model)
+    if not path.is_dir() or not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        raise DataError(
+            f"{model} is not a model directory with a tokenizer, so tokens cannot be counted. Give a converted "
+            "model dir (gemma-mlx convert writes outputs/models/<name>) or a Hugging Face checkpoint dir."
+        )
+    return mlx_load_tokenizer(path)
 
 
-def _short(value, limit: int = 40) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def parse_record(record, where: str) -> tuple[Example | None, str | None, list[str]]:
-    """(example, shape, problems) for one decoded record; example is None when it is invalid."""
-    if not isinstance(record, dict):
-        return None, None, [f"unknown record shape: a JSON {type(record).__name__}, expected an object, {SHAPE_HELP}"]
-    keys = {k for k, v in record.items() if v is not None}  # HF datasets fill absent columns with None
-    if "messages" in keys:
-        problems = _check_messages(record["messages"])
-        if problems:
-            return None, "chat", problems
-        messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-        return Example(messages=messages, text=None, source=where), "chat", []
-    if "prompt" in keys or "completion" in keys:
-        if not {"prompt", "completion"} <= keys:
-            missing = "completion" if "prompt" in keys else "prompt"
-            return None, "completion", [f"a prompt/completion record has no '{missing}'"]
-        problems = [_field_problem(record, key) for key in ("prompt", "completion")]
-        problems = [p for p in problems if p]
-        if problems:
-            return None, "completion", problems
-        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-        return Example(messages=messages, text=None, source=where), "completion", []
-    if "text" in keys:
-        problem = _field_problem(record, "text")
-        if problem:
-            return None, "text", [problem]
-        return Example(messages=None, text=record["text"], source=where), "text", []
-    found = ", ".join(sorted(record)) or "none"
-    return None, None, [f"unknown record shape (keys: {found}); each line must be {SHAPE_HELP}"]
-
-
-def _field_problem(record: dict, key: str) -> str | None:
-    value = record[key]
-    if not isinstance(value, str):
-        return f"'{key}' must be a string, not {type(value).__name__} ({_short(value)})"
-    if not value.strip():
-        return f"'{key}' is empty"
-    return None
-
-
-def _add(parsed: Parsed, record, where: str) -> None:
-    example, shape, problems = parse_record(record, where)
-    parsed.errors.extend(Problem(where, p) for p in problems)
-    if shape:
-        parsed.shapes[shape] = parsed.shapes.get(shape, 0) + 1
-    if example is not None:
-        parsed.examples.append(example)
-
-
-# ---------------------------------------------------------------- files and directories
-
-
-def _parse_jsonl(path: Path, parsed: Parsed) -> None:
-    """Read one JSONL file byte-wise, so bad encodings are reported with their line too."""
-    raw = path.read_bytes()
-    name = str(path)
-    parsed.files.append(name)
-    if raw.startswith(UTF8_BOM):
-        parsed.errors.append(Problem(f"{name}:1", (
-            "the file starts with a UTF-8 byte order mark (BOM), which mlx-lm's loader cannot parse. "
-            "Save it as UTF-8 without BOM")))
-        raw = raw[len(UTF8_BOM):]
-    if not raw.strip():
-        parsed.errors.append(Problem(f"{name}:1", "the file is empty: it holds no records"))
-        return
-    shapes_before = dict(parsed.shapes)
-    lines = raw.split(b"\n")
-    for number, line in enumerate(lines, 1):
-        where = f"{name}:{number}"
-        if not line.strip():
-            if number < len(lines):  # the empty piece after a final newline is no line
-                parsed.warnings.append(Problem(where, "blank line: gemma-mlx skips it, but mlx-lm's own loader fails on it"))
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            parsed.errors.append(Problem(where, (
-                f"not valid UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1}); "
-                "save the file as UTF-8")))
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as error:
-            parsed.errors.append(Problem(where, (
-                f"not valid JSON ({error.msg} at column {error.colno}); each line must be one complete JSON object")))
-            continue
-        _add(parsed, record, where)
-    shapes = {k for k in parsed.shapes if parsed.shapes[k] != shapes_before.get(k, 0)}
-    if len(shapes) > 1:
-        parsed.warnings.append(Problem(name, (
-            f"mixes record shapes ({', '.join(sorted(shapes))}); mlx-lm picks one format from the first record, "
-            "so use one shape per file")))
-
-
-def is_hf_saved_dataset(path: Path) -> bool:
-    """A directory written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
-    path = Path(path)
-    return (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file())
-
-
-def looks_like_hub_id(spec: str) -> bool:
-    parts = str(spec).split("/")
-    return len(parts) == 2 and all(re.fullmatch(r"[\w.-]+", p) for p in parts) and not str(spec).startswith(".")
-
-
-def _hf_splits(spec: str) -> dict:
-    """{split name: rows} of a local saved dataset or a hub dataset id; DataError if it cannot be read."""
-    import datasets
-
-    try:
-        if Path(spec).is_dir():
-            loaded = datasets.load_from_disk(str(spec))
+def token_counts(examples: list[Example], tokenizer) -> list[tuple[int, int | None]]:
+    """(tokens of the whole example in the Gemma turn format, tokens of its reply) per example."""
+    counts = []
+    for example in examples:
+        if example.messages is None:
+            counts.append((len(encode(tokenizer, BOS + example.text)), None))
         else:
-            loaded = datasets.load_dataset(spec)
-    except Exception as error:  # datasets raises many types (offline, missing, bad files)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(
-            f"{spec} is not a file or directory here, and loading it as a Hugging Face dataset failed: {reason}. "
-            "Check the path or the dataset id (a hub id needs network access or the local datasets cache)."
-            if not Path(spec).exists() else
-            f"{spec} looks like a saved Hugging Face dataset but could not be loaded: {reason}."
-        ) from None
-    if isinstance(loaded, datasets.DatasetDict):
-        return {name: loaded[name] for name in loaded}
-    return {"train": loaded}
+            counts.append((len(encode(tokenizer, render(example.messages))), len(encode(tokenizer, example.reply))))
+    return counts
 
 
-def _parse_hf(spec: str, parsed: Parsed, splits: dict | None = None) -> dict[str, list[Example]]:
-    per_split = {}
-    for split, rows in (splits or _hf_splits(spec)).items():
-        name = f"{spec}[{split}]"
-        parsed.files.append(name)
-        before = len(parsed.examples)
-        for number, record in enumerate(rows, 1):
-            _add(parsed, record, f"{name}:{number}")
-        per_split[split] = parsed.examples[before:]
-    return per_split
+# ---------------------------------------------------------------- checks
 
 
-def data_files(directory: Path) -> list[Path]:
-    """The JSONL files of a dataset directory, by name."""
-    return sorted(p for p in Path(directory).iterdir() if p.is_file() and p.name.endswith(DATA_SUFFIXES))
+def duplicate_findings(examples: list[Example]) -> list[dict]:
+    """Exact and near-duplicate prompt pairs, with where each one is."""
+    pairs = near_duplicate_pairs([e.prompt for e in examples])
+    return [
+        {"where": examples[j].source, "other": examples[i].source, "similarity": score,
+         "kind": "exact" if normalise(examples[i].prompt) == normalise(examples[j].prompt) else "near",
+         "prompt": examples[j].prompt}
+        for i, j, score in pairs
+    ]
 
 
-def _split_file(directory: Path, split: str) -> Path | None:
-    return next((directory / f"{split}{s}" for s in DATA_SUFFIXES if (directory / f"{split}{s}").is_file()), None)
+def overlap_findings(examples: list[Example], prompt_files) -> list[dict]:
+    """Training prompts that equal or nearly equal an evaluation prompt."""
+    findings = []
+    for prompt_file in prompt_files:
+        eval_prompts = read_prompt_lines(prompt_file)
+        texts = [e.prompt for e in examples] + [p for p, _ in eval_prompts]
+        n = len(examples)
+        for i, j, score in near_duplicate_pairs(texts):
+            if i < n <= j:
+                prompt, where = eval_prompts[j - n]
+                findings.append({"where": examples[i].source, "eval_prompt": prompt, "eval_where": where,
+                                 "similarity": score, "prompt": examples[i].prompt})
+    return findings
 
 
-def parse_dataset(path) -> Parsed:
-    """Read a JSONL file, a directory of them, a saved HF dataset or a hub id, collecting every problem.
-
-    Raises DataError only when there is nothing to read at all (missing path, no data files).
-    """
-    spec = str(path)
-    path = Path(path)
-    parsed = Parsed()
-    if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".parquet"):
-        raise DataError(
-            f"{path} is a {path.suffix.lower()[1:].upper()} file, which is not supported: gemma-mlx reads JSONL, one "
-            'example per line, e.g. {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", '
-            '"content": "..."}]}. Convert it (pandas: df.to_json("data.jsonl", orient="records", lines=True) with '
-            "prompt and completion columns), or load it with `datasets` and save_to_disk."
-        )
-    if path.is_file():
-        _parse_jsonl(path, parsed)
-    elif path.is_dir() and is_hf_saved_dataset(path):
-        _parse_hf(spec, parsed)
-    elif path.is_dir():
-        files = data_files(path)
-        if not files:
-            raise DataError(
-                f"{path} holds no data files (*.jsonl or *.jsonl.txt). Put the examples in a JSONL file there, "
-                "or point to the file itself."
-            )
-        for file in files:
-            _parse_jsonl(file, parsed)
-    elif looks_like_hub_id(spec):
-        _parse_hf(spec, parsed)
-    else:
-        raise DataError(f"{path} does not exist. Give a JSONL file, a directory of JSONL files, or a Hugging Face dataset id.")
-    return parsed
+def _spread_warning(path, replies: list[str]) -> Problem | None:
+    if len(replies) < MIN_REPLIES_FOR_SPREAD:
+        return None
+    spread = length_stats([word_count(r) for r in replies])
+    if spread["cv"] is None or spread["cv"] >= LOW_SPREAD_CV:
+        return None
+    return Problem(str(path), (
+        f"reply lengths are all alike: {spread['min']}-{spread['max']} words, mean {spread['mean']:.1f}, "
+        f"coefficient of variation {spread['cv']:.2f} (below {LOW_SPREAD_CV}). A fine-tuned model copies the "
+        "length of its training replies, so it will answer everything at about this length; add short and long replies."))
 
 
-def raise_errors(parsed: Parsed, path, limit: int = 5) -> None:
-    if not parsed.errors:
-        return
-    shown = "\n".join(f"  {p}" for p in parsed.errors[:limit])
-    more = len(parsed.errors) - limit
-    tail = f"\n  ... and {more} more." if more > 0 else ""
-    raise DataError(
-        f"{path} has {len(parsed.errors)} invalid record(s):\n{shown}{tail}\n"
-        f"Fix them (run `gemma-mlx data check {path}` for the full list)."
-    )
-
-
-def load_examples(path) -> list[Example]:
-    """Every example of a JSONL file, a directory of them, or a Hugging Face dataset; DataError if any is invalid."""
+def check_dataset(path, model: str | Path | None = None, prompts: list[Path] = (),
+                  max_seq_length: int = 512) -> CheckReport:
+    """Every error (invalid records) and warning (duplicates, too long, eval overlap, low spread) of a dataset."""
+    if max_seq_length < 8:
+        raise DataError(f"--max-seq-length is {max_seq_length}; it must be at least 8 (tokens), like train.max_seq_length.")
     parsed = parse_dataset(path)
-    raise_errors(parsed, path)
-    return parsed.examples
+    examples = parsed.examples
+    warnings = list(parsed.warnings)
+    for d in duplicate_findings(examples):
+        kind = "an exact" if d["kind"] == "exact" else f"a near (similarity {d['similarity']:.2f})"
+        warnings.append(Problem(d["where"], (
+            f"the prompt is {kind} duplicate of the one at {d['other']}; duplicates weigh one idea double "
+            "and can leak between train and validation")))
+    for d in overlap_findings(examples, prompts):
+        warnings.append(Problem(d["where"], (
+            f"the prompt {d['prompt']!r} matches the evaluation prompt at {d['eval_where']} "
+            f"(similarity {d['similarity']:.2f}); a model tested on what it was trained on looks better than it is. "
+            "Remove or rewrite one of them")))
+    if model is not None and examples:
+        tokenizer = load_tokenizer(model)
+        for example, (tokens, _) in zip(examples, token_counts(examples, tokenizer)):
+            if tokens > max_seq_length:
+                warnings.append(Problem(example.source, (
+                    f"{tokens} tokens, longer than the training max_seq_length of {max_seq_length}; training "
+                    "truncates it and the end of the reply is never learned. Shorten it or raise max_seq_length")))
+    replies = [e.reply for e in examples if e.reply is not None]
+    low_spread = _spread_warning(path, replies)
+    if low_spread:
+        warnings.append(low_spread)
+    return CheckReport(errors=parsed.errors, warnings=warnings, examples=len(examples), files=parsed.files)
 
 
-# ---------------------------------------------------------------- duplicates and splits
+# ---------------------------------------------------------------- stats
 
 
-def normalise(text: str) -> str:
-    """Lowercase, drop apostrophes, turn other punctuation into spaces, collapse spaces."""
-    text = unicodedata.normalize("NFKC", text).lower().replace("'", "").replace("\u2019", "")
-    text = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
-    return " ".join(text.split())
+def _persona_path(path, persona: Path | None) -> Path | None:
+    if persona is not None:
+        return Path(persona)
+    base = Path(path)
+    candidate = (base if base.is_dir() else base.parent) / "persona.yaml"
+    return candidate if candidate.is_file() else None
 
 
-def similarity(a: str, b: str) -> float:
-    """1.0 for equal normalised text, else the Jaccard index of the two word sets."""
-    na, nb = normalise(a), normalise(b)
-    if na == nb:
-        return 1.0
-    wa, wb = set(na.split()), set(nb.split())
-    return len(wa & wb) / len(wa | wb) if wa and wb else 0.0
+def histogram(values: list[int], max_bins: int = 10) -> list[dict]:
+    """Equal-width bins with a round width (5, 10, 20, 25, 50, ...), covering min..max."""
+    if not values:
+        return []
+    low, high = min(values), max(values)
+    width = next(w for w in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 10**9)
+                 if (high // w - low // w + 1) <= max_bins)
+    start = low // width * width
+    bins = []
+    while start <= high:
+        bins.append({"from": start, "to": start + width - 1, "count": sum(start <= v < start + width for v in values)})
+        start += width
+    return bins
 
 
-def near_duplicate_pairs(texts: list[str], threshold: float = NEAR_DUPLICATE_JACCARD) -> list[tuple[int, int, float]]:
-    """(i, j, score) for i < j whose texts are equal after normalising or have word-set Jaccard >= threshold.
-
-    Jaccard >= t needs the smaller set to be at least t times the larger, so after sorting by set
-    size each text is only compared with the few of similar size.
-    """
-    norms = [normalise(t) for t in texts]
-    words = [frozenset(n.split()) for n in norms]
-    order = sorted(range(len(texts)), key=lambda i: len(words[i]))
-    pairs = []
-    for pos, i in enumerate(order):
-        for j in order[pos + 1:]:
-            if len(words[j]) * threshold > len(words[i]):
-                break
-            if norms[i] == norms[j]:
-                score = 1.0
-            elif words[i] and words[j]:
-                score = len(words[i] & words[j]) / len(words[i] | words[j])
-            else:
-                continue
-            if score >= threshold:
-                pairs.append((min(i, j), max(i, j), round(score, 3)))
-    return sorted(pairs)
+def marker_table(replies: list[str], markers: list[str]) -> list[dict]:
+    """Per marker: occurrences and replies containing it, most frequent first."""
+    rows = []
+    for marker in markers:
+        counts = [count_markers(r, [marker])[marker] for r in replies]
+        rows.append({"marker": marker, "count": sum(counts), "replies": sum(c > 0 for c in counts)})
+    return sorted(rows, key=lambda r: (-r["count"], r["marker"]))
 
 
-def duplicate_groups(texts: list[str]) -> list[list[int]]:
-    """Indices grouped so that near duplicates share a group (union-find over the pairs)."""
-    parent = list(range(len(texts)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j, _ in near_duplicate_pairs(texts):
-        parent[root(j)] = root(i)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(texts)):
-        groups.setdefault(root(i), []).append(i)
-    return sorted(groups.values())
-
-
-def _target(n: int, fraction: float) -> int:
-    """Examples for a held-out split: rounded, but at least one when asked for and affordable."""
-    if fraction <= 0:
-        return 0
-    return max(1, round(n * fraction)) if n >= 3 else 0
-
-
-def split_examples(examples: list[Example], seed: int = 0, valid_fraction: float = 0.1,
-                   test_fraction: float = 0.0) -> Splits:
-    """Seeded split that keeps near-duplicate prompts together, so no held-out prompt was trained on."""
-    if not 0 <= valid_fraction < 1 or not 0 <= test_fraction < 1 or valid_fraction + test_fraction >= 1:
+def dataset_stats(path, model: str | Path | None = None, prompts: list[Path] = (),
+                  persona: Path | None = None) -> dict:
+    """Counts, reply-length spread (words; tokens with a model), markers, duplicates, prompt overlap."""
+    parsed: Parsed = parse_dataset(path)
+    if parsed.errors:
         raise DataError(
-            f"Split fractions valid={valid_fraction} and test={test_fraction} must each be in [0, 1) and "
-            "leave something to train on (their sum below 1)."
+            f"{path} has {len(parsed.errors)} invalid record(s), first: {parsed.errors[0]}. "
+            f"Run `gemma-mlx data check {path}` and fix them first."
         )
-    n = len(examples)
-    groups = duplicate_groups([e.prompt for e in examples])
-    random.Random(seed).shuffle(groups)
-    want = {"test": _target(n, test_fraction), "valid": _target(n, valid_fraction)}
-    chosen: dict[str, list[int]] = {"train": [], "valid": [], "test": []}
-    for group in groups:
-        name = next((s for s in ("test", "valid") if len(chosen[s]) + len(group) <= want[s]), "train")
-        chosen[name].extend(group)
-    return Splits(**{name: [examples[i] for i in sorted(idx)] for name, idx in chosen.items()})
+    examples = parsed.examples
+    replies = [e.reply for e in examples if e.reply is not None]
+    reply_words = [word_count(r) for r in replies]
+    stats = {
+        "path": str(path),
+        "files": {f: sum(e.source.rsplit(":", 1)[0] == f for e in examples) for f in parsed.files},
+        "examples": len(examples),
+        "shapes": parsed.shapes,
+        "with_system_message": sum(bool(e.messages) and e.messages[0]["role"] == "system" for e in examples),
+        "multi_turn": sum(bool(e.messages) and sum(m["role"] == "assistant" for m in e.messages) > 1 for e in examples),
+        "prompt_words": length_stats([word_count(e.prompt) for e in examples]),
+        "reply_words": length_stats(reply_words),
+        "reply_words_histogram": histogram(reply_words),
+        "duplicates": duplicate_findings(examples),
+        "prompt_overlap": overlap_findings(examples, prompts),
+        "prompt_files": [str(p) for p in prompts],
+    }
+    if model is not None:
+        counts = token_counts(examples, load_tokenizer(model))
+        reply_tokens = [r for _, r in counts if r is not None]
+        stats["model"] = str(model)
+        stats["example_tokens"] = length_stats([t for t, _ in counts])
+        stats["reply_tokens"] = length_stats(reply_tokens)
+        stats["reply_tokens_histogram"] = histogram(reply_tokens)
+    persona_path = _persona_path(path, persona)
+    if persona_path is not None:
+        spec = load_persona(persona_path)
+        table = marker_table(replies, spec.markers)
+        stats["persona"] = {
+            "file": str(persona_path), "name": spec.name, "markers": table,
+            "replies_with_marker": sum(any(count_markers(r, spec.markers).values()) for r in replies),
+            "out_of_character": [row for row in marker_table(replies, spec.out_of_character) if row["count"]],
+        }
+    return stats
 
 
-def _split_dir_files(path: Path) -> dict[str, Path] | None:
-    files = {s: _split_file(path, s) for s in SPLIT_NAMES}
-    return {s: f for s, f in files.items() if f} if files["train"] else None
+def _spread_line(label: str, s: dict) -> str:
+    if not s.get("n"):
+        return f"{label}: none"
+    cv = "n/a" if s["cv"] is None else f"{s['cv']:.2f}"
+    return (f"{label}: min {s['min']}  q1 {s['q1']:g}  median {s['median']:g}  mean {s['mean']:.1f}  "
+            f"q3 {s['q3']:g}  max {s['max']}  (cv {cv})")
 
 
-def load_splits(path, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> Splits:
-    """Train/valid/test: as found (a directory with train.jsonl, a HF dataset with a train split),
-    otherwise a deterministic in-memory split of all the examples."""
-    path = Path(path)
-    if path.is_dir() and not is_hf_saved_dataset(path):
-        files = _split_dir_files(path)
-        if files:
-            found = {s: load_examples(f) for s, f in files.items()}
-            return Splits(found["train"], found.get("valid", []), found.get("test", []))
-    if (path.is_dir() and is_hf_saved_dataset(path)) or (not path.exists() and looks_like_hub_id(str(path))):
-        parsed = Parsed()
-        hf = _parse_hf(str(path), parsed)
-        raise_errors(parsed, path)
-        if "train" in hf and len(hf) > 1:
-            valid = hf.get("valid", hf.get("validation", []))
-            return Splits(hf["train"], list(valid), list(hf.get("test", [])))
-        return split_examples(parsed.examples, seed, valid_fraction, test_fraction)
-    return split_examples(load_examples(path), seed, valid_fraction, test_fraction)
+def _histogram_lines(bins: list[dict], width: int = 40) -> list[str]:
+    top = max((b["count"] for b in bins), default=0) or 1
+    label = max((len(f"{b['from']}-{b['to']}") for b in bins), default=0)
+    lines = []
+    for b in bins:
+        span, bar = f"{b['from']}-{b['to']}", "#" * round(width * b["count"] / top)
+        lines.append(f"  {span:>{label}} | {bar:<{width}} {b['count']}")
+    return lines
 
 
-# ---------------------------------------------------------------- prompts, persona, hashes
+def render_stats(stats: dict) -> str:
+    """The stats as a short readable text (the --json output carries the same numbers)."""
+    shapes = ", ".join(f"{n} {k}" for k, n in sorted(stats["shapes"].items()))
+    lines = [f"{stats['path']}: {stats['examples']} examples ({shapes})"]
+    lines += [f"  {name}: {count}" for name, count in stats["files"].items()]
+    lines.append(f"with a system message: {stats['with_system_message']}; multi-turn: {stats['multi_turn']}")
+    lines.append(_spread_line("prompt words", stats["prompt_words"]))
+    lines.append(_spread_line("reply words", stats["reply_words"]))
+    lines += _histogram_lines(stats["reply_words_histogram"])
+    if "reply_tokens" in stats:
+        lines.append(_spread_line(f"example tokens ({stats['model']})", stats["example_tokens"]))
+        lines.append(_spread_line("reply tokens", stats["reply_tokens"]))
+        lines += _histogram_lines(stats["reply_tokens_histogram"])
+    if "persona" in stats:
+        p = stats["persona"]
+        lines.append(f"persona markers ({p['name']}, {p['file']}): {p['replies_with_marker']} of "
+                     f"{stats['reply_words']['n']} replies have at least one")
+        lines += [f"  {row['marker']:<20} {row['count']:>4} times in {row['replies']} replies" for row in p["markers"][:15]]
+        if p["out_of_character"]:
+            lines.append("out-of-character phrases: " + ", ".join(f"{r['marker']} ({r['count']})" for r in p["out_of_character"]))
+    lines.append(f"duplicate prompts: {len(stats['duplicates'])}")
+    lines += [f"  {d['where']}: {d['kind']} duplicate of {d['other']} ({d['similarity']:.2f})" for d in stats["duplicates"]]
+    if stats["prompt_files"]:
+        lines.append(f"overlap with {', '.join(stats['prompt_files'])}: {len(stats['prompt_overlap'])}")
+        lines += [f"  {d['where']}: matches {d['eval_where']} ({d['similarity']:.2f})" for d in stats["prompt_overlap"]]
+    return "\n".join(lines)
 
 
-def data_hash(path) -> str:
-    """sha256 over the dataset's files (names and bytes), for manifests; a hub id hashes its fingerprints."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    if path.is_dir() and is_hf_saved_dataset(path):
-        return sha256_tree(path)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for file in data_files(path):
-            digest.update(file.name.encode())
-            digest.update(sha256_file(file).encode())
-        return digest.hexdigest()
-    splits = _hf_splits(str(path))
-    fingerprints = {name: getattr(rows, "_fingerprint", "") for name, rows in splits.items()}
-    return hashlib.sha256(json.dumps([str(path), fingerprints], sort_keys=True).encode()).hexdigest()
+# ---------------------------------------------------------------- split
 
+
+@dataclass
+class SplitResult:
+    out_dir: Path
+    counts: dict[str, int]
+    status: str  # "split" | "up-to-date"
+
+
+def _chat_record(example: Example) -> dict:
+    if example.messages is None:
+        raise DataError(
+            f"{example.source}: a text record cannot be written as a chat example; split writes chat "
+            "(messages) records only. Convert text records to {\"messages\": [...]} first."
+        )
+    return {"messages": example.messages}
+
+
+def _write_jsonl(path: Path, examples: list[Example]) -> None:
+    path.write_text("".join(json.dumps(_chat_record(e), ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
+
+
+def split_dataset(path, out: Path, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.1,
+                  force: bool = False, progress: Progress = quiet, remake: bool = False) -> SplitResult:
+    """Write train/valid/test.jsonl (mlx-lm's layout, chat records) + manifest; same inputs: a no-op."""
+    out = Path(out)
+    inputs = {"source_sha256": data_hash(path), "seed": seed,
+              "valid_fraction": valid_fraction, "test_fraction": test_fraction}
+    output = StageOutput("split", out, key=inputs,
+                         inputs={"the dataset it splits": Path(path)} if Path(path).exists() else {})
+    existing = check_output(output, force, progress, remake)
+    if existing:
+        progress(f"{out}: already split from the same data with the same settings, nothing to do")
+        return SplitResult(out, existing["counts"], "up-to-date")
+    started = time.perf_counter()
+    examples = load_examples(path)
+    splits = split_examples(examples, seed, valid_fraction, test_fraction)
+    counts = {name: len(getattr(splits, name)) for name in ("train", "valid", "test")}
+    empty = [name for name, fraction in (("valid", valid_fraction), ("test", test_fraction)) if fraction and not counts[name]]
+    if empty:
+        raise DataError(
+            f"{path} has {len(examples)} example(s): too few to give the {' and '.join(empty)} set(s) even one "
+            f"(valid {valid_fraction:g}, test {test_fraction:g} of them). Add examples, or set the fraction to 0 to "
+            "do without that set."
+        )
+    with atomic_output_dir(out, force=True) as tmp:
+        for name in ("train", "valid", "test"):
+            _write_jsonl(tmp / f"{name}.jsonl", getattr(splits, name))
+        finish_output(tmp, output, {
+            "source": str(Path(path).resolve()) if Path(path).exists() else str(path), **inputs,
+            "near_duplicate_jaccard": NEAR_DUPLICATE_JACCARD, "counts": counts,
+            "seconds": round(time.perf_counter() - started, 3), "created": now_iso(), "versions": versions(),
+        })
+    progress(f"{out}: {counts['train']} train, {counts['valid']} valid, {counts['test']} test")
+    return SplitResult(out, counts, "split")

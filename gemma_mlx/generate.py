@@ -19,32 +19,20 @@ import hashlib
 import time
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from .chat_format import prompt_ids, reply_end_token_ids
-from .models import resolve_model_dir
+from .models import LoadedModel, load_model  # noqa: F401  (load_model: the documented import path)
 from .config import GenerationSettings, check_settings
 from .errors import ConfigError, GemmaMlxError
-from .manifest import Progress, read_manifest
+from .manifest import Progress
 
-ADAPTER_SEPARATOR = "::"
 # Rows decoded together at most; more rows than this still run, continuously batched by mlx-lm.
 MAX_BATCH_ROWS = 128
 MAX_PREFILL_ROWS = 32
 PROGRESS_SECONDS = 15.0  # a progress line at least this often while a batch runs
 
 OnToken = Callable[[int, int], None]  # (row index, token id) for every reply token, as it is made
-
-
-@dataclass
-class LoadedModel:
-    name: str  # a short label for reports ("gemma-3-1b-pt", "run/gemma-3-1b-pt-fused", "base+adapters")
-    path: Path  # the model dir (for base+adapters: the base dir)
-    model: object
-    tokenizer: object
-    manifest: dict | None  # the model dir's manifest.json (base's for base+adapters)
-    adapter_path: Path | None  # LoRA adapter dir applied on top, if any
 
 
 @dataclass
@@ -64,32 +52,6 @@ class Reply:
     def cut(self) -> bool:
         """True when the token limit ended the reply: show it as cut, never as complete."""
         return self.finish_reason == "length"
-
-
-def _label(path: Path) -> str:
-    """A readable name: the dir name, with its parent's for generic names like fused/ or last/."""
-    return f"{path.parent.name}-{path.name}" if path.name in ("fused", "last") else path.name
-
-
-def load_model(spec: str | Path, adapter_path: str | Path | None = None) -> LoadedModel:
-    """Load a converted or fused model dir, or a base model with LoRA adapters (`BASE::ADAPTERS`)."""
-    from . import models
-    from .adapters import check_adapter_dir
-
-    spec_text = str(spec)
-    if ADAPTER_SEPARATOR in spec_text:
-        if adapter_path is not None:
-            raise GemmaMlxError(
-                f"{spec_text} already names adapters after '{ADAPTER_SEPARATOR}'; do not also pass an adapter path."
-            )
-        spec_text, adapter_path = spec_text.split(ADAPTER_SEPARATOR, 1)
-    model_dir = resolve_model_dir(spec_text)
-    adapter_dir = check_adapter_dir(Path(adapter_path).expanduser()) if adapter_path is not None else None
-    model, tokenizer = models.load(model_dir, adapter_dir)  # LoRA + trained turn-token rows
-    name = _label(model_dir)
-    if adapter_dir is not None:
-        name += f"+{adapter_dir.parent.name}/{adapter_dir.name}"
-    return LoadedModel(name, model_dir, model, tokenizer, read_manifest(model_dir), adapter_dir)
 
 
 def _row_key(seed: int, sample_index: int):

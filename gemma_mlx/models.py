@@ -12,8 +12,12 @@ import contextlib
 import json
 from pathlib import Path
 
+from dataclasses import dataclass
+
 from .errors import CheckpointError, GemmaMlxError
 from .manifest import WRITE_ERRNOS, outputs_root, read_manifest
+
+ADAPTER_SEPARATOR = "::"  # BASE_DIR::ADAPTER_DIR names a base model with LoRA adapters on top
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -158,3 +162,38 @@ def load(model_dir: Path, adapter_dir: Path | None = None):
             )
         apply_turn_tokens(model, adapter_dir)
     return model, tokenizer
+
+
+@dataclass
+class LoadedModel:
+    name: str  # a short label for reports ("gemma-3-1b-pt", "run/gemma-3-1b-pt-fused", "base+adapters")
+    path: Path  # the model dir (for base+adapters: the base dir)
+    model: object
+    tokenizer: object
+    manifest: dict | None  # the model dir's manifest.json (base's for base+adapters)
+    adapter_path: Path | None  # LoRA adapter dir applied on top, if any
+
+
+def _label(path: Path) -> str:
+    """A readable name: the dir name, with its parent's for generic names like fused/ or last/."""
+    return f"{path.parent.name}-{path.name}" if path.name in ("fused", "last") else path.name
+
+
+def load_model(spec: str | Path, adapter_path: str | Path | None = None) -> LoadedModel:
+    """Load a converted or fused model dir, or a base model with LoRA adapters (`BASE::ADAPTERS`)."""
+    from .adapters import check_adapter_dir
+
+    spec_text = str(spec)
+    if ADAPTER_SEPARATOR in spec_text:
+        if adapter_path is not None:
+            raise GemmaMlxError(
+                f"{spec_text} already names adapters after '{ADAPTER_SEPARATOR}'; do not also pass an adapter path."
+            )
+        spec_text, adapter_path = spec_text.split(ADAPTER_SEPARATOR, 1)
+    model_dir = resolve_model_dir(spec_text)
+    adapter_dir = check_adapter_dir(Path(adapter_path).expanduser()) if adapter_path is not None else None
+    model, tokenizer = load(model_dir, adapter_dir)  # LoRA + trained turn-token rows
+    name = _label(model_dir)
+    if adapter_dir is not None:
+        name += f"+{adapter_dir.parent.name}/{adapter_dir.name}"
+    return LoadedModel(name, model_dir, model, tokenizer, read_manifest(model_dir), adapter_dir)

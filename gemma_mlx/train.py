@@ -4,7 +4,8 @@ The run works in `<out>.partial/` and is renamed to `<out>/` only when it finish
 stage never finds half a run, and a finished run is only replaced with force. Ctrl-C saves the
 current adapters and a resume state there; `resume=True` continues with the same data order
 (epoch orders depend on (seed, epoch) only) and reaches the same final loss.
-The loop itself lives in train_loop.py; this module sets a run up and writes its outputs.
+The loop itself lives in training/loop.py (one way: it never imports this module); this module
+plans a run, decides refuse / resume / start over, and writes its outputs.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
-from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, adapter_config, save_adapters
+from .adapters import ADAPTERS_FILE
 from .models import resolve_model_dir
 from .config import LoraSettings, TrainSettings, check_settings, to_dict
 from .errors import OutputExistsError, TrainingError
+from .training.setup import OPTIMIZER_FILE, RESUME_FILE, RunSetup, read_metrics
+
+if TYPE_CHECKING:  # the loop imports mlx; load it only when a run starts
+    from .training.loop import TrainingCallback
 from .manifest import (
     Progress,
     StageOutput,
@@ -37,37 +42,11 @@ from .manifest import (
     write_json,
 )
 
-RESUME_FILE = "resume_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-METRICS_FILE = "metrics.jsonl"
-
-
 @dataclass
 class TrainResult:
     out_dir: Path
     summary: dict
     status: str  # "trained" | "up-to-date" | "interrupted"
-
-
-@dataclass
-class RunSetup:
-    """Everything a run needs that is decided before the first step."""
-
-    model_dir: Path
-    base_manifest: dict | None
-    flavour: str
-    turn_tokens: bool
-    data: Path
-    data_sha256: str
-    lora: LoraSettings
-    train: TrainSettings
-    out: Path
-    identity: dict  # what must match for a re-run to be a no-op or a resume to continue
-
-    @property
-    def work(self) -> Path:
-        """Where the run lives until it finished (`<out>.partial`)."""
-        return self.out.with_name(self.out.name + ".partial")
 
 
 def model_flavour(model_dir: Path, manifest: dict | None) -> str:
@@ -96,7 +75,7 @@ def _base_id(model_dir: Path, manifest: dict | None) -> str:
 
 
 def plan_run(model, data, out, lora, train, run_name) -> RunSetup:
-    from .data import data_hash
+    from .examples import data_hash
 
     check_settings(lora)
     check_settings(train)
@@ -197,66 +176,6 @@ def prepare_work_dir(setup: RunSetup, resume: bool, force: bool, progress) -> di
     return None
 
 
-def schedule(train: TrainSettings, total_steps: int):
-    """The learning rate per step: optional linear warmup, then constant/cosine/linear decay."""
-    import mlx.optimizers as optim
-
-    decay_steps = max(total_steps - train.warmup_steps, 1)
-    main = {
-        "constant": lambda: optim.exponential_decay(train.learning_rate, 1.0),
-        "cosine": lambda: optim.cosine_decay(train.learning_rate, decay_steps),
-        "linear": lambda: optim.linear_schedule(train.learning_rate, 0.0, decay_steps),
-    }[train.lr_schedule]()
-    if not train.warmup_steps:
-        return main
-    warmup = optim.linear_schedule(0.0, train.learning_rate, train.warmup_steps)
-    return optim.join_schedules([warmup, main], [train.warmup_steps])
-
-
-def _one_optimizer(train: TrainSettings, lr):
-    import mlx.optimizers as optim
-
-    if train.optimizer == "adamw":
-        return optim.AdamW(learning_rate=lr, weight_decay=train.weight_decay)
-    if train.optimizer == "adam":
-        return optim.Adam(learning_rate=lr)
-    return optim.SGD(learning_rate=lr, weight_decay=train.weight_decay)
-
-
-def make_optimizer(train: TrainSettings, total_steps: int, turn_rows: bool = False):
-    """The optimizer; with turn rows and turn_token_lr_scale != 1, a second one for those rows."""
-    import dataclasses
-
-    import mlx.optimizers as optim
-
-    main = _one_optimizer(train, schedule(train, total_steps))
-    if not turn_rows or train.turn_token_lr_scale == 1.0:
-        return main
-    scaled = dataclasses.replace(train, learning_rate=train.learning_rate * train.turn_token_lr_scale)
-    rows = _one_optimizer(train, schedule(scaled, total_steps))
-    # the first optimizer takes everything but the rows (and reports the learning rate)
-    return optim.MultiOptimizer([main, rows], [lambda path, _: not path.startswith("turn_rows")])
-
-
-def write_adapter_dir(directory: Path, setup: RunSetup, num_layers: int, weights: dict, turn) -> None:
-    config = adapter_config(setup.lora, num_layers, setup.model_dir, turn is not None)
-    save_adapters(directory, weights, config, turn)
-
-
-def copy_adapter_files(source: Path, target: Path) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    for name in (ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE):
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
-
-
-def read_metrics(work: Path) -> list[dict]:
-    path = work / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def finish_run(setup: RunSetup, summary: dict) -> dict:
     """Write summary, loss curve and manifest into the work dir, then move it to the output dir."""
     from .plot import loss_curve_svg
@@ -296,32 +215,37 @@ def train_model(
     resume: bool = False,
     force: bool = False,
     progress: Progress | None = None,
-    callback: Callable[[dict], None] | None = None,
+    callback: TrainingCallback | None = None,
     resume_hint: str = "continue with the same command plus --resume",
     remake: bool = False,
 ) -> TrainResult:
     """Fine-tune `model` (a converted model dir or name) on `data`; see the module docstring.
 
-    `callback(event)` is called after every step ({"kind": "step", ...}) and validation
-    ({"kind": "valid", ...}); raising KeyboardInterrupt from it acts like Ctrl-C.
+    `callback` (a training.loop.TrainingCallback) hears every step and validation; raising
+    KeyboardInterrupt from it acts like Ctrl-C.
     `lora` and `train` default to the config defaults (LoraSettings(), TrainSettings()).
     """
-    from .train_loop import run_training
+    from .distributed import broadcast_json, world
+    from .training.loop import run_training
 
-    say = progress or quiet
+    here = world()
+    say = (progress or quiet) if here.main else quiet  # rank 0 reports for every rank
     setup = plan_run(model, data, out, lora or LoraSettings(), train or TrainSettings(), run_name)
-    resumable = resume and (setup.work / RESUME_FILE).is_file()
-    existing = None if resumable else check_output(stage_output(setup), force, say, remake)
-    if existing:
-        say(f"{setup.out}: already trained with the same model, data and settings, nothing to do")
-        return TrainResult(setup.out, existing.get("summary", {}), "up-to-date")
-    state = prepare_work_dir(setup, resume, force, say)
+    decision = None
+    if here.main:  # rank 0 decides (up to date, resume, start over) and tells the other ranks
+        decision = _decide(setup, resume, force, remake, say)
+    decision = broadcast_json(decision)
+    if decision["status"] == "up-to-date":
+        return TrainResult(setup.out, decision["summary"], "up-to-date")
     started = time.time()
-    summary, status = run_training(setup, state, progress, callback, resume_hint)
+    summary, status = run_training(setup, decision["state"], progress if here.main else None, callback, resume_hint)
     if status == "interrupted":
         return TrainResult(setup.work, summary, status)
+    if not here.main:
+        return TrainResult(setup.out, summary, status)
     summary["finished"] = now_iso()
     summary["run_seconds"] = round(time.time() - started, 2)
+    summary["ranks"] = here.size
     finish_run(setup, summary)
     if summary.get("best_val_loss") is None:
         say(f"done: no validation examples, so the final adapters are kept; adapters in {setup.out}")
@@ -330,6 +254,16 @@ def train_model(
         say(f"done: kept the adapters of epoch {summary['best_epoch']:g} ({why}; validation loss "
             f"{summary['best_val_loss']:.4f}); adapters in {setup.out}, the final ones in {setup.out / 'last'}")
     return TrainResult(setup.out, summary, status)
+
+
+def _decide(setup: RunSetup, resume: bool, force: bool, remake: bool, say: Progress) -> dict:
+    """{"status": "up-to-date", "summary"} or {"status": "run", "state": resume state or None}."""
+    resumable = resume and (setup.work / RESUME_FILE).is_file()
+    existing = None if resumable else check_output(stage_output(setup), force, say, remake)
+    if existing:
+        say(f"{setup.out}: already trained with the same model, data and settings, nothing to do")
+        return {"status": "up-to-date", "summary": existing.get("summary", {})}
+    return {"status": "run", "state": prepare_work_dir(setup, resume, force, say)}
 
 
 def train_with_config(

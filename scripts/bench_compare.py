@@ -35,7 +35,7 @@ SHAPE = dict(hidden_size=640, num_hidden_layers=6, intermediate_size=2048, num_a
 
 
 def build_models(root: Path) -> list[Path]:
-    from gemma_mlx.checkpoints import convert_checkpoint
+    from gemma_mlx.convert import convert_checkpoint
     from gemma_mlx.tiny import write_tiny_checkpoint
 
     models = []

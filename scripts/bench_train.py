@@ -37,7 +37,7 @@ WORDS = ("I reckon we should play a game in the backyard today Hooray my little 
 
 def build(root: Path, vocab: int, examples: int, seed: int = 0) -> tuple[Path, Path]:
     """A converted random 270m-shaped model and a train/valid chat dataset of mixed lengths."""
-    from gemma_mlx.checkpoints import convert_checkpoint
+    from gemma_mlx.convert import convert_checkpoint
     from gemma_mlx.tiny import write_tiny_checkpoint
 
     hf = write_tiny_checkpoint(root / "hf", "it", seed, shape={**SHAPE_270M, "vocab_size": vocab})
@@ -141,22 +141,22 @@ def run_mlx_lm(model_dir: Path, data: Path, epochs: int, out: Path) -> dict:
 def run_ours(model_dir: Path, data: Path, epochs: int, out: Path, compiled: bool) -> dict:
     import mlx.core as mx
 
-    from gemma_mlx import train_loop
+    from gemma_mlx.training import loop as train_loop
     from gemma_mlx.config import LoraSettings, TrainSettings
     from gemma_mlx.train import train_model
 
     train_loop.COMPILE_STEP = compiled
     lora = LoraSettings(num_layers=LORA_LAYERS, rank=RANK, scale=20.0, train_turn_tokens="off")
     settings = TrainSettings(epochs=epochs, batch_size=BATCH, learning_rate=LR, lr_schedule="constant", optimizer="adam",
-                             max_seq_length=2048)
+                             max_seq_length=2048, end_of_turn_weight=1.0, val_generation_tokens=0, best_by="loss")
     epoch_seconds = [0.0] * epochs
 
-    def on_event(event):
-        if event["kind"] == "step":
-            epoch_seconds[event["epoch"] - 1] += event["seconds"]
+    class EpochTimes(train_loop.TrainingCallback):
+        def on_step(self, report):
+            epoch_seconds[report.epoch - 1] += report.seconds
 
     mx.reset_peak_memory()
-    result = train_model(model_dir, data, out=out, lora=lora, train=settings, force=True, callback=on_event)
+    result = train_model(model_dir, data, out=out, lora=lora, train=settings, force=True, callback=EpochTimes())
     s = result.summary
     sequences = _our_sequences(model_dir, data)
     flops = step_flops([len(x) - 1 for x in sequences], sum(x.trained_tokens for x in sequences),
@@ -169,8 +169,8 @@ def run_ours(model_dir: Path, data: Path, epochs: int, out: Path, compiled: bool
 def _our_sequences(model_dir: Path, data: Path):
     from mlx_lm.utils import load_tokenizer
 
-    from gemma_mlx.batching import tokenize_example
-    from gemma_mlx.data import load_examples
+    from gemma_mlx.training.batching import tokenize_example
+    from gemma_mlx.examples import load_examples
 
     tokenizer = load_tokenizer(model_dir)
     return [tokenize_example(tokenizer, e) for e in load_examples(data / "train.jsonl")]

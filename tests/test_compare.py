@@ -7,14 +7,14 @@ import pytest
 from click.testing import CliRunner
 
 import gemma_mlx  # noqa: F401  (preloads BLAS before mlx.core)
-from gemma_mlx import persona as scoring
+from gemma_mlx.scoring import scorecard as scoring
 from gemma_mlx.cli import cli
 from gemma_mlx.compare import compare_models, unique_names
-from gemma_mlx.compare_inputs import collect_prompts
+from gemma_mlx.scoring.inputs import collect_prompts
 from gemma_mlx.config import GenerationSettings
 from gemma_mlx.errors import DataError
-from gemma_mlx.judge import parse_judge_score
-from gemma_mlx.report import REPORT_FILES, render_html, validate_results
+from gemma_mlx.scoring.judge import parse_judge_score
+from gemma_mlx.scoring.report import REPORT_FILES, render_html, validate_results
 
 MAX_TOKENS = 8
 PERSONA = """\
@@ -176,8 +176,12 @@ def test_judge_score_parsing():
 
 
 def test_unique_names_tell_twin_fused_dirs_apart():
-    entries = [{"loaded_name": "fused", "adapter_path": None, "path": "/runs/a/tiny-pt/fused"},
-               {"loaded_name": "fused", "adapter_path": None, "path": "/runs/a/tiny-it/fused"}]
+    from gemma_mlx.compare import ModelRun
+
+    def run(path):
+        return ModelRun("fused", path, path, None, "fuse", None, 0.0, 0.0, 0, 0.0, 0.0, None)
+
+    entries = [run("/runs/a/tiny-pt/fused"), run("/runs/a/tiny-it/fused")]
     assert unique_names(entries) == ["tiny-pt/fused", "tiny-it/fused"]
 
 
@@ -257,51 +261,52 @@ def test_comparison_txt_shows_word_counts_and_cut_flags(compared):
 
 def test_hand_made_replies_are_scored_and_tagged(compared):
     """From Reply objects to comparison.txt with known texts: word counts, cut and stop-token tags, markers."""
-    from gemma_mlx.compare import score_model
+    from gemma_mlx.compare import ModelRun, score_model
     from gemma_mlx.generate import Reply
-    from gemma_mlx.report import render_text
+    from gemma_mlx.scoring.report import render_text
 
     made = [("I reckon we play! Hooray!", 9, "stop", "<end_of_turn>"),
             ("Once upon a time there was a", 8, "length", None),
             ("Let me think and", 5, "stop", "<unused7>")]
     results = json.loads(json.dumps(compared.results))
     model = results["models"][0]
-    entry = {**model, "raw_replies": [Reply(i, 0, PROMPTS[i], text, tokens, reason, stop, 0.5, 10.0, {})
-                                      for i, (text, tokens, reason, stop) in enumerate(made)]}
+    entry = ModelRun.from_json(model)
+    entry.raw_replies = [Reply(i, 0, PROMPTS[i], text, tokens, reason, stop, 0.5, 10.0, {})
+                         for i, (text, tokens, reason, stop) in enumerate(made)]
     score_model(entry, PROMPTS, ["I reckon", "Hooray"], ["As an AI"], {"mean": 10.0})
-    results["models"] = [entry]
+    results["models"] = [entry.as_json()]
     assert validate_results(results) == []
-    card = entry["scorecard"]
+    card = entry.scorecard
     assert card["persona_marker_rate"] == pytest.approx(1 / 3) and card["cut_rate"] == pytest.approx(1 / 3)
     assert card["mid_sentence_rate"] == 0.5 and card["mean_words"] == pytest.approx(16 / 3)
     assert [p["persona_marker_rate"] for p in card["per_prompt"]] == [1.0, 0.0, 0.0]
     text = render_text(results)
-    name = entry["name"]
+    name = entry.name
     assert f"--- {name} (5 words)\nI reckon we play! Hooray!" in text  # <end_of_turn> is the normal end: no tag
     assert f"--- {name} (7 words) [cut at 8 tokens]\n" in text
     assert f"--- {name} (4 words) [stopped by <unused7>] [ends mid-sentence]\n" in text
 
 
 def test_loops_are_flagged_in_every_view(compared):
-    from gemma_mlx.compare import _warnings, score_model
+    from gemma_mlx.compare import ModelRun, _warnings, score_model
     from gemma_mlx.config import GenerationSettings
     from gemma_mlx.generate import Reply
-    from gemma_mlx.report import render_markdown, render_text
+    from gemma_mlx.scoring.report import render_markdown, render_text
 
     loop = "Dad was a big house with a big house with a big house with a big house with a big house"
     made = [(loop, 40, "length"), ("I'm going to the zoo! Today I'm going to see the lions.", 14, "stop"),
             ("We went to a big house with a big house with a big house with a big house.", 20, "stop")]
     results = json.loads(json.dumps(compared.results))
-    entry = {**results["models"][0], "raw_replies": [Reply(i, 0, PROMPTS[i], t, n, why, None, 0.5, 10.0, {})
-                                                     for i, (t, n, why) in enumerate(made)]}
+    entry = ModelRun.from_json(results["models"][0])
+    entry.raw_replies = [Reply(i, 0, PROMPTS[i], t, n, why, None, 0.5, 10.0, {}) for i, (t, n, why) in enumerate(made)]
     score_model(entry, PROMPTS, ["Dad"], [], None)
-    results["models"] = [entry]
+    results["models"] = [entry.as_json()]
     results["warnings"] = _warnings([], results["models"], GenerationSettings())
     assert validate_results(results) == []
-    assert [r["loop"] for r in entry["replies"]] == [True, False, True]
-    card = entry["scorecard"]
+    assert [r["loop"] for r in entry.replies] == [True, False, True]
+    card = entry.scorecard
     assert card["loop_rate"] == pytest.approx(2 / 3) and card["stop_rate"] == pytest.approx(2 / 3)
-    name = entry["name"]
+    name = entry.name
     assert f"--- {name} (21 words) [cut at 40 tokens] [loop]\n" in render_text(results)
     assert f"**{name} (18 words) [loop]**" in render_markdown(results)
     assert '<span class="tag cut">loop</span>' in render_html(results)
@@ -444,6 +449,31 @@ def test_html_tags_keep_a_bracketed_stop_token(compared):
 
 
 def test_html_highlights_markers_with_curly_apostrophes(compared):
-    from gemma_mlx.report import highlight
+    from gemma_mlx.scoring.report import highlight
 
     assert highlight("Bingo\u2019s turn, I\u2019m it", ["bingo", "I'm"]) == "<mark>Bingo</mark>\u2019s turn, <mark>I\u2019m</mark> it"
+
+
+def test_replies_jsonl_loads_in_one_call(compared):
+    import pandas
+
+    frame = pandas.read_json(compared.out_dir / "replies.jsonl", lines=True)
+    models = len(compared.results["models"])
+    assert len(frame) == models * len(compared.results["prompts"]) * compared.results["samples"]
+    assert {"model", "prompt", "text", "cut", "loop", "finish_reason", "markers"} <= set(frame.columns)
+    first = compared.results["models"][0]["replies"][0]
+    row = frame[(frame.model == compared.results["models"][0]["name"]) & (frame.prompt_index == first["prompt_index"])].iloc[0]
+    assert row.text == first["text"] and bool(row.cut) == first["cut"]
+
+
+def test_loss_charts_share_one_scale_with_round_ticks():
+    import re
+
+    from gemma_mlx.scoring.report import loss_svg, shared_loss_range
+
+    low = {"train": [[0.5, 2.13], [1.0, 2.4]], "valid": [[1.0, 2.2]]}
+    high = {"train": [[0.5, 4.61], [1.0, 4.0]], "valid": [[1.0, 4.4]]}
+    y_range = shared_loss_range([low, high])
+    assert y_range == (2.13, 4.61)
+    ticks = [re.findall(r'text-anchor="end">([^<]+)<', loss_svg(c, "m", y_range)) for c in (low, high)]
+    assert ticks[0] == ticks[1] == ["2", "3", "4", "5"]  # the same, round values on both charts

@@ -1,4 +1,4 @@
-"""`gemma-mlx data` (check, stats, split) and the gemma_mlx.data API, on small files in tmp dirs
+"""`gemma-mlx data` (check, stats, split) and the gemma_mlx.examples API, on small files in tmp dirs
 and on the shipped Bluey dataset."""
 
 import json
@@ -9,10 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from gemma_mlx.cli import cli
-from gemma_mlx.data import load_examples, load_splits, normalise
-from gemma_mlx.data_checks import check_dataset, dataset_stats, split_dataset
+from gemma_mlx.examples import load_examples, load_splits, normalise
+from gemma_mlx.data import check_dataset, dataset_stats, split_dataset
 from gemma_mlx.errors import DataError, OutputExistsError
-from gemma_mlx.prompts import load_persona, read_prompts
+from gemma_mlx.persona import load_persona
+from gemma_mlx.prompts import read_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "data" / "bluey"
@@ -266,7 +267,7 @@ def test_stats_numbers_histogram_markers_and_json(tmp_path):
     assert result.exit_code == 0, result.output
     stats = json.loads(result.stdout)
     words = stats["reply_words"]
-    assert (words["count"], words["min"], words["median"], words["max"], words["mean"]) == (5, 10, 30, 100, 40.0)
+    assert (words["n"], words["min"], words["median"], words["max"], words["mean"]) == (5, 10, 30, 100, 40.0)
     assert sum(b["count"] for b in stats["reply_words_histogram"]) == 5
     markers = {row["marker"]: (row["count"], row["replies"]) for row in stats["persona"]["markers"]}
     assert markers["heaps"] == (1 + 19 + 29 + 39 + 99, 5) and markers["Mum"] == (1, 1)
@@ -275,7 +276,7 @@ def test_stats_numbers_histogram_markers_and_json(tmp_path):
 
     text = invoke("data", "stats", folder)
     assert text.exit_code == 0
-    assert "reply words: min 10  q1 20  median 30  mean 40  q3 40  max 100" in text.output
+    assert "reply words: min 10  q1 20  median 30  mean 40.0  q3 40  max 100" in text.output
     assert "| ########################################" in text.output  # the fullest histogram bin
     assert "heaps" in text.output and "duplicate prompts: 0" in text.output
 
@@ -283,7 +284,7 @@ def test_stats_numbers_histogram_markers_and_json(tmp_path):
 def test_stats_counts_tokens_with_a_model(tmp_path, converted_models):
     path = write_jsonl(tmp_path / "d.jsonl", varied(4))
     stats = dataset_stats(path, model=converted_models["pt"])
-    assert stats["reply_tokens"]["count"] == 4
+    assert stats["reply_tokens"]["n"] == 4
     # every example adds the turn scaffolding (bos, 2 x start/end of turn, role names) to its reply
     assert stats["example_tokens"]["min"] > stats["reply_tokens"]["min"] >= 5
 

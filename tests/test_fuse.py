@@ -215,7 +215,7 @@ def test_cli_fuse_and_mismatch_errors(adapters, converted_models, tmp_path):
 
 
 def test_quantized_base_requantizes_unless_dequantize(tiny_checkpoints, tmp_path):
-    from gemma_mlx.checkpoints import convert_checkpoint
+    from gemma_mlx.convert import convert_checkpoint
     from mlx_lm import load
 
     base = convert_checkpoint(str(tiny_checkpoints["pt"]), out=tmp_path / "q8", dtype="float32", quantize_bits=8).path
@@ -266,6 +266,8 @@ def test_hf_export_loads_in_transformers_with_matching_logits(fused, tmp_path, d
     assert hf_model.generation_config.eos_token_id == [1, 106]
     hf_tokenizer = AutoTokenizer.from_pretrained(export)
     assert hf_tokenizer.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]) == TURN_IDS
+    # a class transformers 4 knows too (transformers 5 would write its own TokenizersBackend)
+    assert json.loads((export / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 def test_outputs_never_replace_the_adapters_or_the_base(adapters, converted_models):
@@ -276,3 +278,41 @@ def test_outputs_never_replace_the_adapters_or_the_base(adapters, converted_mode
     with pytest.raises(OutputExistsError, match="the adapters"):
         fuse_model(adapters, export_hf=adapters, force=True)
     assert (adapters / "adapters.safetensors").is_file() and (converted_models["pt"] / "config.json").is_file()
+
+
+def test_fuse_from_another_directory_finds_a_base_given_relative_to_training(converted_models, tmp_path, monkeypatch):
+    from gemma_mlx.config import LoraSettings, TrainSettings
+    from gemma_mlx.train import train_model
+
+    from .test_train import write_chat_data
+
+    work = tmp_path / "work"
+    shutil.copytree(converted_models["pt"], work / "models" / "base")
+    write_chat_data(work / "chat.jsonl", count=12)
+    monkeypatch.chdir(work)  # train with relative paths, as a user in their project directory would
+    train_model("models/base", "chat.jsonl", out=Path("run"), lora=LoraSettings(num_layers=1, rank=2),
+                train=TrainSettings(epochs=1, val_generation_tokens=0))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(cli, ["fuse", str(work / "run")])
+    assert result.exit_code == 0, result.output
+    assert (work / "run" / "fused" / "model.safetensors").is_file()
+    # moved away: the message says where the base was and how to point to it
+    shutil.move(work / "models" / "base", tmp_path / "moved-base")
+    result = CliRunner().invoke(cli, ["fuse", str(work / "run"), "--out", str(tmp_path / "f2")])
+    assert result.exit_code == 1 and "is not there any more" in result.output and "--base" in result.output
+    assert "gemma-mlx convert" not in result.output
+
+
+def test_adapters_without_their_turn_rows_are_refused(adapters, converted_models, tmp_path):
+    from gemma_mlx.errors import CheckpointError
+    from gemma_mlx.generate import load_model
+
+    copy = tmp_path / "no-rows"
+    shutil.copytree(adapters, copy, ignore=shutil.ignore_patterns("fused"))
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, "turn_tokens_file": "turn_tokens.safetensors"}))
+    (copy / "turn_tokens.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="turn_tokens.safetensors is missing"):
+        load_model(f"{converted_models['pt']}::{copy}")

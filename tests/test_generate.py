@@ -163,7 +163,7 @@ def test_min_new_tokens_suppresses_every_stop_token_until_reached(pt_only_eos):
 
 
 def test_no_repeat_ngram_breaks_a_loop_and_the_reply_can_still_stop(pt_only_eos):
-    from gemma_mlx.persona import is_loop
+    from gemma_mlx.text import is_loop
 
     tok = pt_only_eos.tokenizer
     words = word_ids(tok, "a big house with")

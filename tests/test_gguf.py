@@ -30,7 +30,7 @@ def logits(model_dir: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The tiny -pt checkpoint (seed 0) converted from Hugging Face format: what a GGUF of it must match."""
-    from gemma_mlx.checkpoints import convert_checkpoint
+    from gemma_mlx.convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("gguf-ref")
     hf = write_tiny_checkpoint(root / "hf", "pt", seed=0)

@@ -135,7 +135,7 @@ def test_sigkill_during_training_loses_at_most_one_validation(converted_models, 
     resumed = subprocess.run(_train_command(converted_models["it"], chat_data, out, "--resume"), env=_env(),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming at epoch" in resumed.stderr
+    assert "resuming at epoch" in resumed.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 * summary["steps_per_epoch"]
 
@@ -277,9 +277,9 @@ def _disk_full(*_args, **_kwargs):
 
 
 def test_disk_full_during_split_compare_and_train(converted_models, chat_data, tmp_path, monkeypatch):
-    import gemma_mlx.data_checks as data_checks
-    import gemma_mlx.report as report
-    import gemma_mlx.train_loop as train_loop
+    import gemma_mlx.data as data_checks
+    import gemma_mlx.scoring.report as report
+    import gemma_mlx.training.loop as train_loop
 
     monkeypatch.setattr(data_checks, "_write_jsonl", _disk_full)
     result = run_cli("data", "split", chat_data, "--out", tmp_path / "split")

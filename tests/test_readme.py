@@ -47,7 +47,30 @@ def test_readme_has_the_two_commands_first():
 @pytest.mark.parametrize("command_line", readme_commands())
 def test_readme_command_parses(command_line):
     ctx = parse(command_line)
-    assert ctx.command is not None
+    # every option given in the README is one the command has, with a value it accepts
+    given = [a for a in shlex.split(command_line) if a.startswith("--")]
+    known = {opt for param in ctx.command.params for opt in (*param.opts, *param.secondary_opts)}
+    assert all(option.split("=")[0] in known for option in given), (given, sorted(known))
+    assert isinstance(ctx.params, dict) and ctx.params  # click filled in the command's parameters
+
+
+def _all_commands(group=cli, names=("gemma-mlx",)):
+    for name in group.list_commands(click.Context(group)):
+        command = group.get_command(click.Context(group), name)
+        if isinstance(command, click.Group):
+            yield from _all_commands(command, (*names, name))
+        else:
+            yield " ".join((*names, name)), command
+
+
+@pytest.mark.parametrize("name, command", list(_all_commands()))
+def test_every_command_help_shows_an_example(name, command):
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(cli, [*name.split()[1:], "--help"])
+    assert result.exit_code == 0 and "Example" in result.output, name
+    example = result.output[result.output.index("Example"):].splitlines()[1].strip()
+    assert example.startswith(name), (name, example)
 
 
 def test_readme_config_reference_names_every_key():

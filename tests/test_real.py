@@ -55,7 +55,7 @@ def real_run(real_model, tmp_path_factory):
     The data is split as `gemma-mlx run` splits it; the compare prompts are held out of it.
     """
     from gemma_mlx.config import SHIPPED_DATA, TrainSettings
-    from gemma_mlx.data_checks import split_dataset
+    from gemma_mlx.data import split_dataset
     from gemma_mlx.fuse import fuse_model
     from gemma_mlx.train import train_model
 
@@ -66,7 +66,7 @@ def real_run(real_model, tmp_path_factory):
 
 
 def held_out_prompts(count: int = 16) -> list[str]:
-    from gemma_mlx.compare_inputs import collect_prompts
+    from gemma_mlx.scoring.inputs import collect_prompts
     from gemma_mlx.config import SHIPPED_DATA
 
     files = [SHIPPED_DATA / "prompts" / f"{name}.txt" for name in ("comparison", "personality", "everyday")]

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gemma_mlx import experiment
+from gemma_mlx import run as experiment
 from gemma_mlx.cli import cli
 
-REPORT_FILES = ("comparison.txt", "comparison.md", "comparison.json", "report.html")
+REPORT_FILES = ("comparison.txt", "comparison.md", "comparison.json", "replies.jsonl", "report.html")
 
 
 def run_cli(*args):
@@ -111,12 +111,15 @@ def test_only_compare_reuses_earlier_stages(in_demo_outputs):
 
 
 def test_interrupted_training_resumes(in_demo_outputs, monkeypatch):
-    def stop_at_step_5(event):
-        if event.get("kind") == "step" and event.get("step") == 5:
-            raise KeyboardInterrupt
+    from gemma_mlx.training.loop import TrainingCallback
+
+    class StopAtStep5(TrainingCallback):
+        def on_step(self, report):
+            if report.step == 5:
+                raise KeyboardInterrupt
 
     real_train = experiment.train.train_model
-    monkeypatch.setattr(experiment.train, "train_model", functools.partial(real_train, callback=stop_at_step_5))
+    monkeypatch.setattr(experiment.train, "train_model", functools.partial(real_train, callback=StopAtStep5()))
     result = run_cli("--tiny", "--name", "resumed", "--epochs", "1")
     assert result.exit_code == 130
     assert "Run the same command again to resume" in result.output and "plus --resume" not in result.output

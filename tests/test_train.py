@@ -9,14 +9,15 @@ import pytest
 from click.testing import CliRunner
 
 import mlx.core as mx
-from gemma_mlx import batching, tuning
+from gemma_mlx.training import batching, trainee as tuning
 from gemma_mlx.models import load as load_with_adapters
 from gemma_mlx.chat_format import END_OF_TURN_ID, START_OF_TURN_ID, encode
 from gemma_mlx.cli import cli
 from gemma_mlx.config import LoraSettings, TrainSettings
-from gemma_mlx.data import Example, load_examples
+from gemma_mlx.examples import Example, load_examples
 from gemma_mlx.errors import ConfigError, OutputExistsError, TrainingError
 from gemma_mlx.train import train_model
+from gemma_mlx.training.loop import TrainingCallback
 
 WORDS = ("I reckon we should play a game in the backyard today Hooray my little sister wants to be the "
          "shopkeeper Mum says we can have lunch after and Dad is a big grumpy monster").split()
@@ -136,8 +137,26 @@ def test_validation_measures_reply_endings_and_keeps_the_cleanest(pt_run):
     assert any("greedy replies:" in line for line in pt_run[1])
 
 
+def test_default_lora_layers_fit_a_smaller_model(converted_models, data_file, tmp_path):
+    # the default 16 means "16, or all of a smaller model"; an explicit 99 is an error (test below)
+    lines = []
+    result = train_model(converted_models["it"], data_file, out=tmp_path / "run",
+                         train=TrainSettings(epochs=1, val_generation_tokens=0), progress=lines.append)
+    assert json.loads((result.out_dir / "adapter_config.json").read_text())["num_layers"] == 6
+    assert any("lora on the last 6 layers" in line for line in lines)
+
+
+def test_header_numbers_read_as_english():
+    from gemma_mlx.plot import nice_range
+    from gemma_mlx.training.loop import clock, plural
+
+    assert plural(1, "example") == "1 example" and plural(2, "step") == "2 steps"
+    assert clock(5) == "0:00:05" and clock(3725.4) == "1:02:05"
+    assert nice_range(2.13, 4.61) == (2.0, 5.0, 1.0) and nice_range(3.41, 5.03) == (3.0, 5.5, 0.5)
+
+
 def test_selection_rule():
-    from gemma_mlx.train_loop import is_better, selection_score
+    from gemma_mlx.training.loop import is_better, selection_score
 
     record = {"loss": 2.0, "end_top1": 0.5, "gen_clean_rate": 0.75}
     assert selection_score(record, "stops") == 0.75
@@ -150,7 +169,7 @@ def test_selection_rule():
 def test_turn_token_recipe_knobs(converted_models, data_file, tmp_path):
     from mlx_lm import load
 
-    from gemma_mlx.train import make_optimizer
+    from gemma_mlx.training.setup import make_optimizer
 
     # eos init: a base model's <end_of_turn> row starts as <eos>'s; <start_of_turn> keeps its own
     lm, tokenizer = load(str(converted_models["pt"]))
@@ -221,13 +240,14 @@ def test_interrupt_then_resume_reaches_the_same_final_loss(converted_models, dat
     losses = [[(m["split"], m["step"], m["loss"]) for m in read_metrics(r.out_dir)] for r in (full, again)]
     assert losses[0] == losses[1]  # same seed, data and settings: the same losses, bit for bit
 
-    def stop_at_step_4(event):
-        if event["kind"] == "step" and event["step"] == 4:
-            raise KeyboardInterrupt
+    class StopAtStep4(TrainingCallback):
+        def on_step(self, report):
+            if report.step == 4:
+                raise KeyboardInterrupt
 
     out = tmp_path / "resumed"
     lines = []
-    stopped = train_model(converted_models["it"], data_file, out=out, callback=stop_at_step_4, progress=lines.append, **settings)
+    stopped = train_model(converted_models["it"], data_file, out=out, callback=StopAtStep4(), progress=lines.append, **settings)
     assert stopped.status == "interrupted" and stopped.out_dir == tmp_path / "resumed.partial"
     assert (stopped.out_dir / "resume_state.json").is_file() and (stopped.out_dir / "last/adapters.safetensors").is_file()
     assert "--resume" in lines[-1]
@@ -237,11 +257,12 @@ def test_interrupt_then_resume_reaches_the_same_final_loss(converted_models, dat
     with pytest.raises(TrainingError, match="train.learning_rate"):
         train_model(converted_models["it"], data_file, out=out, resume=True, **changed)
 
-    def stop_in_epoch_end_validation(event):
-        if event["kind"] == "valid" and event["step"] == 5:
-            raise KeyboardInterrupt
+    class StopInEpochEndValidation(TrainingCallback):
+        def on_validation(self, record):
+            if record["step"] == 5:
+                raise KeyboardInterrupt
 
-    again = train_model(converted_models["it"], data_file, out=out, resume=True, callback=stop_in_epoch_end_validation, **settings)
+    again = train_model(converted_models["it"], data_file, out=out, resume=True, callback=StopInEpochEndValidation(), **settings)
     assert again.status == "interrupted"
     resumed = train_model(converted_models["it"], data_file, out=out, resume=True, **settings)
     assert resumed.status == "trained" and resumed.out_dir == out
@@ -273,8 +294,8 @@ def test_best_adapters_are_kept_apart_from_the_last(converted_models, tmp_path):
     assert any(not mx.array_equal(best[k], last[k]).item() for k in best)
 
     # the kept best adapters reproduce the best validation loss
-    from gemma_mlx.data import load_splits
-    from gemma_mlx.train_loop import evaluate
+    from gemma_mlx.examples import load_splits
+    from gemma_mlx.training.loop import evaluate
 
     model, tokenizer = load_with_adapters(converted_models["it"], out)
     valid = [batching.tokenize_example(tokenizer, e) for e in load_splits(data, seed=0).valid]
@@ -316,7 +337,7 @@ def test_cli_trains_with_config_and_stops_cleanly_on_nan(converted_models, data_
 def test_fast_gelu_matches_mlx_gelu_approx_and_its_gradient():
     import mlx.nn as nn
 
-    from gemma_mlx.fast_gelu import gelu_approx
+    from gemma_mlx.training.fast_gelu import gelu_approx
 
     x = mx.linspace(-30, 30, 60001)
     assert mx.abs(gelu_approx(x) - nn.gelu_approx(x)).max().item() < 5e-6

@@ -19,15 +19,37 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from . import batching, models, tuning
-from .adapters import ADAPTERS_FILE, read_turn_tokens
-from .chat_format import END_OF_TURN_ID
-from .errors import TrainingError
-from .manifest import quiet, write_json
-from .train import METRICS_FILE, OPTIMIZER_FILE, RESUME_FILE, RunSetup, copy_adapter_files, make_optimizer, write_adapter_dir
+from . import batching
+from .trainee import (
+    count_parameters,
+    estimate_memory,
+    loss_fn,
+    loss_weights,
+    prepare,
+    resolve_num_layers,
+    turn_rows_in_model,
+    validation_sums,
+)
 
-LAST_DIR = "last"
-LAST_GOOD_DIR = "last-good"  # the adapters of the step before a NaN loss
+from .. import models
+from ..adapters import ADAPTERS_FILE, read_turn_tokens
+from ..backend import machine_memory
+from ..chat_format import END_OF_TURN_ID
+from ..distributed import all_sum, broadcast_tree, lost_peer, shard, sum_numbers, world
+from ..errors import TrainingError
+from ..manifest import quiet, write_json
+from .setup import (
+    LAST_DIR,
+    LAST_GOOD_DIR,
+    METRICS_FILE,
+    OPTIMIZER_FILE,
+    RESUME_FILE,
+    RunSetup,
+    copy_adapter_files,
+    make_optimizer,
+    write_adapter_dir,
+)
+
 VALIDATION_PROMPTS = 16  # validation prompts answered at each validation (when val_generation_tokens > 0)
 # mx.compile for the training step. Off: length-bucketed batches give almost every step a new
 # shape, so a compiled step retraces nearly every time; scripts/bench_train.py --compile measured
@@ -56,6 +78,41 @@ class Position:
     bad_validations: int = 0
     stopped_early: bool = False
     validated_step: int = 0  # the step of the last validation (a resumed run repeats a missed one)
+
+
+@dataclass
+class Snapshot:
+    """The last completed step: trainable weights and optimizer state (references, no copies) and the
+    position. Ctrl-C at any moment saves this consistent state, never a half-updated one."""
+
+    weights: dict
+    optimizer_state: object
+    position: Position
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What TrainingCallback.on_step hears after every training step."""
+
+    epoch: int  # 1-based
+    step: int
+    loss: float
+    tokens: int
+    examples: int
+    seconds: float
+
+
+class TrainingCallback:
+    """Hooks the loop calls, as mlx-lm's TrainingCallback has: subclass and override what you need.
+
+    Raising KeyboardInterrupt from a hook acts like Ctrl-C (the state is saved, the run can resume).
+    """
+
+    def on_step(self, report: StepReport) -> None:
+        """After every training step."""
+
+    def on_validation(self, record: dict) -> None:
+        """After every validation, with the record written to metrics.jsonl."""
 
 
 class Reporter:
@@ -104,7 +161,7 @@ def _arrays(batch: batching.Batch, end_of_turn_weight: float = 1.0):
     arrays = (mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.targets))
     if end_of_turn_weight == 1.0:
         return arrays
-    return (*arrays, mx.array(tuning.loss_weights(batch.targets, end_of_turn_weight)))
+    return (*arrays, mx.array(loss_weights(batch.targets, end_of_turn_weight)))
 
 
 def evaluate(trainee, sequences, batch_size: int, unused_ids: list[int] = ()) -> dict:
@@ -113,6 +170,7 @@ def evaluate(trainee, sequences, batch_size: int, unused_ids: list[int] = ()) ->
     loss: mean loss per trained token. At the reply ends (where <end_of_turn> is the target):
     end_p, mean p(<end_of_turn>); end_top1, the share where it is the most likely token;
     end_unused_mass, the mean probability on <unusedN> tokens. Also tokens and seconds.
+    Under mlx.launch each rank evaluates every n-th batch and the sums are added up.
     """
     import numpy as np
 
@@ -120,13 +178,17 @@ def evaluate(trainee, sequences, batch_size: int, unused_ids: list[int] = ()) ->
     started = time.perf_counter()
     unused = mx.array(list(unused_ids), dtype=mx.int32)
     totals = {"loss": 0.0, "count": 0, "end_p": 0.0, "end_top1": 0.0, "end_unused_mass": 0.0, "ends": 0}
-    for indices in batching.plan_sorted([len(s) for s in sequences], batch_size):
+    here = world()
+    for number, indices in enumerate(batching.plan_sorted([len(s) for s in sequences], batch_size)):
+        if number % here.size != here.rank:
+            continue
         batch = batching.make_batch(sequences, indices)
         ends = mx.array(np.nonzero(batch.targets == END_OF_TURN_ID)[0].astype(np.int32))
-        sums = tuning.validation_sums(trainee, *_arrays(batch), ends, unused)
+        sums = validation_sums(trainee, *_arrays(batch), ends, unused)
         for key, value in sums.items():
             totals[key] += value.item() if isinstance(value, mx.array) else value
     trainee.train()
+    totals = sum_numbers(totals)
     ends = max(totals["ends"], 1)
     return {
         "loss": totals["loss"] / max(totals["count"], 1),
@@ -136,6 +198,17 @@ def evaluate(trainee, sequences, batch_size: int, unused_ids: list[int] = ()) ->
         "end_top1": totals["end_top1"] / ends if totals["ends"] else None,
         "end_unused_mass": totals["end_unused_mass"] / ends if totals["ends"] else None,
     }
+
+
+def plural(count: int, noun: str) -> str:
+    """ "1 example", "2 examples": the header's numbers read as English."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def clock(seconds: float) -> str:
+    """Seconds as h:mm:ss, the way a person reads an ETA."""
+    seconds = max(int(round(seconds)), 0)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def selection_score(record: dict, best_by: str) -> float:
@@ -170,11 +243,14 @@ def _split_trainable(flat: dict) -> tuple[dict, object]:
 class Run:
     """One training run's mutable pieces; methods are the loop's steps."""
 
-    def __init__(self, setup: RunSetup, resume_state: dict | None, progress, callback):
-        self.setup, self.callback = setup, callback
+    def __init__(self, setup: RunSetup, resume_state: dict | None, progress, callback: TrainingCallback | None):
+        self.setup, self.callback = setup, callback or TrainingCallback()
+        self.world = world()
+        if not self.world.main:
+            progress = None  # rank 0 reports for everyone
         self.reporter = Reporter(progress or quiet, live=False if progress is None else None)
         self.say = self.reporter.message
-        from .data import load_splits
+        from ..examples import load_splits
 
         splits = load_splits(setup.data, seed=setup.train.seed)
         if not splits.train:
@@ -188,13 +264,13 @@ class Run:
         if not self.train_seqs:
             raise TrainingError(f"None of the training examples in {setup.data} has reply tokens to learn from "
                                 f"within train.max_seq_length ({setup.train.max_seq_length} tokens). Raise it, or check the data.")
-        from .flavour import unused_token_ids
+        from ..flavour import unused_token_ids
 
         self.unused_ids = unused_token_ids(setup.model_dir)
         mx.random.seed(setup.train.seed)  # LoRA initialisation
         turn_init = setup.lora.turn_token_init if setup.flavour == "pt" else "keep"  # an -it row is trained already
-        self.trainee = tuning.prepare(lm, setup.lora, setup.turn_tokens, setup.train.grad_checkpoint, turn_init)
-        self.num_layers = tuning.resolve_num_layers(setup.lora, lm)
+        self.trainee = prepare(lm, setup.lora, setup.turn_tokens, setup.train.grad_checkpoint, turn_init)
+        self.num_layers = resolve_num_layers(setup.lora, lm)
         self.lengths = [len(s) for s in self.train_seqs]
         batch = setup.train.batch_size
         self.steps_per_epoch = math.ceil(len(self.train_seqs) / batch)
@@ -207,18 +283,27 @@ class Run:
         self.report_every = max(1, math.ceil(self.steps_per_epoch / 10))
         self.step_fn = self._make_step()
         self._commit()
-        self.good = self.committed[0]  # weights whose loss was finite (kept if the loss blows up)
+        self.good = self.committed.weights  # weights whose loss was finite (kept if the loss blows up)
 
     # ----- set-up helpers -------------------------------------------------------------------
     def _make_step(self):
         trainee, optimizer = self.trainee, self.optimizer
-        loss_and_grad = nn.value_and_grad(trainee, tuning.loss_fn)
+        loss_and_grad = nn.value_and_grad(trainee, loss_fn)
 
-        def step(*arrays):
-            (loss, count), grads = loss_and_grad(trainee, *arrays)
-            grads = nn.average_gradients(grads)  # a no-op in one process; the MLX launcher's path
+        def step(arrays, normalizer: float):
+            """One optimizer step on this rank's slice (`arrays`, None when it is empty) of a global batch.
+
+            Each rank's loss is its slice's sum over the global batch's count, so summing losses and
+            gradients over the ranks gives exactly the one-process mean (a no-op with one process).
+            """
+            if arrays is None:
+                loss = mx.array(0.0)
+                grads = tree_map(mx.zeros_like, trainee.trainable_parameters())
+            else:
+                (loss, _), grads = loss_and_grad(trainee, *arrays, normalizer=normalizer)
+            loss, grads = all_sum(loss), all_sum(grads)
             optimizer.update(trainee, grads)
-            return loss, count
+            return loss
 
         if not COMPILE_STEP:
             return step
@@ -226,7 +311,13 @@ class Run:
         return mx.compile(step, inputs=state, outputs=state)
 
     def _restore(self, state: dict) -> None:
+        """Rank 0 reads the saved adapters and optimizer state; the other ranks receive them."""
         work = self.setup.work
+        if not self.world.main:
+            self.trainee.load_weights(broadcast_tree(None), strict=False)
+            self.optimizer.state = tree_unflatten(broadcast_tree(None))
+            self.position = Position(**state["position"])
+            return
         try:
             saved = mx.load(str(work / LAST_DIR / ADAPTERS_FILE))
             weights = [(f"lm.{k}", v) for k, v in saved.items()]
@@ -236,6 +327,9 @@ class Run:
             self.trainee.load_weights(weights, strict=False)
             self.optimizer.state = tree_unflatten(list(mx.load(str(work / OPTIMIZER_FILE)).items()))
             mx.eval(self.trainee.trainable_parameters(), self.optimizer.state)
+            if self.world.distributed:
+                broadcast_tree(self.trainee.trainable_parameters())
+                broadcast_tree(self.optimizer.state)
         except (RuntimeError, ValueError, KeyError, OSError) as error:
             raise TrainingError(
                 f"The saved state in {work} cannot be resumed ({' '.join(str(error).split())}): a file is missing, "
@@ -254,23 +348,29 @@ class Run:
     def _commit(self) -> None:
         """Remember the last completed step: weights and optimizer state (references, no copies)
         and the position, so Ctrl-C at any moment saves a consistent state."""
-        self.committed = (dict(tree_flatten(self.trainee.trainable_parameters())),
-                          tree_map(lambda x: x, self.optimizer.state), replace(self.position))
+        self.committed = Snapshot(dict(tree_flatten(self.trainee.trainable_parameters())),
+                                  tree_map(lambda x: x, self.optimizer.state), replace(self.position))
 
     # ----- saving ---------------------------------------------------------------------------
     def _save_adapters(self, directory, flat: dict) -> None:
+        if not self.world.main:  # rank 0 writes every output
+            return
         weights, rows = _split_trainable(flat)
         turn = (list(self.trainee.turn_ids), rows) if rows is not None else None
         write_adapter_dir(directory, self.setup, self.num_layers, weights, turn)
 
     def save_resume_state(self) -> None:
-        flat, opt_state, position = self.committed
+        if not self.world.main:
+            return
+        flat, opt_state, position = self.committed.weights, self.committed.optimizer_state, self.committed.position
         work = self.setup.work
         self._save_adapters(work / LAST_DIR, flat)
         mx.save_safetensors(str(work / OPTIMIZER_FILE), dict(tree_flatten(opt_state)))
         write_json(work / RESUME_FILE, {"identity": self.setup.identity, "position": asdict(position)})
 
     def log(self, record: dict) -> None:
+        if not self.world.main:
+            return
         with open(self.setup.work / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -279,10 +379,11 @@ class Run:
         s, train = self.setup, self.setup.train
         plan = batching.plan_epoch(self.lengths, train.batch_size, train.seed, 0)
         self.padding = batching.padding_fraction(self.lengths, plan)
-        self.say(f"{len(self.train_seqs)} examples, 1 epoch = {self.steps_per_epoch} steps of {train.batch_size} examples, "
-                 f"{train.epochs} epochs = {self.total_steps} steps, padding {self.padding:.1%}")
-        trainable = tuning.count_parameters(self.trainee.trainable_parameters())
-        total = tuning.count_parameters(self.trainee.lm.parameters())
+        self.say(f"{plural(len(self.train_seqs), 'example')}, 1 epoch = {plural(self.steps_per_epoch, 'step')} of "
+                 f"{plural(train.batch_size, 'example')}, "
+                 f"{plural(train.epochs, 'epoch')} = {plural(self.total_steps, 'step')}, padding {self.padding:.1%}")
+        trainable = count_parameters(self.trainee.trainable_parameters())
+        total = count_parameters(self.trainee.lm.parameters())
         rows = " + turn-token rows" if s.turn_tokens else ""
         self.say(f"{s.model_dir.name} ({s.flavour}): {s.lora.fine_tune_type} on the last {self.num_layers} layers{rows}, "
                  f"{trainable / 1e6:.3f}M of {total / 1e6:.1f}M parameters trainable; "
@@ -290,9 +391,9 @@ class Run:
         backward = len(self.trainee.lm.layers) if s.turn_tokens else self.num_layers
         longest = max(self.lengths)
         max_trained = max(sum(self.train_seqs[i].trained_tokens for i in b) for b in plan)
-        estimate = tuning.estimate_memory(self.trainee, train.batch_size, longest, max_trained, backward,
+        estimate = estimate_memory(self.trainee, train.batch_size, longest, max_trained, backward,
                                           train.grad_checkpoint)
-        machine = tuning.machine_memory()
+        machine = machine_memory()
         have = f" of {machine / 1e9:.1f} GB" if machine else ""
         self.say(f"memory estimate: {estimate['total'] / 1e9:.2f} GB{have} (weights {estimate['weights'] / 1e9:.2f}, "
                  f"activations {estimate['activations'] / 1e9:.2f}, logits {estimate['logits'] / 1e9:.2f})")
@@ -338,8 +439,7 @@ class Run:
                     f"({generated['gen_stops']} stopped, {generated['gen_loops']} loops, "
                     f"{generated['gen_mean_words']:.0f} words)") + mark
         self.say(f"epoch {epoch:.2f} step {p.step}/{self.total_steps}: validation loss {loss:.4f}{mark}")
-        if self.callback:
-            self.callback({"kind": "valid", **record})
+        self.callback.on_validation(record)
         patience = self.setup.train.early_stopping_patience
         if patience and p.bad_validations >= patience:
             p.stopped_early = True
@@ -353,40 +453,47 @@ class Run:
         tokens = self.setup.train.val_generation_tokens
         if not tokens or not self.valid_prompts:
             return {}
-        from .config import GenerationSettings
-        from .generate import LoadedModel, generate_replies
-        from .persona import is_loop, word_count
+        from ..config import GenerationSettings
+        from ..generate import LoadedModel, generate_replies
+        from ..text import is_loop, word_count
 
+        prompts = self.valid_prompts[self.world.rank::self.world.size]  # each rank answers its share
         self.trainee.eval()
         try:
-            with tuning.turn_rows_in_model(self.trainee):
+            with turn_rows_in_model(self.trainee):
                 loaded = LoadedModel("validation", self.setup.model_dir, self.trainee.lm, self.tokenizer, None, None)
                 # plain greedy, whatever the generation defaults: this measures the model, not the decoder
                 plain = GenerationSettings(max_tokens=tokens, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
-                replies = generate_replies(loaded, self.valid_prompts, plain)
+                replies = generate_replies(loaded, prompts, plain) if prompts else []
         finally:
             self.trainee.train()
-        stops = [r for r in replies if not r.cut]
-        loops = [r for r in replies if is_loop(r.text)]
-        clean = [r for r in stops if not is_loop(r.text)]
-        return {"gen_replies": len(replies), "gen_stops": len(stops), "gen_loops": len(loops), "gen_clean": len(clean),
-                "gen_clean_rate": len(clean) / len(replies),
-                "gen_mean_words": sum(word_count(r.text) for r in replies) / len(replies)}
+        counts = sum_numbers({"replies": len(replies), "stops": sum(not r.cut for r in replies),
+                              "loops": sum(is_loop(r.text) for r in replies),
+                              "clean": sum(not r.cut and not is_loop(r.text) for r in replies),
+                              "words": sum(word_count(r.text) for r in replies)})
+        n = int(counts["replies"])
+        return {"gen_replies": n, "gen_stops": int(counts["stops"]), "gen_loops": int(counts["loops"]),
+                "gen_clean": int(counts["clean"]), "gen_clean_rate": counts["clean"] / n, "gen_mean_words": counts["words"] / n}
 
     def learning_rate(self) -> float:
         return float(self.optimizer.learning_rate.item())
 
-    def train_step(self, batch: batching.Batch) -> float:
-        p, seed = self.position, self.setup.train.seed
+    def train_step(self, batch: batching.Batch, indices: list[int]) -> float:
+        """Train on one global batch (`batch`, from `indices`); under mlx.launch each rank on its slice."""
+        p, seed, weight = self.position, self.setup.train.seed, self.setup.train.end_of_turn_weight
         mx.random.seed(seed * 1_000_003 + p.step)  # dropout: the same masks on resume
-        loss, _ = self.step_fn(*_arrays(batch, self.setup.train.end_of_turn_weight))
+        normalizer = float(loss_weights(batch.targets, weight).sum()) if weight != 1.0 else float(batch.trained_tokens)
+        mine = indices if not self.world.distributed else shard(indices, self.world)
+        local = batch if mine is indices else (batching.make_batch(self.train_seqs, mine) if mine else None)
+        loss = self.step_fn(_arrays(local, weight) if local is not None else None, normalizer)
         mx.eval(loss, self.trainee.trainable_parameters(), self.optimizer.state)
         value = loss.item()
         if math.isfinite(value):
-            self.good = self.committed[0]
+            self.good = self.committed.weights
         else:
             # keep what was saved (the last validation's adapters and resume state) and the last good step's
-            self._save_adapters(self.setup.work / LAST_GOOD_DIR, self.good)
+            if self.world.main:
+                self._save_adapters(self.setup.work / LAST_GOOD_DIR, self.good)
             raise TrainingError(
                 f"The training loss became {value} at step {p.step + 1} (epoch {p.epoch + 1}), so training stopped. "
                 f"Nothing saved was deleted: the last good step's adapters are in {self.setup.work / LAST_GOOD_DIR}, "
@@ -407,7 +514,7 @@ class Run:
             while p.step_in_epoch < len(plan) and not p.stopped_early:
                 started = time.perf_counter()
                 batch = batching.make_batch(self.train_seqs, plan[p.step_in_epoch])
-                loss = self.train_step(batch)
+                loss = self.train_step(batch, plan[p.step_in_epoch])
                 elapsed = time.perf_counter() - started
                 p.step += 1
                 p.step_in_epoch += 1
@@ -428,9 +535,7 @@ class Run:
                               "peak_memory_gb": mx.get_peak_memory() / 1e9, "learning_rate": self.learning_rate()})
                     window_loss = window_tokens = 0.0
                 self.reporter.status(self.status_line(shown), report, done=p.step / max(self.total_steps, 1))
-                if self.callback:
-                    self.callback({"kind": "step", "epoch": p.epoch + 1, "step": p.step, "loss": loss,
-                                   "tokens": batch.tokens, "examples": batch.examples, "seconds": elapsed})
+                self.callback.on_step(StepReport(p.epoch + 1, p.step, loss, batch.tokens, batch.examples, elapsed))
                 if every and p.step % every == 0 and p.step_in_epoch < len(plan):
                     self.validate()
             if p.stopped_early:
@@ -449,7 +554,7 @@ class Run:
         rate = p.trained_tokens / p.train_seconds if p.train_seconds else 0.0
         eta = (self.total_steps - p.step) * p.train_seconds / max(p.step, 1)
         return (f"epoch {p.epoch + 1}/{self.setup.train.epochs} step {p.step}/{self.total_steps} loss {loss:.4f} "
-                f"val {val} {rate:.0f} tok/s peak {mx.get_peak_memory() / 1e9:.2f} GB ETA {eta:.0f}s")
+                f"val {val} {rate:.0f} tok/s peak {mx.get_peak_memory() / 1e9:.2f} GB ETA {clock(eta)}")
 
     def summary(self) -> dict:
         p = self.position
@@ -484,7 +589,7 @@ class Run:
         """last/ holds the final weights; without validation the final weights are also the best."""
         flat = dict(tree_flatten(self.trainee.trainable_parameters()))
         self._save_adapters(self.setup.work / LAST_DIR, flat)
-        if self.position.best_score is None:
+        if self.position.best_score is None and self.world.main:
             copy_adapter_files(self.setup.work / LAST_DIR, self.setup.work)
 
 
@@ -496,7 +601,7 @@ def run_training(setup: RunSetup, resume_state: dict | None, progress, callback,
     except BaseException:
         # a fresh run that failed to start (bad data, bad num_layers, Ctrl-C while loading) has saved
         # nothing: leave no empty work dir for the next run to report as "unfinished"
-        if resume_state is None:
+        if resume_state is None and world().main:
             shutil.rmtree(setup.work, ignore_errors=True)
         raise
     run.header()
@@ -509,12 +614,19 @@ def run_training(setup: RunSetup, resume_state: dict | None, progress, callback,
             f"Saving the training run in {setup.work} failed ({error.strerror or error}) at step {run.position.step}. "
             f"What was saved at the last validation is still there: free some space, then {resume_hint}."
         ) from None
-    except Exception:
+    except Exception as error:
         run.reporter.end_line()  # the error's message starts on a line of its own, not after the live status
-        raise
+        if not lost_peer(error):
+            raise
+        # another rank stopped (Ctrl-C, an error, a kill): keep the last complete step, as on Ctrl-C
+        run.save_resume_state()
+        p = run.committed.position
+        run.say(f"another rank stopped at epoch {p.epoch + 1}, step {p.step}/{run.total_steps}; the current adapters "
+                f"are in {setup.work / LAST_DIR}; {resume_hint}")
+        return run.summary(), "interrupted"
     except KeyboardInterrupt:
         run.save_resume_state()
-        p = run.committed[2]
+        p = run.committed.position
         run.say(f"interrupted at epoch {p.epoch + 1}, step {p.step}/{run.total_steps}: the current adapters are in "
                 f"{setup.work / LAST_DIR}; {resume_hint}")
         return run.summary(), "interrupted"

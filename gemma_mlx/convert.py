@@ -1,4 +1,4 @@
-"""Checkpoints: short names, hub downloads, and `gemma-mlx convert` (HF -> MLX, Gemma-correct).
+"""`gemma-mlx convert`: short names, hub downloads, GGUF files, and the conversion to MLX (Gemma-correct).
 
 A converted model directory is what every later stage loads. Beyond mlx-lm's own conversion we
 make it Gemma-correct for our use: a turn template even for a -pt model, `<end_of_turn>` among
@@ -61,7 +61,7 @@ class Source:
 
 def resolve_source(spec: str) -> Source:
     """Turn a short name, hub id or local directory into a Source; unknown names are an error."""
-    from .gguf_import import PACKAGED_NAME, is_gguf, packaged_base_model
+    from .formats.gguf import PACKAGED_NAME, is_gguf, packaged_base_model
 
     path = Path(spec).expanduser()
     if spec == PACKAGED_NAME and not path.exists():
@@ -144,7 +144,7 @@ def check_reachable(source: Source, revision: str | None = None) -> dict:
     Returns the checkpoint's config.
     """
     if source.gguf_path is not None:
-        from .gguf_import import check_architecture, hf_config, _open
+        from .formats.gguf import check_architecture, hf_config, _open
 
         reader = _open(source.gguf_path)
         check_architecture(reader, source.gguf_path)
@@ -214,13 +214,25 @@ def has_chat_template(checkpoint: Path) -> bool:
     return tokenizer_config.is_file() and bool(json.loads(tokenizer_config.read_text()).get("chat_template"))
 
 
+# transformers 5 saves fast tokenizers as "TokenizersBackend", a class transformers 4 does not know;
+# "PreTrainedTokenizerFast" is the same tokenizer to both.
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
 def make_gemma_correct(model_dir: Path) -> None:
-    """Give a converted model the Gemma turn template and both stop tokens (<eos>, <end_of_turn>)."""
+    """Give a converted model the Gemma turn template, both stop tokens (<eos>, <end_of_turn>), and a
+    tokenizer class every transformers version can load."""
     model_dir = Path(model_dir)
+    tokenizer_config_path = model_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else {}
+    changed = False
     if not has_chat_template(model_dir):
-        tokenizer_config_path = model_dir / "tokenizer_config.json"
-        tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else {}
         tokenizer_config["chat_template"] = GEMMA_TURN_TEMPLATE
+        changed = True
+    if tokenizer_config.get("tokenizer_class") in PORTABLE_TOKENIZER_CLASSES:
+        tokenizer_config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASSES[tokenizer_config["tokenizer_class"]]
+        changed = True
+    if changed:
         tokenizer_config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     for file_name in ("config.json", "generation_config.json"):
         path = model_dir / file_name
@@ -255,7 +267,7 @@ def _settings(dtype: str, quantize_bits: int | None, group_size: int, flavour: s
 def _source_parameters(source: Source, checkpoint: Path | None) -> float:
     """Parameters of the source model, for the disk estimate (hub weights are bf16: 2 bytes each)."""
     if source.gguf_path is not None:
-        from .gguf_import import _open
+        from .formats.gguf import _open
 
         return float(sum(int(t.n_elements) for t in _open(source.gguf_path).tensors))
     return sum(p.stat().st_size for p in Path(checkpoint).glob("*.safetensors")) / 2
@@ -365,7 +377,7 @@ def _convert_into(output: StageOutput, source: Source, checkpoint: Path | None, 
     with atomic_output_dir(output.path, force=True) as tmp:
         extra = {}
         if source.gguf_path is not None:
-            from .gguf_import import gguf_to_hf
+            from .formats.gguf import gguf_to_hf
 
             checkpoint = tmp / "hf"
             extra["gguf"] = gguf_to_hf(source.gguf_path, checkpoint, progress)

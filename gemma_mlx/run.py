@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import checkpoints, compare, data_checks, fuse, prompts, train
+from . import compare, convert, data, fuse, persona, prompts, train
 from .config import (
     SHIPPED_DATA,
     ExperimentConfig,
@@ -23,6 +23,7 @@ from .config import (
     load_config,
     to_dict,
 )
+from .distributed import broadcast_json, world
 from .errors import ConfigError, DataError, GemmaMlxError
 from .manifest import (
     Progress,
@@ -101,7 +102,7 @@ def demo_config(progress: Progress = quiet) -> ExperimentConfig:
     The shipped 270M experiment with its one checkpoint that needs no download: fine-tuned and
     compared against its un-tuned self, so the first thing a newcomer sees is a real model's replies.
     """
-    from .gguf_import import PACKAGED_NAME, packaged_base_model
+    from .formats.gguf import PACKAGED_NAME, packaged_base_model
 
     packaged_base_model(progress)  # a missing extra fails now, with the pip command to fix it
     return apply_overrides(load_experiment(CONFIG_270M), {"name": "demo", "checkpoints": [PACKAGED_NAME]})
@@ -122,7 +123,6 @@ def tiny_config(progress: Progress = quiet) -> ExperimentConfig:
             "checkpoints": [str(pair["tiny-gemma-3-pt"]), str(pair["tiny-gemma-3-it"])],
             "dtype": "float32",
             "quantize_bits": 0,
-            "lora.num_layers": -1,
             "train.epochs": 2,
             "train.learning_rate": 1e-3,
             "train.batch_size": 8,
@@ -135,14 +135,14 @@ def tiny_config(progress: Progress = quiet) -> ExperimentConfig:
 # --- pre-flight: fail before any long work ------------------------------------------------
 
 
-def preflight(config: ExperimentConfig, progress: Progress = quiet) -> list[checkpoints.Source]:
+def preflight(config: ExperimentConfig, progress: Progress = quiet) -> list[convert.Source]:
     """Check config values, checkpoints, data, prompt files and resources before anything slow starts."""
     check_settings(config)  # every value, with its file:line (a config built in Python has not been checked)
-    sources = [checkpoints.resolve_source(spec) for spec in config.checkpoints]
+    sources = [convert.resolve_source(spec) for spec in config.checkpoints]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ConfigError(f"Two checkpoints share the name {names}; every model needs its own name.")
-    report = data_checks.check_dataset(config.data, prompts=[Path(p) for p in config.prompts],
+    report = data.check_dataset(config.data, prompts=[Path(p) for p in config.prompts],
                                 max_seq_length=config.train.max_seq_length)
     if report.errors:
         listed = "\n".join(f"  {p.where}: {p.message}" for p in report.errors[:20])
@@ -152,9 +152,9 @@ def preflight(config: ExperimentConfig, progress: Progress = quiet) -> list[chec
     for prompt_file in config.prompts:
         prompts.read_prompts(Path(prompt_file))
     if config.persona:
-        prompts.load_persona(Path(config.persona))
+        persona.load_persona(Path(config.persona))
     # config.json only (a few KB, or the cache): gated, missing or offline checkpoints fail now
-    model_configs = [checkpoints.check_reachable(source) for source in sources]
+    model_configs = [convert.check_reachable(source) for source in sources]
     check_against_models(config, {source.name: model for source, model in zip(sources, model_configs)})
     check_resources(config, model_configs, progress)
     return sources
@@ -174,7 +174,7 @@ def check_resources(config: ExperimentConfig, model_configs: list[dict], progres
     import shutil
 
     from .backend import default_dtype
-    from .tuning import machine_memory
+    from .backend import machine_memory
 
     bytes_per_param = {"float32": 4, "bfloat16": 2, "float16": 2}[config.dtype or default_dtype()]
     if config.quantize_bits:
@@ -230,7 +230,7 @@ def _measure(stage: str, records: list[StageRecord], progress: Progress, work: C
 def _convert(config: ExperimentConfig, sources, run_dir: Path, progress: Progress, remake: bool) -> tuple[str, dict]:
     models, statuses = {}, []
     for spec, source in zip(config.checkpoints, sources):
-        result = checkpoints.convert_checkpoint(
+        result = convert.convert_checkpoint(
             spec,
             out=run_dir / "models" / source.name,
             dtype=config.dtype or None,
@@ -249,7 +249,7 @@ def _split(config: ExperimentConfig, run_dir: Path, progress: Progress, remake: 
     if source.is_dir() and (source / "train.jsonl").is_file():
         progress(f"data: using the existing split in {source}")
         return "up-to-date", {"data_dir": str(source)}
-    result = data_checks.split_dataset(source, run_dir / "data", seed=config.train.seed, force=True, progress=progress,
+    result = data.split_dataset(source, run_dir / "data", seed=config.train.seed, force=True, progress=progress,
                                        remake=remake)
     return _status(result.status), {"data_dir": str(result.out_dir), "counts": result.counts}
 
@@ -357,6 +357,8 @@ def run_experiment(
     if unknown:
         raise ConfigError(f"Unknown stage(s) {', '.join(unknown)}. Stages are: {', '.join(STAGES)}.")
     last = max(STAGES.index(s) for s in [*only, *redo])
+    if world().distributed and not world().main:
+        return _follow_rank_zero(config, progress)
     sources = preflight(config, progress)
     run_dir = outputs_root() / "runs" / config.name
     check_writable(outputs_root() / "runs")
@@ -383,6 +385,9 @@ def run_experiment(
     try:
         models = stage("convert", lambda again: _convert(config, sources, run_dir, progress, again))["models"]
         data_dir = Path(stage("data", lambda again: _split(config, run_dir, progress, again))["data_dir"])
+        if world().distributed:  # the other ranks train with rank 0's models and data
+            broadcast_json({"models": models, "data_dir": str(data_dir), "train": "train" in only or "train" in redo,
+                            "redo": "train" in redo, "run_dir": str(run_dir)})
         adapters = stage("train", lambda again: _train(config, models, data_dir, run_dir, progress, again))["adapters"]
         fused = stage("fuse", lambda again: _fuse(adapters, progress, again))["fused"]
         stage("compare", lambda again: _compare(config, fused, models, data_dir, run_dir, progress, again))
@@ -400,6 +405,16 @@ def run_experiment(
         return RunResult(run_dir, records, [], None, status)
     report = Path(details["compare"]["report_dir"]) / "report.html"
     return RunResult(run_dir, records, summary_rows(details), report, status)
+
+
+def _follow_rank_zero(config: ExperimentConfig, progress: Progress) -> RunResult:
+    """Under mlx.launch, a rank other than 0 only trains: rank 0 converts, splits, fuses and compares,
+    and sends it the models and data to train on (the same paths must exist on every machine)."""
+    plan = broadcast_json()
+    run_dir = Path(plan["run_dir"])
+    if plan["train"]:
+        _train(config, plan["models"], Path(plan["data_dir"]), run_dir, progress, plan["redo"])
+    return RunResult(run_dir, [], [], None, "finished")
 
 
 def _write_run_manifest(run_dir: Path, config: ExperimentConfig, records: list[StageRecord], previous: dict, started: str) -> None:

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import persona as scoring
-from .errors import CheckpointError, DataError
-from .models import model_dir_path, resolve_model_dir
-from .generate import ADAPTER_SEPARATOR
-from .manifest import read_manifest, sha256_json
+from ..errors import CheckpointError, DataError
+from ..models import ADAPTER_SEPARATOR, model_dir_path, resolve_model_dir
+from ..manifest import read_manifest, sha256_json
+from ..text import length_stats, word_count
 
 
 def collect_prompts(prompts: list[str | Path]) -> list[tuple[str, str]]:
@@ -21,7 +20,7 @@ def collect_prompts(prompts: list[str | Path]) -> list[tuple[str, str]]:
 
     An empty or unreadable file is an error rather than a silent zero-prompt comparison.
     """
-    from .prompts import read_prompt_lines
+    from ..prompts import read_prompt_lines
 
     found: list[tuple[str, str]] = []
     for item in prompts:
@@ -57,7 +56,7 @@ def spec_paths(spec: str) -> list[Path]:
 
 def check_model_specs(models: list[str]) -> None:
     """Fail before any model loads when a model or adapter directory is missing, incomplete or named twice."""
-    from .adapters import check_adapter_dir
+    from ..adapters import check_adapter_dir
 
     if not models:
         raise CheckpointError("No models to compare. Give one or more model directories (or BASE::ADAPTERS).")
@@ -93,7 +92,7 @@ def read_training_data(training_data: Path | None) -> tuple[dict | None, list[st
     """(summary, training replies, (training prompt, source) pairs) of a persona dataset."""
     if training_data is None:
         return None, [], []
-    from .data import data_hash, load_examples
+    from ..examples import data_hash, load_examples
 
     examples = [e for e in load_examples(Path(training_data)) if e.messages]
     replies = [e.reply for e in examples if e.reply]
@@ -102,7 +101,7 @@ def read_training_data(training_data: Path | None) -> tuple[dict | None, list[st
         "path": str(training_data),
         "sha256": data_hash(Path(training_data)),
         "examples": len(examples),
-        "reply_words": scoring.length_stats([scoring.word_count(r) for r in replies]),
+        "reply_words": length_stats([word_count(r) for r in replies]),
     }
     return summary, replies, prompts
 
@@ -110,7 +109,7 @@ def read_training_data(training_data: Path | None) -> tuple[dict | None, list[st
 def read_persona(persona: Path | None) -> dict:
     if persona is None:
         return {"path": None, "name": None, "description": None, "markers": [], "out_of_character": []}
-    from .prompts import load_persona
+    from ..persona import load_persona
 
     spec = load_persona(Path(persona))
     return {"path": str(persona), "name": spec.name, "description": spec.description,

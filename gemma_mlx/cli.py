@@ -24,7 +24,7 @@ class FriendlyGroup(click.Group):
     """Lists commands in the order data flows, and turns our typed errors into ClickExceptions
     (a message, exit code 1, no traceback)."""
 
-    ORDER = ("run", "convert", "data", "train", "fuse", "compare", "chat", "info")
+    ORDER = ("run", "convert", "data", "train", "fuse", "compare", "chat", "arena", "info")
 
     def list_commands(self, ctx):
         names = super().list_commands(ctx)
@@ -470,6 +470,39 @@ def chat(model, adapter_path, system, **generation):
     interactive = sys.stdin.isatty()  # piped: the prompts and labels stay off stdout, replies only
     run_chat(model, adapter_path, GenerationSettings(**generation), system=system, progress=echo_progress,
              read_line=input if interactive else read_piped_line, labels=interactive)
+
+
+@cli.command(short_help="Chat with models side by side and rate them blind, in the browser.")
+@click.argument("models", nargs=-1)
+@click.option("--run", "run_dir", type=click.Path(path_type=Path),
+              help="An experiment run (outputs/runs/NAME): its fused models and bases, prompts and reports.")
+@click.option("--votes", type=click.Path(path_type=Path), help="Votes file. Default: the run's votes.jsonl.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 opens the arena to the network (with a warning).")
+@click.option("--port", default=8765, show_default=True, help="Port to listen on.")
+@click.option("--export-preferences", type=click.Path(path_type=Path),
+              help="Do not serve: write the decided votes as {prompt, chosen, rejected} JSONL to this file.")
+def arena(models, run_dir, votes, host, port, export_preferences):
+    """A local web page: every model answers the same prompt in its own column, streamed; or two
+    anonymous models answer as A and B, you vote (keys 1-4), then see their names. Votes become
+    Bradley-Terry ratings with 95% intervals and export as a preference dataset.
+
+    MODELS are converted or fused model dirs, or BASE_DIR::ADAPTER_DIR; --run adds every fused
+    model and base of an experiment.
+
+    \b
+    Examples:
+      gemma-mlx arena --run outputs/runs/demo
+      gemma-mlx arena outputs/models/gemma-3-270m outputs/runs/bluey/gemma-3-270m/fused --port 9000
+    """
+    from .arena import arena_setup, export_preferences as export, serve_arena
+
+    setup = arena_setup(list(models), run_dir, votes)
+    if export_preferences is not None:
+        count = export(setup.votes, export_preferences)
+        click.echo(f"{count} preference pairs from {setup.votes} -> {export_preferences}")
+        return
+    serve_arena(setup, host=host, port=port, progress=echo_progress)
 
 
 def _terminate_like_ctrl_c(signum, frame):

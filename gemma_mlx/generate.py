@@ -132,7 +132,7 @@ def no_repeat_ngram_processor(n: int, prompt_length: int):
     return processor
 
 
-def _logits_processors(settings: GenerationSettings, end_ids: set[int], prompt_length: int) -> list:
+def logits_processors(settings: GenerationSettings, end_ids: set[int], prompt_length: int) -> list:
     from mlx_lm.sample_utils import make_logits_processors
 
     processors = []
@@ -159,7 +159,7 @@ def end_token_ids(tokenizer) -> set[int]:
 
 
 @dataclass
-class _Row:
+class Row:
     prompt_index: int
     sample_index: int
     prompt: str
@@ -199,18 +199,18 @@ def _settings_per_prompt(settings, count: int) -> list[GenerationSettings]:
     return per_prompt
 
 
-def _rows(tokenizer, prompts, settings) -> list[_Row]:
+def prompt_rows(tokenizer, prompts, settings) -> list[Row]:
     """One row per prompt x sample, in the order replies are returned."""
     rows = []
     for index, (prompt, row_settings) in enumerate(zip(prompts, _settings_per_prompt(settings, len(prompts)))):
         messages = _as_messages(prompt, index)
         ids = prompt_ids(tokenizer, messages)
         for sample in range(row_settings.samples):
-            rows.append(_Row(index, sample, messages[-1]["content"], ids, row_settings))
+            rows.append(Row(index, sample, messages[-1]["content"], ids, row_settings))
     return rows
 
 
-def check_context(loaded: LoadedModel, rows: list[_Row]) -> None:
+def check_context(loaded: LoadedModel, rows: list[Row]) -> None:
     """A prompt plus max_tokens beyond the model's context would run for a long time and then fail or babble."""
     limit = getattr(getattr(loaded.model, "args", None), "max_position_embeddings", None)
     if not isinstance(limit, int):
@@ -223,27 +223,54 @@ def check_context(loaded: LoadedModel, rows: list[_Row]) -> None:
         )
 
 
-def _run_rows(loaded: LoadedModel, rows: list[_Row], progress: Progress | None = None,
-              on_token: OnToken | None = None) -> list[Reply]:
-    """Decode all rows in one BatchGenerator and turn the token streams into Replies."""
+def new_generator(loaded: LoadedModel, rows: int = MAX_BATCH_ROWS):
+    """An mlx-lm BatchGenerator for one model that stops on every reply-ending token."""
     from mlx_lm.generate import BatchGenerator
 
-    check_context(loaded, rows)
-    tokenizer = loaded.tokenizer
-    end_ids = end_token_ids(tokenizer)
-    generator = BatchGenerator(
+    return BatchGenerator(
         loaded.model,
-        stop_tokens=[[i] for i in sorted(end_ids)],
-        completion_batch_size=min(len(rows), MAX_BATCH_ROWS),
-        prefill_batch_size=min(len(rows), MAX_PREFILL_ROWS),
+        stop_tokens=[[i] for i in sorted(end_token_ids(loaded.tokenizer))],
+        completion_batch_size=min(rows, MAX_BATCH_ROWS),
+        prefill_batch_size=min(rows, MAX_PREFILL_ROWS),
     )
+
+
+def insert_rows(generator, loaded: LoadedModel, rows: list[Row]) -> list[int]:
+    """Queue rows in a (possibly running) generator, each with its own limit, sampler and processors."""
+    check_context(loaded, rows)
+    end_ids = end_token_ids(loaded.tokenizer)
+    return generator.insert(
+        [row.ids for row in rows],
+        max_tokens=[row.settings.max_tokens for row in rows],
+        samplers=[make_row_sampler(row.settings, row.sample_index) for row in rows],
+        logits_processors=[logits_processors(row.settings, end_ids, len(row.ids)) for row in rows],
+    )
+
+
+def finished_reply(tokenizer, row: Row, tokens: list[int], reason: str, stop_id: int | None, seconds: float) -> Reply:
+    """The Reply of a finished row: its text without the stop token, and why and when it ended."""
+    generated = len(tokens) + (stop_id is not None)
+    return Reply(
+        prompt_index=row.prompt_index,
+        sample_index=row.sample_index,
+        prompt=row.prompt,
+        text=tokenizer.decode(tokens).strip(),
+        tokens=len(tokens),
+        finish_reason=reason,
+        stop_token=None if stop_id is None else str(tokenizer._tokenizer.convert_ids_to_tokens(int(stop_id))),
+        seconds=round(seconds, 4),
+        tokens_per_second=round(generated / seconds, 2) if seconds > 0 else 0.0,
+        settings=dataclasses.asdict(row.settings),
+    )
+
+
+def _run_rows(loaded: LoadedModel, rows: list[Row], progress: Progress | None = None,
+              on_token: OnToken | None = None) -> list[Reply]:
+    """Decode all rows in one BatchGenerator and turn the token streams into Replies."""
+    check_context(loaded, rows)
+    generator = new_generator(loaded, len(rows))
     try:
-        uids = generator.insert(
-            [row.ids for row in rows],
-            max_tokens=[row.settings.max_tokens for row in rows],
-            samplers=[make_row_sampler(row.settings, row.sample_index) for row in rows],
-            logits_processors=[_logits_processors(row.settings, end_ids, len(row.ids)) for row in rows],
-        )
+        uids = insert_rows(generator, loaded, rows)
         index_of = {uid: i for i, uid in enumerate(uids)}
         tokens: list[list[int]] = [[] for _ in rows]
         finished: dict[int, tuple[str, int | None, float]] = {}
@@ -273,25 +300,7 @@ def _run_rows(loaded: LoadedModel, rows: list[_Row], progress: Progress | None =
     finally:
         generator.close()
 
-    replies = []
-    for i, row in enumerate(rows):
-        reason, stop_id, seconds = finished[i]
-        generated = len(tokens[i]) + (stop_id is not None)
-        replies.append(
-            Reply(
-                prompt_index=row.prompt_index,
-                sample_index=row.sample_index,
-                prompt=row.prompt,
-                text=tokenizer.decode(tokens[i]).strip(),
-                tokens=len(tokens[i]),
-                finish_reason=reason,
-                stop_token=None if stop_id is None else str(tokenizer._tokenizer.convert_ids_to_tokens(int(stop_id))),
-                seconds=round(seconds, 4),
-                tokens_per_second=round(generated / seconds, 2) if seconds > 0 else 0.0,
-                settings=dataclasses.asdict(row.settings),
-            )
-        )
-    return replies
+    return [finished_reply(loaded.tokenizer, row, tokens[i], *finished[i]) for i, row in enumerate(rows)]
 
 
 def generate_replies(
@@ -308,7 +317,7 @@ def generate_replies(
     """
     if not prompts:
         return []
-    rows = _rows(loaded.tokenizer, list(prompts), settings)
+    rows = prompt_rows(loaded.tokenizer, list(prompts), settings)
     if progress is not None:
         progress(f"{loaded.name}: generating {len(rows)} replies ({len(prompts)} prompts) in one batch")
     return _run_rows(loaded, rows, progress)
@@ -325,7 +334,7 @@ def stream_reply(
     Same engine, format and stop rules as generate_replies; `samples` is ignored (one reply).
     """
     settings = dataclasses.replace(settings, samples=1)
-    rows = _rows(loaded.tokenizer, [messages], settings)
+    rows = prompt_rows(loaded.tokenizer, [messages], settings)
     detokenizer = loaded.tokenizer.detokenizer
     detokenizer.reset()
     shown = {"any": False}

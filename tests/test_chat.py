@@ -75,12 +75,15 @@ def test_replies_cut_by_the_limit_are_flagged(pt):
     assert "[cut at 4 tokens]" in out
 
 
-def test_a_looping_reply_is_flagged(pt, monkeypatch):
+def scripted_chat(pt, monkeypatch, text: str):
+    """The tiny model made to write `text` every turn, then <end_of_turn>; returns (model, prompt lengths).
+
+    The wrapper reads the prompt length of each turn, recorded here as chat builds the prompt.
+    """
     import gemma_mlx.chat as chat_module
     from gemma_mlx.chat_format import prompt_ids
 
     tok = pt.tokenizer
-    words = tok.encode(" a big house with", add_special_tokens=False) * 5
     lengths = []
     real_stream = chat_module.stream_reply
 
@@ -89,26 +92,19 @@ def test_a_looping_reply_is_flagged(pt, monkeypatch):
         return real_stream(loaded, messages, *args, **kwargs)
 
     monkeypatch.setattr(chat_module, "stream_reply", track)
-    loaded = dataclasses.replace(pt, model=EndsAfter(pt.model, lengths, words))
+    words = tok.encode(text, add_special_tokens=False)
+    return dataclasses.replace(pt, model=EndsAfter(pt.model, lengths, words)), lengths
+
+
+def test_a_looping_reply_is_flagged(pt, monkeypatch):
+    loaded, _ = scripted_chat(pt, monkeypatch, " a big house with" * 5)
     _, out = run(loaded, "Where do you live?", settings=G(max_tokens=60, repetition_penalty=1.0))
     assert "a big house with a big house" in out and out.rstrip().endswith("[loop]")
 
 
 def test_second_turn_sees_the_first_reply_and_stop_tokens_never_show(pt, monkeypatch):
-    import gemma_mlx.chat as chat_module
-    from gemma_mlx.chat_format import prompt_ids
-
-    tok = pt.tokenizer
-    words = tok.encode(" I reckon", add_special_tokens=False)
-    lengths = []  # prompt length of each turn, which the wrapper also reads
-    real_stream = chat_module.stream_reply
-
-    def track(loaded, messages, *args, **kwargs):
-        lengths.append(len(prompt_ids(tok, messages)))
-        return real_stream(loaded, messages, *args, **kwargs)
-
-    monkeypatch.setattr(chat_module, "stream_reply", track)
-    loaded = dataclasses.replace(pt, model=EndsAfter(pt.model, lengths, words))
+    loaded, lengths = scripted_chat(pt, monkeypatch, " I reckon")
+    words = pt.tokenizer.encode(" I reckon", add_special_tokens=False)
     messages, out = run(loaded, "Hi", "And then?", settings=G(max_tokens=20))
     assert [m["content"] for m in messages if m["role"] == "assistant"] == ["I reckon", "I reckon"]
     assert "model> I reckon\n" in out and "[cut" not in out and "<end_of_turn>" not in out

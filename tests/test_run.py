@@ -237,3 +237,37 @@ def test_only_convert_on_a_new_experiment_stops_there(isolated_outputs):
     run_dir = isolated_outputs / "runs" / "convert-only"
     assert (run_dir / "models" / "tiny-gemma-3-pt" / "model.safetensors").is_file()
     assert not (run_dir / "data").exists() and "Report:" not in result.output
+
+
+def test_the_arena_serves_a_finished_run_its_models_and_only_its_files(in_demo_outputs):
+    from starlette.testclient import TestClient
+
+    from gemma_mlx.arena import allowed_hosts_for, arena_setup, make_app
+
+    run_dir = in_demo_outputs / "runs" / "tiny"
+    setup = arena_setup([], run=run_dir)
+    assert sorted(setup.models) == ["tiny-gemma-3-it (base)", "tiny-gemma-3-it + LoRA",
+                                    "tiny-gemma-3-pt (base)", "tiny-gemma-3-pt + LoRA"]
+    assert all(Path(path).is_dir() for path in setup.models.values())
+    assert setup.votes == run_dir.resolve() / "votes.jsonl" and setup.prompt_sets
+    assert any(path.endswith("report.html") for path in setup.reports)
+    (in_demo_outputs / "runs" / "secret.txt").write_text("not the run's")
+
+    class NoEngine:  # the file routes never generate
+        def submit(self, *args):
+            raise AssertionError("no generation expected")
+
+    client = TestClient(make_app(setup, NoEngine(), allowed_hosts_for("127.0.0.1")), base_url="http://127.0.0.1:8765")
+    report = client.get(f"/reports/{setup.reports[0]}")
+    assert report.status_code == 200 and "<html" in report.text.lower()
+    assert "script-src" not in report.headers["content-security-policy"]  # a report runs no script ...
+    assert "style-src 'unsafe-inline'" in report.headers["content-security-policy"]  # ... but keeps its styles
+    for outside in ("../secret.txt", "..%2Fsecret.txt", "%2e%2e/secret.txt", "/etc/passwd"):
+        assert client.get(f"/reports/{outside}").status_code == 404, outside
+    assert client.get("/reports/manifest.json").status_code == 200  # inside the run: fine
+
+
+def test_the_arena_refuses_a_directory_that_is_not_a_run(in_demo_outputs):
+    result = CliRunner().invoke(cli, ["arena", "--run", str(in_demo_outputs / "runs")])
+    assert result.exit_code == 1 and "is not an experiment run" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,1 @@
+"""The arena's server side: one engine thread for every model, and the votes and their ratings."""

@@ -1,0 +1,151 @@
+"""One thread owns MLX and serves every model: requests from any thread are continuously batched.
+
+The web server's handlers run elsewhere (an asyncio loop); they submit a conversation and get its
+reply back piece by piece through a callback. The engine thread keeps one mlx-lm BatchGenerator per
+model and steps each in turn, inserting new requests into the running batch, so eight concurrent
+requests to one model are decoded together instead of waiting in line. Prompts, stop rules and
+sampling are the generation engine's own (generate.py), so a reply here is the reply compare or
+chat would give with the same settings.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..config import GenerationSettings
+from ..generate import Reply, finished_reply, insert_rows, new_generator, prompt_rows
+from ..models import LoadedModel, load_model
+
+# on_event(kind, payload): ("text", str) for each new piece, then ("done", Reply) or ("error", str)
+OnEvent = Callable[[str, object], None]
+
+
+@dataclass
+class _Request:
+    model: str
+    messages: list[dict]
+    settings: GenerationSettings
+    on_event: OnEvent
+
+
+@dataclass
+class _Live:
+    """A row being decoded: its tokens so far and how much of their text was already sent."""
+
+    row: object
+    on_event: OnEvent
+    started: float
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""
+
+
+class Engine:
+    """Load the models, then answer submitted conversations; close() stops the thread."""
+
+    def __init__(self, specs: dict[str, str], progress: Callable[[str], None] = lambda _: None):
+        self._requests: queue.Queue = queue.Queue()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop = False
+        self.models: dict[str, LoadedModel] = {}
+        self._thread = threading.Thread(target=self._main, args=(specs, progress), name="gemma-mlx-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    # ----- the server's side ------------------------------------------------------------------
+    def submit(self, model: str, messages: list[dict], settings: GenerationSettings, on_event: OnEvent) -> None:
+        """Queue one conversation (ending in a user turn) for `model`; on_event hears the reply."""
+        if model not in self.models:
+            raise KeyError(model)
+        self._requests.put(_Request(model, messages, settings, on_event))
+
+    def close(self) -> None:
+        self._stop = True
+        self._requests.put(None)
+        self._thread.join(timeout=30)
+
+    # ----- the engine thread ------------------------------------------------------------------
+    def _main(self, specs: dict[str, str], progress) -> None:
+        try:
+            for name, spec in specs.items():
+                progress(f"arena: loading {name} ({spec})")
+                self.models[name] = load_model(spec)
+        except BaseException as error:  # a model that does not load: the constructor re-raises it
+            self._error = error
+            self._ready.set()
+            return
+        self._ready.set()
+        generators: dict[str, object] = {}
+        live: dict[str, dict[int, _Live]] = {name: {} for name in self.models}
+        while not self._stop:
+            busy = any(live.values())
+            try:
+                request = self._requests.get(timeout=None if not busy else 0)
+            except queue.Empty:
+                request = None
+            while request is not None:
+                self._start(request, generators, live)
+                try:
+                    request = self._requests.get_nowait()
+                except queue.Empty:
+                    request = None
+            for name, rows in live.items():
+                if rows:
+                    try:
+                        self._step(name, generators[name], rows)
+                    except Exception as error:  # a failing batch ends its own replies, not the engine
+                        for state in rows.values():
+                            _tell(state.on_event, "error", f"generation failed: {error}")
+                        rows.clear()
+                        generators.pop(name).close()
+        for generator in generators.values():
+            generator.close()
+
+    def _start(self, request: _Request | None, generators: dict, live: dict) -> None:
+        if request is None:
+            return
+        loaded = self.models[request.model]
+        try:
+            (row,) = prompt_rows(loaded.tokenizer, [request.messages], [request.settings])
+            if request.model not in generators:
+                generators[request.model] = new_generator(loaded)
+            (uid,) = insert_rows(generators[request.model], loaded, [row])
+        except Exception as error:  # a prompt beyond the context, a malformed conversation
+            _tell(request.on_event, "error", str(error))
+            return
+        live[request.model][uid] = _Live(row, request.on_event, time.perf_counter())
+
+    def _step(self, name: str, generator, rows: dict[int, _Live]) -> None:
+        tokenizer = self.models[name].tokenizer
+        for response in generator.next_generated() or []:
+            state = rows.get(response.uid)
+            if state is None:
+                continue
+            stop_id = response.token if response.finish_reason == "stop" else None
+            if stop_id is None:
+                state.tokens.append(response.token)
+                text = tokenizer.decode(state.tokens).lstrip()
+                if not text.endswith("\ufffd") and len(text) > len(state.sent):  # hold back half a character
+                    _tell(state.on_event, "text", text[len(state.sent):])
+                    state.sent = text
+            if response.finish_reason is not None:
+                reply: Reply = finished_reply(tokenizer, state.row, state.tokens, response.finish_reason, stop_id,
+                                              time.perf_counter() - state.started)
+                if len(reply.text) > len(state.sent) and reply.text.startswith(state.sent):
+                    _tell(state.on_event, "text", reply.text[len(state.sent):])
+                _tell(state.on_event, "done", reply)
+                del rows[response.uid]
+
+
+def _tell(on_event: OnEvent, kind: str, payload) -> None:
+    """Deliver one event; a listener that fails (a page gone away) must not stop the engine."""
+    try:
+        on_event(kind, payload)
+    except Exception:
+        pass

@@ -33,6 +33,7 @@ PAGE_DIR = Path(__file__).resolve().parent / "serving"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 SETTING_KEYS = ("temperature", "top_p", "max_tokens", "repetition_penalty", "seed")
 MAX_PROMPT_CHARS = 4000
+MAX_BATTLES = 1000  # battles kept in memory for their vote
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:"  # our own script and styles only: no inline code
 REPORT_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"  # reports: no script at all
 REPORT_SUFFIXES = (".html", ".svg", ".json", ".jsonl", ".txt", ".md")
@@ -60,12 +61,23 @@ def _run_models(run_dir: Path) -> dict[str, str]:
     details = {s["stage"]: s.get("details", {}) for s in manifest.get("stages", [])}
     models = {}
     for name, path in (details.get("fuse", {}).get("fused") or {}).items():
-        models[f"{name} + LoRA"] = path
+        models[f"{name} + LoRA"] = _found(path, run_dir)
     for name, path in (details.get("convert", {}).get("models") or {}).items():
-        models[f"{name} (base)"] = path
+        models[f"{name} (base)"] = _found(path, run_dir)
     if not models:
         raise GemmaMlxError(f"The run in {run_dir} has no converted or fused models yet. Run `gemma-mlx run` to the end first.")
     return models
+
+
+def _found(path: str, run_dir: Path) -> str:
+    """A path from the run's manifest, which may be relative to where `run` was started: try here,
+    then the directories above the run (outputs/runs/NAME -> the project), so any cwd works."""
+    if Path(path).is_absolute() or Path(path).exists():
+        return path
+    for base in run_dir.parents[:3]:
+        if (base / path).exists():
+            return str(base / path)
+    return path  # check_model_specs says it is missing
 
 
 def _prompt_sets(files: list[Path]) -> dict[str, list[str]]:
@@ -95,7 +107,7 @@ def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = 
         raise GemmaMlxError("No models for the arena. Name model directories, or pass --run outputs/runs/NAME.")
     check_model_specs(list(models.values()))
     config = ((read_manifest(run_dir) or {}).get("config") or {}) if run_dir else {}
-    files = [Path(p) for p in config.get("prompts") or []] or sorted((SHIPPED_DATA / "prompts").glob("*.txt"))
+    files = [Path(_found(p, run_dir)) for p in config.get("prompts") or []] or sorted((SHIPPED_DATA / "prompts").glob("*.txt"))
     reports = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("report.html")) if run_dir else []
     votes_file = Path(votes) if votes else (run_dir / "votes.jsonl" if run_dir else outputs_root() / "arena" / "votes.jsonl")
     read_votes(votes_file)  # a damaged votes file is reported now, with its line, not on the first vote
@@ -236,6 +248,8 @@ def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
             return error("Send the battle as JSON: {\"prompt\": ..., and settings}.")
         except GemmaMlxError as problem:
             return error(str(problem))
+        while len(battles) >= MAX_BATTLES:  # forget the oldest battles; a late vote on one is refused
+            battles.pop(next(iter(battles)))
         pair = random.sample(names, 2)
         battle_id = secrets.token_hex(8)
         sides = {"A": _Stream(), "B": _Stream()}
@@ -338,6 +352,9 @@ def serve_arena(setup: ArenaSetup, host: str = "127.0.0.1", port: int = 8765, pr
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         engine.close()
+    from .serving.ratings import read_votes
+
+    progress(f"arena: stopped; {len(read_votes(setup.votes))} votes in {setup.votes}")
 
 
 def export_preferences(votes: Path, out: Path) -> int:

@@ -95,9 +95,14 @@ def test_host_header_is_checked_and_model_text_is_never_html(arena):
     assert "default-src 'self'" in local.get("/").headers["content-security-policy"]
 
 
-def test_blind_battle_vote_is_durable_and_moves_the_ratings(client, arena):
-    setup, _ = arena
-    before = len(read_votes(setup.votes))
+def test_blind_battle_vote_is_durable_and_moves_the_ratings(arena, tmp_path):
+    import dataclasses
+
+    from starlette.testclient import TestClient
+
+    setup, engine = arena
+    setup = dataclasses.replace(setup, votes=tmp_path / "votes.jsonl")  # this test's votes alone
+    client = TestClient(make_app(setup, engine, {"testserver"}))
     battle = client.post("/api/battle", json={"prompt": "What should I do today?", "max_tokens": "5"}).json()
     early = client.post("/api/vote", json={"id": battle["id"], "choice": "A"})
     assert early.status_code == 409  # replies not read yet
@@ -109,7 +114,7 @@ def test_blind_battle_vote_is_durable_and_moves_the_ratings(client, arena):
     assert vote.status_code == 200 and set(vote.json()) == {"model_a", "model_b", "choice"}
     assert client.post("/api/vote", json={"id": battle["id"], "choice": "B"}).status_code == 409  # one vote a battle
     votes = read_votes(setup.votes)
-    assert len(votes) == before + 1
+    assert len(votes) == 1
     saved = votes[-1]
     assert saved["model_a"] == vote.json()["model_a"] and saved["choice"] == "A"
     assert saved["prompt"] == "What should I do today?" and saved["settings"]["max_tokens"] == 5
@@ -130,6 +135,8 @@ def test_ratings_and_intervals():
     top = board["models"][0]
     assert top["model"] == "x" and top["low"] <= top["rating"] <= top["high"] and top["votes"] == 10
     assert board["pairs"] == [{"a": "x", "b": "y", "votes": 10, "a_wins": 8, "b_wins": 2, "ties": 0}]
+    few = leaderboard(votes[:4], ["x", "y"])["models"][0]
+    assert few["low"] is None and few["high"] is None and few["votes"] == 4  # 4 votes: no interval claimed
     ties = bradley_terry([{"model_a": "x", "model_b": "y", "choice": "tie"}] * 4, ["x", "y"])
     assert abs(ties["x"] - ties["y"]) < 1e-6
     rows = preference_rows([{"prompt": "p", "model_a": "x", "model_b": "y", "choice": "B",
@@ -235,6 +242,7 @@ def test_cli_errors_for_bad_models_and_a_warning_for_the_open_network(converted_
     assert "warning: the arena listens on 0.0.0.0" in opened.output and served["host"] == "0.0.0.0"
     local = runner.invoke(cli, ["arena", str(converted_models["pt"]), "--votes", str(tmp_path / "v.jsonl")])
     assert "warning" not in local.output and served["host"] == "127.0.0.1" and served["port"] == 8765
+    assert "arena: stopped; 0 votes in" in local.output
 
 
 def test_concurrent_requests_share_the_batch_and_get_the_replies_they_would_get_alone(served):
@@ -279,3 +287,17 @@ def test_a_damaged_votes_file_stops_the_arena_before_it_serves(converted_models,
     result = CliRunner().invoke(cli, ["arena", str(converted_models["pt"]), "--votes", str(votes)])
     assert result.exit_code == 1 and f"{votes}:2: not a vote" in result.output and "Traceback" not in result.output
     assert votes.read_text().count("\n") == 2  # the file is left as it was
+
+
+def test_a_runs_relative_paths_are_found_from_any_directory(tmp_path, monkeypatch):
+    """`run` records paths relative to where it was started; the arena may be started elsewhere."""
+    from gemma_mlx.arena import _found
+
+    project = tmp_path / "project"
+    run_dir = project / "outputs" / "runs" / "demo"
+    (run_dir / "models" / "m").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert Path(_found("outputs/runs/demo/models/m", run_dir)) == project / "outputs/runs/demo/models/m"
+    assert _found("outputs/runs/demo/models/gone", run_dir) == "outputs/runs/demo/models/gone"
+    monkeypatch.chdir(project)
+    assert _found("outputs/runs/demo/models/m", run_dir) == "outputs/runs/demo/models/m"

@@ -84,8 +84,10 @@ async function askSelected() {
   let text;
   try { text = prompt(); } catch (error) { showError(error.message); return; }
   const models = [...document.querySelectorAll("#model-picks input:checked")].map((box) => box.value);
+  if (!models.length) { showError("Tick at least one model."); return; }
   const columns = $("#side-columns");
   columns.textContent = "";
+  $("#ask").disabled = true;
   const waits = models.map((model) => {
     const column = document.createElement("div");
     column.className = "column";
@@ -104,6 +106,7 @@ async function askSelected() {
     return streamInto("/api/stream?" + params.toString(), column);
   });
   await Promise.all(waits);
+  $("#ask").disabled = false;
 }
 
 function setVoting(enabled) {
@@ -122,8 +125,10 @@ async function startBattle() {
                                                       body: JSON.stringify(body)})));
   } catch (error) { showError(error.message); return; }
   current = {id, voted: false};
+  $("#battle").disabled = true;
   const replies = await Promise.all(["A", "B"].map((side) =>
     streamInto(`/api/battle/${id}/stream?side=${side}`, $(`#col-${side}`))));
+  $("#battle").disabled = false;
   if (current && current.id === id && replies.every((reply) => reply)) setVoting(true);
 }
 
@@ -160,7 +165,7 @@ async function loadBoard() {
     const row = document.createElement("tr");
     cell(row, m.model);
     cell(row, m.rating.toFixed(0), true);
-    cell(row, m.low === null ? "-" : `${m.low.toFixed(0)} - ${m.high.toFixed(0)}`, true);
+    cell(row, m.low === null ? `- (under ${board.min_votes} votes)` : `${m.low.toFixed(0)} - ${m.high.toFixed(0)}`, true);
     cell(row, String(m.votes), true);
     cell(row, percent(m.stop_rate), true);
     cell(row, percent(m.cut_rate), true);

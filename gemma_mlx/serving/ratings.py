@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import DataError
 
 CHOICES = ("A", "B", "tie", "bad")  # bad: both replies were bad
+MIN_VOTES_FOR_INTERVAL = 5  # below this the resamples are nearly all alike: an interval would claim false certainty
 _WRITE_LOCK = threading.Lock()
 
 
@@ -90,7 +91,10 @@ def bradley_terry(votes: list[dict], models: list[str], iterations: int = 200) -
 
 
 def leaderboard(votes: list[dict], models: list[str], rounds: int = 200, seed: int = 0) -> dict:
-    """Ratings with 95% bootstrap intervals, votes per model and per pair, and reply flag rates."""
+    """Ratings with 95% bootstrap intervals, votes per model and per pair, and reply flag rates.
+
+    A model with fewer than MIN_VOTES_FOR_INTERVAL votes gets no interval (low and high are None).
+    """
     ratings = bradley_terry(votes, models)
     rng = random.Random(seed)
     samples: dict[str, list[float]] = {m: [] for m in models}
@@ -101,7 +105,8 @@ def leaderboard(votes: list[dict], models: list[str], rounds: int = 200, seed: i
                 samples[m].append(value)
     rows = []
     for m in models:
-        values = sorted(samples[m])
+        count = sum(1 for v in votes if m in (v["model_a"], v["model_b"]))
+        values = sorted(samples[m]) if count >= MIN_VOTES_FOR_INTERVAL else []
         low = values[int(0.025 * (len(values) - 1))] if values else None
         high = values[int(0.975 * (len(values) - 1))] if values else None
         replies = [v[side] for v in votes for side, name in (("reply_a", "model_a"), ("reply_b", "model_b"))
@@ -110,7 +115,7 @@ def leaderboard(votes: list[dict], models: list[str], rounds: int = 200, seed: i
         rows.append({
             "model": m, "rating": round(ratings[m], 1), "low": None if low is None else round(low, 1),
             "high": None if high is None else round(high, 1),
-            "votes": sum(1 for v in votes if m in (v["model_a"], v["model_b"])),
+            "votes": count,
             "stop_rate": sum(r.get("finish_reason") == "stop" for r in replies) / n if n else None,
             "cut_rate": sum(bool(r.get("cut")) for r in replies) / n if n else None,
             "loop_rate": sum(bool(r.get("loop")) for r in replies) / n if n else None,
@@ -126,7 +131,7 @@ def leaderboard(votes: list[dict], models: list[str], rounds: int = 200, seed: i
             entry["ties"] += 1
         else:
             entry["a_wins" if winner == a else "b_wins"] += 1
-    return {"models": rows, "pairs": list(pairs.values()), "votes": len(votes)}
+    return {"models": rows, "pairs": list(pairs.values()), "votes": len(votes), "min_votes": MIN_VOTES_FOR_INTERVAL}
 
 
 def preference_rows(votes: list[dict]) -> list[dict]:

@@ -23,6 +23,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .config import SHIPPED_DATA, GenerationSettings, apply_overrides, to_dict
 from .errors import ConfigError, GemmaMlxError
@@ -201,10 +202,18 @@ def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
     def error(message: str, status: int = 400) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
+    def is_json(request) -> bool:
+        """A JSON body needs a CORS preflight from another site, which this server never grants."""
+        return request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
+
     class HostCheck(BaseHTTPMiddleware):
         async def dispatch(self, request, call_next):
             if allowed_hosts is not None and host_name(request.headers.get("host", "")) not in allowed_hosts:
                 return PlainTextResponse("Forbidden: this arena answers only to its own host name.", status_code=403)
+            origin = request.headers.get("origin")
+            if allowed_hosts is not None and origin is not None and urlsplit(origin).hostname not in allowed_hosts:
+                # another web site's script, which the browser lets send (not read) requests here
+                return PlainTextResponse("Forbidden: requests from other web pages are refused.", status_code=403)
             response = await call_next(request)
             response.headers.setdefault("Content-Security-Policy", PAGE_POLICY)
             response.headers["X-Content-Type-Options"] = "nosniff"
@@ -241,6 +250,8 @@ def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
     async def battle(request: Request):
         if len(names) < 2:
             return error("A blind battle needs at least two models.")
+        if not is_json(request):
+            return error("Send the battle as JSON (Content-Type: application/json).")
         try:
             values = await request.json()
             settings, prompt = parse_settings(values), _prompt(values)
@@ -268,6 +279,8 @@ def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
                                  headers={"Cache-Control": "no-store"})
 
     async def vote(request: Request):
+        if not is_json(request):
+            return error("Send the vote as JSON (Content-Type: application/json).")
         try:
             values = await request.json()
             battle_id, choice = values["id"], values["choice"]

@@ -69,6 +69,9 @@ def test_errors_are_clear(client, tmp_path):
     assert bad.status_code == 400 and "top_p is 2.0; it must be in (0, 1]" in bad.json()["error"]
     assert "prompt is empty" in client.get("/api/stream", params={"model": model, "prompt": " "}).json()["error"]
     assert client.post("/api/vote", content="not json").status_code == 400
+    broken = client.post("/api/vote", content="{", headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and "A vote is JSON" in broken.json()["error"]
+    assert "A vote is JSON" in client.post("/api/vote", json={"choice": "A"}).json()["error"]  # no id
     assert client.post("/api/vote", json={"id": "feedface", "choice": "A"}).status_code == 404
     assert client.post("/api/battle", content="{").status_code == 400
     # files: only from the run's directory, nothing else
@@ -93,6 +96,12 @@ def test_host_header_is_checked_and_model_text_is_never_html(arena):
     page = local.get("/").text + local.get("/static/arena.js").text
     assert "innerHTML" not in page  # replies are set with textContent only
     assert "default-src 'self'" in local.get("/").headers["content-security-policy"]
+    # another site's script: the browser adds its Origin; a plain-text POST would need no preflight
+    assert local.post("/api/battle", headers={"origin": "http://evil.example"}, json={"prompt": "Hi"}).status_code == 403
+    assert local.get("/api/leaderboard", headers={"origin": "null"}).status_code == 403
+    assert local.get("/api/leaderboard", headers={"origin": "http://127.0.0.1:8765"}).status_code == 200
+    plain = local.post("/api/battle", content='{"prompt": "Hi"}', headers={"content-type": "text/plain"})
+    assert plain.status_code == 400 and "Content-Type: application/json" in plain.json()["error"]
 
 
 def test_blind_battle_vote_is_durable_and_moves_the_ratings(arena, tmp_path):

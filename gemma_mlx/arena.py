@@ -16,6 +16,7 @@ are served only from the run's directory; a vote must name a battle this server 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import queue
 import random
@@ -49,6 +50,7 @@ class ArenaSetup:
     run_dir: Path | None = None
     prompt_sets: dict[str, list[str]] = field(default_factory=dict)
     reports: list[str] = field(default_factory=list)  # paths under run_dir
+    settings: GenerationSettings = field(default_factory=GenerationSettings)  # the run's, else compare's defaults
 
 
 def _run_models(run_dir: Path) -> dict[str, str]:
@@ -112,7 +114,10 @@ def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = 
     reports = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("report.html")) if run_dir else []
     votes_file = Path(votes) if votes else (run_dir / "votes.jsonl" if run_dir else outputs_root() / "arena" / "votes.jsonl")
     read_votes(votes_file)  # a damaged votes file is reported now, with its line, not on the first vote
-    return ArenaSetup(models, votes_file, run_dir, _prompt_sets(files), reports)
+    known = {f.name for f in dataclasses.fields(GenerationSettings)}
+    recorded = {k: v for k, v in (config.get("generation") or {}).items() if k in known}
+    settings = apply_overrides(GenerationSettings(), {**recorded, "samples": 1}, where=f"{run_dir}/manifest.json")
+    return ArenaSetup(models, votes_file, run_dir, _prompt_sets(files), reports, settings)
 
 
 # ---------------------------------------------------------------------------- the web app
@@ -124,8 +129,8 @@ def reply_json(reply) -> dict:
             "loop": is_loop(reply.text), "seconds": reply.seconds}
 
 
-def parse_settings(values: dict) -> GenerationSettings:
-    """The page's settings (strings from a form or query) checked by the one settings table."""
+def parse_settings(values: dict, defaults: GenerationSettings | None = None) -> GenerationSettings:
+    """The page's settings (strings from a form or query) over `defaults`, checked by the one settings table."""
     import yaml
 
     given = {}
@@ -137,7 +142,7 @@ def parse_settings(values: dict) -> GenerationSettings:
             given[key] = yaml.safe_load(str(raw))
         except yaml.YAMLError:
             raise ConfigError(f"arena settings: {key} is {raw!r}, not a number.") from None
-    return apply_overrides(GenerationSettings(), given, where="arena settings")
+    return apply_overrides(defaults or GenerationSettings(), given, where="arena settings")
 
 
 def _prompt(values: dict) -> str:
@@ -229,7 +234,7 @@ def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
         return FileResponse(PAGE_DIR / name, media_type="text/javascript" if name.endswith(".js") else "text/css")
 
     async def models(_request):
-        defaults = GenerationSettings()
+        defaults = setup.settings
         return JSONResponse({"models": names, "prompt_sets": setup.prompt_sets, "reports": setup.reports,
                              "settings": {k: getattr(defaults, k) for k in SETTING_KEYS},
                              "blind": len(names) >= 2, "votes_file": str(setup.votes)})
@@ -240,7 +245,7 @@ def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
         if model not in setup.models:
             return error(f"Unknown model {model!r}. This arena serves: {', '.join(names)}.", 404)
         try:
-            settings, prompt = parse_settings(values), _prompt(values)
+            settings, prompt = parse_settings(values, setup.settings), _prompt(values)
         except GemmaMlxError as problem:
             return error(str(problem))
         reply = _Stream()
@@ -254,7 +259,7 @@ def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
             return error("Send the battle as JSON (Content-Type: application/json).")
         try:
             values = await request.json()
-            settings, prompt = parse_settings(values), _prompt(values)
+            settings, prompt = parse_settings(values, setup.settings), _prompt(values)
         except (json.JSONDecodeError, AttributeError, TypeError):
             return error("Send the battle as JSON: {\"prompt\": ..., and settings}.")
         except GemmaMlxError as problem:

@@ -250,6 +250,8 @@ def test_the_arena_serves_a_finished_run_its_models_and_only_its_files(in_demo_o
                                     "tiny-gemma-3-pt (base)", "tiny-gemma-3-pt + LoRA"]
     assert all(Path(path).is_dir() for path in setup.models.values())
     assert setup.votes == run_dir.resolve() / "votes.jsonl" and setup.prompt_sets
+    recorded = json.loads((run_dir / "manifest.json").read_text())["config"]["generation"]
+    assert setup.settings.max_tokens == recorded["max_tokens"]  # the run's settings, as compare used them
     assert any(path.endswith("report.html") for path in setup.reports)
     (in_demo_outputs / "runs" / "secret.txt").write_text("not the run's")
 
@@ -258,6 +260,7 @@ def test_the_arena_serves_a_finished_run_its_models_and_only_its_files(in_demo_o
             raise AssertionError("no generation expected")
 
     client = TestClient(make_app(setup, NoEngine(), allowed_hosts_for("127.0.0.1")), base_url="http://127.0.0.1:8765")
+    assert client.get("/api/models").json()["settings"]["max_tokens"] == recorded["max_tokens"]
     report = client.get(f"/reports/{setup.reports[0]}")
     assert report.status_code == 200 and "<html" in report.text.lower()
     assert "script-src" not in report.headers["content-security-policy"]  # a report runs no script ...

@@ -354,6 +354,19 @@ def allowed_hosts_for(host: str) -> set[str] | None:
     return LOCAL_HOSTS | {host}
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A port another program holds is one paragraph, with the way out."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as error:
+        raise GemmaMlxError(f"Cannot listen on {host}:{port}: {error.strerror or error}. Another program (or another "
+                            f"arena) may be using the port; pass --port with a free one, e.g. --port {port + 1}.") from None
+
+
 def serve_arena(setup: ArenaSetup, host: str = "127.0.0.1", port: int = 8765, progress: Progress = quiet) -> None:
     """Load every model, then serve the page until Ctrl-C."""
     import uvicorn
@@ -363,6 +376,7 @@ def serve_arena(setup: ArenaSetup, host: str = "127.0.0.1", port: int = 8765, pr
     if host not in ("127.0.0.1", "localhost", "::1"):
         progress(f"warning: the arena listens on {host}: anyone who can reach this machine on port {port} can use "
                  "the models and add votes. Use it only on a network you trust.")
+    check_port_free(host, port)  # before minutes of model loading, not after
     engine = Engine(setup.models, progress)
     try:
         app = make_app(setup, engine, allowed_hosts_for(host))

@@ -99,8 +99,10 @@ def generation_options(command):
 def cli():
     """Give a small Gemma 3 model a personality: convert, fine-tune with LoRA, fuse, compare.
 
-    Start with `gemma-mlx run --demo` (offline, tiny random models, about 20 seconds), then
-    `gemma-mlx run` for the real experiment (gemma-3-1b-pt vs gemma-3-1b-it). See README.md.
+    Start with `gemma-mlx run --demo` (the real Gemma 3 270M base, offline, fine-tuned on the shipped
+    Bluey data: about 25 minutes on a 2-core CPU, a few on a Mac), then `gemma-mlx arena --run
+    outputs/runs/demo` to chat with it and rate it. `gemma-mlx run --tiny` is a one-minute smoke
+    test; `gemma-mlx run` is the 1B pair. See README.md.
     """
 
 
@@ -476,7 +478,8 @@ def chat(model, adapter_path, system, **generation):
 @click.argument("models", nargs=-1)
 @click.option("--run", "run_dir", type=click.Path(path_type=Path),
               help="An experiment run (outputs/runs/NAME): its fused models and bases, prompts and reports.")
-@click.option("--votes", type=click.Path(path_type=Path), help="Votes file. Default: the run's votes.jsonl.")
+@click.option("--votes", type=click.Path(path_type=Path),
+              help="Votes file. Default: the run's votes.jsonl, or outputs/arena/votes.jsonl without --run.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 opens the arena to the network (with a warning).")
 @click.option("--port", default=8765, show_default=True, help="Port to listen on.")

@@ -245,6 +245,7 @@ def test_cli_errors_for_bad_models_and_a_warning_for_the_open_network(converted_
 
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(options))
+    monkeypatch.setattr("gemma_mlx.arena.check_port_free", lambda host, port: None)  # 8765 may be busy here
     opened = runner.invoke(cli, ["arena", str(converted_models["pt"]), "--host", "0.0.0.0", "--votes",
                                  str(tmp_path / "v.jsonl")])
     assert opened.exit_code == 0, opened.output
@@ -310,3 +311,14 @@ def test_a_runs_relative_paths_are_found_from_any_directory(tmp_path, monkeypatc
     assert _found("outputs/runs/demo/models/gone", run_dir) == "outputs/runs/demo/models/gone"
     monkeypatch.chdir(project)
     assert _found("outputs/runs/demo/models/m", run_dir) == "outputs/runs/demo/models/m"
+
+
+def test_a_port_in_use_is_one_paragraph_before_any_model_loads(converted_models, tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = CliRunner().invoke(cli, ["arena", str(converted_models["pt"]), "--port", str(port),
+                                          "--votes", str(tmp_path / "v.jsonl")])
+    assert result.exit_code == 1 and f"Cannot listen on 127.0.0.1:{port}" in result.output
+    assert "--port" in result.output and "loading" not in result.output and "Traceback" not in result.output

@@ -100,7 +100,7 @@ def cli():
     """Give a small Gemma 3 model a personality: convert, fine-tune with LoRA, fuse, compare.
 
     Start with `gemma-mlx run --demo` (the real Gemma 3 270M base, offline, fine-tuned on the shipped
-    Bluey data: about 27 minutes on a 2-core CPU, a few on a Mac), then `gemma-mlx arena --run
+    Bluey data: about 27 minutes on a 2-core CPU), then `gemma-mlx arena --run
     outputs/runs/demo` to chat with it and rate it. `gemma-mlx run --tiny` is a one-minute smoke
     test; `gemma-mlx run` is the 1B pair. See README.md.
     """

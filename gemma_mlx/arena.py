@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import SHIPPED_DATA, GenerationSettings, apply_overrides, to_dict
+from .config import SHIPPED_DATA, GenerationSettings, apply_overrides, apply_text_overrides, to_dict
 from .errors import ConfigError, GemmaMlxError
 from .manifest import Progress, now_iso, outputs_root, quiet, read_manifest
-from .text import is_loop, word_count
 
 PAGE_DIR = Path(__file__).resolve().parent / "serving"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -53,9 +52,8 @@ class ArenaSetup:
     settings: GenerationSettings = field(default_factory=GenerationSettings)  # the run's, else compare's defaults
 
 
-def _run_models(run_dir: Path) -> dict[str, str]:
+def _run_models(run_dir: Path, manifest: dict | None) -> dict[str, str]:
     """The fused models and their bases that `gemma-mlx run` recorded in its manifest."""
-    manifest = read_manifest(run_dir)
     if not manifest or manifest.get("stage") != "run":
         raise GemmaMlxError(
             f"{run_dir} is not an experiment run (no manifest.json written by `gemma-mlx run`). Give the directory "
@@ -86,7 +84,7 @@ def _found(path: str, run_dir: Path) -> str:
 def _prompt_sets(files: list[Path]) -> dict[str, list[str]]:
     from .prompts import read_prompts
 
-    return {Path(f).stem: read_prompts(Path(f)) for f in files if Path(f).is_file()}
+    return {path.stem: read_prompts(path) for path in files if path.is_file()}
 
 
 def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = None) -> ArenaSetup:
@@ -97,11 +95,13 @@ def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = 
 
     run_dir = Path(run).expanduser().resolve() if run else None
     models: dict[str, str] = {}
+    manifest: dict = {}
     if run_dir is not None:
         if not run_dir.is_dir():
             raise GemmaMlxError(f"Run directory {run} does not exist. Give the directory `gemma-mlx run` made "
                                 "(outputs/runs/<name>).")
-        models.update(_run_models(run_dir))
+        manifest = read_manifest(run_dir) or {}
+        models.update(_run_models(run_dir, manifest))
     for spec in specs:
         base, _, adapters = str(spec).partition("::")
         name = model_dir_path(base).name + (f"+{Path(adapters).name}" if adapters else "")
@@ -109,7 +109,7 @@ def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = 
     if not models:
         raise GemmaMlxError("No models for the arena. Name model directories, or pass --run outputs/runs/NAME.")
     check_model_specs(list(models.values()))
-    config = ((read_manifest(run_dir) or {}).get("config") or {}) if run_dir else {}
+    config = manifest.get("config") or {}
     files = [Path(_found(p, run_dir)) for p in config.get("prompts") or []] or sorted((SHIPPED_DATA / "prompts").glob("*.txt"))
     reports = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("report.html")) if run_dir else []
     votes_file = Path(votes) if votes else (run_dir / "votes.jsonl" if run_dir else outputs_root() / "arena" / "votes.jsonl")
@@ -123,26 +123,19 @@ def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = 
 # ---------------------------------------------------------------------------- the web app
 
 def reply_json(reply) -> dict:
-    """What the page and the votes file keep of a reply: its text and compare's flags."""
-    return {"text": reply.text, "tokens": reply.tokens, "words": word_count(reply.text),
-            "finish_reason": reply.finish_reason, "stop_token": reply.stop_token, "cut": reply.cut,
-            "loop": is_loop(reply.text), "seconds": reply.seconds}
+    """What the page and the votes file keep of a reply: its text and compare's flags for it."""
+    from .scoring.scorecard import reply_flags
+
+    flags = reply_flags(reply.text, reply.finish_reason, markers=[], out_of_character=[])
+    return {"text": reply.text, "tokens": reply.tokens, "finish_reason": reply.finish_reason,
+            "stop_token": reply.stop_token, "seconds": reply.seconds,
+            **{key: flags[key] for key in ("words", "cut", "empty", "mid_sentence", "loop")}}
 
 
 def parse_settings(values: dict, defaults: GenerationSettings | None = None) -> GenerationSettings:
     """The page's settings (strings from a form or query) over `defaults`, checked by the one settings table."""
-    import yaml
-
-    given = {}
-    for key in SETTING_KEYS:
-        raw = values.get(key)
-        if raw is None or raw == "":
-            continue
-        try:
-            given[key] = yaml.safe_load(str(raw))
-        except yaml.YAMLError:
-            raise ConfigError(f"arena settings: {key} is {raw!r}, not a number.") from None
-    return apply_overrides(defaults or GenerationSettings(), given, where="arena settings")
+    texts = {key: values[key] for key in SETTING_KEYS if values.get(key) not in (None, "")}
+    return apply_text_overrides(defaults or GenerationSettings(), texts, where="arena settings")
 
 
 def _prompt(values: dict) -> str:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import yaml
-
-from .config import GenerationSettings, apply_overrides, check_settings
+from .config import GenerationSettings, apply_text_overrides, check_settings
 from .errors import GemmaMlxError
 from .generate import LoadedModel, load_model, stream_reply
 from .text import is_loop
@@ -51,7 +49,7 @@ def describe_settings(settings: GenerationSettings) -> str:
 def change_settings(settings: GenerationSettings, assignments: list[str]) -> GenerationSettings:
     """`key=value` words applied to a copy of settings; values are read as YAML scalars (0.7, 64, true)."""
     known = [f.name for f in dataclasses.fields(GenerationSettings) if f.name != "samples"]
-    overrides = {}
+    texts = {}
     for word in assignments:
         key, sep, value = word.partition("=")
         if not sep or not key or not value:
@@ -60,13 +58,8 @@ def change_settings(settings: GenerationSettings, assignments: list[str]) -> Gen
             raise GemmaMlxError("chat writes one reply per turn; 'samples' applies to compare only.")
         if key not in known:
             raise GemmaMlxError(f"Unknown setting '{key}'. Settings: {', '.join(known)}.")
-        try:
-            overrides[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            overrides[key] = None
-        if overrides[key] is None:  # apply_overrides would skip it silently
-            raise GemmaMlxError(f"'{value}' is not a valid value for {key}.")
-    return apply_overrides(settings, overrides, where="/settings")
+        texts[key] = value
+    return apply_text_overrides(settings, texts, where="/settings")
 
 
 def chat_loop(

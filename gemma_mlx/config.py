@@ -355,6 +355,23 @@ def apply_overrides(config, overrides: dict, where: str | None = "command line")
     return config
 
 
+def apply_text_overrides(settings, texts: dict[str, str], where: str):
+    """Overrides typed as text (chat's /settings, the arena's form) read as YAML scalars (0.7, 64,
+    true), then checked like any other: a value that reads as nothing is an error, not skipped."""
+    import yaml
+
+    overrides = {}
+    for key, text in texts.items():
+        try:
+            value = yaml.safe_load(str(text))
+        except yaml.YAMLError:
+            value = None
+        if value is None:  # apply_overrides would skip it silently
+            raise ConfigError(f"'{text}' is not a valid value for {key}.")
+        overrides[key] = value
+    return apply_overrides(settings, overrides, where=where)
+
+
 def to_dict(settings) -> dict:
     """The settings as a plain dict (for manifests and hashes): where they came from is left out."""
     values = dataclasses.asdict(settings)

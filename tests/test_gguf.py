@@ -173,3 +173,22 @@ def test_flavour_rules():
     assert flavour_from_name("gemma-3-270m-it-qat-q4_0") == "it"
     assert flavour_from_name("gemma-3-270m-q4_k_m") is None
     assert flavour_from_name("my-model") is None
+
+
+def test_gguf_convert_needs_no_torch(tmp_path):
+    """`pip install gemma-mlx[real]` brings no PyTorch, so reading a GGUF (tokenizer included) must not import it."""
+    import subprocess
+    import sys
+
+    gguf_file = write_tiny_gguf(tmp_path / "t.gguf")
+    out = tmp_path / "m"
+    script = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "from gemma_mlx.cli import main\n"
+        f"sys.argv = ['gemma-mlx', 'convert', {str(gguf_file)!r}, '--out', {str(out)!r}]\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "tokenizer_config.json").read_text())["bos_token"] == "<bos>"
+    assert (out / "model.safetensors").is_file()

@@ -91,3 +91,18 @@ def test_readme_config_reference_names_every_key():
         elif f"`{field.name}`" not in table:
             missing.append(field.name)
     assert missing == []
+
+
+def test_ci_runs_the_readmes_two_commands():
+    """CI proves the install path: the first command's install and the whole test command, verbatim."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)[:2]
+    main_job, tests = (block.strip() for block in blocks)
+    install = main_job[: main_job.index("&& gemma-mlx")].strip()
+    assert install.endswith('pip install -e ".[real]"')  # the main job's extra, without the test extra
+    ci_lines = [line.strip() for line in (README.parent / ".ci" / "run").read_text().splitlines()]
+    assert install in ci_lines
+    assert tests in ci_lines
+    assert ci_lines.index(install) < ci_lines.index(tests)
+    # the real-only venv then runs the main job itself, made short
+    after_install = ci_lines[ci_lines.index(install) + 1: ci_lines.index(tests)]
+    assert any(line.startswith("gemma-mlx run --demo") for line in after_install)

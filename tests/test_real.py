@@ -40,6 +40,38 @@ def test_conversion_matches_transformers_reading_the_same_gguf(real_gguf, real_m
         assert np.abs(ours - rounded).max() < 1e-3
 
 
+def _tokenizer_samples() -> list[str]:
+    """A few hundred strings: every shipped conversation turn and prompt, plus spaces, bytes and specials."""
+    from gemma_mlx.config import SHIPPED_DATA
+
+    lines = (SHIPPED_DATA / "bluey" / "conversations.jsonl").read_text().splitlines()
+    texts = [m["content"] for line in lines for m in json.loads(line)["messages"]]
+    for name in ("comparison", "personality", "everyday"):
+        texts += (SHIPPED_DATA / "prompts" / f"{name}.txt").read_text().splitlines()
+    return texts + [
+        "  two leading spaces", "tab\there", "new\n\nlines\n\n\n", "   ", "", "x" * 50, "a\u00a0b",
+        "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "<unused5> <mask> [multimodal]",
+        "\u00e9migr\u00e9 na\u00efve caf\u00e9 \u2014 \u201cquotes\u201d", "\u65e5\u672c\u8a9e", "emoji \U0001f436\U0001f389",
+        "<table><tr><td>", "def f(x):\n    return x**2\n", "1234567890 3.14159", "Stra\u00dfe",
+    ]
+
+
+def test_tokenizer_built_without_torch_matches_transformers_loader(real_gguf, real_model):
+    """convert builds the tokenizer with `tokenizers` alone; transformers' torch-based GGUF loader is the reference."""
+    from transformers import AutoTokenizer
+
+    ours = AutoTokenizer.from_pretrained(str(real_model))
+    reference = AutoTokenizer.from_pretrained(str(real_gguf.parent), gguf_file=real_gguf.name)
+    samples = _tokenizer_samples()
+    assert len(samples) > 300
+    different = [text for text in samples if ours(text)["input_ids"] != reference(text)["input_ids"]]
+    assert different == []
+    for text in samples[:50]:
+        ids = ours(text)["input_ids"]
+        assert ours.decode(ids) == reference.decode(ids)
+    assert ours.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]) == [105, 106]
+
+
 def test_base_model_is_recognised_from_its_weights(real_model):
     manifest = json.loads((real_model / "manifest.json").read_text())
     assert manifest["flavour"] == "pt"

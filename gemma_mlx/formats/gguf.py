@@ -8,8 +8,8 @@ takes the usual conversion path. Three facts about the format decide the code:
 - tensor dims are listed fastest-first, so the HF shape is the reversed GGUF shape;
 - llama.cpp stores Gemma's RMSNorm weights as (1 + w), while HF stores w: subtract 1 on the way back.
 
-The tokenizer comes from the file's metadata through transformers (`gguf_file=`), which knows
-Gemma's SentencePiece layout; that takes about 20 s for Gemma's 262k-token vocabulary.
+The tokenizer is built from the file's metadata with `tokenizers` alone (no PyTorch, which
+transformers' own `gguf_file=` loader needs): a BPE over the file's SentencePiece pieces.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def hf_config(reader) -> dict:
         "sliding_window": int(_field(reader, f"{a}.attention.sliding_window", 512)),
         "sliding_window_pattern": int(_field(reader, f"{a}.attention.sliding_window_pattern", 6) or 6),
         "rope_theta": float(_field(reader, f"{a}.rope.freq_base", 1_000_000.0)),
-        "rope_local_base_freq": float(_field(reader, f"{a}.rope.local_freq_base", 10_000.0)),
+        "rope_local_base_freq": float(_field(reader, f"{a}.rope.freq_base_swa",
+                                             _field(reader, f"{a}.rope.local_freq_base", 10_000.0))),
         "rms_norm_eps": float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
         "hidden_activation": "gelu_pytorch_tanh",
         "attention_bias": False,
@@ -163,6 +164,21 @@ def hf_name(gguf_name: str) -> str:
     )
 
 
+def gguf_name(hf_name: str) -> str:
+    """The GGUF tensor name of a Hugging Face parameter: hf_name's table, read the other way."""
+    block = re.match(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$", hf_name)
+    if block:
+        layer, part, kind = block.groups()
+        for gguf_part, hf_part in _BLOCK_NAMES.items():
+            if hf_part == part:
+                return f"blk.{layer}.{gguf_part}.{kind}"
+    stem, _, kind = hf_name.rpartition(".")
+    for gguf_stem, hf_stem in _TOP_NAMES.items():
+        if hf_stem == stem:
+            return f"{gguf_stem}.{kind}"
+    raise CheckpointError(f"The model has a parameter '{hf_name}' that a Gemma 3 GGUF file has no name for.")
+
+
 def dequantize(tensor):
     """A GGUF tensor as float32 numpy in Hugging Face layout (reversed dims; norms without the +1)."""
     import gguf
@@ -183,27 +199,83 @@ def dequantize(tensor):
     return values
 
 
-def _write_tokenizer(path: Path, out_dir: Path, chat_template: str | None) -> None:
-    import contextlib
-    import io
-    import logging
+# llama.cpp token types (tokenizer.ggml.token_type)
+_CONTROL, _USER_DEFINED = 3, 4
+_SPACE_PIECE = "\u2581"  # SentencePiece's visible space
 
-    from transformers import AutoTokenizer
 
-    quiet_logs = logging.getLogger("transformers")
-    level = quiet_logs.level
-    quiet_logs.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as error:  # transformers raises many types for a tokenizer it cannot build
+def _bpe_merges(tokens: list[str]) -> list[tuple[str, str]]:
+    """The merge list a SentencePiece BPE vocabulary implies.
+
+    A Gemma GGUF lists no merges. SentencePiece ranks its pieces best-first, so every way to cut a
+    piece into two known pieces is a merge ranked by the piece's position in the file (not by its
+    score, which for Gemma does not follow that order); among cuts of one piece the longer left part
+    comes first.
+    """
+    rank = {token: index for index, token in enumerate(tokens)}
+    merges = []
+    for token, index in rank.items():
+        for cut in range(len(token) - 1, 0, -1):
+            left, right = token[:cut], token[cut:]
+            if left in rank and right in rank:
+                merges.append((index, left, right))
+    merges.sort(key=lambda merge: merge[0])  # stable: the longer-left order within one piece stays
+    return [(left, right) for _, left, right in merges]
+
+
+def tokenizer_from_metadata(reader):
+    """A Hugging Face fast tokenizer for the GGUF file's SentencePiece vocabulary, built with `tokenizers`.
+
+    transformers' own `gguf_file=` loader reads the metadata with PyTorch, which `gemma-mlx[real]`
+    does not install; this needs only the `gguf` package (already open) and `tokenizers`. It gives
+    the same ids as that loader (a test checks a few hundred strings): BPE with byte fallback over
+    the file's pieces, spaces written as the visible space piece, control tokens special and
+    user-defined ones (newline runs, HTML tags) kept whole.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "llama":
         raise CheckpointError(
-            f"The tokenizer in {path} could not be read ({type(error).__name__}: {error}). "
-            "The file may come from an unusual exporter; convert the Hugging Face checkpoint instead."
-        ) from None
-    finally:
-        quiet_logs.setLevel(level)
-    if chat_template and not getattr(tokenizer, "chat_template", None):
+            f"The GGUF file's tokenizer is of type {kind!r} (tokenizer.ggml.model), but a Gemma 3 file holds a "
+            "SentencePiece vocabulary ('llama'). The file may come from an unusual exporter; use another "
+            "Gemma 3 GGUF file or the Hugging Face checkpoint."
+        )
+    stored = list(_field(reader, "tokenizer.ggml.tokens") or [])
+    types = list(_field(reader, "tokenizer.ggml.token_type") or [1] * len(stored))
+    # Pieces of two or more spaces are stored as real spaces; the normalizer looks them up as \u2581\u2581.
+    tokens = [_SPACE_PIECE * len(t) if len(t) > 1 and not t.strip(" ") else t for t in stored]
+    vocab = {token: index for index, token in enumerate(tokens)}
+
+    def token_at(key: str, default: int) -> str:
+        index = _field(reader, f"tokenizer.ggml.{key}", default)
+        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+
+    bos, eos = token_at("bos_token_id", 2), token_at("eos_token_id", 1)
+    unk, pad = token_at("unknown_token_id", 3), token_at("padding_token_id", 0)
+    backend = Tokenizer(BPE(vocab=vocab, merges=_bpe_merges(tokens), unk_token=unk, fuse_unk=True,
+                            byte_fallback=True, dropout=None))
+    backend.normalizer = normalizers.Replace(" ", _SPACE_PIECE)
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace(_SPACE_PIECE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t, kind in zip(tokens, types) if kind == _CONTROL])
+    backend.add_tokens([AddedToken(t, normalized=False, special=False)
+                        for s, t, kind in zip(stored, tokens, types) if kind == _USER_DEFINED and s == t])
+    if bos and _field(reader, "tokenizer.ggml.add_bos_token", True):
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, vocab[bos])])
+    special = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
+    if "<mask>" in vocab:
+        special["mask_token"] = "<mask>"
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{k: v for k, v in special.items() if v})
+
+
+def _write_tokenizer(reader, out_dir: Path, chat_template: str | None) -> None:
+    tokenizer = tokenizer_from_metadata(reader)
+    if chat_template:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(str(out_dir))
 
@@ -243,8 +315,8 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress = quiet) -> dict:
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
-    progress(f"{path.name}: reading the tokenizer from the file's metadata (about 20 s for Gemma's vocabulary)")
-    _write_tokenizer(path, out_dir, _field(reader, "tokenizer.chat_template"))
+    progress(f"{path.name}: building the tokenizer from the file's metadata (about 10 s for Gemma's vocabulary)")
+    _write_tokenizer(reader, out_dir, _field(reader, "tokenizer.chat_template"))
     return {
         "gguf_name": _field(reader, "general.name"),
         "tensor_types": dict(types),

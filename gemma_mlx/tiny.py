@@ -227,25 +227,6 @@ def write_tiny_pair(root: Path, seed: int = 0) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------------- tiny GGUF files
 
-_GGUF_BLOCK_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
-    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
-
-
-def _gguf_name(hf_name: str) -> str:
-    stem = hf_name[: -len(".weight")]
-    if stem == "model.embed_tokens":
-        return "token_embd.weight"
-    if stem == "model.norm":
-        return "output_norm.weight"
-    _, _, layer, part = stem.split(".", 3)
-    return f"blk.{layer}.{_GGUF_BLOCK_NAMES[part]}.weight"
-
-
 def _sentencepiece_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
     """A SentencePiece-style vocabulary as llama.cpp stores it: Gemma's special ids, byte pieces, words."""
     normal, control, unused, byte = 1, 3, 5, 6  # llama.cpp token types
@@ -279,6 +260,8 @@ def write_tiny_gguf(path: Path, flavour: str = "pt", seed: int = 0, quant: str =
     llama.cpp writes them. `architecture` and `kind` (general.type) exist to build wrong files.
     """
     import gguf
+
+    from .formats.gguf import gguf_name
 
     shape = dict(TINY_SHAPE)
     weights = _weights(shape, seed)
@@ -315,13 +298,13 @@ def write_tiny_gguf(path: Path, flavour: str = "pt", seed: int = 0, quant: str =
     qtype = gguf.GGMLQuantizationType[quant]
     for name, value in weights.items():
         if name.endswith("norm.weight"):
-            writer.add_tensor(_gguf_name(name), (value + 1.0).astype(np.float32))
+            writer.add_tensor(gguf_name(name), (value + 1.0).astype(np.float32))
         elif quant == "F32":
-            writer.add_tensor(_gguf_name(name), value)
+            writer.add_tensor(gguf_name(name), value)
         elif quant == "F16":
-            writer.add_tensor(_gguf_name(name), value.astype(np.float16))
+            writer.add_tensor(gguf_name(name), value.astype(np.float16))
         else:
-            writer.add_tensor(_gguf_name(name), gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+            writer.add_tensor(gguf_name(name), gguf.quants.quantize(value, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

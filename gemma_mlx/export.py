@@ -1,0 +1,362 @@
+"""`gemma-mlx export`: take a persona to where people chat (llama.cpp, Ollama, LM Studio, a browser).
+
+MODEL is anything the other commands accept: a converted or fused model dir, or BASE::ADAPTERS
+(fused in memory here). `--gguf DIR` writes one export directory:
+
+    DIR/<name>-<quant>.gguf   the model for llama.cpp, Ollama and LM Studio
+    DIR/Modelfile             `ollama create NAME -f DIR/Modelfile`
+    DIR/README.md             a model card: base model, data, recipe, the run's figures, licence
+    DIR/manifest.json         what it was made from (the stage-output protocol of every stage)
+
+`--web DIR` writes a folder that chats with the persona in the browser (formats: gemma_mlx/web.py).
+Both follow the rules of every stage: a re-run with the same model and settings is a no-op,
+a different existing output needs --force, and inputs are never replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import GenerationSettings
+from .errors import CheckpointError, GemmaMlxError
+from .manifest import (
+    Progress,
+    StageOutput,
+    atomic_output_dir,
+    check_output,
+    check_writable,
+    finish_output,
+    now_iso,
+    quiet,
+    read_manifest,
+    sha256_tree,
+    versions,
+)
+from .models import ADAPTER_SEPARATOR, read_json, resolve_model_dir
+
+WEB_QUANT_DEFAULT = "q8_0"
+
+
+@dataclass
+class ExportSource:
+    """The model being exported, resolved once: where its files are and what identifies it."""
+
+    spec: str
+    model_dir: Path  # the model dir (for BASE::ADAPTERS: the base)
+    adapter_dir: Path | None
+    name: str
+    identity: dict  # what the export depends on (hashes), the key of the stage output
+
+
+@dataclass
+class ExportResult:
+    status: str  # "exported" | "up-to-date"
+    gguf_dir: Path | None = None
+    gguf_file: Path | None = None
+    web_dir: Path | None = None
+    manifest: dict = field(default_factory=dict)
+
+
+def _safe_name(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+
+
+def resolve_source(spec: str) -> ExportSource:
+    """A model dir or BASE::ADAPTERS, checked before any weights load, with the identity of what it holds."""
+    from .adapters import check_adapter_dir
+    from .fuse import fuse_inputs
+    from .models import check_adapters_fit
+
+    spec = str(spec)
+    if ADAPTER_SEPARATOR in spec:
+        base_spec, adapter_spec = spec.split(ADAPTER_SEPARATOR, 1)
+        base = resolve_model_dir(base_spec).resolve()
+        adapter_dir = check_adapter_dir(Path(adapter_spec).expanduser()).resolve()
+        check_adapters_fit(base, adapter_dir)
+        name = f"{adapter_dir.parent.name}-{adapter_dir.name}" if adapter_dir.name in ("last",) else adapter_dir.name
+        return ExportSource(spec, base, adapter_dir, _safe_name(name), {"fused": fuse_inputs(adapter_dir, base, True)})
+    model_dir = resolve_model_dir(spec).resolve()
+    manifest = read_manifest(model_dir) or {}
+    identity = {"key_sha256": manifest["key_sha256"]} if manifest.get("key_sha256") else {
+        "sha256": sha256_tree(model_dir, "*.safetensors")}
+    label = f"{model_dir.parent.name}-{model_dir.name}" if model_dir.name in ("fused", "last") else model_dir.name
+    return ExportSource(spec, model_dir, None, _safe_name(label), identity)
+
+
+def float_weights(source: ExportSource) -> tuple[dict, dict]:
+    """(HF name -> float32 numpy array, config) of the model, LoRA merged and de-quantized."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import dequantize_model
+
+    from .fuse import _merge_lora
+    from .models import load
+
+    model, _ = load(source.model_dir, source.adapter_dir)  # LoRA and trained turn-token rows applied
+    _merge_lora(model, dequantize=True)
+    if any(hasattr(m, "scales") for _, m in model.named_modules()):
+        model = dequantize_model(model)
+    config = read_json(source.model_dir / "config.json", "config.json")
+    weights = {name: np.array(value.astype(mx.float32)) for name, value in tree_flatten(model.parameters())}
+    return weights, config
+
+
+# ---------------------------------------------------------------- what the run knows about the model
+
+
+def run_context(source: ExportSource) -> dict:
+    """What the run that made this model recorded: its config, training summary and scorecard.
+
+    A fused dir sits at runs/<experiment>/<checkpoint>/fused; adapters at runs/<experiment>/<checkpoint>.
+    Anything not found is simply left out of the model card.
+    """
+    adapters = source.adapter_dir or (source.model_dir.parent if source.model_dir.name == "fused" else None)
+    context: dict = {}
+    if adapters is None:
+        return context
+    train = read_manifest(adapters) or {}
+    if train.get("stage") == "train":
+        context["train"] = train
+    run_dir = adapters.parent
+    run = read_manifest(run_dir) or {}
+    if run.get("stage") == "run" and isinstance(run.get("config"), dict):
+        context["run_config"] = run["config"]
+    comparison = run_dir / "compare" / "comparison.json"
+    if comparison.is_file():
+        try:
+            models = json.loads(comparison.read_text()).get("models") or []
+        except (OSError, ValueError):
+            models = []
+        wanted = f"{adapters.name}-fused" if source.adapter_dir is None else None
+        for entry in models:
+            if entry.get("name") == wanted or (wanted is None and entry.get("name", "").startswith(adapters.name)):
+                context["scorecard"] = entry.get("scorecard") or {}
+                context["scorecard_model"] = entry.get("name")
+                break
+    return context
+
+
+def generation_defaults(context: dict) -> GenerationSettings:
+    """The run's decoding settings when the model came from a run, else the tool's defaults."""
+    settings = GenerationSettings()
+    recorded = (context.get("run_config") or {}).get("generation") or {}
+    for key, value in recorded.items():
+        if hasattr(settings, key):
+            setattr(settings, key, value)
+    return settings
+
+
+def persona_name(context: dict, fallback: str) -> str:
+    persona = (context.get("run_config") or {}).get("persona")
+    if persona and Path(persona).is_file():
+        from .persona import load_persona
+
+        try:
+            return load_persona(persona).name
+        except GemmaMlxError:
+            pass
+    return fallback
+
+
+# ---------------------------------------------------------------- Ollama and the model card
+
+
+def modelfile_text(gguf_file_name: str, settings: GenerationSettings, system: str | None = None) -> str:
+    """An Ollama Modelfile: the file, Gemma's turn format as a Go template, stop tokens, the run's decoding."""
+    template = (
+        '{{- $system := "" }}\n'
+        "{{- range .Messages }}\n"
+        '{{- if eq .Role "system" }}{{ $system = .Content }}\n'
+        '{{- else if eq .Role "user" }}<start_of_turn>user\n'
+        "{{ if $system }}{{ $system }}\n\n{{ $system = \"\" }}{{ end }}{{ .Content }}<end_of_turn>\n"
+        '{{ else if eq .Role "assistant" }}<start_of_turn>model\n'
+        "{{ .Content }}<end_of_turn>\n"
+        "{{ end }}\n"
+        "{{- end }}<start_of_turn>model\n"
+    )
+    lines = [
+        "# Ollama: ollama create <name> -f Modelfile, then ollama run <name>",
+        f"FROM ./{gguf_file_name}",
+        f'TEMPLATE """{template}"""',
+        'PARAMETER stop "<end_of_turn>"',
+        'PARAMETER stop "<eos>"',
+        f"PARAMETER temperature {settings.temperature:g}",
+        f"PARAMETER repeat_penalty {settings.repetition_penalty:g}",
+        f"PARAMETER num_predict {settings.max_tokens}",
+    ]
+    if settings.top_p < 1.0:
+        lines.append(f"PARAMETER top_p {settings.top_p:g}")
+    if settings.top_k > 0:
+        lines.append(f"PARAMETER top_k {settings.top_k}")
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    return "\n".join(lines) + "\n"
+
+
+def model_card(name: str, gguf_file: str, quant: str, source: ExportSource, context: dict,
+               settings: GenerationSettings, size_bytes: int) -> str:
+    """README.md next to the GGUF: what the model is, how it was made, how it did, how to run it."""
+    train = context.get("train") or {}
+    base_manifest = train.get("base_manifest") or read_manifest(source.model_dir) or {}
+    base = (base_manifest.get("source") or {}).get("spec") or base_manifest.get("name") or str(source.model_dir)
+    lines = [f"# {name}", "",
+             f"A Gemma 3 model exported by gemma-mlx as `{gguf_file}` ({quant}, {size_bytes / 1e6:.0f} MB).", "",
+             "## Made from", "",
+             f"- base model: `{base}` ({base_manifest.get('flavour', '?')})"]
+    if train:
+        settings_used = train.get("settings") or {}
+        summary = train.get("summary") or {}
+        lora, recipe = settings_used.get("lora") or {}, settings_used.get("train") or {}
+        lines += [
+            f"- data: `{train.get('data')}` ({summary.get('train_examples', '?')} training conversations)",
+            f"- recipe: {lora.get('fine_tune_type', 'lora')} rank {lora.get('rank')}, {recipe.get('epochs')} epochs, "
+            f"batch {recipe.get('batch_size')}, learning rate {recipe.get('learning_rate')}, "
+            f"turn-token rows trained: {summary.get('turn_tokens_trained')}",
+            f"- kept: epoch {summary.get('best_epoch')} (chosen by {summary.get('best_by')}), "
+            f"best validation loss {summary.get('best_val_loss')}",
+        ]
+    else:
+        lines.append(f"- exported from `{source.spec}`")
+    card = context.get("scorecard")
+    if card:
+        lines += ["", f"## How it did (the run's comparison, `{context.get('scorecard_model')}`)", "",
+                  f"- replies: {card.get('replies')}, ended by themselves: {card.get('stop_rate', 0):.0%}, "
+                  f"cut by the limit: {card.get('cut_rate', 0):.0%}, loops: {card.get('loop_rate', 0):.0%}",
+                  f"- mean words: {card.get('mean_words', 0):.1f}, persona markers: {card.get('persona_marker_rate', 0):.0%}"]
+    lines += ["", "## Run it", "",
+              "```bash",
+              f"llama-cli -m {gguf_file} -cnv          # llama.cpp (uses the file's chat template)",
+              f"ollama create {_safe_name(name).lower()} -f Modelfile && ollama run {_safe_name(name).lower()}",
+              f"lms import {gguf_file}                 # LM Studio, or copy this folder to ~/.lmstudio/models/<you>/{name}/",
+              "```", "",
+              f"Decoding used by the run: temperature {settings.temperature:g}, repeat penalty "
+              f"{settings.repetition_penalty:g}, at most {settings.max_tokens} tokens; a turn ends with `<end_of_turn>`.",
+              "", "## Licence", "",
+              "The weights derive from Google's Gemma 3 and are subject to the Gemma Terms of Use "
+              "(https://ai.google.dev/gemma/terms) and its Prohibited Use Policy.", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _gguf_dir(path: Path) -> Path:
+    """`--gguf out/bluey.gguf` means the export directory out/bluey/ (the file inside is named for it)."""
+    path = Path(path).expanduser()
+    return path.with_suffix("") if path.suffix == ".gguf" else path
+
+
+def export_gguf(source: ExportSource, out: Path, quant: str = "f16", force: bool = False,
+                progress: Progress = quiet) -> ExportResult:
+    """Write the GGUF export directory for `source` (see the module docstring); a no-op when up to date."""
+    from .formats.gguf_write import QUANTS, check_tokenizer, write_gguf
+
+    if quant not in QUANTS:
+        raise GemmaMlxError(f"Unknown --quant {quant!r}. Choose one of: {', '.join(QUANTS)}. K-quants (Q4_K_M, ...) "
+                            "need llama.cpp's llama-quantize run on the f16 file.")
+    out = _gguf_dir(out)
+    inputs = {"the model it exports": source.model_dir}
+    if source.adapter_dir is not None:
+        inputs["the adapters"] = source.adapter_dir
+    output = StageOutput("export", out, key={"source": source.identity, "quant": quant, "format": "gguf"}, inputs=inputs)
+    existing = check_output(output, force, progress)
+    stem = _safe_name(out.name)
+    file_name = f"{stem}.gguf" if stem.endswith(f"-{quant}") else f"{stem}-{quant}.gguf"
+    if existing:
+        progress(f"{out}: already exported from the same model with the same settings, nothing to do")
+        return ExportResult("up-to-date", out, out / file_name, manifest=existing)
+    tokenizer_file = source.model_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise CheckpointError(f"{source.model_dir} has no tokenizer.json, which the GGUF file's vocabulary is made from. "
+                              "Convert the model again with `gemma-mlx convert`.")
+    tokenizer_json = read_json(tokenizer_file, "tokenizer.json")
+    check_tokenizer(tokenizer_json)
+    started = time.perf_counter()
+    context = run_context(source)
+    settings = generation_defaults(context)
+    progress(f"export: loading {source.spec}" + (" and merging its adapters" if source.adapter_dir else ""))
+    weights, config = float_weights(source)
+    need = sum(w.size for w in weights.values()) * (4 if quant == "f32" else 2) + (64 << 20)
+    check_writable(out.parent, need_bytes=need)
+    name = persona_name(context, out.name)
+    with atomic_output_dir(out, force=True) as tmp:
+        types = write_gguf(tmp / file_name, weights, config, tokenizer_json, name=name, quant=quant, progress=progress)
+        del weights
+        size = (tmp / file_name).stat().st_size
+        (tmp / "Modelfile").write_text(modelfile_text(file_name, settings))
+        (tmp / "README.md").write_text(model_card(name, file_name, quant, source, context, settings, size))
+        seconds = round(time.perf_counter() - started, 2)
+        manifest = finish_output(tmp, output, {
+            "source_model": source.spec,
+            "source_dir": str(source.model_dir),
+            "adapters": str(source.adapter_dir) if source.adapter_dir else None,
+            "source_id": source.identity,
+            "format": "gguf",
+            "quant": quant,
+            "file": file_name,
+            "size_bytes": size,
+            "tensor_types": types,
+            "generation": asdict(settings),
+            "persona_name": name,
+            "seconds": seconds,
+            "created": now_iso(),
+            "versions": versions(),
+        })
+    progress(f"exported {out / file_name} ({quant}, {size / 1e6:.0f} MB) in {seconds:.0f} s")
+    return ExportResult("exported", out, out / file_name, manifest=manifest)
+
+
+def export_model(spec: str, gguf: Path | None = None, web: Path | None = None, quant: str | None = None,
+                 force: bool = False, progress: Progress = quiet) -> ExportResult:
+    """`gemma-mlx export`: a GGUF export dir, a web page, or both (the page reuses the GGUF file)."""
+    if gguf is None and web is None:
+        raise GemmaMlxError("Say where to export: --gguf DIR (llama.cpp, Ollama, LM Studio) and/or --web DIR "
+                            "(a page that runs the model in the browser).")
+    source = resolve_source(spec)
+    quant = quant or ("f16" if gguf is not None else WEB_QUANT_DEFAULT)
+    if gguf is None:  # the page needs a GGUF file too: keep it in outputs/export/ so a re-run reuses it
+        from .manifest import outputs_root
+
+        gguf = outputs_root() / "export" / f"{source.name}-{quant}"
+    result = export_gguf(source, gguf, quant=quant, force=force, progress=progress)
+    if web is not None:
+        result.web_dir = export_web(result, Path(web).expanduser(), force=force, progress=progress)
+    return result
+
+
+def export_web(gguf_result: ExportResult, out: Path, force: bool = False, progress: Progress = quiet) -> Path:
+    """The browser page for an exported GGUF (web.py builds it), under the same output rules."""
+    from .web import write_web_page
+
+    manifest = gguf_result.manifest
+    output = StageOutput("export-web", out, key={"gguf": manifest.get("key_sha256"), "page": "1"},
+                         inputs={"the GGUF export": gguf_result.gguf_dir})
+    existing = check_output(output, force, progress)
+    if existing:
+        progress(f"{out}: the page is up to date, nothing to do")
+        return out
+    generation = manifest.get("generation") or {}
+    settings = {
+        "name": manifest.get("persona_name") or gguf_result.gguf_dir.name,
+        "temperature": generation.get("temperature", 0.0),
+        "top_p": generation.get("top_p", 1.0),
+        "repeat_penalty": generation.get("repetition_penalty", 1.1),
+        "max_tokens": generation.get("max_tokens", 256),
+        "stop": ["<end_of_turn>"],
+    }
+    with atomic_output_dir(out, force=True) as tmp:
+        page = tmp / "page"
+        write_web_page(gguf_result.gguf_file, page, settings)
+        for item in page.iterdir():
+            item.rename(tmp / item.name)
+        page.rmdir()
+        finish_output(tmp, output, {"gguf_export": str(gguf_result.gguf_dir), "settings": settings,
+                                    "created": now_iso(), "versions": versions()})
+    progress(f"web page: {out} (serve it with `gemma-mlx web {out}`)")
+    return out

@@ -23,3 +23,7 @@ class ConfigError(GemmaMlxError):
 
 class TrainingError(GemmaMlxError):
     """Training could not start or had to stop (e.g. NaN loss)."""
+
+
+class ServeError(GemmaMlxError):
+    """A local web server could not start (the port is taken, the address is not this machine's)."""

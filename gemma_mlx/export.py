@@ -332,31 +332,26 @@ def export_model(spec: str, gguf: Path | None = None, web: Path | None = None, q
 
 def export_web(gguf_result: ExportResult, out: Path, force: bool = False, progress: Progress = quiet) -> Path:
     """The browser page for an exported GGUF (web.py builds it), under the same output rules."""
-    from .web import write_web_page
+    from .web import page_settings, write_web_page
 
     manifest = gguf_result.manifest
-    output = StageOutput("export-web", out, key={"gguf": manifest.get("key_sha256"), "page": "1"},
+    generation = GenerationSettings()
+    for key, value in (manifest.get("generation") or {}).items():
+        if hasattr(generation, key):
+            setattr(generation, key, value)
+    settings = page_settings(manifest.get("persona_name") or gguf_result.gguf_dir.name, generation)
+    output = StageOutput("export-web", out, key={"gguf": manifest.get("key_sha256"), "settings": settings},
                          inputs={"the GGUF export": gguf_result.gguf_dir})
     existing = check_output(output, force, progress)
     if existing:
         progress(f"{out}: the page is up to date, nothing to do")
         return out
-    generation = manifest.get("generation") or {}
-    settings = {
-        "name": manifest.get("persona_name") or gguf_result.gguf_dir.name,
-        "temperature": generation.get("temperature", 0.0),
-        "top_p": generation.get("top_p", 1.0),
-        "repeat_penalty": generation.get("repetition_penalty", 1.1),
-        "max_tokens": generation.get("max_tokens", 256),
-        "stop": ["<end_of_turn>"],
-    }
     with atomic_output_dir(out, force=True) as tmp:
-        page = tmp / "page"
-        write_web_page(gguf_result.gguf_file, page, settings)
+        page = write_web_page(gguf_result.gguf_file, tmp / "page", settings)
         for item in page.iterdir():
             item.rename(tmp / item.name)
         page.rmdir()
         finish_output(tmp, output, {"gguf_export": str(gguf_result.gguf_dir), "settings": settings,
                                     "created": now_iso(), "versions": versions()})
-    progress(f"web page: {out} (serve it with `gemma-mlx web {out}`)")
+    progress(f"web page: {out} (serve it with `gemma-mlx web {out}`, then open the URL it prints)")
     return out

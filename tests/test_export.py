@@ -179,3 +179,34 @@ def test_a_byte_level_tokenizer_is_refused_before_any_work(converted_models, tmp
     result = run_cli("export", converted_models["pt"], "--gguf", tmp_path / "bad")
     assert result.exit_code == 1 and "SentencePiece" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_exported_page_answers_in_chromium_as_the_fused_model_does(trained, tmp_path):
+    """`export FUSED --web DIR`: the persona's own page, served by `gemma-mlx web`'s server, in Chromium."""
+    from urllib.parse import quote
+
+    from playwright.sync_api import sync_playwright
+
+    from gemma_mlx.web import serve_in_thread
+    from tests.test_web import BROWSER_ARGS, CHROMIUM, Tab, same_as_greedy
+
+    _, fused = trained
+    result = run_cli("export", fused, "--web", tmp_path / "page", "--quant", "f32")
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "page" / "settings.json").read_text())
+    assert settings["repeat_penalty"] == 1.1 and settings["temperature"] == 0.0
+    assert (tmp_path / "page" / "model.gguf").is_file() and (tmp_path / "page" / "index.html").is_file()
+    url, shutdown = serve_in_thread(tmp_path / "page")
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            tab = Tab(browser, url)
+            prompt = "Hello"
+            # plain greedy, as greedy_mlx decodes: temperature 0 and the run's repeat penalty turned off
+            tab.page.goto(f"{url}index.html?prompt={quote(prompt)}&max_tokens=16&temperature=0&repeat_penalty=1")
+            reply = tab.reply()
+            same_as_greedy(reply, greedy_mlx(fused, prompt), 16)
+            assert tab.outside == []
+            browser.close()
+    finally:
+        shutdown()

@@ -134,3 +134,62 @@ def test_fused_model_ends_its_replies_without_loops(real_run, tmp_path):
     # one epoch gives short replies (about 12 words) with a little of the voice; five (the default) give
     # about 34 words with markers in 80% of replies (README)
     assert card["persona_marker_rate"] >= 0.125
+
+
+def _llama_cpp_agreement(gguf_file, model_dir, prompts) -> int:
+    """On how many prompts llama.cpp's first 16 greedy tokens equal ours (tokenization checked too)."""
+    import mlx.core as mx
+    from llama_cpp import Llama
+
+    from gemma_mlx.chat_format import prompt_ids
+    from gemma_mlx.models import load
+
+    model, tokenizer = load(model_dir)
+    llm = Llama(model_path=str(gguf_file), n_ctx=512, verbose=False)
+    agree = 0
+    for prompt in prompts:
+        ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+        assert llm.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
+        ours = []
+        for _ in range(16):
+            ours.append(int(mx.argmax(model(mx.array([ids + ours]))[0, -1]).item()))
+        llm.reset()
+        theirs = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+            theirs.append(int(token))
+            if len(theirs) == 16:
+                break
+        agree += ours == theirs
+    return agree
+
+
+def test_llama_cpp_decodes_the_exported_base_as_we_do(real_model, tmp_path):
+    from gemma_mlx.export import export_model
+
+    prompts = held_out_prompts(4)
+    f16 = export_model(str(real_model), gguf=tmp_path / "base", quant="f16").gguf_file
+    assert _llama_cpp_agreement(f16, real_model, prompts) >= 3
+    from llama_cpp import Llama
+
+    q4 = export_model(str(real_model), gguf=tmp_path / "base-q4", quant="q4_0").gguf_file
+    assert q4.stat().st_size < 0.5 * f16.stat().st_size
+    text = Llama(model_path=str(q4), n_ctx=256, verbose=False)("The capital of France is", max_tokens=8, temperature=0)
+    assert text["choices"][0]["text"].strip()
+
+
+def test_exported_persona_ends_its_turns_in_llama_cpp(real_run, tmp_path):
+    from llama_cpp import Llama
+
+    from gemma_mlx.chat_format import render
+    from gemma_mlx.export import export_model
+
+    _, fused = real_run
+    prompts = held_out_prompts(4)
+    exported = export_model(str(fused), gguf=tmp_path / "persona", quant="f16").gguf_file
+    assert _llama_cpp_agreement(exported, fused, prompts) >= 3
+    llm = Llama(model_path=str(exported), n_ctx=512, verbose=False)
+    finishes = []
+    for prompt in prompts:
+        text = render([{"role": "user", "content": prompt}], add_generation_prompt=True).removeprefix("<bos>")
+        finishes.append(llm(text, max_tokens=128, temperature=0)["choices"][0]["finish_reason"])
+    assert finishes.count("stop") >= 3, finishes  # llama.cpp stops on <end_of_turn>, as compare does

@@ -102,6 +102,8 @@ class ExperimentConfig:
         default_factory=lambda: [str(SHIPPED_DATA / "prompts" / f"{name}.txt") for name in ("comparison", "personality", "everyday")]
     )
     compare_bases: bool = True  # also compare the un-tuned base models
+    # export each fused model at the end: "gguf" (llama.cpp, Ollama, LM Studio) and/or "web" (a browser page)
+    export: list[str] = field(default_factory=list)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -123,6 +125,8 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "dtype": (lambda v: v in ("", *DTYPES), f"empty or one of {', '.join(DTYPES)}"),
     "quantize_bits": (lambda v: v in (0, 4, 8), "0 (off), 4 or 8"),
     "prompts": (lambda v: len(v) > 0, "a list of at least one prompt file"),
+    "export": (lambda v: all(x in ("gguf", "web") for x in v) and len(set(v)) == len(v),
+               "a list of gguf and/or web (each once)"),
     "lora.fine_tune_type": (lambda v: v in ("lora", "dora", "full"), "lora, dora or full"),
     "lora.rank": (lambda v: v >= 1, "at least 1"),
     "lora.scale": (lambda v: v > 0, "above 0"),

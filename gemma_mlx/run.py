@@ -38,7 +38,7 @@ from .manifest import (
     write_manifest,
 )
 
-STAGES = ("convert", "data", "train", "fuse", "compare")
+STAGES = ("convert", "data", "train", "fuse", "compare", "export")
 DEFAULT_CONFIG = SHIPPED_DATA / "experiment.yaml"
 CONFIG_270M = SHIPPED_DATA / "experiment-270m.yaml"
 
@@ -312,6 +312,21 @@ def _compare(config: ExperimentConfig, fused: dict, models: dict, data_dir: Path
     return _status(result.status), {"report_dir": str(result.out_dir), "scorecards": scorecards}
 
 
+def _export(config: ExperimentConfig, fused: dict, progress: Progress, remake: bool) -> tuple[str, dict]:
+    """Each fused model to <checkpoint>/export/ (GGUF, Modelfile, model card) and <checkpoint>/web/ (the page)."""
+    from .export import export_model
+
+    exports, statuses = {}, []
+    for name, fused_dir in fused.items():
+        checkpoint_dir = Path(fused_dir).parent
+        gguf = checkpoint_dir / "export" if "gguf" in config.export else None
+        web = checkpoint_dir / "web" if "web" in config.export else None
+        result = export_model(fused_dir, gguf=gguf, web=web, force=True, progress=progress)
+        statuses.append(result.status)
+        exports[name] = {"gguf": str(result.gguf_file), **({"web": str(result.web_dir)} if web else {})}
+    return _overall(statuses), {"exports": exports}
+
+
 def _status(status: str) -> str:
     return "up-to-date" if status == "up-to-date" else ("interrupted" if status == "interrupted" else "ran")
 
@@ -391,6 +406,8 @@ def run_experiment(
         adapters = stage("train", lambda again: _train(config, models, data_dir, run_dir, progress, again))["adapters"]
         fused = stage("fuse", lambda again: _fuse(adapters, progress, again))["fused"]
         stage("compare", lambda again: _compare(config, fused, models, data_dir, run_dir, progress, again))
+        if config.export:
+            stage("export", lambda again: _export(config, fused, progress, again))
     except _Interrupted:
         status = "interrupted"
     except _Done:

@@ -210,3 +210,29 @@ def test_the_exported_page_answers_in_chromium_as_the_fused_model_does(trained, 
             browser.close()
     finally:
         shutdown()
+
+
+def test_run_exports_each_fused_model(tmp_path, isolated_outputs):
+    """`export: [gguf, web]` in the experiment YAML: each fused model is exported after the comparison."""
+    gguf_file = write_tiny_gguf(tmp_path / "tiny-gemma-3-pt.gguf", flavour="pt", seed=5)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is your favourite game?\nTell me about your day.\n")
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        f"name: exported\ncheckpoints: [{gguf_file}]\ndtype: float32\nprompts: [{prompts}]\n"
+        "export: [gguf, web]\ntrain:\n  epochs: 1\n  batch_size: 16\n  val_generation_tokens: 0\n"
+        "generation:\n  max_tokens: 8\n")
+    result = run_cli("run", config)
+    assert result.exit_code == 0, result.output
+    checkpoint = isolated_outputs / "runs" / "exported" / "tiny-gemma-3-pt"
+    assert (checkpoint / "export" / "export-f16.gguf").is_file() and (checkpoint / "export" / "Modelfile").is_file()
+    assert (checkpoint / "web" / "model.gguf").is_file() and (checkpoint / "web" / "index.html").is_file()
+    assert f"Export: tiny-gemma-3-pt: {checkpoint / 'export' / 'export-f16.gguf'}" in result.output
+    card = (checkpoint / "export" / "README.md").read_text()
+    assert "How it did" in card  # the run's scorecard figures reach the model card
+    again = run_cli("run", config)
+    assert again.exit_code == 0 and "export   up-to-date" in again.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config.read_text().replace("export: [gguf, web]", "export: [onnx]"))
+    refused = run_cli("run", bad)
+    assert refused.exit_code == 1 and "export" in refused.output and "gguf" in refused.output

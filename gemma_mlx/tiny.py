@@ -261,7 +261,7 @@ def write_tiny_gguf(path: Path, flavour: str = "pt", seed: int = 0, quant: str =
     """
     import gguf
 
-    from .formats.gguf import gguf_name
+    from .formats.gguf_names import gguf_name
 
     shape = dict(TINY_SHAPE)
     weights = _weights(shape, seed)

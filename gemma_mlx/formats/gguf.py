@@ -15,35 +15,15 @@ transformers' own `gguf_file=` loader needs): a BPE over the file's SentencePiec
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
 from ..errors import CheckpointError
 from ..manifest import Progress, quiet
+from .gguf_names import BLOCK_NAMES, hf_name
 
 GGUF_MAGIC = b"GGUF"
 ARCHITECTURE = "gemma3"
-
-# GGUF tensor names (per block, after "blk.N.") -> Hugging Face names (after "model.layers.N.").
-_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
-
 
 def is_gguf(path: Path) -> bool:
     """A file that starts with GGUF's magic bytes (the extension alone says nothing)."""
@@ -147,36 +127,6 @@ def hf_config(reader) -> dict:
     config["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                              for i in range(config["num_hidden_layers"])]
     return config
-
-
-def hf_name(gguf_name: str) -> str:
-    """The Hugging Face parameter name of a GGUF tensor; an unknown name is an error."""
-    match = _BLOCK.match(gguf_name)
-    if match and match.group(2) in _BLOCK_NAMES:
-        layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
-    stem, _, kind = gguf_name.rpartition(".")
-    if stem in _TOP_NAMES:
-        return f"{_TOP_NAMES[stem]}.{kind}"
-    raise CheckpointError(
-        f"The GGUF file has a tensor '{gguf_name}' that a Gemma 3 text model does not have. "
-        "It may be a newer or multimodal variant; convert the Hugging Face checkpoint instead."
-    )
-
-
-def gguf_name(hf_name: str) -> str:
-    """The GGUF tensor name of a Hugging Face parameter: hf_name's table, read the other way."""
-    block = re.match(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$", hf_name)
-    if block:
-        layer, part, kind = block.groups()
-        for gguf_part, hf_part in _BLOCK_NAMES.items():
-            if hf_part == part:
-                return f"blk.{layer}.{gguf_part}.{kind}"
-    stem, _, kind = hf_name.rpartition(".")
-    for gguf_stem, hf_stem in _TOP_NAMES.items():
-        if hf_stem == stem:
-            return f"{gguf_stem}.{kind}"
-    raise CheckpointError(f"The model has a parameter '{hf_name}' that a Gemma 3 GGUF file has no name for.")
 
 
 def dequantize(tensor):
@@ -301,7 +251,7 @@ def gguf_to_hf(path: Path, out_dir: Path, progress: Progress = quiet) -> dict:
     for tensor in reader.tensors:
         weights[hf_name(tensor.name)] = dequantize(tensor)
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{part}.weight" for i in range(config["num_hidden_layers"]) for part in _BLOCK_NAMES.values()
+        f"model.layers.{i}.{part}.weight" for i in range(config["num_hidden_layers"]) for part in BLOCK_NAMES.values()
     }
     missing = sorted(expected - set(weights))
     if missing:

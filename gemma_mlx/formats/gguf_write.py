@@ -22,7 +22,8 @@ from pathlib import Path
 from ..chat_format import BOS_ID, END_OF_TURN_ID, EOS_ID, GEMMA_TURN_TEMPLATE, PAD_ID
 from ..errors import CheckpointError
 from ..manifest import Progress, quiet
-from .gguf import ARCHITECTURE, gguf_name
+from .gguf import ARCHITECTURE
+from .gguf_names import gguf_name
 
 QUANTS = ("f16", "q8_0", "q4_0", "f32")
 SPACE_PIECE = "\u2581"

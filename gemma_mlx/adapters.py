@@ -10,9 +10,11 @@ refuses any tensor in adapters.safetensors that is not a LoRA leaf, so the train
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .errors import CheckpointError
+from .manifest import write_json
 
 ADAPTERS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -39,14 +41,82 @@ def save_adapters(directory: Path, weights: dict, config: dict, turn_tokens=None
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(directory / ADAPTERS_FILE), weights)
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    save_safetensors(directory / ADAPTERS_FILE, weights)
+    write_json(directory / CONFIG_FILE, config)
     turn_path = directory / TURN_TOKENS_FILE
     if turn_tokens is not None:
         ids, rows = turn_tokens
-        mx.save_safetensors(str(turn_path), {"ids": mx.array(list(ids), dtype=mx.int32), "rows": rows})
+        save_safetensors(turn_path, {"ids": mx.array(list(ids), dtype=mx.int32), "rows": rows})
     elif turn_path.exists():
         turn_path.unlink()
+
+
+def save_safetensors(path: Path, arrays: dict) -> None:
+    """mx.save_safetensors through a temp file and a rename: a kill or a full disk mid-write leaves the
+    earlier file whole instead of a cut-off one under the real name."""
+    import mlx.core as mx
+
+    path = Path(path)
+    tmp = path.with_name(f"{UNFINISHED_PREFIX}{path.stem}-{os.getpid()}.safetensors")  # mlx adds .safetensors to any other name
+    try:
+        mx.save_safetensors(str(tmp), arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+UNFINISHED_PREFIX = ".unfinished-"  # save_safetensors' temp files; one left by a kill is removed on the next start
+
+
+def remove_unfinished_saves(directory: Path) -> None:
+    """Delete the temp files of saves a kill cut short under `directory` (their real files are the earlier whole ones)."""
+    for leftover in Path(directory).rglob(f"{UNFINISHED_PREFIX}*.safetensors"):
+        leftover.unlink(missing_ok=True)
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, or None when its header and size agree.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's byte
+    range, then the bytes. A write cut short by a kill or a full disk fails one of those checks,
+    and they read only the header, not the tensors.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        return f"it has {size} bytes, fewer than the 8 of a safetensors header length"
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if 8 + length > size:
+            return f"its header says {length} bytes follow, but only {size - 8} do"
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "its header is not the JSON a safetensors file starts with"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    data = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            return f"tensor {name!r} has no valid data_offsets in its header"
+        if offsets[1] > data:
+            return f"tensor {name!r} ends at byte {offsets[1]} of the data, but the file holds only {data}"
+    return None
+
+
+def damaged_safetensors(directory: Path) -> list[tuple[Path, str]]:
+    """(file, problem) for every safetensors file under `directory` that fails safetensors_problem."""
+    found = []
+    for path in sorted(Path(directory).rglob("*.safetensors")):
+        if not path.name.startswith(UNFINISHED_PREFIX):
+            problem = safetensors_problem(path)
+            if problem:
+                found.append((path, problem))
+    return found
 
 
 def read_turn_tokens(adapter_dir: Path):

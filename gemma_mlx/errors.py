@@ -25,5 +25,17 @@ class TrainingError(GemmaMlxError):
     """Training could not start or had to stop (e.g. NaN loss)."""
 
 
+class OutputLockedError(GemmaMlxError):
+    """Another gemma-mlx process is writing the same output; two writers would mix their files."""
+
+
+class DamagedFileError(GemmaMlxError):
+    """A file the tool wrote earlier is cut short or garbled, so it is not used or published."""
+
+
+class VoteNotSavedError(GemmaMlxError):
+    """A vote could not be written to the votes file; the battle stays open for another try."""
+
+
 class ServeError(GemmaMlxError):
     """A local web server could not start (the port is taken, the address is not this machine's)."""

@@ -9,16 +9,18 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import GemmaMlxError, OutputExistsError
+from .errors import GemmaMlxError, OutputExistsError, OutputLockedError
 
 MANIFEST_NAME = "manifest.json"
 
@@ -74,10 +76,19 @@ def sha256_json(value) -> str:
 
 def write_json(path: Path, value) -> None:
     """Write JSON via a temp file and rename, so a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file via a temp file next to it and a rename: a reader, a kill or a full disk never
+    leaves half a file under the real name, and an earlier file stays whole until the rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(directory: Path) -> dict | None:
@@ -133,7 +144,11 @@ def check_writable(directory: Path, need_bytes: int = 0) -> None:
 #      replaced, --force or not: it may hold anything.
 #   5. The output is written in a temp dir next to it and renamed into place when complete; a
 #      failure or Ctrl-C leaves the old output as it was, and temp dirs left by a killed process are
-#      cleaned up by the next run.
+#      cleaned up by the next run. An old output that a kill left renamed aside (between the two
+#      renames of replace_dir) is renamed back when the output itself is missing.
+#   6. One writer at a time: from check_output until the output is in place, the stage holds an
+#      exclusive OS lock on `.NAME.lock` next to the output. A second writer is refused with the
+#      holder's pid; a killed holder's lock is released by the OS at once.
 
 
 @dataclass
@@ -197,14 +212,30 @@ def check_output(output: StageOutput, force: bool = False, progress: Progress = 
     `remake` makes an up-to-date output again (`run --redo`); it still needs no force for that.
 
     Raises OutputExistsError (one paragraph: what is there, what to do) when the output may not be
-    written. Temp dirs of killed runs next to the output are removed here (rule 5).
+    written, OutputLockedError when another process is writing it (rule 6). Temp dirs of killed runs
+    next to the output are removed here (rule 5). When None is returned the caller holds the output's
+    lock until atomic_output_dir finishes (or it calls release_output).
     """
     path = Path(output.path)
     refuse_to_replace_inputs(output)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"{path} is a file, and the {output.stage} output directory would replace it. "
                                 "Choose another output directory, or move the file away.")
-    clean_stale_temp_dirs(path)
+    lock_output(path, output.stage)
+    try:
+        manifest = _check_locked_output(output, force, progress, remake)
+    except BaseException:
+        release_output(path)
+        raise
+    if manifest is not None:  # up to date: nothing will be written
+        release_output(path)
+    return manifest
+
+
+def _check_locked_output(output: StageOutput, force: bool, progress: Progress, remake: bool) -> dict | None:
+    """Rules 3-5 for check_output, under the output's lock (so a recovery cannot race a writer)."""
+    path = Path(output.path)
+    clean_stale_temp_dirs(path, progress)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return None
     manifest = read_manifest(path)
@@ -250,26 +281,50 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temp_dirs(final: Path) -> None:
-    """Remove `.NAME.partial-PID` / `.NAME.old-PID` dirs next to `final` whose process is gone."""
+def _stale_temp_dirs(final: Path, kind: str) -> list[Path]:
+    """`.NAME.<kind>-PID` dirs next to `final` whose process is gone, newest first."""
+    found = []
+    for leftover in final.parent.glob(f".{final.name}.{kind}-*"):
+        pid = leftover.name[len(final.name) + len(kind) + 3:]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            found.append(leftover)
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def clean_stale_temp_dirs(final: Path, progress: Progress = quiet) -> None:
+    """Remove `.NAME.partial-PID` dirs next to `final` whose process is gone, and their `.NAME.old-PID` dirs.
+
+    An `.old` dir is the previous output, renamed aside by replace_dir just before the new one was
+    renamed in. When `final` is missing, a kill came between the two renames: the old output is the
+    only copy, so it is renamed back instead of deleted.
+    """
     final = Path(final)
     if not final.parent.is_dir():
         return
-    for leftover in final.parent.glob(f".{final.name}.*-*"):
-        kind, _, pid = leftover.name[len(final.name) + 2:].rpartition("-")
-        if kind in ("partial", "old") and pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in _stale_temp_dirs(final, "partial"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    olds = _stale_temp_dirs(final, "old")
+    if olds and not final.exists():
+        os.replace(olds.pop(0), final)
+        progress(f"{final}: recovered the earlier output that an interrupted run had moved aside")
+    for leftover in olds:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
 
 
+def write_failure(error: OSError) -> str:
+    """Why a write failed, in words ("the disk is full"), for the messages that report it."""
+    return {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is used up",
+            errno.EISDIR: "it is a directory"}.get(error.errno, error.strerror or str(error))
+
+
 def write_error(path: Path, error: OSError) -> GemmaMlxError:
     """A full disk or a read-only directory while writing, as one paragraph (nothing half-written was kept)."""
-    why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-           errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is used up"}.get(error.errno, error.strerror or str(error))
     return GemmaMlxError(
-        f"Writing {path} failed: {why}. Nothing half-written was left there and any earlier output is unchanged. "
+        f"Writing {path} failed: {write_failure(error)}. Nothing half-written was left there and any earlier output is unchanged. "
         "Free some space or fix the permissions (or choose another output directory), then run the command again."
     )
 
@@ -280,7 +335,8 @@ def atomic_output_dir(final: Path, force: bool = False) -> Iterator[Path]:
 
     On any failure or Ctrl-C the temp dir is removed and `final` (if it existed) is untouched,
     so a half-written model is never left where a later stage would find it. A full disk or a
-    read-only directory becomes one clear GemmaMlxError.
+    read-only directory becomes one clear GemmaMlxError. The output's lock (rule 6) is held
+    throughout and released at the end, whatever happened.
     """
     final = Path(final)
     if final.exists() and not final.is_dir():
@@ -292,6 +348,17 @@ def atomic_output_dir(final: Path, force: bool = False) -> Iterator[Path]:
             f"{final} already exists and holds something different. "
             "Re-run with --force to replace it, or choose another output directory."
         )
+    lock_output(final)
+    try:
+        with _temp_dir_replacing(final) as tmp:
+            yield tmp
+    finally:
+        release_output(final)
+
+
+@contextlib.contextmanager
+def _temp_dir_replacing(final: Path) -> Iterator[Path]:
+    """atomic_output_dir's work, under the output's lock."""
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -321,3 +388,88 @@ def replace_dir(finished: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(finished, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- one writer per output (rule 6)
+
+_held_locks: dict[Path, int] = {}  # lock file -> open descriptor, for the outputs this process is writing
+_held_guard = threading.Lock()
+
+
+def lock_path(final: Path) -> Path:
+    """`.NAME.lock` next to the output: outside it, so it is never part of what the output records."""
+    final = Path(final).expanduser()
+    return final.parent.resolve() / f".{final.name}.lock"  # one lock, however the output is spelled
+
+
+def lock_output(final: Path, stage: str = "gemma-mlx") -> None:
+    """Take the exclusive OS lock on `final` for this process, or refuse with the holder's pid.
+
+    flock, not a pid file: the OS drops the lock when its process dies, however it dies, so a kill
+    never leaves an output locked. Taking it again in the process that holds it is a no-op. Where
+    the lock file cannot be made (a missing or read-only parent) nothing can be written there
+    either, and the stage's own write reports that.
+    """
+    path = lock_path(final)
+    with _held_guard:
+        if path in _held_locks:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = _lock_file(path)
+        except OSError:
+            return
+        if descriptor is None:
+            raise OutputLockedError(
+                f"{final} is being written by another gemma-mlx process (pid {_holder(path)}), so this {stage} "
+                "would mix its files with that one's. Wait until that process has finished (or stop it), then run "
+                "the command again; it will find that output, or carry on from where it is."
+            )
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        _held_locks[path] = descriptor
+
+
+def _lock_file(path: Path) -> int | None:
+    """An open descriptor of `path` holding its exclusive lock, or None when another process has it."""
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            return None
+        except OSError:
+            os.close(descriptor)
+            raise
+        try:
+            if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+                return descriptor
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)  # the holder removed the file as we opened it: lock the new one
+
+
+def _holder(path: Path) -> str:
+    """The pid the lock's holder wrote into the lock file ("unknown" if it has not written it yet)."""
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
+def release_output(final: Path) -> None:
+    """Give up this process's lock on `final` (nothing if it holds none) and remove the lock file.
+
+    The file goes before the lock, so a process that opened it meanwhile sees that it was removed
+    (lock_output compares inodes) and locks a fresh one.
+    """
+    path = lock_path(final)
+    with _held_guard:
+        descriptor = _held_locks.pop(path, None)
+        if descriptor is None:
+            return
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(descriptor)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .adapters import ADAPTERS_FILE
+from .adapters import ADAPTERS_FILE, damaged_safetensors, remove_unfinished_saves
 from .models import resolve_model_dir
 from .config import LoraSettings, TrainSettings, check_settings, to_dict
-from .errors import OutputExistsError, TrainingError
+from .errors import DamagedFileError, OutputExistsError, TrainingError
 from .training.setup import OPTIMIZER_FILE, RESUME_FILE, RunSetup, read_metrics
 
 if TYPE_CHECKING:  # the loop imports mlx; load it only when a run starts
@@ -35,6 +35,7 @@ from .manifest import (
     outputs_root,
     quiet,
     read_manifest,
+    release_output,
     replace_dir,
     sha256_json,
     versions,
@@ -148,6 +149,9 @@ def prepare_work_dir(setup: RunSetup, resume: bool, force: bool, progress) -> di
     if state is not None:
         changed = _identity_diff(state["identity"], setup.identity)
         if resume and not changed:
+            remove_unfinished_saves(setup.work)
+            refuse_damaged_weights(setup.work, "the unfinished run there cannot be resumed from it. Start over with "
+                                   "--force (it discards that run), or move the directory away to keep what is whole.")
             return state
         if changed and not force:
             raise TrainingError(
@@ -176,11 +180,28 @@ def prepare_work_dir(setup: RunSetup, resume: bool, force: bool, progress) -> di
     return None
 
 
+def refuse_damaged_weights(work: Path, consequence: str) -> None:
+    """DamagedFileError naming the first cut-off or garbled safetensors file under `work`, if any.
+
+    A kill or a full disk while saving can leave such a file; resuming from it or publishing it
+    would pass the damage on to fuse, compare and chat as if it were a trained result.
+    """
+    damaged = damaged_safetensors(work)
+    if damaged:
+        path, problem = damaged[0]
+        others = f" ({len(damaged) - 1} more file(s) too)" if len(damaged) > 1 else ""
+        raise DamagedFileError(f"{path} is damaged: {problem}{others}. It was probably cut short by a kill or a full "
+                               f"disk, so {consequence}")
+
+
 def finish_run(setup: RunSetup, summary: dict) -> dict:
     """Write summary, loss curve and manifest into the work dir, then move it to the output dir."""
     from .plot import loss_curve_svg
 
     work = setup.work
+    remove_unfinished_saves(work)
+    refuse_damaged_weights(work, f"the run is not published as {setup.out}; it stays in {work}. Train again with "
+                           "--force to start over.")
     metrics = read_metrics(work)
     (work / "loss.svg").write_text(loss_curve_svg(metrics, f"{setup.model_dir.name}: training and validation loss"))
     write_json(work / "summary.json", summary)
@@ -225,12 +246,23 @@ def train_model(
     KeyboardInterrupt from it acts like Ctrl-C.
     `lora` and `train` default to the config defaults (LoraSettings(), TrainSettings()).
     """
+    from .distributed import world
+
+    say = (progress or quiet) if world().main else quiet  # rank 0 reports for every rank
+    setup = plan_run(model, data, out, lora or LoraSettings(), train or TrainSettings(), run_name)
+    try:
+        return _train(setup, resume, force, remake, progress, say, callback, resume_hint)
+    finally:
+        release_output(setup.out)  # taken by check_output (rank 0): held for the whole run, finished or not
+
+
+def _train(setup: RunSetup, resume: bool, force: bool, remake: bool, progress: Progress | None, say: Progress,
+           callback: TrainingCallback | None, resume_hint: str) -> TrainResult:
+    """train_model's work, while rank 0 holds the lock on the output."""
     from .distributed import broadcast_json, world
     from .training.loop import run_training
 
     here = world()
-    say = (progress or quiet) if here.main else quiet  # rank 0 reports for every rank
-    setup = plan_run(model, data, out, lora or LoraSettings(), train or TrainSettings(), run_name)
     decision = None
     if here.main:  # rank 0 decides (up to date, resume, start over) and tells the other ranks
         decision = _decide(setup, resume, force, remake, say)

@@ -32,7 +32,7 @@ from .trainee import (
 )
 
 from .. import models
-from ..adapters import ADAPTERS_FILE, read_turn_tokens
+from ..adapters import ADAPTERS_FILE, read_turn_tokens, save_safetensors
 from ..backend import machine_memory
 from ..chat_format import END_OF_TURN_ID
 from ..distributed import all_sum, broadcast_tree, lost_peer, shard, sum_numbers, world
@@ -365,7 +365,7 @@ class Run:
         flat, opt_state, position = self.committed.weights, self.committed.optimizer_state, self.committed.position
         work = self.setup.work
         self._save_adapters(work / LAST_DIR, flat)
-        mx.save_safetensors(str(work / OPTIMIZER_FILE), dict(tree_flatten(opt_state)))
+        save_safetensors(work / OPTIMIZER_FILE, dict(tree_flatten(opt_state)))
         write_json(work / RESUME_FILE, {"identity": self.setup.identity, "position": asdict(position)})
 
     def log(self, record: dict) -> None:

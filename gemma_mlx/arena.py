@@ -27,8 +27,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .config import SHIPPED_DATA, GenerationSettings, apply_overrides, apply_text_overrides, to_dict
-from .errors import ConfigError, GemmaMlxError
-from .manifest import Progress, now_iso, outputs_root, quiet, read_manifest
+from .errors import ConfigError, GemmaMlxError, OutputExistsError, VoteNotSavedError
+from .manifest import Progress, now_iso, outputs_root, quiet, read_manifest, write_error, write_text_atomic
 
 PAGE_DIR = Path(__file__).resolve().parent / "serving"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -87,11 +87,15 @@ def _prompt_sets(files: list[Path]) -> dict[str, list[str]]:
     return {path.stem: read_prompts(path) for path in files if path.is_file()}
 
 
-def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = None) -> ArenaSetup:
-    """Check every model and file before anything loads; errors are one paragraph each."""
+def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = None,
+                progress: Progress = quiet) -> ArenaSetup:
+    """Check every model and file before anything loads; errors are one paragraph each.
+
+    A votes file whose last line a crash cut off is repaired here (the line moved aside, reported
+    through `progress`), so one interrupted write never stops the arena from starting.
+    """
     from .models import model_dir_path
     from .scoring.inputs import check_model_specs
-    from .serving.ratings import read_votes
 
     run_dir = Path(run).expanduser().resolve() if run else None
     models: dict[str, str] = {}
@@ -113,11 +117,25 @@ def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = 
     files = [Path(_found(p, run_dir)) for p in config.get("prompts") or []] or sorted((SHIPPED_DATA / "prompts").glob("*.txt"))
     reports = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("report.html")) if run_dir else []
     votes_file = Path(votes) if votes else (run_dir / "votes.jsonl" if run_dir else outputs_root() / "arena" / "votes.jsonl")
-    read_votes(votes_file)  # a damaged votes file is reported now, with its line, not on the first vote
+    check_votes_file(votes_file, progress)
     known = {f.name for f in dataclasses.fields(GenerationSettings)}
     recorded = {k: v for k, v in (config.get("generation") or {}).items() if k in known}
     settings = apply_overrides(GenerationSettings(), {**recorded, "samples": 1}, where=f"{run_dir}/manifest.json")
     return ArenaSetup(models, votes_file, run_dir, _prompt_sets(files), reports, settings)
+
+
+def check_votes_file(path: Path, progress: Progress = quiet) -> None:
+    """Before serving: the votes file is a file, a cut-off last line is moved aside (and reported),
+    and any other damage is an error naming its line, not a failure on the first vote."""
+    from .serving.ratings import read_votes, recover_votes
+
+    if path.is_dir():
+        raise GemmaMlxError(f"The votes file {path} is a directory, so no vote could be saved. Pass --votes with a "
+                            f"file name (e.g. {path / 'votes.jsonl'}).")
+    report = recover_votes(path)
+    if report:
+        progress(report)
+    read_votes(path)
 
 
 # ---------------------------------------------------------------------------- the web app
@@ -295,12 +313,15 @@ def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
         replies = {side: record["sides"][side].reply for side in "AB"}
         if None in replies.values():
             return error("Wait until both replies are finished, then vote.", 409)
+        try:  # no await before `voted` is set: two clicks cannot both get here
+            append_vote(setup.votes, {
+                "time": now_iso(), "prompt": record["prompt"], "settings": record["settings"],
+                "model_a": record["models"]["A"], "model_b": record["models"]["B"],
+                "reply_a": replies["A"], "reply_b": replies["B"], "choice": choice,
+            })
+        except VoteNotSavedError as problem:  # the battle stays open: the same vote can be sent again
+            return error(str(problem), 507)
         record["voted"] = True
-        append_vote(setup.votes, {
-            "time": now_iso(), "prompt": record["prompt"], "settings": record["settings"],
-            "model_a": record["models"]["A"], "model_b": record["models"]["B"],
-            "reply_a": replies["A"], "reply_b": replies["B"], "choice": choice,
-        })
         return JSONResponse({"model_a": record["models"]["A"], "model_b": record["models"]["B"], "choice": choice})
 
     async def board(_request):
@@ -382,12 +403,38 @@ def serve_arena(setup: ArenaSetup, host: str = "127.0.0.1", port: int = 8765, pr
     progress(f"arena: stopped; {len(read_votes(setup.votes))} votes in {setup.votes}")
 
 
-def export_preferences(votes: Path, out: Path) -> int:
-    """Write the decided votes as {"prompt", "chosen", "rejected"} JSONL; returns how many."""
+def export_preferences(votes: Path, out: Path, force: bool = False) -> int:
+    """Write the decided votes as {"prompt", "chosen", "rejected"} JSONL; returns how many.
+
+    The file is written whole or not at all (a temp file renamed into place). An existing file is
+    replaced only with `force`, and the votes file never, since that would lose every vote.
+    """
     from .serving.ratings import preference_rows, read_votes
 
+    out = Path(out)
+    check_export_target(Path(votes), out, force)
     rows = preference_rows(read_votes(votes))
-    Path(out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    try:
+        write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    except OSError as error:
+        raise write_error(out, error) from None
     return len(rows)
 
 
+def check_export_target(votes: Path, out: Path, force: bool) -> None:
+    """Refuse a preferences file that would replace the votes, a directory, or (without force) any file."""
+    if out.is_dir():
+        raise OutputExistsError(f"{out} is a directory; --export-preferences takes the name of the file to write, "
+                                f"e.g. {out / 'preferences.jsonl'}.")
+    if _same_file(out, votes):
+        raise OutputExistsError(f"{out} is the votes file ({votes}); writing the preferences there would replace every "
+                                "vote, so it is refused, even with --force. Name another file.")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists. Add --force to replace it, or name another file.")
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    """The same file, however it is named (a relative path, a symlink or a hard link)."""
+    if one.exists() and other.exists():
+        return one.samefile(other)
+    return one.expanduser().resolve() == other.expanduser().resolve()

@@ -485,7 +485,9 @@ def chat(model, adapter_path, system, **generation):
 @click.option("--port", default=8765, show_default=True, help="Port to listen on.")
 @click.option("--export-preferences", type=click.Path(path_type=Path),
               help="Do not serve: write the decided votes as {prompt, chosen, rejected} JSONL to this file.")
-def arena(models, run_dir, votes, host, port, export_preferences):
+@click.option("--force", is_flag=True,
+              help="With --export-preferences: replace that file if it exists (never the votes file).")
+def arena(models, run_dir, votes, host, port, export_preferences, force):
     """A local web page: every model answers the same prompt in its own column, streamed; or two
     anonymous models answer as A and B, you vote (keys 1-4), then see their names. Votes become
     Bradley-Terry ratings with 95% intervals and export as a preference dataset.
@@ -500,9 +502,9 @@ def arena(models, run_dir, votes, host, port, export_preferences):
     """
     from .arena import arena_setup, export_preferences as export, serve_arena
 
-    setup = arena_setup(list(models), run_dir, votes)
+    setup = arena_setup(list(models), run_dir, votes, progress=echo_progress)
     if export_preferences is not None:
-        count = export(setup.votes, export_preferences)
+        count = export(setup.votes, export_preferences, force=force)
         click.echo(f"{count} preference pairs from {setup.votes} -> {export_preferences}")
         return
     serve_arena(setup, host=host, port=port, progress=echo_progress)

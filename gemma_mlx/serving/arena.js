@@ -139,6 +139,7 @@ async function vote(choice) {
     const result = await checked(await fetch("/api/vote", {method: "POST", headers: {"Content-Type": "application/json"},
                                                             body: JSON.stringify({id: current.id, choice})}));
     current.voted = true;
+    showError(""); // a vote that failed before (a full disk) went through on this try
     $("#col-A .name").textContent = result.model_a;
     $("#col-B .name").textContent = result.model_b;
     const words = {A: "A is better", B: "B is better", tie: "a tie", bad: "both bad"};

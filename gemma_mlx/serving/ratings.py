@@ -1,7 +1,9 @@
 """Blind A/B votes: an append-only file, Bradley-Terry ratings with bootstrap intervals, a preference set.
 
 Each vote is one JSON line (prompt, both replies with their flags, settings, both models, the
-choice, the time), written with an fsync, so a crash never loses an acknowledged vote. Ratings are
+choice, the time), written with an fsync, so a crash never loses an acknowledged vote. A write that
+fails (a full disk) is cut back off, so the file only ever grows by whole lines; a last line that a
+crash still cut short is moved aside at the next start (recover_votes). Ratings are
 the Bradley-Terry strengths that best explain the wins (a tie or "both bad" counts half a win each
 way), on an Elo-like scale (400 * log10, centred on 1000), with the 2.5-97.5 percentiles of the
 same fit on votes resampled with replacement as a 95% interval.
@@ -9,14 +11,19 @@ same fit on votes resampled with replacement as a 95% interval.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
 import random
 import threading
+import time
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, VoteNotSavedError
+from ..manifest import write_failure
 
 CHOICES = ("A", "B", "tie", "bad")  # bad: both replies were bad
 MIN_VOTES_FOR_INTERVAL = 5  # below this the resamples are nearly all alike: an interval would claim false certainty
@@ -24,14 +31,113 @@ _WRITE_LOCK = threading.Lock()
 
 
 def append_vote(path: Path, vote: dict) -> None:
-    """Add one vote to the file and make it durable before returning (fsync)."""
+    """Add one vote to the file and make it durable before returning (fsync).
+
+    Raises VoteNotSavedError (the file unchanged) when it cannot be written, so the caller can keep
+    the battle open for another try instead of losing the vote.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(vote, ensure_ascii=False) + "\n"
-    with _WRITE_LOCK, open(path, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    line = (json.dumps(vote, ensure_ascii=False) + "\n").encode("utf-8")
+    with _WRITE_LOCK:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise _not_saved(path, error) from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)  # another arena on the same file appends after us, not into us
+            _append_whole(descriptor, line)
+        except OSError as error:
+            raise _not_saved(path, error) from None
+        finally:
+            os.close(descriptor)
+
+
+def _append_whole(descriptor: int, data: bytes) -> None:
+    """Write all of `data` at the end of the file; on any failure cut the file back to its old size.
+
+    A full disk can take part of a line; left there, it would glue onto the next vote and break
+    the file for the leaderboard and the next start.
+    """
+    size = os.fstat(descriptor).st_size
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(descriptor, data[written:])
+        os.fsync(descriptor)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(descriptor, size)
+        raise
+
+
+def _not_saved(path: Path, error: OSError) -> VoteNotSavedError:
+    """The page shows this as it is: say what happened and that the battle is still open."""
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    fix = "free some space" if full else "make it a file the arena can write"
+    return VoteNotSavedError(
+        f"{'Disk full' if full else 'Vote not saved'}: the vote could not be written to {path} ({write_failure(error)}). "
+        f"Nothing was added to the file and this battle is still open: {fix}, then vote again."
+    )
+
+
+def recover_votes(path: Path) -> str | None:
+    """Move a cut-off last line of a votes file aside, keeping every whole vote; say what was done.
+
+    A crash (or a full disk before whole-line appends) can leave the last line cut short, which
+    would stop every later start. Only the last line is touched, and only when every line before
+    it is JSON: anything else is not a cut-off write, and read_votes reports it with its line.
+    Returns the one-line report, or None when there was nothing to recover.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    start = data.rfind(b"\n", 0, len(data) - 1) + 1  # where the last line begins
+    last = data[start:]
+    if not last.strip() or (last.endswith(b"\n") and _is_json(last)):
+        return None
+    kept = [line for line in data[:start].splitlines() if line.strip()]
+    if not all(_is_json(line) for line in kept):
+        return None
+    try:
+        if _is_json(last):  # whole, only its line end is missing: give it one, or the next vote glues onto it
+            with open(path, "ab") as handle:
+                handle.write(b"\n")
+            return None
+        aside = _set_aside(path, last)
+        with open(path, "r+b") as handle:
+            handle.truncate(start)
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise DataError(f"{path}: its last line is cut off, and moving it aside failed ({write_failure(error)}). "
+                        "The votes file is unchanged; fix that, then start again.") from None
+    return (f"{path}: its last line was cut off (a write interrupted by a crash or a full disk); kept the "
+            f"{len(kept)} whole vote(s) before it and moved the damaged line ({len(last)} bytes) to {aside}")
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:  # bad JSON, or bytes that are not UTF-8
+        return False
+    return True
+
+
+def _set_aside(path: Path, data: bytes) -> Path:
+    """Write `data` durably to a new `<votes>.damaged-<time>` file next to `path`; return its name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(100):
+        aside = path.with_name(f"{path.name}.damaged-{stamp}" + (f"-{attempt}" if attempt else ""))
+        try:
+            with open(aside, "xb") as handle:
+                handle.write(data)
+                os.fsync(handle.fileno())
+            return aside
+        except FileExistsError:
+            continue
+    raise DataError(f"{path}: its last line is cut off, and no free name was found to move it aside. "
+                    "Move the old *.damaged-* files next to it away, then start again.")
 
 
 def read_votes(path: Path) -> list[dict]:

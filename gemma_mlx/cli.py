@@ -24,7 +24,7 @@ class FriendlyGroup(click.Group):
     """Lists commands in the order data flows, and turns our typed errors into ClickExceptions
     (a message, exit code 1, no traceback)."""
 
-    ORDER = ("run", "convert", "data", "train", "fuse", "compare", "chat", "arena", "info")
+    ORDER = ("run", "convert", "data", "train", "fuse", "compare", "chat", "arena", "export", "web", "info")
 
     def list_commands(self, ctx):
         names = super().list_commands(ctx)
@@ -160,9 +160,9 @@ def convert(checkpoints, out, dtype, quantize_bits, group_size, revision, flavou
 @click.option("--demo", is_flag=True,
               help="The real Gemma 3 270M base (offline, from the [real] extra) fine-tuned on the shipped Bluey data.")
 @click.option("--tiny", is_flag=True, help="The whole pipeline on two tiny random checkpoints (a smoke test, under a minute).")
-@click.option("--only", "only", multiple=True, type=click.Choice(["convert", "data", "train", "fuse", "compare"]),
+@click.option("--only", "only", multiple=True, type=click.Choice(["convert", "data", "train", "fuse", "compare", "export"]),
               help="Run only these stages (repeatable); the others reuse their earlier outputs.")
-@click.option("--redo", "redo", multiple=True, type=click.Choice(["convert", "data", "train", "fuse", "compare", "all"]),
+@click.option("--redo", "redo", multiple=True, type=click.Choice(["convert", "data", "train", "fuse", "compare", "export", "all"]),
               help="Make these stages' outputs again even if they are up to date (repeatable; all: every stage).")
 @click.option("--name", help="Experiment name (outputs/runs/<name>/); overrides the config.")
 @click.option("--epochs", type=int, help="Override train.epochs.")
@@ -202,6 +202,9 @@ def run(config_file, demo, tiny, only, redo, name, epochs, max_tokens):
     for record in result.stages:
         click.echo(f"{record.stage:<8} {record.status:<11} {record.seconds:7.1f}s  peak {record.peak_memory_gb:.2f} GB")
     click.echo(f"\nReport: {result.report_html}" if result.report_html else f"\nOutputs: {result.run_dir}")
+    for record in result.stages:
+        for name, paths in (record.details or {}).get("exports", {}).items() if record.stage == "export" else ():
+            click.echo(f"Export: {name}: {paths['gguf']}" + (f" and the page {paths['web']}" if "web" in paths else ""))
 
 
 @cli.command(short_help="Bake LoRA adapters into their base model.")
@@ -238,6 +241,57 @@ def fuse(adapter_dir, base, out, dequantize, export_hf, hf_dtype, force):
     click.echo(f"{result.status}\t{result.out_dir}")
     if result.hf_dir is not None:
         click.echo(f"hf-export\t{result.hf_dir}")
+
+
+@cli.command(short_help="Export a model to GGUF (llama.cpp, Ollama, LM Studio) or a browser page.")
+@click.argument("model")
+@click.option("--gguf", "gguf_dir", type=click.Path(path_type=Path),
+              help="Export directory: the .gguf file, an Ollama Modelfile, a README.md model card, manifest.json.")
+@click.option("--web", "web_dir", type=click.Path(path_type=Path),
+              help="A folder that chats with the model in the browser (llama.cpp in WebAssembly; no server code).")
+@click.option("--quant", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]),
+              help="Weights in the file. Default: f16 for --gguf, q8_0 for --web alone. K-quants need llama.cpp's "
+                   "llama-quantize on the f16 file.")
+@click.option("--force", is_flag=True, help="Replace an existing export made from another model or settings.")
+def export(model, gguf_dir, web_dir, quant, force):
+    """Export MODEL for the tools people chat in.
+
+    MODEL is a converted or fused model dir, or BASE_DIR::ADAPTER_DIR (fused on the fly). --gguf
+    writes a llama.cpp GGUF file (architecture gemma3, Gemma's tokenizer and turn template, stops on
+    <end_of_turn>) with a Modelfile for `ollama create` and a model card; --web writes a page that
+    runs the same file in the browser (serve it with `gemma-mlx web DIR`). A re-run with the same
+    model and settings does nothing.
+
+    \b
+    Examples:
+      gemma-mlx export outputs/runs/demo/gemma-3-270m-q4_k_m/fused --gguf outputs/export/bluey
+      gemma-mlx export outputs/runs/demo/gemma-3-270m-q4_k_m/fused --web outputs/web/bluey --quant q8_0
+    """
+    from .export import export_model
+
+    result = export_model(model, gguf=gguf_dir, web=web_dir, quant=quant, force=force, progress=echo_progress)
+    click.echo(f"{result.status}\t{result.gguf_file}")
+    if result.web_dir is not None:
+        click.echo(f"web\t{result.web_dir}")
+
+
+@cli.command(short_help="Serve an exported web page on this machine.")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (this machine only by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+def web(directory, host, port, open_browser):
+    """Serve DIRECTORY (written by `gemma-mlx export --web`) with the headers multi-threaded
+    WebAssembly needs. Any static file server works too; without those headers the page runs on one thread.
+
+    \b
+    Examples:
+      gemma-mlx web outputs/web/bluey
+      gemma-mlx web outputs/web/bluey --port 8080 --open
+    """
+    from .web import serve
+
+    serve(directory, host=host, port=port, open_browser=open_browser, progress=echo_progress)
 
 
 @cli.group("data", short_help="Check, summarise and split a persona dataset.")

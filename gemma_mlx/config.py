@@ -8,6 +8,7 @@ here; this module imports no stage.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -163,6 +164,18 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
 SECTIONS = {LoraSettings: "lora", TrainSettings: "train", GenerationSettings: "generation"}
 
 
+LARGEST_INT = 2**31 - 1  # seeds, counts and token limits; larger values only crash later, deep in MLX
+
+
+def _out_of_range(value) -> str | None:
+    """What is wrong with a number no setting can use: an infinity, a NaN, or an integer past 2**31 - 1."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST_INT:
+        return f"at most {LARGEST_INT:,}"
+    return None
+
+
 def _problems(settings, prefix: str, locations: dict[str, str]) -> list[str]:
     found = []
     for f in dataclasses.fields(settings):
@@ -171,9 +184,9 @@ def _problems(settings, prefix: str, locations: dict[str, str]) -> list[str]:
         value, key = getattr(settings, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
             found += _problems(value, f"{key}.", locations)
-        elif key in RULES and not RULES[key][0](value):
+        elif (problem := _out_of_range(value)) or (key in RULES and not RULES[key][0](value)):
             where = f"{locations[key]}: " if key in locations else ""
-            found.append(f"{where}{key} is {value!r}; it must be {RULES[key][1]}")
+            found.append(f"{where}{key} is {value!r}; it must be {problem or RULES[key][1]}")
     min_new = getattr(settings, "min_new_tokens", None)
     if min_new is not None and min_new > settings.max_tokens:
         found.append(f"{prefix}min_new_tokens ({min_new}) cannot exceed {prefix}max_tokens ({settings.max_tokens})")

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 from .adapters import ADAPTERS_FILE, damaged_safetensors, remove_unfinished_saves
 from .models import resolve_model_dir
-from .config import LoraSettings, TrainSettings, check_settings, to_dict
-from .errors import DamagedFileError, OutputExistsError, TrainingError
+from .config import NAME, LoraSettings, TrainSettings, check_settings, to_dict
+from .errors import ConfigError, DamagedFileError, OutputExistsError, TrainingError
 from .training.setup import OPTIMIZER_FILE, RESUME_FILE, RunSetup, read_metrics
 
 if TYPE_CHECKING:  # the loop imports mlx; load it only when a run starts
@@ -84,6 +84,10 @@ def plan_run(model, data, out, lora, train, run_name) -> RunSetup:
     manifest = read_manifest(model_dir)
     flavour = model_flavour(model_dir, manifest)
     turn = want_turn_tokens(lora.train_turn_tokens, flavour)
+    if not out and (not NAME.match(str(run_name)) or run_name in (".", "..")):
+        raise ConfigError(f"The run name {run_name!r} is not a plain directory name (letters, digits, '.', '_', "
+                          "'-'); outputs go to outputs/runs/<run-name>/, so it cannot be a path. Choose another, "
+                          "or give --out.")
     out = Path(out).expanduser() if out else outputs_root() / "runs" / run_name / model_dir.name
     data = Path(data)
     data_sha256 = data_hash(data)

@@ -83,3 +83,35 @@ def test_every_rule_names_a_real_setting():
     for section in ("lora", "train", "generation"):
         known |= {f"{section}.{f.name}" for f in dataclasses.fields(getattr(config, section))}
     assert set(RULES) <= known
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--seed", str(2**70), "at most 2,147,483,647"),
+    ("--epochs", str(10**20), "at most 2,147,483,647"),
+    ("--learning-rate", "inf", "a finite number"),
+    ("--end-of-turn-weight", "nan", "a finite number"),
+    ("--scale", "inf", "a finite number"),
+])
+def test_numbers_no_setting_can_use_are_refused_up_front(converted_models, tmp_path, option, value, expected):
+    from click.testing import CliRunner
+
+    from gemma_mlx.cli import cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n' * 4)
+    result = CliRunner().invoke(cli, ["train", "--model", str(converted_models["pt"]), "--data", str(data), option, value])
+    assert result.exit_code == 1 and expected in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.safetensors"))
+
+
+def test_a_run_name_that_is_a_path_is_refused(converted_models, tmp_path):
+    from click.testing import CliRunner
+
+    from gemma_mlx.cli import cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n' * 4)
+    result = CliRunner().invoke(cli, ["train", "--model", str(converted_models["pt"]), "--data", str(data),
+                                      "--run-name", "../../../escaped"])
+    assert result.exit_code == 1 and "plain directory name" in result.output
+    assert not (tmp_path.parent.parent / "escaped").exists()

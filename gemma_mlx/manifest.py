@@ -96,9 +96,11 @@ def read_manifest(directory: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
         return None
+    # a manifest of another shape is no record of a finished stage: treated as missing, never trusted
+    return manifest if isinstance(manifest, dict) else None
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:

@@ -50,7 +50,12 @@ def load_persona(path) -> Persona:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Persona file {path} does not exist. Give a YAML file with name, description and markers.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: the file is not UTF-8 text (byte 0x{error.object[error.start]:02x}). "
+                        "Save it as UTF-8 and try again.") from None
     try:
         node, data = yaml.compose(text), yaml.safe_load(text)
     except yaml.YAMLError as error:

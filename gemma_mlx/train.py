@@ -128,7 +128,7 @@ def read_resume_state(setup: RunSetup) -> dict | None:
     try:
         state = json.loads(path.read_text())
         state["identity"], state["position"]  # noqa: B018  (both must be there)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # ValueError: bad JSON or bytes that are not UTF-8
         raise TrainingError(
             f"{path} is damaged (not the JSON a run saves), so the unfinished run in {setup.work} cannot be resumed. "
             "Start over with --force (it discards that run), or move the directory away to keep its adapters."

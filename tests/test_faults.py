@@ -364,3 +364,18 @@ def test_an_output_a_kill_left_renamed_aside_is_recovered(converted_models, chat
     (tmp_path / f".run.old-{pid}").mkdir()
     assert train_model(converted_models["it"], chat_data, out=out, **_short_training(epochs=1)).status == "up-to-date"
     assert not (tmp_path / f".run.old-{pid}").exists()
+
+
+def test_state_files_with_bytes_that_are_not_utf8_are_one_paragraph(tmp_path):
+    """A persona YAML or a manifest with non-UTF-8 bytes: a named file and line, or treated as no record."""
+    from gemma_mlx.errors import DataError
+    from gemma_mlx.manifest import read_manifest
+    from gemma_mlx.persona import load_persona
+
+    persona = tmp_path / "persona.yaml"
+    persona.write_bytes(b"name: Bluey\nmarkers:\n  - Hooray \xff\n")
+    with pytest.raises(DataError, match=r"persona.yaml:3: the file is not UTF-8"):
+        load_persona(persona)
+    for content in (b"{\"stage\": \"convert\xff\"}", b"[]", b"\"files\""):
+        (tmp_path / "manifest.json").write_bytes(content)
+        assert read_manifest(tmp_path) is None

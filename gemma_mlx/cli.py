@@ -250,7 +250,7 @@ def fuse(adapter_dir, base, out, dequantize, export_hf, hf_dtype, force):
 @click.option("--web", "web_dir", type=click.Path(path_type=Path),
               help="A folder that chats with the model in the browser (llama.cpp in WebAssembly; no server code).")
 @click.option("--quant", type=click.Choice(["f16", "q8_0", "q4_0", "f32"]),
-              help="Weights in the file. Default: f16 for --gguf, q8_0 for --web alone. K-quants need llama.cpp's "
+              help="Weights in the file. Default: f16 for --gguf alone, q8_0 when --web is given. K-quants need llama.cpp's "
                    "llama-quantize on the f16 file.")
 @click.option("--force", is_flag=True, help="Replace an existing export made from another model or settings.")
 def export(model, gguf_dir, web_dir, quant, force):
@@ -536,12 +536,15 @@ def chat(model, adapter_path, system, **generation):
               help="Votes file. Default: the run's votes.jsonl, or outputs/arena/votes.jsonl without --run.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 opens the arena to the network (with a warning).")
-@click.option("--port", default=8765, show_default=True, help="Port to listen on.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also answer to this host name (repeatable), e.g. a DNS name other machines use to reach this "
+                   "one. Other names are refused, so no web site can reach the arena through a name of its own.")
 @click.option("--export-preferences", type=click.Path(path_type=Path),
               help="Do not serve: write the decided votes as {prompt, chosen, rejected} JSONL to this file.")
 @click.option("--force", is_flag=True,
               help="With --export-preferences: replace that file if it exists (never the votes file).")
-def arena(models, run_dir, votes, host, port, export_preferences, force):
+def arena(models, run_dir, votes, host, port, allow_hosts, export_preferences, force):
     """A local web page: every model answers the same prompt in its own column, streamed; or two
     anonymous models answer as A and B, you vote (keys 1-4), then see their names. Votes become
     Bradley-Terry ratings with 95% intervals and export as a preference dataset.
@@ -561,7 +564,7 @@ def arena(models, run_dir, votes, host, port, export_preferences, force):
         count = export(setup.votes, export_preferences, force=force)
         click.echo(f"{count} preference pairs from {setup.votes} -> {export_preferences}")
         return
-    serve_arena(setup, host=host, port=port, progress=echo_progress)
+    serve_arena(setup, host=host, port=port, progress=echo_progress, allow_hosts=allow_hosts)
 
 
 def _terminate_like_ctrl_c(signum, frame):

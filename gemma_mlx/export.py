@@ -37,7 +37,10 @@ from .manifest import (
 )
 from .models import ADAPTER_SEPARATOR, read_json, resolve_model_dir
 
-WEB_QUANT_DEFAULT = "q8_0"
+WEB_QUANT_DEFAULT = "q8_0"  # a page's model must stay small: see PAGE_SIZE_WARNING
+# Headless Chromium here refused to read a 543 MB model (NotReadableError from its blob store) and read a
+# 292 MB one; browsers differ, so a larger file gets a warning, not a refusal.
+PAGE_SIZE_WARNING = 450 * 10**6
 
 
 @dataclass
@@ -319,7 +322,7 @@ def export_model(spec: str, gguf: Path | None = None, web: Path | None = None, q
         raise GemmaMlxError("Say where to export: --gguf DIR (llama.cpp, Ollama, LM Studio) and/or --web DIR "
                             "(a page that runs the model in the browser).")
     source = resolve_source(spec)
-    quant = quant or ("f16" if gguf is not None else WEB_QUANT_DEFAULT)
+    quant = quant or (WEB_QUANT_DEFAULT if web is not None else "f16")
     if gguf is None:  # the page needs a GGUF file too: keep it in outputs/export/ so a re-run reuses it
         from .manifest import outputs_root
 
@@ -346,6 +349,11 @@ def export_web(gguf_result: ExportResult, out: Path, force: bool = False, progre
     if existing:
         progress(f"{out}: the page is up to date, nothing to do")
         return out
+    size = gguf_result.gguf_file.stat().st_size
+    if size > PAGE_SIZE_WARNING:
+        progress(f"warning: the page's model is {size / 1e6:.0f} MB; some browsers cannot load a file over about "
+                 f"{PAGE_SIZE_WARNING / 1e6:.0f} MB in one piece (headless Chromium refused 543 MB). Export with "
+                 "--quant q8_0 or q4_0 for the page.")
     with atomic_output_dir(out, force=True) as tmp:
         page = write_web_page(gguf_result.gguf_file, tmp / "page", settings)
         for item in page.iterdir():

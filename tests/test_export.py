@@ -225,9 +225,9 @@ def test_run_exports_each_fused_model(tmp_path, isolated_outputs):
     result = run_cli("run", config)
     assert result.exit_code == 0, result.output
     checkpoint = isolated_outputs / "runs" / "exported" / "tiny-gemma-3-pt"
-    assert (checkpoint / "export" / "export-f16.gguf").is_file() and (checkpoint / "export" / "Modelfile").is_file()
+    assert (checkpoint / "export" / "export-q8_0.gguf").is_file() and (checkpoint / "export" / "Modelfile").is_file()
     assert (checkpoint / "web" / "model.gguf").is_file() and (checkpoint / "web" / "index.html").is_file()
-    assert f"Export: tiny-gemma-3-pt: {checkpoint / 'export' / 'export-f16.gguf'}" in result.output
+    assert f"Export: tiny-gemma-3-pt: {checkpoint / 'export' / 'export-q8_0.gguf'}" in result.output
     card = (checkpoint / "export" / "README.md").read_text()
     assert "How it did" in card  # the run's scorecard figures reach the model card
     again = run_cli("run", config)

@@ -193,3 +193,41 @@ def test_exported_persona_ends_its_turns_in_llama_cpp(real_run, tmp_path):
         text = render([{"role": "user", "content": prompt}], add_generation_prompt=True).removeprefix("<bos>")
         finishes.append(llm(text, max_tokens=128, temperature=0)["choices"][0]["finish_reason"])
     assert finishes.count("stop") >= 3, finishes  # llama.cpp stops on <end_of_turn>, as compare does
+
+
+def test_the_exported_page_answers_as_we_do_in_chromium(real_model, tmp_path):
+    """The real 270M in the browser page (llama.cpp in WebAssembly), at the page's default q8_0: its first
+    16 greedy tokens are those of the same q8_0 file read back by our convert and decoded by MLX."""
+    from urllib.parse import quote
+
+    import mlx.core as mx
+    from playwright.sync_api import sync_playwright
+
+    from gemma_mlx.chat_format import prompt_ids
+    from gemma_mlx.convert import convert_checkpoint
+    from gemma_mlx.export import export_model
+    from gemma_mlx.models import load
+    from gemma_mlx.web import serve_in_thread
+    from tests.test_web import BROWSER_ARGS, CHROMIUM, Tab
+
+    result = export_model(str(real_model), web=tmp_path / "page", gguf=tmp_path / "base-q8_0")
+    assert result.manifest["quant"] == "q8_0"
+    same_weights = convert_checkpoint(str(result.gguf_file), out=tmp_path / "back", dtype="float32").path
+    model, tokenizer = load(same_weights)
+    prompt = held_out_prompts(1)[0]
+    ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+    ours = []
+    for _ in range(16):
+        ours.append(int(mx.argmax(model(mx.array([ids + ours]))[0, -1]).item()))
+    url, shutdown = serve_in_thread(result.web_dir)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            tab = Tab(browser, url)
+            tab.page.goto(f"{url}index.html?prompt={quote(prompt)}&max_tokens=16&temperature=0&repeat_penalty=1")
+            reply = tab.reply()
+            print(f"real page: {reply['tokens-per-second']} tokens/s")
+            assert reply["ids"] == ours[: len(reply["ids"])] and len(reply["ids"]) >= 8
+            browser.close()
+    finally:
+        shutdown()

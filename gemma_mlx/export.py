@@ -145,14 +145,18 @@ def run_context(source: ExportSource) -> dict:
     return context
 
 
-def generation_defaults(context: dict) -> GenerationSettings:
-    """The run's decoding settings when the model came from a run, else the tool's defaults."""
+def generation_settings(recorded: dict | None) -> GenerationSettings:
+    """GenerationSettings from a recorded dict (a run's config, an export manifest); unknown keys ignored."""
     settings = GenerationSettings()
-    recorded = (context.get("run_config") or {}).get("generation") or {}
-    for key, value in recorded.items():
+    for key, value in (recorded or {}).items():
         if hasattr(settings, key):
             setattr(settings, key, value)
     return settings
+
+
+def generation_defaults(context: dict) -> GenerationSettings:
+    """The run's decoding settings when the model came from a run, else the tool's defaults."""
+    return generation_settings((context.get("run_config") or {}).get("generation"))
 
 
 def persona_name(context: dict, fallback: str) -> str:
@@ -338,10 +342,7 @@ def export_web(gguf_result: ExportResult, out: Path, force: bool = False, progre
     from .web import page_settings, write_web_page
 
     manifest = gguf_result.manifest
-    generation = GenerationSettings()
-    for key, value in (manifest.get("generation") or {}).items():
-        if hasattr(generation, key):
-            setattr(generation, key, value)
+    generation = generation_settings(manifest.get("generation"))
     settings = page_settings(manifest.get("persona_name") or gguf_result.gguf_dir.name, generation)
     output = StageOutput("export-web", out, key={"gguf": manifest.get("key_sha256"), "settings": settings},
                          inputs={"the GGUF export": gguf_result.gguf_dir})

@@ -8,9 +8,12 @@ export as a preference dataset. Every reply comes from the one generation engine
 turn format, stop rules and flags, and requests to the same model share one continuously batched
 generator (serving/engine.py).
 
-Safety: the server binds to 127.0.0.1 unless told otherwise; requests whose Host header is not this
-machine are refused (DNS rebinding); model text reaches the page only as text, never as HTML; files
-are served only from the run's directory; a vote must name a battle this server ran.
+Safety: the server binds to 127.0.0.1 unless told otherwise; requests whose Host header is not one
+of this machine's names (or an --allow-host) are refused (DNS rebinding), on 0.0.0.0 too; requests
+from other web pages (an Origin not this page's, Sec-Fetch-Site cross-site) are refused before they
+start a reply; model text reaches the page only as text, never as HTML; files are served only from
+the run's directory; a vote must name a battle this server ran. A reply has one reader at a time
+(a second gets 409), and no thread waits on a reply, so Ctrl-C always stops the server.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import queue
 import random
 import secrets
+import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -37,6 +41,7 @@ MAX_PROMPT_CHARS = 4000
 MAX_BATTLES = 1000  # battles kept in memory for their vote
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:"  # our own script and styles only: no inline code
 REPORT_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"  # reports: no script at all
+STOP_SECONDS = 2  # after Ctrl-C, how long responses still open may take before they are cut
 REPORT_SUFFIXES = (".html", ".svg", ".json", ".jsonl", ".txt", ".md")
 
 
@@ -170,46 +175,169 @@ def _sse(kind: str, data: dict) -> str:
 
 
 class _Stream:
-    """One reply on its way to the page: the engine thread feeds it, one SSE response drains it.
+    """One reply on its way to the page: the engine thread appends its events, one reader sends them.
 
-    A thread-safe queue, not an asyncio one: the reply may be read from another event loop than
-    the one that asked for it (a battle is started by one request and read by two others).
+    The events are kept, so a reader that comes back (a reloaded page) gets the whole reply again,
+    and a second reader at the same time is refused (claim), not left waiting for events the first
+    one took. No thread waits for events: the engine thread wakes the reader's event loop, which may
+    be another loop than the one that asked for the reply (a battle is started by one request and
+    read by two others).
     """
 
     def __init__(self):
-        self.queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._events: list[tuple[str, object]] = []
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        self._reading = False
         self.reply: dict | None = None
 
     def on_event(self, kind: str, payload) -> None:  # called from the engine thread
-        self.queue.put((kind, payload))
+        with self._lock:
+            self._events.append((kind, payload))
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            loop, wake = waiter
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # that loop has closed, and its reader with it
+                pass
+
+    def claim(self) -> bool:
+        """Become the one reader; False while another request reads this reply."""
+        with self._lock:
+            if self._reading:
+                return False
+            self._reading = True
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._reading = False
+            self._waiter = None
 
     async def events(self):
-        if self.reply is not None:  # read again (a reloaded page): the finished reply at once
+        if self.reply is not None:  # read again: the finished reply at once
             yield _sse("text", {"text": self.reply["text"]})
             yield _sse("done", self.reply)
             return
+        sent = 0
         while True:
-            kind, payload = await asyncio.to_thread(self.queue.get)
-            if kind == "text":
-                yield _sse("text", {"text": payload})
-            elif kind == "done":
-                self.reply = reply_json(payload)
-                yield _sse("done", self.reply)
-                return
-            else:
-                yield _sse("error", {"message": payload})
-                return
+            with self._lock:
+                pending = self._events[sent:]
+                if not pending:
+                    wake = asyncio.Event()
+                    self._waiter = (asyncio.get_running_loop(), wake)
+            if not pending:
+                await wake.wait()
+                continue
+            sent += len(pending)
+            for kind, payload in pending:
+                if kind == "text":
+                    yield _sse("text", {"text": payload})
+                elif kind == "done":
+                    if self.reply is None:
+                        self.reply = reply_json(payload)
+                    yield _sse("done", self.reply)
+                    return
+                else:
+                    yield _sse("error", {"message": payload})
+                    return
 
 
-def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
-    """The Starlette app: the page, its API and the run's reports."""
+class _OneReader:
+    """The response that streams a reply to its one reader; a second one at the same time gets 409."""
+
+    def __init__(self, stream: _Stream):
+        self.stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        if not self.stream.claim():
+            message = ("This reply is being read already (the page is open in another tab or window). Read it "
+                       "there, or close that one first.")
+            await JSONResponse({"error": message}, status_code=409)(scope, receive, send)
+            return
+        try:  # the claim ends with the response, however it ends (done, the page closed, the server stopping)
+            await StreamingResponse(self.stream.events(), media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-store"})(scope, receive, send)
+        finally:
+            self.stream.release()
+
+
+class _Guard:
+    """Before any route: refuse foreign Host headers (DNS rebinding) and requests from other web pages,
+    then add the page's security headers. Plain ASGI, so streamed replies pass through untouched."""
+
+    def __init__(self, app, allowed_hosts: set[str] | None):
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+
+    async def __call__(self, scope, receive, send) -> None:
+        from starlette.datastructures import Headers, MutableHeaders
+        from starlette.responses import PlainTextResponse
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = refusal_for(scope["path"], Headers(scope=scope), self.allowed_hosts)
+        if refusal is not None:
+            await PlainTextResponse(f"Forbidden: {refusal}", status_code=403)(scope, receive, send)
+            return
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("Content-Security-Policy", PAGE_POLICY)
+                headers["X-Content-Type-Options"] = "nosniff"
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def refusal_for(path: str, headers, allowed_hosts: set[str] | None) -> str | None:
+    """Why a request is refused (None: it is not).
+
+    - A Host header that is not one of this machine's names: a foreign name pointed at this machine
+      (DNS rebinding). allowed_hosts None (tests only) skips this one check.
+    - An Origin other than this page's own: another web site's script, which the browser lets send
+      (but not read) requests here.
+    - Sec-Fetch-Site cross-site or same-site on the API: another page's <img>, <script> or link, which
+      carries no Origin; without this a GET of /api/stream from any web site would start a reply.
+    """
+    host = headers.get("host", "")
+    if allowed_hosts is not None and host_name(host).lower() not in allowed_hosts:
+        return ("this arena answers only to its own host names. Open it as http://127.0.0.1:PORT/ (or this machine's "
+                "name), or start it with --allow-host NAME for the name you use.")
+    origin = headers.get("origin")
+    if origin is not None and not _same_origin(origin, host):
+        return "requests from other web pages are refused."
+    if path.startswith("/api/") and headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+        return "requests from other web pages are refused."
+    return None
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """The Origin header names the page this request's Host serves ("null" and other sites do not)."""
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and parts.netloc.lower() == host.lower()
+
+
+def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None,
+             on_signal: Callable[[], None] | None = None):
+    """The Starlette app: the page, its API and the run's reports.
+
+    allowed_hosts: the Host names it answers to (allowed_hosts_for); None skips that check (tests).
+    on_signal: called at once on Ctrl-C or SIGTERM while the app is served by uvicorn.run in the main
+    thread (the engine's stop, which ends every open reply so the server can close their streams).
+    """
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
-    from starlette.middleware.base import BaseHTTPMiddleware
     from starlette.requests import Request
-    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
+    from .serving.engine import EngineBusy
     from .serving.ratings import CHOICES, append_vote, leaderboard, preference_rows, read_votes
 
     battles: dict[str, dict] = {}
@@ -221,19 +349,6 @@ def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
     def is_json(request) -> bool:
         """A JSON body needs a CORS preflight from another site, which this server never grants."""
         return request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
-
-    class HostCheck(BaseHTTPMiddleware):
-        async def dispatch(self, request, call_next):
-            if allowed_hosts is not None and host_name(request.headers.get("host", "")) not in allowed_hosts:
-                return PlainTextResponse("Forbidden: this arena answers only to its own host name.", status_code=403)
-            origin = request.headers.get("origin")
-            if allowed_hosts is not None and origin is not None and urlsplit(origin).hostname not in allowed_hosts:
-                # another web site's script, which the browser lets send (not read) requests here
-                return PlainTextResponse("Forbidden: requests from other web pages are refused.", status_code=403)
-            response = await call_next(request)
-            response.headers.setdefault("Content-Security-Policy", PAGE_POLICY)
-            response.headers["X-Content-Type-Options"] = "nosniff"
-            return response
 
     async def page(_request):
         return FileResponse(PAGE_DIR / "page.html", media_type="text/html")
@@ -260,8 +375,11 @@ def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
         except GemmaMlxError as problem:
             return error(str(problem))
         reply = _Stream()
-        engine.submit(model, [{"role": "user", "content": prompt}], settings, reply.on_event)
-        return StreamingResponse(reply.events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        try:
+            engine.submit(model, [{"role": "user", "content": prompt}], settings, reply.on_event)
+        except EngineBusy as problem:
+            return error(str(problem), 503)
+        return _OneReader(reply)
 
     async def battle(request: Request):
         if len(names) < 2:
@@ -280,10 +398,13 @@ def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
         pair = random.sample(names, 2)
         battle_id = secrets.token_hex(8)
         sides = {"A": _Stream(), "B": _Stream()}
+        try:
+            for side, model in zip("AB", pair):
+                engine.submit(model, [{"role": "user", "content": prompt}], settings, sides[side].on_event)
+        except EngineBusy as problem:  # a side already queued still ends; nobody reads it
+            return error(str(problem), 503)
         battles[battle_id] = {"prompt": prompt, "settings": to_dict(settings), "models": dict(zip("AB", pair)),
                               "sides": sides, "voted": False, "started": time.time()}
-        for side, model in zip("AB", pair):
-            engine.submit(model, [{"role": "user", "content": prompt}], settings, sides[side].on_event)
         return JSONResponse({"id": battle_id})
 
     async def battle_stream(request: Request):
@@ -291,8 +412,7 @@ def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
         side = request.query_params.get("side")
         if record is None or side not in ("A", "B"):
             return error("Unknown battle or side.", 404)
-        return StreamingResponse(record["sides"][side].events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store"})
+        return _OneReader(record["sides"][side])
 
     async def vote(request: Request):
         if not is_json(request):
@@ -351,7 +471,37 @@ def make_app(setup: ArenaSetup, engine, allowed_hosts: set[str] | None = None):
         Route("/api/leaderboard", board), Route("/api/preferences", preferences),
         Route("/reports/{path:path}", report),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(HostCheck)])
+    return Starlette(routes=routes, middleware=[Middleware(_Guard, allowed_hosts=allowed_hosts)],
+                     lifespan=_signals_calling(on_signal))
+
+
+def _signals_calling(on_signal: Callable[[], None] | None):
+    """A lifespan that, while uvicorn serves in the main thread, has Ctrl-C and SIGTERM call on_signal
+    first and then uvicorn's own handler (installed by then; uvicorn puts the old ones back itself).
+
+    Why: uvicorn waits for open responses before it stops, and a streamed reply may have minutes to
+    go. on_signal ends them at once, so the server stops within a second or two."""
+    import contextlib
+    import signal
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        if on_signal is not None and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                server_handler = signal.getsignal(signum)
+                if callable(server_handler):
+                    signal.signal(signum, _chained(on_signal, server_handler))
+        yield
+
+    return lifespan
+
+
+def _chained(first: Callable[[], None], handler):
+    def handle(signum, frame):
+        first()
+        handler(signum, frame)
+
+    return handle
 
 
 def host_name(header: str) -> str:
@@ -361,11 +511,52 @@ def host_name(header: str) -> str:
     return header.rsplit(":", 1)[0]
 
 
-def allowed_hosts_for(host: str) -> set[str] | None:
-    """Host headers the server accepts: this machine's names, plus the bound address; None = any."""
-    if host in ("0.0.0.0", "::"):
-        return None
-    return LOCAL_HOSTS | {host}
+def allowed_hosts_for(host: str, extra: Iterable[str] = ()) -> set[str]:
+    """Host names the server answers to: the loopback names, the address it listens on and `extra`
+    (--allow-host); listening beyond loopback (0.0.0.0, ::, a LAN address) adds this machine's own
+    names and addresses, the ones another computer on the network would type. Never "any name":
+    that would let any web site reach the server through a name it points at this machine."""
+    names = LOCAL_HOSTS | {_as_host(host)} | {_as_host(name) for name in extra}
+    if listens_on_network(host):
+        names |= machine_hosts()
+    return names - {"0.0.0.0", "[::]"}
+
+
+def listens_on_network(host: str) -> bool:
+    """Whether a server on `host` is reachable from other machines (it then warns, and knows more names)."""
+    return host not in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def machine_hosts() -> set[str]:
+    """This machine's names and the addresses of its interfaces that the standard library can find on
+    every OS: its host name, fully qualified name and .local (mDNS) name, what they resolve to, and
+    the addresses of the routes to the internet (IPv4 and IPv6; no packet is sent)."""
+    import socket
+
+    names = {socket.gethostname(), socket.getfqdn()}
+    names |= {name.split(".")[0] + ".local" for name in list(names) if name and not name.startswith("localhost")}
+    addresses: set[str] = set()
+    for name in names:
+        try:
+            addresses |= {str(info[4][0]) for info in socket.getaddrinfo(name, None)}
+        except (OSError, UnicodeError):
+            continue
+    for family, target in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):  # documentation nets
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect((target, 9))  # UDP: picks the route, sends nothing
+                addresses.add(probe.getsockname()[0])
+        except OSError:
+            continue
+    return {_as_host(name) for name in names | addresses if name}
+
+
+def _as_host(name: str) -> str:
+    """A name or address as a Host header carries it: lower case, an IPv6 address in brackets, no zone."""
+    name = name.strip().lower()
+    if ":" in name and not name.startswith("["):
+        return f"[{name.split('%')[0]}]"
+    return name
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -378,24 +569,31 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
     except OSError as error:
         raise GemmaMlxError(f"Cannot listen on {host}:{port}: {error.strerror or error}. Another program (or another "
-                            f"arena) may be using the port; pass --port with a free one, e.g. --port {port + 1}.") from None
+                            f"arena) may be using the port; pass --port with a free one, e.g. --port {port % 65535 + 1}.") from None
 
 
-def serve_arena(setup: ArenaSetup, host: str = "127.0.0.1", port: int = 8765, progress: Progress = quiet) -> None:
-    """Load every model, then serve the page until Ctrl-C."""
+def serve_arena(setup: ArenaSetup, host: str = "127.0.0.1", port: int = 8765, progress: Progress = quiet,
+                allow_hosts: Iterable[str] = ()) -> None:
+    """Load every model, then serve the page until Ctrl-C (or SIGTERM), which stops it within seconds
+    even while replies stream: the engine ends them, and uvicorn waits at most STOP_SECONDS for the rest."""
     import uvicorn
 
     from .serving.engine import Engine
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    hosts = allowed_hosts_for(host, allow_hosts)
+    if listens_on_network(host):
         progress(f"warning: the arena listens on {host}: anyone who can reach this machine on port {port} can use "
                  "the models and add votes. Use it only on a network you trust.")
+        progress(f"arena: answers to {', '.join(sorted(hosts))}; add another name with --allow-host NAME")
     check_port_free(host, port)  # before minutes of model loading, not after
     engine = Engine(setup.models, progress)
     try:
-        app = make_app(setup, engine, allowed_hosts_for(host))
-        progress(f"arena: {len(setup.models)} models, votes in {setup.votes}; open http://{host}:{port}/ (Ctrl-C stops)")
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        app = make_app(setup, engine, hosts, on_signal=engine.stop)
+        shown = f"[{host}]" if ":" in host else host
+        progress(f"arena: {len(setup.models)} models, votes in {setup.votes}; open http://{shown}:{port}/ (Ctrl-C stops)")
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=STOP_SECONDS)
+    except KeyboardInterrupt:  # uvicorn passes the signal on once it has stopped
+        pass
     finally:
         engine.close()
     from .serving.ratings import read_votes

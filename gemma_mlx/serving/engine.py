@@ -6,6 +6,11 @@ model and steps each in turn, inserting new requests into the running batch, so 
 requests to one model are decoded together instead of waiting in line. Prompts, stop rules and
 sampling are the generation engine's own (generate.py), so a reply here is the reply compare or
 chat would give with the same settings.
+
+Bounded: the engine is one thread, however many requests come, and it holds at most MAX_REQUESTS
+replies (waiting or being written); one more is refused with EngineBusy instead of queueing without
+end. stop() is safe to call from a signal handler: it never blocks, and every reply still open ends
+with an "error" event, so no listener waits for a reply that will never come.
 """
 
 from __future__ import annotations
@@ -17,11 +22,18 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..config import GenerationSettings
+from ..errors import GemmaMlxError
 from ..generate import Reply, finished_reply, insert_rows, new_generator, prompt_rows
 from ..models import LoadedModel, load_model
 
 # on_event(kind, payload): ("text", str) for each new piece, then ("done", Reply) or ("error", str)
 OnEvent = Callable[[str, object], None]
+MAX_REQUESTS = 64  # replies waiting or being written at once; a battle is two
+STOPPED = "the arena is stopping; this reply was not finished"
+
+
+class EngineBusy(GemmaMlxError):
+    """The engine holds as many replies as it takes; the request is refused, not queued."""
 
 
 @dataclass
@@ -51,6 +63,8 @@ class Engine:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._stop = False
+        self._open = threading.BoundedSemaphore(MAX_REQUESTS)  # one per reply not yet done
+        self._submitting = threading.Lock()  # a request is queued before _end_all drains, or refused
         self.models: dict[str, LoadedModel] = {}
         self._thread = threading.Thread(target=self._main, args=(specs, progress), name="gemma-mlx-engine", daemon=True)
         self._thread.start()
@@ -63,12 +77,36 @@ class Engine:
         """Queue one conversation (ending in a user turn) for `model`; on_event hears the reply."""
         if model not in self.models:
             raise KeyError(model)
-        self._requests.put(_Request(model, messages, settings, on_event))
+        with self._submitting:
+            if self._stop:
+                raise EngineBusy(STOPPED)
+            if not self._open.acquire(blocking=False):
+                raise EngineBusy(f"The arena is writing {MAX_REQUESTS} replies already; try again when one has "
+                                 "finished.")
+            self._requests.put(_Request(model, messages, settings, self._releasing(on_event)))
 
-    def close(self) -> None:
+    def _releasing(self, on_event: OnEvent) -> OnEvent:
+        """on_event, which gives the request's place back once its reply has ended (done or error)."""
+        ended = threading.Event()
+
+        def deliver(kind: str, payload) -> None:
+            if kind != "text" and not ended.is_set():
+                ended.set()
+                self._open.release()
+            on_event(kind, payload)
+
+        return deliver
+
+    def stop(self) -> None:
+        """Ask the engine thread to end every open reply and exit; returns at once and takes no lock, so a
+        signal handler may call it."""
         self._stop = True
         self._requests.put(None)
-        self._thread.join(timeout=30)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """stop(), then wait (at most `timeout` seconds: the thread is a daemon) for the thread to end."""
+        self.stop()
+        self._thread.join(timeout=timeout)
 
     # ----- the engine thread ------------------------------------------------------------------
     def _main(self, specs: dict[str, str], progress) -> None:
@@ -106,6 +144,22 @@ class Engine:
                         generators.pop(name).close()
         for generator in generators.values():
             generator.close()
+        self._end_all(live)
+
+    def _end_all(self, live: dict[str, dict[int, _Live]]) -> None:
+        """Stopping: every reply still open, being written or waiting, hears that it will not finish."""
+        for rows in live.values():
+            for state in rows.values():
+                _tell(state.on_event, "error", STOPPED)
+            rows.clear()
+        with self._submitting:
+            while True:
+                try:
+                    request = self._requests.get_nowait()
+                except queue.Empty:
+                    return
+                if request is not None:
+                    _tell(request.on_event, "error", STOPPED)
 
     def _start(self, request: _Request | None, generators: dict, live: dict) -> None:
         if request is None:

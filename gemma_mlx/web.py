@@ -23,7 +23,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
-from .arena import allowed_hosts_for, host_name
+from .arena import allowed_hosts_for, host_name, listens_on_network
 from .chat_format import END_OF_TURN
 from .config import RULES, GenerationSettings
 from .errors import ConfigError, GemmaMlxError, OutputExistsError, ServeError
@@ -245,7 +245,7 @@ def serve(directory: Path, host: str = "127.0.0.1", port: int = 8000, open_brows
     """Serve the page folder until Ctrl-C, printing its URL."""
     server = make_server(directory, host, port)
     url = url_of(server)
-    if allowed_hosts_for(host) is None:
+    if listens_on_network(host):
         progress(f"warning: the page listens on {host}: anyone who can reach this machine on port {port} can "
                  "download the model. Use it only on a network you trust.")
     progress(f"web: serving {Path(directory)} at {url} (Ctrl-C stops)")

@@ -11,6 +11,7 @@
 - The loss runs the transformer once, gathers only the positions whose next token is trained,
   and applies the (tied, vocabulary-sized) output layer there alone: on real Gemma models that
   layer is a large share of each step, and prompts and padding are a large share of positions.
+  It does so in vocabulary chunks (chunked_loss.py), never holding the [N, 262k] float32 logits.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mlx.utils import tree_flatten
 
 from ..chat_format import EOS_ID, END_OF_TURN_ID, TURN_TOKEN_IDS
 from ..errors import TrainingError
+from .chunked_loss import CHUNK_ROWS, chunked_cross_entropy, output_matrix
 from .fast_gelu import use_fast_gelu
 
 
@@ -88,12 +90,30 @@ def turn_rows_in_model(trainee: Trainee):
             head.weight = head_weight
 
 
-def trained_logits(trainee: Trainee, inputs: mx.array, positions: mx.array) -> mx.array:
-    """Float32 logits [N, V] at the trained positions only (flat indices into B*L)."""
+def trained_hidden(trainee: Trainee, inputs: mx.array, positions: mx.array) -> mx.array:
+    """Final hidden states [N, H] at the trained positions only (flat indices into B*L)."""
     embeddings = trainee.input_embeddings(inputs) if trainee.turn_ids else None
     hidden = trainee.lm.model(inputs, input_embeddings=embeddings)  # [B, L, H]
-    picked = hidden.reshape(-1, hidden.shape[-1])[positions]  # [N, H]
-    return trainee.output_logits(picked).astype(mx.float32)
+    return hidden.reshape(-1, hidden.shape[-1])[positions]
+
+
+def trained_logits(trainee: Trainee, inputs: mx.array, positions: mx.array) -> mx.array:
+    """Float32 logits [N, V] at the trained positions only (flat indices into B*L)."""
+    return trainee.output_logits(trained_hidden(trainee, inputs, positions)).astype(mx.float32)
+
+
+def token_losses(trainee: Trainee, hidden: mx.array, targets: mx.array, gradient: bool = True):
+    """Cross-entropy [N] of hidden states [N, H] against targets [N], and the logsumexp [N] (None on the plain path).
+
+    In vocabulary chunks (chunked_loss.py) whenever the output layer allows it; otherwise through
+    the full [N, V] logits. `gradient=False` (validation) skips the chunked path's gradient work.
+    """
+    weight = output_matrix(trainee.lm)
+    if weight is None:
+        logits = trainee.output_logits(hidden).astype(mx.float32)
+        return nn.losses.cross_entropy(logits, targets, reduction="none"), None
+    rows = trainee.turn_rows if trainee.turn_ids else None
+    return chunked_cross_entropy(hidden, weight, targets, trainee.turn_ids, rows, gradient=gradient)
 
 
 def loss_fn(trainee: Trainee, inputs: mx.array, positions: mx.array, targets: mx.array, weights: mx.array | None = None,
@@ -105,7 +125,7 @@ def loss_fn(trainee: Trainee, inputs: mx.array, positions: mx.array, targets: mx
     of the global batch and divides by the global count, so the ranks' losses and gradients add up to
     the one-process ones.
     """
-    losses = nn.losses.cross_entropy(trained_logits(trainee, inputs, positions), targets, reduction="none")
+    losses, _ = token_losses(trainee, trained_hidden(trainee, inputs, positions), targets)
     count = positions.size
     if weights is not None:
         losses = losses * weights
@@ -129,11 +149,12 @@ def validation_sums(trainee: Trainee, inputs: mx.array, positions: mx.array, tar
     p(<end_of_turn>), whether it is the top-1 token, and the probability mass on <unusedN> tokens:
     a base model that has not learned to end its turn spreads "stop" over all of those.
     """
-    logits = trained_logits(trainee, inputs, positions)
-    losses = nn.losses.cross_entropy(logits, targets, reduction="none")
+    hidden = trained_hidden(trainee, inputs, positions)
+    losses, _ = token_losses(trainee, hidden, targets, gradient=False)
     sums = {"loss": losses.sum(), "count": positions.size}
     if ends.size:
-        at_end = logits[ends]  # [E, V]
+        # full logits for the few reply ends only (about one per example), not for all N positions
+        at_end = trainee.output_logits(hidden[ends]).astype(mx.float32)  # [E, V]
         logprobs = at_end - mx.logsumexp(at_end, axis=-1, keepdims=True)
         sums["end_p"] = mx.exp(logprobs[:, END_OF_TURN_ID]).sum()
         sums["end_top1"] = (mx.argmax(at_end, axis=-1) == END_OF_TURN_ID).sum()
@@ -218,7 +239,8 @@ def estimate_memory(trainee: Trainee, batch_size: int, max_length: int, max_trai
 
     Weights + trainable copies (weight, gradient, two Adam moments) + activations kept for the
     backward pass of the layers it reaches (with grad_checkpoint: only each layer's input, plus one
-    layer's activations while it is recomputed) + the logits of the trained positions.
+    layer's activations while it is recomputed) + the logits of the trained positions (a few
+    vocabulary chunks of them when the chunked loss applies).
     """
     args = trainee.lm.args
     hidden, inter = args.hidden_size, args.intermediate_size
@@ -233,6 +255,7 @@ def estimate_memory(trainee: Trainee, batch_size: int, max_length: int, max_trai
         activations = per_layer + tokens * hidden * itemsize * backward_layers
     else:
         activations = per_layer * max(backward_layers, 1)
-    logits = max_trained * vocab * 4 * 3
+    columns = vocab if output_matrix(trainee.lm) is None else min(vocab, CHUNK_ROWS)
+    logits = max_trained * columns * 4 * 3
     total = weights + trainable + activations + logits
     return {"weights": weights, "trainable": trainable, "activations": activations, "logits": logits, "total": total}

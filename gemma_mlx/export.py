@@ -325,6 +325,10 @@ def export_model(spec: str, gguf: Path | None = None, web: Path | None = None, q
     if gguf is None and web is None:
         raise GemmaMlxError("Say where to export: --gguf DIR (llama.cpp, Ollama, LM Studio) and/or --web DIR "
                             "(a page that runs the model in the browser).")
+    if web is not None:
+        from .web import check_runtime
+
+        check_runtime()  # before any weights load
     source = resolve_source(spec)
     quant = quant or (WEB_QUANT_DEFAULT if web is not None else "f16")
     if gguf is None:  # the page needs a GGUF file too: keep it in outputs/export/ so a re-run reuses it

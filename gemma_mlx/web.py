@@ -32,6 +32,21 @@ from .text import LOOP_COVERAGE, LOOP_NGRAM, LOOP_REPEATS
 
 PAGE_DIR = Path(__file__).resolve().parent / "webpage"
 MODEL_FILE, SETTINGS_FILE = "model.gguf", "settings.json"
+# The browser runtime (llama.cpp in WebAssembly, 29 MB) is not kept in git: scripts/vendor_wllama.sh
+# fetches it from npm at its pinned version into this folder (CI runs it; so must a checkout once).
+RUNTIME_FILES = ("vendor/wllama/wllama.js", "vendor/wllama/wllama.wasm",
+                 "vendor/wllama/compat/wllama.js", "vendor/wllama/compat/wllama.wasm")
+
+
+def check_runtime() -> None:
+    """The vendored browser runtime is there, or one paragraph saying how to fetch it (before any work)."""
+    missing = [name for name in RUNTIME_FILES if not (PAGE_DIR / name).is_file()]
+    if missing:
+        raise GemmaMlxError(
+            f"The web page's runtime (llama.cpp in WebAssembly, npm @wllama/wllama) is not installed: "
+            f"{PAGE_DIR / missing[0]} is missing. Fetch it once with `bash scripts/vendor_wllama.sh` (needs npm "
+            "and the npm registry; afterwards the page works offline), then export again."
+        )
 GGUF_MAGIC = b"GGUF"
 
 # settings.json key -> the config rule that checks it (llama.cpp's name for the repetition penalty)
@@ -140,6 +155,7 @@ def write_web_page(gguf_file: Path, out_dir: Path, settings: dict) -> Path:
     """
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
     full = check_page_settings(settings)
+    check_runtime()
     _check_gguf(gguf_file)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise OutputExistsError(

@@ -236,3 +236,12 @@ def test_run_exports_each_fused_model(tmp_path, isolated_outputs):
     bad.write_text(config.read_text().replace("export: [gguf, web]", "export: [onnx]"))
     refused = run_cli("run", bad)
     assert refused.exit_code == 1 and "export" in refused.output and "gguf" in refused.output
+
+
+def test_a_page_without_its_runtime_says_how_to_fetch_it_before_any_work(gguf_model, tmp_path, monkeypatch):
+    import gemma_mlx.web as web
+
+    monkeypatch.setattr(web, "RUNTIME_FILES", ("vendor/wllama/not-fetched.wasm",))
+    result = run_cli("export", gguf_model, "--web", tmp_path / "page")
+    assert result.exit_code == 1 and "scripts/vendor_wllama.sh" in result.output
+    assert not (tmp_path / "page").exists()

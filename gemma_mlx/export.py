@@ -35,7 +35,7 @@ from .manifest import (
     sha256_tree,
     versions,
 )
-from .models import ADAPTER_SEPARATOR, read_json, resolve_model_dir
+from .models import ADAPTER_SEPARATOR, _label, read_json, resolve_model_dir
 
 WEB_QUANT_DEFAULT = "q8_0"  # a page's model must stay small: see PAGE_SIZE_WARNING
 # Headless Chromium here refused to read a 543 MB model (NotReadableError from its blob store) and read a
@@ -81,14 +81,13 @@ def resolve_source(spec: str) -> ExportSource:
         base = resolve_model_dir(base_spec).resolve()
         adapter_dir = check_adapter_dir(Path(adapter_spec).expanduser()).resolve()
         check_adapters_fit(base, adapter_dir)
-        name = f"{adapter_dir.parent.name}-{adapter_dir.name}" if adapter_dir.name in ("last",) else adapter_dir.name
-        return ExportSource(spec, base, adapter_dir, _safe_name(name), {"fused": fuse_inputs(adapter_dir, base, True)})
+        return ExportSource(spec, base, adapter_dir, _safe_name(_label(adapter_dir)),
+                            {"fused": fuse_inputs(adapter_dir, base, True)})
     model_dir = resolve_model_dir(spec).resolve()
     manifest = read_manifest(model_dir) or {}
     identity = {"key_sha256": manifest["key_sha256"]} if manifest.get("key_sha256") else {
         "sha256": sha256_tree(model_dir, "*.safetensors")}
-    label = f"{model_dir.parent.name}-{model_dir.name}" if model_dir.name in ("fused", "last") else model_dir.name
-    return ExportSource(spec, model_dir, None, _safe_name(label), identity)
+    return ExportSource(spec, model_dir, None, _safe_name(_label(model_dir)), identity)
 
 
 def float_weights(source: ExportSource) -> tuple[dict, dict]:
@@ -343,7 +342,7 @@ def export_model(spec: str, gguf: Path | None = None, web: Path | None = None, q
 
 def export_web(gguf_result: ExportResult, out: Path, force: bool = False, progress: Progress = quiet) -> Path:
     """The browser page for an exported GGUF (web.py builds it), under the same output rules."""
-    from .web import page_settings, write_web_page
+    from .web import fill_page, page_settings
 
     manifest = gguf_result.manifest
     generation = generation_settings(manifest.get("generation"))
@@ -360,10 +359,7 @@ def export_web(gguf_result: ExportResult, out: Path, force: bool = False, progre
                  f"{PAGE_SIZE_WARNING / 1e6:.0f} MB in one piece (headless Chromium refused 543 MB). Export with "
                  "--quant q8_0 or q4_0 for the page.")
     with atomic_output_dir(out, force=True) as tmp:
-        page = write_web_page(gguf_result.gguf_file, tmp / "page", settings)
-        for item in page.iterdir():
-            item.rename(tmp / item.name)
-        page.rmdir()
+        fill_page(tmp, gguf_result.gguf_file, settings)
         finish_output(tmp, output, {"gguf_export": str(gguf_result.gguf_dir), "settings": settings,
                                     "created": now_iso(), "versions": versions()})
     progress(f"web page: {out} (serve it with `gemma-mlx web {out}`, then open the URL it prints)")

@@ -147,26 +147,34 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def fill_page(directory: Path, gguf_file: Path, settings: dict) -> None:
+    """Put the page, its runtime, the model (linked) and settings.json into `directory` (a temp dir
+    that the caller renames into place); bad settings, a missing runtime or a non-GGUF file fail first."""
+    full = check_page_settings(settings)
+    check_runtime()
+    _check_gguf(Path(gguf_file))
+    shutil.copytree(PAGE_DIR, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".*"))
+    _link_or_copy(Path(gguf_file), Path(directory) / MODEL_FILE)
+    (Path(directory) / SETTINGS_FILE).write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def write_web_page(gguf_file: Path, out_dir: Path, settings: dict) -> Path:
     """Write the chat page for `gguf_file` into `out_dir` (new or empty) and return it.
 
     Everything is written into a temp dir next to `out_dir` and renamed into place at the end, so a
     failed or interrupted export leaves no half-written page behind.
     """
-    gguf_file, out_dir = Path(gguf_file), Path(out_dir)
-    full = check_page_settings(settings)
+    out_dir = Path(out_dir)
+    check_page_settings(settings)
     check_runtime()
-    _check_gguf(gguf_file)
+    _check_gguf(Path(gguf_file))
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise OutputExistsError(
             f"{out_dir} already exists and is not an empty directory, so the web page would mix with what is "
             "there. Choose a new directory for the page, or remove that one first."
         )
     with atomic_output_dir(out_dir, force=True) as tmp:
-        shutil.copytree(PAGE_DIR, tmp, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", ".*"))
-        _link_or_copy(gguf_file, tmp / MODEL_FILE)
-        (tmp / SETTINGS_FILE).write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        fill_page(tmp, gguf_file, settings)
     return out_dir
 
 

@@ -1,0 +1,135 @@
+"""Does a reply answer the message? An offline measure: how much the reply makes the message more likely.
+
+Markers, clean endings and loop flags all look fine on a reply that is in voice but about something
+else ("What do you do when it's raining?" -> "I keep my wet hair in my ears!"). To see that, we ask
+an un-tuned *base* model how surprised it is by the message with and without the reply in front of it:
+
+    on_topic_score = ( log p(message | "Answer: {reply}\\nQuestion:") - log p(message | "Question:") ) / tokens
+
+the pointwise mutual information of message and reply, per message token. A reply that answers
+the message names its subject, its words, its situation, so the message becomes easier to predict;
+a reply about something else leaves it as surprising as before (the score stays near 0). Scoring
+p(message | reply) rather than p(reply | message) is the maximum-mutual-information idea from neural
+conversation models: it does not reward a bland reply that suits every message, and it does not
+care how likely the reply's own style is, which is exactly what a persona changes.
+
+The reply comes first in the frame because a causal model can only condition on what came before.
+The message's tokens are encoded once and appended to both prefixes, so the two log-probabilities
+are over identical tokens. All pairs run as padded rows of a few batched forward passes (right
+padding: a causal model's earlier positions never see the pad), and the vocabulary-sized output
+layer is applied only at the message positions, a chunk of rows at a time, so memory stays small.
+
+The threshold and its agreement with a human reading are measured in docs/DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..chat_format import BOS_ID, PAD_ID, encode
+
+# Chosen on 60 hand-labelled replies scored by the real Gemma 3 270M base (docs/DESIGN.md, "On topic").
+ON_TOPIC_THRESHOLD = 0.25
+REPLY_PREFIX, QUESTION_PREFIX = "Answer: ", "Question:"
+MAX_ROWS = 64  # sequences per forward pass; more pairs run as more passes of the same batch
+HEAD_CHUNK = 256  # message positions per slice of the [positions, vocabulary] output layer
+MAX_REPLY_TOKENS = 256  # a longer reply is cut from the end: its opening says what it is about
+
+
+@dataclass(frozen=True)
+class PairRows:
+    """The token rows for one (message, reply) pair: the same message ids after two prefixes."""
+
+    conditional: list[int]  # <bos> Answer: {reply}\nQuestion: {message}
+    unconditional: list[int]  # <bos> Question: {message}
+    message_tokens: int  # the last this-many tokens of both rows are the message
+
+
+def pair_rows(tokenizer, message: str, reply: str) -> PairRows:
+    """Token rows of one pair in the plain "Answer: ... / Question: ..." frame."""
+    message_ids = encode(tokenizer, " " + " ".join(message.split()))
+    reply_ids = encode(tokenizer, REPLY_PREFIX + " ".join(reply.split()))[:MAX_REPLY_TOKENS]
+    prefix_ids = encode(tokenizer, "\n" + QUESTION_PREFIX)
+    return PairRows(
+        conditional=[BOS_ID, *reply_ids, *prefix_ids, *message_ids],
+        unconditional=[BOS_ID, *encode(tokenizer, QUESTION_PREFIX), *message_ids],
+        message_tokens=len(message_ids),
+    )
+
+
+def pad_rows(rows: list[list[int]], pad_id: int = PAD_ID) -> list[list[int]]:
+    """Right-pad token rows to one length (a causal model's real positions never attend to the pad)."""
+    width = max(len(r) for r in rows)
+    return [r + [pad_id] * (width - len(r)) for r in rows]
+
+
+def _output_layer(model):
+    """(hidden states function, output layer function) of an mlx-lm Gemma 3 text model."""
+    inner = model.model
+    if getattr(model, "lm_head", None) is not None and not getattr(model, "tie_word_embeddings", True):
+        return inner, model.lm_head
+    return inner, inner.embed_tokens.as_linear
+
+
+def tail_logprobs(model, rows: list[list[int]], tails: list[int]) -> list[float]:
+    """Sum of log p(token | everything before it) over the last `tails[i]` tokens of each row.
+
+    Rows run in padded forward passes of up to MAX_ROWS, sorted by length to waste little on pads.
+    """
+    import mlx.core as mx
+
+    hidden_of, head = _output_layer(model)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    totals = [0.0] * len(rows)
+    for start in range(0, len(order), MAX_ROWS):
+        group = order[start:start + MAX_ROWS]
+        padded = pad_rows([rows[i] for i in group])
+        hidden = hidden_of(mx.array(padded))  # [rows, width, hidden]
+        # the positions that predict each tail token: row r, positions len-tail-1 .. len-2
+        where_row, where_pos, targets = [], [], []
+        for r, i in enumerate(group):
+            length = len(rows[i])
+            for pos in range(length - tails[i] - 1, length - 1):
+                where_row.append(r)
+                where_pos.append(pos)
+                targets.append(rows[i][pos + 1])
+        picked = hidden[mx.array(where_row), mx.array(where_pos)]  # [positions, hidden]
+        scores = []
+        for chunk in range(0, len(targets), HEAD_CHUNK):
+            logits = head(picked[chunk:chunk + HEAD_CHUNK]).astype(mx.float32)
+            target = mx.array(targets[chunk:chunk + HEAD_CHUNK])
+            chosen = mx.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
+            scores.append(chosen - mx.logsumexp(logits, axis=-1))
+        per_position = mx.concatenate(scores).tolist()
+        for r, row_index in enumerate(where_row):
+            totals[group[row_index]] += per_position[r]
+    return totals
+
+
+def on_topic_scores(model, tokenizer, pairs: list[tuple[str, str]]) -> list[float | None]:
+    """The on-topic score of each (message, reply) pair under `model` (the base); None for an empty reply.
+
+    All pairs' rows (two per pair) are scored together in padded batches: one call, not one per pair.
+    """
+    scored = [i for i, (message, reply) in enumerate(pairs) if reply.strip() and message.strip()]
+    if not scored:
+        return [None] * len(pairs)
+    built = [pair_rows(tokenizer, *pairs[i]) for i in scored]
+    rows = [b.conditional for b in built] + [b.unconditional for b in built]
+    tails = [b.message_tokens for b in built] * 2
+    logprobs = tail_logprobs(model, rows, tails)
+    result: list[float | None] = [None] * len(pairs)
+    for k, i in enumerate(scored):
+        result[i] = (logprobs[k] - logprobs[k + len(built)]) / built[k].message_tokens
+    return result
+
+
+def is_on_topic(score: float | None, threshold: float = ON_TOPIC_THRESHOLD) -> bool:
+    """A score at or above the threshold is on topic; an empty reply (score None) answers nothing."""
+    return score is not None and score >= threshold
+
+
+def on_topic_rate(flags: list[bool | None]) -> float | None:
+    """Share of replies that are on topic; None flags (no scoring model) are left out, None when all are."""
+    scored = [f for f in flags if f is not None]
+    return sum(scored) / len(scored) if scored else None

@@ -1,0 +1,132 @@
+"""The on-topic measure (scoring/ontopic.py) and the choices built on it (scoring/best_of.py)."""
+
+import math
+
+import pytest
+
+from gemma_mlx.scoring import best_of, ontopic
+from gemma_mlx.scoring.best_of import Candidate, checkpoint_score, length_fidelity, pick_best
+
+PAIRS = [
+    ("Why is the sky blue?", "Sunlight bounces off the air, and blue bounces most."),
+    ("I lost my favourite teddy.", "Oh no! Look under the bed."),
+    ("Tell me a story", "Once upon a time a small dog found a very long stick in the backyard and carried it home."),
+    ("Is it okay to be angry?", ""),  # empty: nothing to score
+    ("What should I do today?", "Play!"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(converted_models):
+    from gemma_mlx.generate import load_model
+
+    return load_model(converted_models["pt"])
+
+
+def _reference_logprob(model, row: list[int], tail: int) -> float:
+    """Plain full-logits log-probability of a row's last `tail` tokens, one unpadded row at a time."""
+    import mlx.core as mx
+
+    logits = model(mx.array([row]))[0].astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sum(logprobs[pos, row[pos + 1]].item() for pos in range(len(row) - tail - 1, len(row) - 1))
+
+
+def test_pair_rows_end_in_the_same_message_tokens(tiny):
+    rows = ontopic.pair_rows(tiny.tokenizer, "Why is the sky blue?", "Sunlight bounces.")
+    n = rows.message_tokens
+    assert n > 0
+    assert rows.conditional[-n:] == rows.unconditional[-n:]
+    assert rows.conditional[0] == rows.unconditional[0] == 2  # <bos>
+    assert len(rows.conditional) > len(rows.unconditional)  # the reply sits in front
+
+
+def test_batched_scores_equal_one_pair_at_a_time_with_full_logits(tiny):
+    """Padding, length sorting and the chunked output layer do not change any score."""
+    scores = ontopic.on_topic_scores(tiny.model, tiny.tokenizer, PAIRS)
+    assert scores[3] is None
+    for (message, reply), score in zip(PAIRS, scores):
+        if not reply:
+            continue
+        rows = ontopic.pair_rows(tiny.tokenizer, message, reply)
+        n = rows.message_tokens
+        expected = (_reference_logprob(tiny.model, rows.conditional, n)
+                    - _reference_logprob(tiny.model, rows.unconditional, n)) / n
+        assert score == pytest.approx(expected, abs=2e-4)
+
+
+def test_several_forward_passes_and_head_chunks_give_the_same_scores(tiny, monkeypatch):
+    whole = ontopic.on_topic_scores(tiny.model, tiny.tokenizer, PAIRS)
+    monkeypatch.setattr(ontopic, "MAX_ROWS", 3)
+    monkeypatch.setattr(ontopic, "HEAD_CHUNK", 5)
+    split = ontopic.on_topic_scores(tiny.model, tiny.tokenizer, PAIRS)
+    assert [s is None for s in split] == [s is None for s in whole]
+    assert [s for s in split if s is not None] == pytest.approx([s for s in whole if s is not None], abs=1e-5)
+
+
+def test_threshold_and_rate():
+    assert ontopic.is_on_topic(ontopic.ON_TOPIC_THRESHOLD)
+    assert not ontopic.is_on_topic(ontopic.ON_TOPIC_THRESHOLD - 0.01)
+    assert not ontopic.is_on_topic(None)  # an empty reply answers nothing
+    assert ontopic.on_topic_rate([True, False, True, True]) == 0.75
+    assert ontopic.on_topic_rate([None, None]) is None
+
+
+# ---------------------------------------------------------------------------- best of N
+
+def test_a_clean_ending_beats_a_higher_score_that_is_cut_or_loops():
+    loop = "a big house with " * 12
+    candidates = [Candidate("I like it. And then the", "length", 2.0),
+                  Candidate(loop.strip() + ".", "stop", 3.0),
+                  Candidate("I like the park.", "stop", 0.1)]
+    assert pick_best(candidates) == 2
+
+
+def test_inside_the_length_band_the_on_topic_score_decides():
+    ten = "one two three four five six seven eight nine ten."
+    twelve = "one two three four five six seven eight nine ten eleven twelve."
+    candidates = [Candidate(ten, "stop", 0.2), Candidate(twelve, "stop", 0.9)]
+    assert pick_best(candidates, target_words=10) == 1  # both in band: the more on-topic one
+
+
+def test_outside_the_band_the_nearest_length_wins_and_in_band_beats_out_of_band():
+    short = "Yes."
+    medium = " ".join(f"word{i}" for i in range(14)) + "."
+    long = " ".join(f"word{i}" for i in range(40)) + "."  # distinct words: not a loop
+    # 1 and 40 words against a 10-word persona: both out of band; 40 is 4x, 1 is 10x away
+    assert pick_best([Candidate(short, "stop", 5.0), Candidate(long, "stop", 0.0)], target_words=10) == 1
+    # a lower score in the band beats a higher one outside it
+    assert pick_best([Candidate(long, "stop", 5.0), Candidate(medium, "stop", 0.0)], target_words=10) == 1
+
+
+def test_ties_keep_the_first_candidate_and_no_target_means_every_length_fits():
+    same = [Candidate("I like the park.", "stop", 0.5), Candidate("I like the zoo.", "stop", 0.5)]
+    assert pick_best(same) == 0
+    assert pick_best([Candidate("Yes.", "stop", 0.1), Candidate(" ".join(f"w{i}" for i in range(90)) + ".", "stop", 0.2)]) == 1
+    with pytest.raises(ValueError):
+        pick_best([])
+
+
+def test_an_empty_reply_ranks_last():
+    assert pick_best([Candidate("", "stop", None), Candidate("Ok then and", "length", None)]) == 1
+
+
+# ---------------------------------------------------------------------------- the best checkpoint
+
+def test_length_fidelity():
+    assert length_fidelity(40, 40) == 1.0
+    assert length_fidelity(20, 40) == 0.5
+    assert length_fidelity(80, 40) == 0.5
+    assert length_fidelity(0, 40) == 0.0
+    assert length_fidelity(None, 40) is None and length_fidelity(20, None) is None
+
+
+def test_checkpoint_score_tells_short_clean_replies_from_ones_of_the_persona_length():
+    """The issue's case: all clean at 8 words and all clean at 20, for a persona that talks in 40."""
+    eight, twenty = checkpoint_score(1.0, 8, 40), checkpoint_score(1.0, 20, 40)
+    assert eight == pytest.approx(0.2) and twenty == pytest.approx(0.5)
+    assert checkpoint_score(1.0, 40, 40, on_topic_rate=0.5) == pytest.approx(0.5)
+    assert checkpoint_score(0.9, None, None) == pytest.approx(0.9)  # nothing but clean endings known
+    assert checkpoint_score(1.0, 40, 40, on_topic_rate=0.0) == 0.0
+    assert math.isclose(checkpoint_score(0.5, 30, 40, 0.8), 0.5 * 0.75 * 0.8)
+

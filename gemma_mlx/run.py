@@ -65,13 +65,12 @@ class RunResult:
 
 
 def resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
-    """Relative data/persona/prompt paths (and local checkpoint dirs) are relative to the config file."""
+    """Relative data/persona/prompt paths (and local checkpoint dirs) are relative to the config file;
+    one missing there is the shipped file of that name, or an error that says how to mend it."""
+    from .init import resolve_experiment_path
 
-    def resolve(value: str) -> str:
-        if not value:
-            return value
-        path = Path(value).expanduser()
-        return str(path if path.is_absolute() else (base_dir / path).resolve())
+    def resolve(value: str, key: str) -> str:
+        return resolve_experiment_path(value, base_dir, key, config.locations.get(key)) if value else value
 
     def resolve_checkpoint(spec: str) -> str:
         candidate = base_dir / spec
@@ -80,9 +79,9 @@ def resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
     return apply_overrides(
         config,
         {
-            "data": resolve(config.data),
-            "persona": resolve(config.persona),
-            "prompts": [resolve(p) for p in config.prompts],
+            "data": resolve(config.data, "data"),
+            "persona": resolve(config.persona, "persona"),
+            "prompts": [resolve(p, "prompts") for p in config.prompts],
             "checkpoints": [resolve_checkpoint(c) for c in config.checkpoints],
         },
         where=None,  # the same values, made absolute: they still come from the file's lines

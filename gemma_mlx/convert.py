@@ -1,8 +1,11 @@
 """`gemma-mlx convert`: short names, hub downloads, GGUF files, and the conversion to MLX (Gemma-correct).
 
 A converted model directory is what every later stage loads. Beyond mlx-lm's own conversion we
-make it Gemma-correct for our use: a turn template even for a -pt model, `<end_of_turn>` among
-its stop tokens, and a manifest saying where it came from (see docs/DESIGN.md, "Gemma 3 facts").
+make it Gemma-correct for our use: a turn template even for a -pt model, the family's turn end
+among its stop tokens, and a manifest saying where it came from (see docs/DESIGN.md, "Gemma 3 facts").
+A multimodal checkpoint (Gemma 3 4B and up, Gemma 4) is converted as its language model alone
+(formats/language_model.py), so every later stage sees a text model. The families and their
+facts are in families.py.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import backend
-from .chat_format import END_OF_TURN_ID, EOS_ID, GEMMA_TURN_TEMPLATE
 from .errors import CheckpointError
+from .families import FAMILIES, accepted_model_types, family_of_config, is_multimodal, short_names
 from .models import loading_errors
 from .manifest import (
     Progress,
@@ -34,18 +37,12 @@ from .manifest import (
     versions,
 )
 
-# Short names for the checkpoints the reference experiment uses.
-REGISTRY = {
-    "gemma-3-270m": "google/gemma-3-270m",
-    "gemma-3-270m-pt": "google/gemma-3-270m",
-    "gemma-3-270m-it": "google/gemma-3-270m-it",
-    "gemma-3-1b-pt": "google/gemma-3-1b-pt",
-    "gemma-3-1b-it": "google/gemma-3-1b-it",
-}
+# Short names of every family (families.py), e.g. gemma-3-270m, gemma-4-e2b-it.
+REGISTRY = short_names()
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 DTYPES = ("float32", "bfloat16", "float16")
 GROUP_SIZES = (32, 64, 128)
-SUPPORTED_MODEL_TYPES = ("gemma3_text",)
+SUPPORTED_MODEL_TYPES = tuple(accepted_model_types())
 
 
 @dataclass(frozen=True)
@@ -174,17 +171,13 @@ def read_config(checkpoint: Path) -> dict:
 
 
 def check_model_type(config: dict, where: str) -> None:
-    """gemma-mlx trains Gemma 3 *text* models; say so clearly for anything else."""
+    """gemma-mlx trains the families in families.py; say so clearly for anything else."""
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        hint = (
-            " Gemma 3 4B and larger are multimodal (model_type gemma3); use the 270M or 1B text models."
-            if model_type == "gemma3"
-            else ""
-        )
+        known = "; ".join(f"{f.title} ({', '.join(repr(t) for t in f.model_types)})" for f in FAMILIES)
         raise CheckpointError(
-            f"{where}: model_type is {model_type!r}, but gemma-mlx works with Gemma 3 "
-            f"text checkpoints (model_type 'gemma3_text').{hint}"
+            f"{where}: model_type is {model_type!r}, but gemma-mlx works with these model families: {known}. "
+            "Convert one of those checkpoints instead."
         )
 
 
@@ -220,14 +213,15 @@ PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 
 
 def make_gemma_correct(model_dir: Path) -> None:
-    """Give a converted model the Gemma turn template, both stop tokens (<eos>, <end_of_turn>), and a
+    """Give a converted model its family's turn template, both stop tokens (<eos> and the turn end), and a
     tokenizer class every transformers version can load."""
     model_dir = Path(model_dir)
+    family = family_of_config(json.loads((model_dir / "config.json").read_text()))
     tokenizer_config_path = model_dir / "tokenizer_config.json"
     tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else {}
     changed = False
     if not has_chat_template(model_dir):
-        tokenizer_config["chat_template"] = GEMMA_TURN_TEMPLATE
+        tokenizer_config["chat_template"] = family.chat_template()
         changed = True
     if tokenizer_config.get("tokenizer_class") in PORTABLE_TOKENIZER_CLASSES:
         tokenizer_config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASSES[tokenizer_config["tokenizer_class"]]
@@ -237,9 +231,9 @@ def make_gemma_correct(model_dir: Path) -> None:
     for file_name in ("config.json", "generation_config.json"):
         path = model_dir / file_name
         config = json.loads(path.read_text()) if path.is_file() else {}
-        eos = config.get("eos_token_id", EOS_ID)
+        eos = config.get("eos_token_id", family.eos_id)
         eos = list(eos) if isinstance(eos, list) else [eos]
-        for token_id in (EOS_ID, END_OF_TURN_ID):
+        for token_id in family.stop_token_ids:
             if token_id not in eos:
                 eos.append(token_id)
         config["eos_token_id"] = eos
@@ -383,6 +377,15 @@ def _convert_into(output: StageOutput, source: Source, checkpoint: Path | None, 
             extra["gguf"] = gguf_to_hf(source.gguf_path, checkpoint, progress)
             validate_checkpoint(checkpoint)
         source_eos = _source_eos_ids(checkpoint)
+        source_config = read_config(checkpoint)
+        if is_multimodal(source_config):
+            from .formats.language_model import write_language_model
+
+            family = family_of_config(source_config)
+            progress(f"{source.spec}: a multimodal {family.title} checkpoint ({source_config.get('model_type')}); "
+                     "keeping its language model only (the vision and audio towers are left out)")
+            original, checkpoint = checkpoint, tmp / "text"
+            extra["language_model"] = write_language_model(original, checkpoint, source_config, family)
         staged = tmp / "mlx"  # mlx_lm.convert insists on creating its own directory
         damaged = "The checkpoint's files may be cut short by an interrupted download or copy: fetch or copy them again."
         with contextlib.redirect_stdout(sys.stderr), loading_errors(checkpoint, damaged):  # keep stdout for results
@@ -394,12 +397,15 @@ def _convert_into(output: StageOutput, source: Source, checkpoint: Path | None, 
                 q_bits=settings["quantize_bits"],
                 q_group_size=settings["group_size"],
             )
-        if source.gguf_path is not None:
+        if source.gguf_path is not None or "language_model" in extra:
             shutil.rmtree(checkpoint)
         for item in staged.iterdir():
             item.rename(tmp / item.name)
         staged.rmdir()
         make_gemma_correct(tmp)
+        converted = read_config(tmp)
+        record = {**record, "model_type": converted.get("model_type"), "source_model_type": source_config.get("model_type"),
+                  "shape": {k: converted.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")}}
         flavour = detect_flavour(tmp, source.name, source_eos, settings["flavour"])
         manifest = finish_output(tmp, output, {
             **record,

@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chat_format import BOS, encode, render
+from .chat_format import encode
+from .families import family_of_tokenizer
 from .models import model_dir_path
 from .examples import (
     NEAR_DUPLICATE_JACCARD,
@@ -66,12 +67,12 @@ def load_tokenizer(model: str | Path):
 
 def token_counts(examples: list[Example], tokenizer) -> list[tuple[int, int | None]]:
     """(tokens of the whole example in the Gemma turn format, tokens of its reply) per example."""
-    counts = []
+    counts, family = [], family_of_tokenizer(tokenizer)
     for example in examples:
         if example.messages is None:
-            counts.append((len(encode(tokenizer, BOS + example.text)), None))
+            counts.append((len(encode(tokenizer, family.bos + example.text)), None))
         else:
-            counts.append((len(encode(tokenizer, render(example.messages))), len(encode(tokenizer, example.reply))))
+            counts.append((len(encode(tokenizer, family.render(example.messages))), len(encode(tokenizer, example.reply))))
     return counts
 
 

@@ -175,23 +175,26 @@ def persona_name(context: dict, fallback: str) -> str:
 
 def modelfile_text(gguf_file_name: str, settings: GenerationSettings, system: str | None = None) -> str:
     """An Ollama Modelfile: the file, Gemma's turn format as a Go template, stop tokens, the run's decoding."""
+    from .formats.gguf import FAMILY  # the family GGUF files hold
+
+    start, end, model = FAMILY.turn_start, FAMILY.turn_end, FAMILY.model_role
     template = (
         '{{- $system := "" }}\n'
         "{{- range .Messages }}\n"
         '{{- if eq .Role "system" }}{{ $system = .Content }}\n'
-        '{{- else if eq .Role "user" }}<start_of_turn>user\n'
-        "{{ if $system }}{{ $system }}\n\n{{ $system = \"\" }}{{ end }}{{ .Content }}<end_of_turn>\n"
-        '{{ else if eq .Role "assistant" }}<start_of_turn>model\n'
-        "{{ .Content }}<end_of_turn>\n"
+        f'{{{{- else if eq .Role "user" }}}}{start}user\n'
+        f"{{{{ if $system }}}}{{{{ $system }}}}\n\n{{{{ $system = \"\" }}}}{{{{ end }}}}{{{{ .Content }}}}{end}\n"
+        f'{{{{ else if eq .Role "assistant" }}}}{start}{model}\n'
+        f"{{{{ .Content }}}}{end}\n"
         "{{ end }}\n"
-        "{{- end }}<start_of_turn>model\n"
+        f"{{{{- end }}}}{start}{model}\n"
     )
     lines = [
         "# Ollama: ollama create <name> -f Modelfile, then ollama run <name>",
         f"FROM ./{gguf_file_name}",
         f'TEMPLATE """{template}"""',
-        'PARAMETER stop "<end_of_turn>"',
-        'PARAMETER stop "<eos>"',
+        f'PARAMETER stop "{end}"',
+        f'PARAMETER stop "{FAMILY.eos}"',
         f"PARAMETER temperature {settings.temperature:g}",
         f"PARAMETER repeat_penalty {settings.repetition_penalty:g}",
         f"PARAMETER num_predict {settings.max_tokens}",

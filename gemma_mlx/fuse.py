@@ -38,7 +38,6 @@ from .manifest import (
 )
 
 ADAPTER_FILES = (ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE)
-MODEL_TYPE = "gemma3_text"
 
 
 @dataclass

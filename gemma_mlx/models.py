@@ -15,8 +15,10 @@ from pathlib import Path
 from dataclasses import dataclass
 
 from .errors import CheckpointError, GemmaMlxError
+from .families import FAMILIES
 from .manifest import WRITE_ERRNOS, outputs_root, read_manifest
 
+TEXT_MODEL_TYPES = tuple(f.text_model_type for f in FAMILIES)  # what convert writes, for every family
 ADAPTER_SEPARATOR = "::"  # BASE_DIR::ADAPTER_DIR names a base model with LoRA adapters on top
 
 
@@ -106,10 +108,10 @@ def check_adapters_fit(base: Path, adapter_dir: Path, train_manifest: dict | Non
     """
     train_manifest = train_manifest if train_manifest is not None else train_manifest_of(adapter_dir)
     config = read_json(base / "config.json", "config.json")
-    if config.get("model_type") != "gemma3_text":
+    if config.get("model_type") not in TEXT_MODEL_TYPES:
         raise CheckpointError(
-            f"{base / 'config.json'}: model_type is {config.get('model_type')!r}, but gemma-mlx works with Gemma 3 text "
-            f"models ('gemma3_text'). Use the converted Gemma 3 model the adapters were trained on."
+            f"{base / 'config.json'}: model_type is {config.get('model_type')!r}, but gemma-mlx works with converted text "
+            f"models ({', '.join(repr(t) for t in TEXT_MODEL_TYPES)}). Use the converted model the adapters were trained on."
         )
     trained_on = (train_manifest or {}).get("base_manifest") or {}
     base_manifest = read_manifest(base) or {}

@@ -1,9 +1,12 @@
-"""Tiny, randomly initialised Gemma 3 text checkpoints in the real Hugging Face layout.
+"""Tiny, randomly initialised Gemma 3 and Gemma 4 text checkpoints in the real Hugging Face layout.
 
 No Gemma can be downloaded in tests or CI, so we build stand-ins that exercise every code path a
 real checkpoint does: hub-style config.json, HF parameter names in model.safetensors, a tokenizer
 with Gemma's special tokens at Gemma's ids, generation_config.json, and the -pt/-it differences
-(the -it flavour has a chat template and eos [1, 106]; the -pt one has neither).
+(the -it flavour has a chat template and eos [<eos>, turn end]; the -pt one has neither).
+Gemma 4 ones (write_tiny_gemma4_checkpoint) have its per-layer input embeddings, KV-shared and
+double-wide layers, a wider head on full-attention layers and capped logits, and a multimodal
+Gemma 3 one (write_tiny_multimodal_checkpoint) keeps its language model under `language_model.`.
 Deterministic for a seed, built in about a second, no torch and no network.
 """
 
@@ -15,14 +18,32 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat_format import GEMMA_TURN_TEMPLATE
 from .config import SHIPPED_DATA
+from .families import GEMMA3, GEMMA4, Family
+
+
+def _special_tokens(family: Family, named: dict[int, str], last: int) -> list[str]:
+    """Tokens 0..last at the family's ids: the named ones, <unusedN> in every other slot."""
+    fixed = {family.pad_id: family.pad, family.eos_id: family.eos, family.bos_id: family.bos, family.unk_id: "<unk>",
+             family.turn_start_id: family.turn_start, family.turn_end_id: family.turn_end, **named}
+    tokens, unused = [], 0
+    for token_id in range(last + 1):
+        if token_id in fixed:
+            tokens.append(fixed[token_id])
+        else:
+            tokens.append(f"<unused{unused}>")
+            unused += 1
+    return tokens
+
 
 # Ids 0..106 mirror Gemma 3: pad, eos, bos, unk, mask, [multimodal], <unused0..98>, turn tokens.
-SPECIAL_TOKENS = (
-    ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]"]
-    + [f"<unused{i}>" for i in range(99)]
-    + ["<start_of_turn>", "<end_of_turn>"]
+SPECIAL_TOKENS = _special_tokens(GEMMA3, {4: "<mask>", 5: "[multimodal]"}, GEMMA3.turn_end_id)
+# Ids 0..106 mirror Gemma 4: its tool, thinking and channel tokens at their ids; <unusedN> between.
+GEMMA4_SPECIAL_TOKENS = _special_tokens(
+    GEMMA4,
+    {4: "<mask>", 46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>",
+     51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>", 100: "<|channel>", 101: "<channel|>"},
+    GEMMA4.turn_end_id,
 )
 
 TINY_SHAPE = dict(
@@ -61,7 +82,8 @@ def tokenizer_corpus() -> str:
     return "\n".join(parts)
 
 
-def build_tokenizer(corpus: str | None = None, vocab_size: int = TINY_SHAPE["vocab_size"]):
+def build_tokenizer(corpus: str | None = None, vocab_size: int = TINY_SHAPE["vocab_size"],
+                    special_tokens: list[str] | None = None):
     """A byte-level BPE tokenizer with Gemma's special tokens at Gemma's ids, kept whole.
 
     Every id below vocab_size is a real token: if the corpus yields fewer merges, the rest become
@@ -70,29 +92,31 @@ def build_tokenizer(corpus: str | None = None, vocab_size: int = TINY_SHAPE["voc
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     corpus = tokenizer_corpus() if corpus is None else corpus
+    special_tokens = SPECIAL_TOKENS if special_tokens is None else special_tokens
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator([corpus] * 4, trainer=trainer)
     missing = vocab_size - tokenizer.get_vocab_size()
     if missing > 0:
-        tokenizer = _with_unused_filler(tokenizer, missing)
+        tokenizer = _with_unused_filler(tokenizer, missing, sum(t.startswith("<unused") for t in special_tokens))
     # Gemma's tokenizer prepends <bos> when asked to add special tokens.
+    bos = special_tokens[GEMMA3.bos_id]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 2)]
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, GEMMA3.bos_id)]
     )
-    for token_id, token in enumerate(SPECIAL_TOKENS):
+    for token_id, token in enumerate(special_tokens):
         assert tokenizer.token_to_id(token) == token_id, (token, tokenizer.token_to_id(token))
     return tokenizer
 
 
-def _with_unused_filler(tokenizer, count: int):
+def _with_unused_filler(tokenizer, count: int, first_number: int):
     """Append `count` more <unusedN> entries to the BPE vocabulary itself.
 
     Plain vocabulary entries (no merge reaches them), not added tokens: transformers loads tens of
@@ -104,15 +128,18 @@ def _with_unused_filler(tokenizer, count: int):
     vocab = spec["model"]["vocab"]
     first = len(vocab)
     for offset in range(count):
-        vocab[f"<unused{99 + offset}>"] = first + offset
+        vocab[f"<unused{first_number + offset}>"] = first + offset
     return Tokenizer.from_str(json.dumps(spec))
 
 
+def _eos(family: Family, flavour: str):
+    return list(family.stop_token_ids) if flavour == "it" else family.eos_id
+
+
 def _config(flavour: str, shape: dict) -> dict:
-    eos = [1, 106] if flavour == "it" else 1
     return {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
+        "architectures": [GEMMA3.causal_lm_architecture],
+        "model_type": GEMMA3.text_model_type,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "attn_logit_softcapping": None,
@@ -128,9 +155,9 @@ def _config(flavour: str, shape: dict) -> dict:
         "sliding_window": 512,
         "sliding_window_pattern": 6,
         "use_cache": True,
-        "pad_token_id": 0,
-        "bos_token_id": 2,
-        "eos_token_id": eos,
+        "pad_token_id": GEMMA3.pad_id,
+        "bos_token_id": GEMMA3.bos_id,
+        "eos_token_id": _eos(GEMMA3, flavour),
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
         **shape,
@@ -188,32 +215,36 @@ def write_tiny_checkpoint(out_dir: Path, flavour: str = "pt", seed: int = 0, sha
 
     config = _config(flavour, shape)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": 2, "eos_token_id": config["eos_token_id"], "pad_token_id": 0}
+    save_file(_weights(shape, seed), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    _write_tokenizer_files(out_dir, GEMMA3, flavour, shape["vocab_size"], SPECIAL_TOKENS)
+    return out_dir
+
+
+def _write_tokenizer_files(out_dir: Path, family: Family, flavour: str, vocab_size: int, specials: list[str]) -> None:
+    """generation_config.json, tokenizer.json, tokenizer_config.json and special_tokens_map.json of a tiny model."""
+    generation = {"bos_token_id": family.bos_id, "eos_token_id": _eos(family, flavour), "pad_token_id": family.pad_id}
     if flavour == "it":
         generation.update(cache_implementation="hybrid", do_sample=True, top_k=64, top_p=0.95)
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    save_file(_weights(shape, seed), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-
-    build_tokenizer(vocab_size=shape["vocab_size"]).save(str(out_dir / "tokenizer.json"))
+    build_tokenizer(vocab_size=vocab_size, special_tokens=specials).save(str(out_dir / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<bos>",
-        "eos_token": "<end_of_turn>" if flavour == "it" else "<eos>",
-        "pad_token": "<pad>",
+        "bos_token": family.bos,
+        "eos_token": family.turn_end if flavour == "it" else family.eos,
+        "pad_token": family.pad,
         "unk_token": "<unk>",
         "add_bos_token": True,
         "add_eos_token": False,
         "model_max_length": 32768,
         "padding_side": "left",
-        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+        "additional_special_tokens": [family.turn_start, family.turn_end],
     }
     if flavour == "it":
-        tokenizer_config["chat_template"] = GEMMA_TURN_TEMPLATE
+        tokenizer_config["chat_template"] = family.chat_template()
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (out_dir / "special_tokens_map.json").write_text(
         json.dumps({k: tokenizer_config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}, indent=2)
     )
-    return out_dir
 
 
 def write_tiny_pair(root: Path, seed: int = 0) -> dict[str, Path]:
@@ -253,7 +284,7 @@ def _sentencepiece_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
 
 
 def write_tiny_gguf(path: Path, flavour: str = "pt", seed: int = 0, quant: str = "F32",
-                    architecture: str = "gemma3", kind: str = "model") -> Path:
+                    architecture: str = GEMMA3.gguf_architecture, kind: str = "model") -> Path:
     """A tiny Gemma 3 model as a llama.cpp GGUF file, with the weights of write_tiny_checkpoint(seed).
 
     Norm weights are stored as (1 + w) and 2-D weights in `quant` ("F32", "F16" or "Q8_0"), as
@@ -288,10 +319,10 @@ def write_tiny_gguf(path: Path, flavour: str = "pt", seed: int = 0, quant: str =
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    writer.add_bos_token_id(2)
-    writer.add_eos_token_id(1)
-    writer.add_unk_token_id(3)
-    writer.add_pad_token_id(0)
+    writer.add_bos_token_id(GEMMA3.bos_id)
+    writer.add_eos_token_id(GEMMA3.eos_id)
+    writer.add_unk_token_id(GEMMA3.unk_id)
+    writer.add_pad_token_id(GEMMA3.pad_id)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(False)

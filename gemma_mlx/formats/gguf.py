@@ -19,11 +19,13 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..families import GEMMA3
 from ..manifest import Progress, quiet
 from .gguf_names import BLOCK_NAMES, hf_name
 
 GGUF_MAGIC = b"GGUF"
-ARCHITECTURE = "gemma3"
+FAMILY = GEMMA3  # the one family read from GGUF files (llama.cpp's tensor layout in gguf_names)
+ARCHITECTURE = FAMILY.gguf_architecture
 
 def is_gguf(path: Path) -> bool:
     """A file that starts with GGUF's magic bytes (the extension alone says nothing)."""
@@ -90,8 +92,8 @@ def hf_config(reader) -> dict:
     names = {t.name for t in reader.tensors}
     embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
     config = {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
+        "architectures": [FAMILY.causal_lm_architecture],
+        "model_type": FAMILY.text_model_type,
         "hidden_size": int(need("embedding_length")),
         "num_hidden_layers": int(need("block_count")),
         "intermediate_size": int(need("feed_forward_length")),
@@ -114,9 +116,9 @@ def hf_config(reader) -> dict:
         "final_logit_softcapping": None,
         "rope_scaling": None,
         "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
-        "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id", 1)),
-        "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
+        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id", FAMILY.bos_id)),
+        "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id", FAMILY.eos_id)),
+        "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id", FAMILY.pad_id)),
         "torch_dtype": "float32",
         "use_cache": True,
     }
@@ -203,8 +205,8 @@ def tokenizer_from_metadata(reader):
         index = _field(reader, f"tokenizer.ggml.{key}", default)
         return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
 
-    bos, eos = token_at("bos_token_id", 2), token_at("eos_token_id", 1)
-    unk, pad = token_at("unknown_token_id", 3), token_at("padding_token_id", 0)
+    bos, eos = token_at("bos_token_id", FAMILY.bos_id), token_at("eos_token_id", FAMILY.eos_id)
+    unk, pad = token_at("unknown_token_id", FAMILY.unk_id), token_at("padding_token_id", FAMILY.pad_id)
     backend = Tokenizer(BPE(vocab=vocab, merges=_bpe_merges(tokens), unk_token=unk, fuse_unk=True,
                             byte_fallback=True, dropout=None))
     backend.normalizer = normalizers.Replace(" ", _SPACE_PIECE)

@@ -19,15 +19,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..chat_format import BOS_ID, END_OF_TURN_ID, EOS_ID, GEMMA_TURN_TEMPLATE, PAD_ID
 from ..errors import CheckpointError
 from ..manifest import Progress, quiet
-from .gguf import ARCHITECTURE
+from .gguf import ARCHITECTURE, FAMILY
 from .gguf_names import gguf_name
 
 QUANTS = ("f16", "q8_0", "q4_0", "f32")
 SPACE_PIECE = "\u2581"
-UNK_ID = 3
+UNK_ID = FAMILY.unk_id
 
 
 def _is_byte_piece(token: str) -> bool:
@@ -124,15 +123,15 @@ def _add_tokenizer(writer, tokenizer_json: dict, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    writer.add_bos_token_id(BOS_ID)
-    writer.add_eos_token_id(EOS_ID)
-    writer.add_unk_token_id(UNK_ID)
-    writer.add_pad_token_id(PAD_ID)
-    writer.add_eot_token_id(END_OF_TURN_ID)
+    writer.add_bos_token_id(FAMILY.bos_id)
+    writer.add_eos_token_id(FAMILY.eos_id)
+    writer.add_unk_token_id(FAMILY.unk_id)
+    writer.add_pad_token_id(FAMILY.pad_id)
+    writer.add_eot_token_id(FAMILY.turn_end_id)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(False)
-    writer.add_chat_template(GEMMA_TURN_TEMPLATE)
+    writer.add_chat_template(FAMILY.chat_template())
 
 
 def _tensor_type(name: str, shape: tuple, quant: str):
@@ -169,9 +168,10 @@ def write_gguf(path: Path, weights: dict, config: dict, tokenizer_json: dict, na
     if quant not in QUANTS:
         raise CheckpointError(f"Unknown GGUF quantization {quant!r}. Choose one of: {', '.join(QUANTS)} (K-quants such "
                               "as Q4_K_M need llama.cpp's llama-quantize on the f16 file).")
-    if config.get("model_type") not in ("gemma3_text", "gemma3"):
-        raise CheckpointError(f"The model's type is {config.get('model_type')!r}; only Gemma 3 text models "
-                              "(gemma3_text) can be exported to GGUF.")
+    if config.get("model_type") not in FAMILY.model_types:
+        raise CheckpointError(f"The model's type is {config.get('model_type')!r}; only {FAMILY.title} text models "
+                              f"({FAMILY.text_model_type}) can be exported to GGUF so far. Export it to Hugging Face "
+                              "instead (`gemma-mlx fuse --export-hf`).")
     embed = weights["model.embed_tokens.weight"]
     writer = gguf.GGUFWriter(str(path), ARCHITECTURE)
     writer.add_type("model")

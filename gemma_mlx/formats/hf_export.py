@@ -1,8 +1,9 @@
 """Hugging Face checkpoints out (`gemma-mlx fuse --export-hf DIR`): weights transformers loads as
-Gemma3ForCausalLM, with config, tokenizer and a generation config that stops on <end_of_turn>.
+the family's causal LM (Gemma3ForCausalLM, Gemma4ForCausalLM), with config, tokenizer and a generation
+config that stops on the turn end.
 
-MLX's Gemma 3 uses the Hugging Face parameter names, so the export is de-quantizing, casting and
-writing them under the same names, plus a transformers config.
+MLX's Gemma text models use the Hugging Face parameter names, so the export is de-quantizing,
+casting and writing them under the same names, plus a transformers config.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
-from ..chat_format import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
 from ..errors import CheckpointError, GemmaMlxError
+from ..families import FAMILIES, family_of_config
 from ..manifest import (
     Progress,
     StageOutput,
@@ -39,23 +40,24 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 HF_DTYPES = ("bfloat16", "float32")
-MODEL_TYPE = "gemma3_text"
+TEXT_MODEL_TYPES = tuple(f.text_model_type for f in FAMILIES)
 
 
 def hf_config(config: dict, dtype: str, tied: bool) -> dict:
-    """A transformers config.json for Gemma3ForCausalLM from an MLX model's config."""
+    """A transformers config.json for the family's causal LM from an MLX model's config."""
+    family = family_of_config(config)
     hf = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     hf.update(
-        architectures=["Gemma3ForCausalLM"],
-        model_type=MODEL_TYPE,
+        architectures=[family.causal_lm_architecture],
+        model_type=family.text_model_type,
         tie_word_embeddings=tied,
         torch_dtype=dtype,
-        bos_token_id=BOS_ID,
-        pad_token_id=PAD_ID,
+        bos_token_id=family.bos_id,
+        pad_token_id=family.pad_id,
     )
-    eos = config.get("eos_token_id", EOS_ID)
+    eos = config.get("eos_token_id", family.eos_id)
     eos = list(eos) if isinstance(eos, list) else [eos]
-    hf["eos_token_id"] = eos + [i for i in (EOS_ID, END_OF_TURN_ID) if i not in eos]
+    hf["eos_token_id"] = eos + [i for i in family.stop_token_ids if i not in eos]
     return dict(sorted(hf.items()))
 
 
@@ -77,8 +79,9 @@ def _hf_weights(model_dir: Path, dtype: str | None):
     from mlx_lm.utils import dequantize_model, load_model
 
     model, config = load_model(model_dir, lazy=True)
-    if config.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(f"{model_dir}: model_type {config.get('model_type')!r} cannot be exported as Gemma3ForCausalLM.")
+    if config.get("model_type") not in TEXT_MODEL_TYPES:
+        raise CheckpointError(f"{model_dir}: model_type {config.get('model_type')!r} cannot be exported to Hugging Face; "
+                              f"a converted or fused text model ({', '.join(TEXT_MODEL_TYPES)}) can.")
     model = dequantize_model(model)
     weights = dict(tree_flatten(model.parameters()))
     if dtype is None:
@@ -90,7 +93,7 @@ def _hf_weights(model_dir: Path, dtype: str | None):
 def export_hf_model(
     model_dir: str | Path, out: str | Path, dtype: str | None = None, force: bool = False, progress: Progress | None = None
 ) -> Path:
-    """Write a Hugging Face Gemma3ForCausalLM checkpoint (safetensors, config, tokenizer) of an MLX model dir."""
+    """Write a Hugging Face causal-LM checkpoint (safetensors, config, tokenizer) of an MLX model dir."""
     import mlx.core as mx
 
     progress = progress or quiet
@@ -119,14 +122,14 @@ def export_hf_model(
         generation = read_json(model_dir / "generation_config.json", "generation_config.json") if (
             model_dir / "generation_config.json"
         ).is_file() else {}
-        generation.update(bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=hf["eos_token_id"])
+        generation.update(bos_token_id=hf["bos_token_id"], pad_token_id=hf["pad_token_id"], eos_token_id=hf["eos_token_id"])
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         finish_output(tmp, output, {
             "source_model": str(model_dir.resolve()),
             "source_id": source_id,
             "source_manifest": source or None,
             "dtype": dtype,
-            "architecture": "Gemma3ForCausalLM",
+            "architecture": hf["architectures"][0],
             "size_bytes": (tmp / "model.safetensors").stat().st_size,
             "seconds": round(time.perf_counter() - started, 2),
             "created": now_iso(),

@@ -14,13 +14,15 @@ import re
 import textwrap
 from pathlib import Path
 
+from ..families import FAMILIES
 from ..manifest import write_json
 from ..persona import phrase_pattern
 from ..text import fold_apostrophes
 from ..plot import line_chart
 
 FORMAT = "gemma-mlx-compare/1"
-QUIET_STOPS = ("<end_of_turn>", "<eos>", None)  # the normal endings; any other stop token is shown
+# the normal endings (every family's turn end and <eos>); any other stop token is shown
+QUIET_STOPS = (*dict.fromkeys(t for f in FAMILIES for t in (f.turn_end, f.eos)), None)
 REPORT_FILES = ("comparison.txt", "comparison.md", "comparison.json", "replies.jsonl", "report.html")
 
 

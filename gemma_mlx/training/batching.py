@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..chat_format import BOS, EOS_ID, encode, render
+from ..chat_format import encode
+from ..families import DEFAULT, Family, family_of_tokenizer
 
 # Examples are sorted by length inside windows of this many batches: small padding, varied batches.
 SORT_WINDOW_BATCHES = 32
@@ -40,15 +41,15 @@ class Sequence:
         return sum(self.trained[1:])
 
 
-def chat_segments(messages: list[dict]) -> list[tuple[str, bool]]:
-    """The rendered turn text cut into (text, is_reply) pieces; a reply ends with <end_of_turn>."""
-    full = render(messages)
+def chat_segments(messages: list[dict], family: Family = DEFAULT) -> list[tuple[str, bool]]:
+    """The rendered turn text (the family's format) cut into (text, is_reply) pieces; a reply ends with the turn end."""
+    full = family.render(messages)
     cuts: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(render(messages[:i], add_generation_prompt=True))
-        end = len(render(messages[: i + 1])) - 1  # the "\n" after <end_of_turn> is prompt, not reply
+        start = len(family.render(messages[:i], add_generation_prompt=True))
+        end = len(family.render(messages[: i + 1])) - 1  # the "\n" after the turn end is prompt, not reply
         cuts.append((start, end))
     segments, position = [], 0
     for start, end in cuts:
@@ -63,12 +64,13 @@ def chat_segments(messages: list[dict]) -> list[tuple[str, bool]]:
 
 def tokenize_example(tokenizer, example, response_only: bool = True, max_length: int = 0) -> Sequence:
     """Token ids and loss mask of a data.Example (chat or plain text)."""
+    family = family_of_tokenizer(tokenizer)
     if example.messages is None:
-        ids = encode(tokenizer, BOS + example.text) + [EOS_ID]
+        ids = encode(tokenizer, family.bos + example.text) + [family.eos_id]
         trained = [True] * len(ids)
     else:
         ids, trained = [], []
-        segments = chat_segments(example.messages)
+        segments = chat_segments(example.messages, family)
         if segments and segments[-1][1] is False and len(segments) > 1:
             segments = segments[:-1]  # nothing after the last reply is worth predicting
         for text, is_reply in segments:

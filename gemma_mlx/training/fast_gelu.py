@@ -17,6 +17,8 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..families import FAMILIES
+
 _P = (0.9999998807907104, 0.13373227417469025, 0.0034866156056523323, 2.0472367395996116e-05, 1.318494646795898e-08)
 _Q = (1.0, 0.4670652449131012, 0.025842109695076942, 0.0003271439636591822, 7.702963102929061e-07)
 _LIMIT = 9.0
@@ -67,14 +69,17 @@ def _fast_mlp_call(self, x):
 
 
 def use_fast_gelu(lm: nn.Module) -> int:
-    """Give each gemma3_text MLP of this model instance the fast activation; return how many.
+    """Give each MLP of this model instance the fast activation; return how many.
 
-    Per-instance subclasses, so other models in the process keep mlx-lm's code path.
+    Only the mlx-lm MLP classes that the model families name (families.py: a gate/up/down MLP
+    with tanh-GELU), matched by module and class name. Per-instance subclasses, so other models in
+    the process keep mlx-lm's code path.
     """
+    modules = {family.mlp_module for family in FAMILIES}
     patched = 0
     for layer in lm.layers:
         mlp = getattr(layer, "mlp", None)
-        if mlp is None or type(mlp).__module__ != "mlx_lm.models.gemma3_text" or type(mlp).__name__ != "MLP":
+        if mlp is None or type(mlp).__module__ not in modules or type(mlp).__name__ != "MLP":
             continue
         mlp.__class__ = types.new_class("FastGeluMLP", (type(mlp),), {}, lambda ns: ns.update(__call__=_fast_mlp_call))
         patched += 1

@@ -60,7 +60,8 @@ class Trainee(nn.Module):
         if self.turn_ids:
             turn = hidden @ self.turn_rows.astype(hidden.dtype).T
             logits[:, mx.array(self.turn_ids)] = turn.astype(logits.dtype)
-        return logits
+        cap = getattr(self.lm.args, "final_logit_softcapping", None)  # Gemma 4 caps its logits, as the model does
+        return mx.tanh(logits / cap) * cap if cap else logits
 
 
 @contextlib.contextmanager

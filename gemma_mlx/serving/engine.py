@@ -11,10 +11,15 @@ Bounded: the engine is one thread, however many requests come, and it holds at m
 replies (waiting or being written); one more is refused with EngineBusy instead of queueing without
 end. stop() is safe to call from a signal handler: it never blocks, and every reply still open ends
 with an "error" event, so no listener waits for a reply that will never come.
+
+cancel(handle) ends one reply early (the page's Stop): its row leaves the model's batch, so the
+engine stops decoding it, and the reply ends with a "done" event whose finish_reason is "stopped",
+carrying the text written so far.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -30,6 +35,7 @@ from ..models import LoadedModel, load_model
 OnEvent = Callable[[str, object], None]
 MAX_REQUESTS = 64  # replies waiting or being written at once; a battle is two
 STOPPED = "the arena is stopping; this reply was not finished"
+CANCELLED = "stopped"  # the finish_reason of a reply ended by cancel()
 
 
 class EngineBusy(GemmaMlxError):
@@ -42,6 +48,12 @@ class _Request:
     messages: list[dict]
     settings: GenerationSettings
     on_event: OnEvent
+    handle: int = 0
+
+
+@dataclass
+class _Cancel:
+    handle: int
 
 
 @dataclass
@@ -51,6 +63,7 @@ class _Live:
     row: object
     on_event: OnEvent
     started: float
+    handle: int = 0
     tokens: list[int] = field(default_factory=list)
     sent: str = ""
 
@@ -65,6 +78,8 @@ class Engine:
         self._stop = False
         self._open = threading.BoundedSemaphore(MAX_REQUESTS)  # one per reply not yet done
         self._submitting = threading.Lock()  # a request is queued before _end_all drains, or refused
+        self._handles = itertools.count(1)
+        self._live: dict[str, dict[int, _Live]] = {}
         self.models: dict[str, LoadedModel] = {}
         self._thread = threading.Thread(target=self._main, args=(specs, progress), name="gemma-mlx-engine", daemon=True)
         self._thread.start()
@@ -73,8 +88,9 @@ class Engine:
             raise self._error
 
     # ----- the server's side ------------------------------------------------------------------
-    def submit(self, model: str, messages: list[dict], settings: GenerationSettings, on_event: OnEvent) -> None:
-        """Queue one conversation (ending in a user turn) for `model`; on_event hears the reply."""
+    def submit(self, model: str, messages: list[dict], settings: GenerationSettings, on_event: OnEvent) -> int:
+        """Queue one conversation (ending in a user turn) for `model`; on_event hears the reply.
+        Returns the reply's handle, for cancel()."""
         if model not in self.models:
             raise KeyError(model)
         with self._submitting:
@@ -83,7 +99,18 @@ class Engine:
             if not self._open.acquire(blocking=False):
                 raise EngineBusy(f"The arena is writing {MAX_REQUESTS} replies already; try again when one has "
                                  "finished.")
-            self._requests.put(_Request(model, messages, settings, self._releasing(on_event)))
+            handle = next(self._handles)
+            self._requests.put(_Request(model, messages, settings, self._releasing(on_event), handle))
+        return handle
+
+    def cancel(self, handle: int) -> None:
+        """End the reply `handle` now (a "done" event, finish_reason "stopped"); a reply already ended is left
+        alone. Returns at once: the engine thread does it, after any request queued before."""
+        self._requests.put(_Cancel(handle))
+
+    def decoding(self) -> int:
+        """How many replies are being decoded now (rows in the models' batches)."""
+        return sum(len(rows) for rows in list(self._live.values()))
 
     def _releasing(self, on_event: OnEvent) -> OnEvent:
         """on_event, which gives the request's place back once its reply has ended (done or error)."""
@@ -121,6 +148,7 @@ class Engine:
         self._ready.set()
         generators: dict[str, object] = {}
         live: dict[str, dict[int, _Live]] = {name: {} for name in self.models}
+        self._live = live
         while not self._stop:
             busy = any(live.values())
             try:
@@ -158,11 +186,14 @@ class Engine:
                     request = self._requests.get_nowait()
                 except queue.Empty:
                     return
-                if request is not None:
+                if isinstance(request, _Request):
                     _tell(request.on_event, "error", STOPPED)
 
-    def _start(self, request: _Request | None, generators: dict, live: dict) -> None:
+    def _start(self, request: _Request | _Cancel | None, generators: dict, live: dict) -> None:
         if request is None:
+            return
+        if isinstance(request, _Cancel):
+            self._cancel(request.handle, generators, live)
             return
         loaded = self.models[request.model]
         try:
@@ -173,7 +204,24 @@ class Engine:
         except Exception as error:  # a prompt beyond the context, a malformed conversation
             _tell(request.on_event, "error", str(error))
             return
-        live[request.model][uid] = _Live(row, request.on_event, time.perf_counter())
+        live[request.model][uid] = _Live(row, request.on_event, time.perf_counter(), request.handle)
+
+    def _cancel(self, handle: int, generators: dict, live: dict) -> None:
+        """Take the reply's row out of its batch and end the reply with what it has. The queue is in order,
+        so a reply not found here has ended already."""
+        for name, rows in live.items():
+            for uid, state in list(rows.items()):
+                if state.handle != handle:
+                    continue
+                generators[name].remove([uid])
+                del rows[uid]
+                tokenizer = self.models[name].tokenizer
+                reply = finished_reply(tokenizer, state.row, state.tokens, CANCELLED, None,
+                                       time.perf_counter() - state.started)
+                if len(reply.text) > len(state.sent) and reply.text.startswith(state.sent):
+                    _tell(state.on_event, "text", reply.text[len(state.sent):])
+                _tell(state.on_event, "done", reply)
+                return
 
     def _step(self, name: str, generator, rows: dict[int, _Live]) -> None:
         tokenizer = self.models[name].tokenizer

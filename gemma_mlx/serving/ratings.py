@@ -11,23 +11,20 @@ same fit on votes resampled with replacement as a 95% interval.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import json
 import math
 import os
 import random
-import threading
 import time
 from pathlib import Path
 
 from ..errors import DataError, VoteNotSavedError
 from ..manifest import write_failure
+from .journal import append_record
 
 CHOICES = ("A", "B", "tie", "bad")  # bad: both replies were bad
 MIN_VOTES_FOR_INTERVAL = 5  # below this the resamples are nearly all alike: an interval would claim false certainty
-_WRITE_LOCK = threading.Lock()
 
 
 def append_vote(path: Path, vote: dict) -> None:
@@ -36,39 +33,10 @@ def append_vote(path: Path, vote: dict) -> None:
     Raises VoteNotSavedError (the file unchanged) when it cannot be written, so the caller can keep
     the battle open for another try instead of losing the vote.
     """
-    path = Path(path)
-    line = (json.dumps(vote, ensure_ascii=False) + "\n").encode("utf-8")
-    with _WRITE_LOCK:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise _not_saved(path, error) from None
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)  # another arena on the same file appends after us, not into us
-            _append_whole(descriptor, line)
-        except OSError as error:
-            raise _not_saved(path, error) from None
-        finally:
-            os.close(descriptor)
-
-
-def _append_whole(descriptor: int, data: bytes) -> None:
-    """Write all of `data` at the end of the file; on any failure cut the file back to its old size.
-
-    A full disk can take part of a line; left there, it would glue onto the next vote and break
-    the file for the leaderboard and the next start.
-    """
-    size = os.fstat(descriptor).st_size
     try:
-        written = 0
-        while written < len(data):
-            written += os.write(descriptor, data[written:])
-        os.fsync(descriptor)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.ftruncate(descriptor, size)
-        raise
+        append_record(path, vote)
+    except OSError as error:
+        raise _not_saved(Path(path), error) from None
 
 
 def _not_saved(path: Path, error: OSError) -> VoteNotSavedError:
@@ -81,13 +49,14 @@ def _not_saved(path: Path, error: OSError) -> VoteNotSavedError:
     )
 
 
-def recover_votes(path: Path) -> str | None:
+def recover_votes(path: Path, kind: str = "vote") -> str | None:
     """Move a cut-off last line of a votes file aside, keeping every whole vote; say what was done.
 
     A crash (or a full disk before whole-line appends) can leave the last line cut short, which
     would stop every later start. Only the last line is touched, and only when every line before
     it is JSON: anything else is not a cut-off write, and read_votes reports it with its line.
-    Returns the one-line report, or None when there was nothing to recover.
+    Returns the one-line report, or None when there was nothing to recover. Any JSONL file the arena
+    appends to (the saved conversations too) is recovered the same way; `kind` names its records.
     """
     path = Path(path)
     if not path.is_file():
@@ -113,7 +82,7 @@ def recover_votes(path: Path) -> str | None:
         raise DataError(f"{path}: its last line is cut off, and moving it aside failed ({write_failure(error)}). "
                         "The votes file is unchanged; fix that, then start again.") from None
     return (f"{path}: its last line was cut off (a write interrupted by a crash or a full disk); kept the "
-            f"{len(kept)} whole vote(s) before it and moved the damaged line ({len(last)} bytes) to {aside}")
+            f"{len(kept)} whole {kind}(s) before it and moved the damaged line ({len(last)} bytes) to {aside}")
 
 
 def _is_json(line: bytes) -> bool:
@@ -142,21 +111,12 @@ def _set_aside(path: Path, data: bytes) -> Path:
 
 def read_votes(path: Path) -> list[dict]:
     """Every vote in the file; a damaged line is an error that names it (votes are never guessed)."""
+    from ..state import Vote, as_dict, load_state_lines
+
     path = Path(path)
     if not path.is_file():
         return []
-    votes = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            vote = json.loads(line)
-            vote["model_a"], vote["model_b"], vote["choice"]  # noqa: B018  (all three must be there)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}:{number}: not a vote (a JSON line with model_a, model_b and choice). "
-                            "Fix or remove that line.") from None
-        votes.append(vote)
-    return votes
+    return [as_dict(vote) for vote in load_state_lines(path, Vote)]  # bad bytes, JSON or fields: file:line
 
 
 def _scores(vote: dict) -> tuple[float, float]:

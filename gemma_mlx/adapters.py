@@ -9,12 +9,15 @@ refuses any tensor in adapters.safetensors that is not a LoRA leaf, so the train
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 from .errors import CheckpointError
 from .manifest import write_json
+from .state import AdapterConfig, load_state_file
 
 ADAPTERS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -59,10 +62,29 @@ def save_safetensors(path: Path, arrays: dict) -> None:
     path = Path(path)
     tmp = path.with_name(f"{UNFINISHED_PREFIX}{path.stem}-{os.getpid()}.safetensors")  # mlx adds .safetensors to any other name
     try:
-        mx.save_safetensors(str(tmp), arrays)
+        try:
+            mx.save_safetensors(str(tmp), arrays)
+        except RuntimeError as error:  # mlx says "Unable to write 8 bytes" and drops the errno
+            raise _write_error_of(path, arrays, error) from None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_error_of(path: Path, arrays: dict, error: RuntimeError) -> OSError:
+    """The OSError a failed mlx write most likely was, so callers' full-disk and permission
+    paragraphs apply: mlx raises a bare RuntimeError with no errno."""
+    needed = sum(getattr(array, "nbytes", 0) for array in arrays.values()) + (1 << 20)
+    if not os.access(path.parent, os.W_OK):
+        return OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    if free_bytes(path.parent) < needed:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({' '.join(str(error).split())})", str(path))
+
+
+def free_bytes(directory: Path) -> int:
+    """Free space under `directory` (a function of its own, so a test can fill the disk)."""
+    return shutil.disk_usage(directory).free
 
 
 UNFINISHED_PREFIX = ".unfinished-"  # save_safetensors' temp files; one left by a kill is removed on the next start
@@ -180,3 +202,27 @@ def check_adapter_dir(adapter_dir: Path) -> Path:
             f"Point to {where}, or train first."
         )
     return adapter_dir
+
+
+def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
+    """The checked adapter_config.json of an adapter dir; the one rule fuse, compare and chat apply.
+
+    Refused with one paragraph: not an adapter dir, a config of the wrong shape or types, LoRA
+    adapters without their lora_parameters, and adapters trained with turn-token rows whose
+    turn_tokens.safetensors is gone (a fused or loaded -pt model would then never end its turn).
+    """
+    adapter_dir = check_adapter_dir(adapter_dir)
+    path = adapter_dir / CONFIG_FILE
+    config = load_state_file(path, AdapterConfig)
+    if config.fine_tune_type != "full" and config.lora_parameters is None:
+        raise CheckpointError(
+            f"{path} has no lora_parameters (rank, scale, dropout), so the adapters cannot be rebuilt. It is not an "
+            "mlx-lm adapter config; train again to write a complete one."
+        )
+    if config.turn_tokens_file and not (adapter_dir / TURN_TOKENS_FILE).is_file():
+        raise CheckpointError(
+            f"{adapter_dir} was trained with turn-token rows but {TURN_TOKENS_FILE} is missing; without them a "
+            "fine-tuned base model does not end its replies. Copy the file back from the run (or its last/ folder), "
+            "or train again."
+        )
+    return config

@@ -11,16 +11,17 @@ that `transformers` loads as Gemma3ForCausalLM.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, apply_turn_tokens, check_adapter_dir
+from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, apply_turn_tokens, read_adapter_config
 from .convert import make_gemma_correct
 from .formats.hf_export import HF_DTYPES, export_hf_model
-from .models import check_adapters_fit, loading_errors, read_json, train_manifest_of
-from .errors import CheckpointError, GemmaMlxError
+from .models import check_adapters_fit, loading_errors, train_manifest_of
+from .errors import CheckpointError, GemmaMlxError, OutputExistsError
 from .manifest import (
     Progress,
     StageOutput,
@@ -36,6 +37,7 @@ from .manifest import (
     sha256_tree,
     versions,
 )
+from .state import AdapterConfig, as_dict
 
 ADAPTER_FILES = (ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE)
 
@@ -51,26 +53,34 @@ class FuseResult:
 # ---------------------------------------------------------------- inputs and checks
 
 
-def read_adapter_config(adapter_dir: Path) -> dict:
-    """Fail with one clear paragraph unless `adapter_dir` holds mlx-lm adapters; return their config."""
-    path = check_adapter_dir(adapter_dir) / CONFIG_FILE
-    config = read_json(path, CONFIG_FILE)
-    fine_tune_type = config.get("fine_tune_type", "lora")
-    if fine_tune_type not in ("lora", "dora", "full"):
-        raise GemmaMlxError(f"{path}: fine_tune_type is {fine_tune_type!r}; fuse knows lora, dora and full.")
-    if fine_tune_type != "full" and not isinstance(config.get("lora_parameters"), dict):
-        raise GemmaMlxError(
-            f"{path} has no lora_parameters (rank, scale, dropout), so the adapters "
-            "cannot be rebuilt. It is not an mlx-lm adapter config; re-run training to write a complete one."
-        )
-    return config
+def check_export_target(target: Path) -> None:
+    """--export-hf's directory, checked before the fuse: a file in the way, a place that cannot be
+    written, or a directory the export did not write is refused now, not after minutes of work."""
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"--export-hf {target} is a file, and the export is a directory that would replace it. "
+                                "Choose another --export-hf directory, or move the file away.")
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputExistsError(f"--export-hf {target} cannot be made: {probe} is a file, not a directory. "
+                                "Choose another --export-hf directory.")
+    if not os.access(probe, os.W_OK):
+        raise GemmaMlxError(f"--export-hf {target} cannot be written: {probe} is read-only for you (permission "
+                            "denied). Choose another --export-hf directory, or fix its permissions.")
+    if target.is_dir() and any(target.iterdir()):
+        manifest = read_manifest(target)
+        if not manifest or manifest.get("stage") != "export-hf":
+            raise OutputExistsError(f"--export-hf {target} already holds something an export did not write (no export-hf "
+                                    "manifest.json), so it is never replaced. Choose another --export-hf directory.")
 
 
-def resolve_base(adapter_dir: Path, base: str | Path | None, train_manifest: dict | None, adapter_config: dict) -> Path:
+def resolve_base(adapter_dir: Path, base: str | Path | None, train_manifest: dict | None, adapter_config: AdapterConfig) -> Path:
     """The base model dir: the one given, else the one recorded by training."""
     given = base is not None
     if base is None:
-        recorded = (train_manifest or {}).get("base_model") or adapter_config.get("model")
+        recorded = (train_manifest or {}).get("base_model") or adapter_config.model
         if not recorded:
             raise GemmaMlxError(
                 f"{adapter_dir} has no training manifest naming its base model, so fuse cannot tell which model "
@@ -163,7 +173,7 @@ def fuse_model(
     """
     progress = progress or quiet
     adapter_dir = Path(adapter_dir).expanduser().resolve()
-    adapter_config = read_adapter_config(adapter_dir)
+    adapter_config = read_adapter_config(adapter_dir)  # the rule compare and chat apply too
     train_manifest = train_manifest_of(adapter_dir)
     base = resolve_base(adapter_dir, base, train_manifest, adapter_config)
     base_config = check_adapters_fit(base, adapter_dir, train_manifest)
@@ -173,6 +183,7 @@ def fuse_model(
     inputs_of = {"the adapters": adapter_dir, "the base model": base}
     if export_hf is not None:  # refused now, not after the fuse
         refuse_to_replace_inputs(StageOutput("export-hf", Path(export_hf), {}, {**inputs_of, "the fused model": out}))
+        check_export_target(Path(export_hf))
     inputs = fuse_inputs(adapter_dir, base, dequantize)
     output = StageOutput("fuse", out, key=inputs, inputs=inputs_of)
     existing = check_output(output, force, progress, remake)
@@ -215,7 +226,7 @@ def _fuse(adapter_dir, adapter_config, base, base_config, output, train_manifest
             "shape": {k: base_config.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")},
             "inputs": inputs,
             "settings": {"dequantize": bool(dequantize), "quantization": config.get("quantization")},
-            "adapter_config": adapter_config,
+            "adapter_config": as_dict(adapter_config),
             "fused_layers": merged,
             "turn_tokens_baked": turn_tokens,
             "train_manifest": train_manifest,

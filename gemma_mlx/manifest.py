@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import GemmaMlxError, OutputExistsError, OutputLockedError
+from .state import Manifest, as_dict, load_state_file
 
 MANIFEST_NAME = "manifest.json"
 
@@ -92,15 +93,15 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def read_manifest(directory: Path) -> dict | None:
+    """A directory's manifest.json checked against state.Manifest, as a dict; None when there is none.
+
+    A damaged one (bad bytes, bad JSON, another shape, a field of the wrong type) is a
+    DamagedFileError naming the file and the field: it is never trusted, nor taken for no record.
+    """
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
-        return None
-    # a manifest of another shape is no record of a finished stage: treated as missing, never trusted
-    return manifest if isinstance(manifest, dict) else None
+    return as_dict(load_state_file(path, Manifest))
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:

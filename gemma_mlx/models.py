@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from .errors import CheckpointError, GemmaMlxError
 from .families import FAMILIES
 from .manifest import WRITE_ERRNOS, outputs_root, read_manifest
+from .state import ModelConfig, as_dict, load_state_file
 
 TEXT_MODEL_TYPES = tuple(f.text_model_type for f in FAMILIES)  # what convert writes, for every family
 ADAPTER_SEPARATOR = "::"  # BASE_DIR::ADAPTER_DIR names a base model with LoRA adapters on top
@@ -65,6 +66,7 @@ def resolve_model_dir(spec: str | Path) -> Path:
             f"{path} is not an MLX model directory: it has no {' and no '.join(missing)}. Point to a dir "
             "written by `gemma-mlx convert` or `gemma-mlx fuse` (a Hugging Face checkpoint must be converted first)."
         )
+    load_state_file(path / "config.json", ModelConfig)  # a field of the wrong type: one paragraph, before mlx-lm reads it
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise CheckpointError(
             f"{path} has no tokenizer (tokenizer.json or tokenizer.model), so prompts cannot be encoded. "
@@ -107,7 +109,7 @@ def check_adapters_fit(base: Path, adapter_dir: Path, train_manifest: dict | Non
     checkpoint the adapters were trained on (its convert manifest's source).
     """
     train_manifest = train_manifest if train_manifest is not None else train_manifest_of(adapter_dir)
-    config = read_json(base / "config.json", "config.json")
+    config = as_dict(load_state_file(base / "config.json", ModelConfig))
     if config.get("model_type") not in TEXT_MODEL_TYPES:
         raise CheckpointError(
             f"{base / 'config.json'}: model_type is {config.get('model_type')!r}, but gemma-mlx works with converted text "
@@ -140,13 +142,14 @@ def load(model_dir: Path, adapter_dir: Path | None = None):
     """
     from mlx_lm import load as mlx_load
 
-    from .adapters import TURN_TOKENS_FILE, apply_turn_tokens, check_adapter_dir
+    from .adapters import apply_turn_tokens, read_adapter_config
 
     model_dir = Path(model_dir)
     if adapter_dir is None:
         with loading_errors(model_dir):
             return mlx_load(str(model_dir))
-    adapter_dir = check_adapter_dir(Path(adapter_dir))
+    adapter_dir = Path(adapter_dir)
+    read_adapter_config(adapter_dir)  # the adapter rules shared with fuse, before mlx-lm reads the config
     check_adapters_fit(model_dir, adapter_dir)
     with loading_errors(adapter_dir, "They may be cut short; use the run's other adapters (last/) or train again."):
         try:
@@ -156,12 +159,6 @@ def load(model_dir: Path, adapter_dir: Path | None = None):
                 f"The adapters in {adapter_dir} do not fit the model {model_dir}: {error} "
                 "Load them with the base model they were trained on (adapter_config.json names it)."
             ) from None
-        config = read_json(adapter_dir / "adapter_config.json", "adapter_config.json")
-        if config.get("turn_tokens_file") and not (adapter_dir / TURN_TOKENS_FILE).is_file():
-            raise CheckpointError(
-                f"{adapter_dir} was trained with turn-token rows but {TURN_TOKENS_FILE} is missing; without them a "
-                "fine-tuned base model does not end its replies. Copy the file back, or use the fused model."
-            )
         apply_turn_tokens(model, adapter_dir)
     return model, tokenizer
 

@@ -22,6 +22,7 @@ from .models import resolve_model_dir
 from .config import NAME, LoraSettings, TrainSettings, check_settings, to_dict
 from .errors import ConfigError, DamagedFileError, OutputExistsError, TrainingError
 from .training.setup import OPTIMIZER_FILE, RESUME_FILE, RunSetup, read_metrics
+from .state import ResumeState, as_dict, load_state_file
 
 if TYPE_CHECKING:  # the loop imports mlx; load it only when a run starts
     from .training.loop import TrainingCallback
@@ -125,15 +126,9 @@ def read_resume_state(setup: RunSetup) -> dict | None:
     path = setup.work / RESUME_FILE
     if not path.is_file():
         return None
-    try:
-        state = json.loads(path.read_text())
-        state["identity"], state["position"]  # noqa: B018  (both must be there)
-    except (OSError, ValueError, KeyError, TypeError):  # ValueError: bad JSON or bytes that are not UTF-8
-        raise TrainingError(
-            f"{path} is damaged (not the JSON a run saves), so the unfinished run in {setup.work} cannot be resumed. "
-            "Start over with --force (it discards that run), or move the directory away to keep its adapters."
-        ) from None
-    return state
+    fix = (f"The unfinished run in {setup.work} cannot be resumed from it: start over with --force (it discards "
+           "that run), or move the directory away to keep its adapters.")
+    return as_dict(load_state_file(path, ResumeState, fix))
 
 
 def _saved_adapters(work: Path) -> list[Path]:
@@ -207,7 +202,8 @@ def finish_run(setup: RunSetup, summary: dict) -> dict:
     refuse_damaged_weights(work, f"the run is not published as {setup.out}; it stays in {work}. Train again with "
                            "--force to start over.")
     metrics = read_metrics(work)
-    (work / "loss.svg").write_text(loss_curve_svg(metrics, f"{setup.model_dir.name}: training and validation loss"))
+    (work / "loss.svg").write_text(loss_curve_svg(metrics, f"{setup.model_dir.name}: training and validation loss",
+                                                  kept_epoch=summary.get("best_epoch")))
     write_json(work / "summary.json", summary)
     for leftover in (RESUME_FILE, OPTIMIZER_FILE):
         (work / leftover).unlink(missing_ok=True)

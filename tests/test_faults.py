@@ -366,16 +366,39 @@ def test_an_output_a_kill_left_renamed_aside_is_recovered(converted_models, chat
     assert not (tmp_path / f".run.old-{pid}").exists()
 
 
-def test_state_files_with_bytes_that_are_not_utf8_are_one_paragraph(tmp_path):
-    """A persona YAML or a manifest with non-UTF-8 bytes: a named file and line, or treated as no record."""
+def test_a_persona_with_bytes_that_are_not_utf8_is_one_paragraph(tmp_path):
+    """A persona YAML with non-UTF-8 bytes names its file and line (state files: tests/test_state_files.py)."""
     from gemma_mlx.errors import DataError
-    from gemma_mlx.manifest import read_manifest
     from gemma_mlx.persona import load_persona
 
     persona = tmp_path / "persona.yaml"
     persona.write_bytes(b"name: Bluey\nmarkers:\n  - Hooray \xff\n")
     with pytest.raises(DataError, match=r"persona.yaml:3: the file is not UTF-8"):
         load_persona(persona)
-    for content in (b"{\"stage\": \"convert\xff\"}", b"[]", b"\"files\""):
-        (tmp_path / "manifest.json").write_bytes(content)
-        assert read_manifest(tmp_path) is None
+
+
+# --- a full disk while training saves -------------------------------------------------------------
+
+
+def test_a_full_disk_during_a_validation_save_is_the_disk_full_paragraph(converted_models, chat_data, tmp_path,
+                                                                          monkeypatch):
+    """mlx raises a bare RuntimeError ("Unable to write 8 bytes") on a full disk; it must read as one."""
+    import mlx.core as mx
+
+    import gemma_mlx.adapters
+    from gemma_mlx.errors import GemmaMlxError
+    from gemma_mlx.train import train_model
+
+    def full_disk(path, arrays, *args, **kwargs):
+        Path(path).write_bytes(b"\0" * 8)  # mlx leaves the start of the file behind
+        raise RuntimeError("[write] Unable to write 8 bytes to file.")
+
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    monkeypatch.setattr(gemma_mlx.adapters, "free_bytes", lambda directory: 4096)
+    out = tmp_path / "run"
+    with pytest.raises(GemmaMlxError) as raised:
+        train_model(converted_models["it"], chat_data, out=out, **_short_training(epochs=1))
+    message = " ".join(str(raised.value).split())
+    assert "No space left on device" in message and "free some space" in message, message
+    assert not out.exists()
+    assert not list(tmp_path.rglob(".unfinished-*"))  # the cut-off temp file is gone, never a real name

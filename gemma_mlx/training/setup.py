@@ -6,12 +6,12 @@ train.py imports this and training/loop.py; neither of these imports train.py.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, adapter_config, save_adapters
+from ..state import MetricsRecord, as_dict, load_state_lines
 from ..config import LoraSettings, TrainSettings
 
 RESUME_FILE = "resume_state.json"
@@ -96,7 +96,8 @@ def copy_adapter_files(source: Path, target: Path) -> None:
 
 
 def read_metrics(work: Path) -> list[dict]:
+    """The run's metrics.jsonl records, each checked (state.MetricsRecord); a damaged line names itself."""
     path = work / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [as_dict(record) for record in load_state_lines(path, MetricsRecord)]

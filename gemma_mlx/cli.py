@@ -423,8 +423,15 @@ def data_split(path, out, seed, valid_fraction, test_fraction, force):
 @click.option("--out", type=click.Path(path_type=Path), help="Report directory. Default: outputs/compare/<timestamp>/.")
 @generation_options
 @click.option("--samples", default=1, show_default=True, help="Replies per prompt.")
+@click.option("--best-of", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="Answer each prompt N times in the same batch (the first with the settings given, the others "
+              "sampled) and keep the reply that ends cleanly, does not loop, fits the persona's length and is "
+              "most on topic. Costs N rows per prompt.")
+@click.option("--on-topic-model", help="The base model that scores whether replies answer their prompt. Default: "
+              "a compared un-tuned model, or the base of BASE::ADAPTERS or of a fused model.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory that holds a different comparison (or anything else).")
-def compare(models, prompt_files, prompt_texts, persona, training_data, judge, out, force, **generation):
+def compare(models, prompt_files, prompt_texts, persona, training_data, judge, out, force, best_of, on_topic_model,
+            **generation):
     """Answer the same prompts with several models side by side, and score the persona.
 
     MODELS are converted or fused model directories, or BASE_DIR::ADAPTER_DIR for a base model with
@@ -444,6 +451,7 @@ def compare(models, prompt_files, prompt_texts, persona, training_data, judge, o
     result = compare_models(
         list(models), [*prompt_files, *prompt_texts], settings=GenerationSettings(**generation), persona=persona,
         training_data=training_data, out=out, judge=judge, progress=echo_progress, force=force,
+        best_of=best_of, on_topic_model=on_topic_model,
     )
     click.echo(render_scorecard_text(result.results))
     click.echo(f"\nReport: {result.out_dir}/ (comparison.txt, comparison.md, comparison.json, replies.jsonl, report.html)")

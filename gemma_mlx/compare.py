@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .scoring import scorecard
+from .scoring import best_of as best_of_n, ontopic, scorecard
 from .scoring.inputs import (
     check_model_specs,
     collect_prompts,
@@ -29,6 +29,7 @@ from .scoring.inputs import (
     spec_paths,
 )
 from .config import GenerationSettings, check_settings, to_dict
+from .errors import ConfigError
 from .generate import generate_replies, load_model
 from .scoring.judge import JUDGE_RUBRIC, JUDGE_SETTINGS, JUDGE_TEMPLATE, judge_replies
 from .manifest import (
@@ -114,8 +115,13 @@ def _free_memory() -> None:
     mx.clear_cache()
 
 
-def run_model(spec: str, prompts: list[str], settings: GenerationSettings, position: str, progress: Progress) -> ModelRun:
-    """Load one model, answer every prompt in one batch, free it; timings and peak memory included."""
+def run_model(spec: str, prompts: list[str], settings: GenerationSettings, position: str, progress: Progress,
+              best_of: int = 1) -> ModelRun:
+    """Load one model, answer every prompt in one batch, free it; timings and peak memory included.
+
+    With best_of > 1 every prompt gets that many candidate rows in the same batch (scoring/best_of.py);
+    raw_replies then holds them all, and compare keeps one per prompt after on-topic scoring.
+    """
     import mlx.core as mx
 
     _free_memory()
@@ -125,7 +131,8 @@ def run_model(spec: str, prompts: list[str], settings: GenerationSettings, posit
     loaded = load_model(spec)
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    replies = generate_replies(loaded, prompts, settings, progress=lambda m: progress(f"{position} {m}"))
+    rows, row_settings = best_of_n.candidate_rows(prompts, settings, best_of) if best_of > 1 else (prompts, settings)
+    replies = generate_replies(loaded, rows, row_settings, progress=lambda m: progress(f"{position} {m}"))
     generate_seconds = time.perf_counter() - started
     peak_gb = mx.get_peak_memory() / 1e9
     tokens = sum(r.tokens for r in replies)
@@ -145,7 +152,10 @@ def run_model(spec: str, prompts: list[str], settings: GenerationSettings, posit
         tokens=tokens,
         tokens_per_second=tokens / generate_seconds if generate_seconds > 0 else 0.0,
         peak_memory_gb=round(peak_gb, 4),
-        loss_curve=read_loss_curve(run_dir / "metrics.jsonl") if run_dir else None,
+        # the run's kept epoch is marked only when this model is its kept adapters (not its last/)
+        loss_curve=read_loss_curve(run_dir / "metrics.jsonl",
+                                   kept=Path(adapter_path or (manifest or {}).get("adapters") or ".").name != "last")
+        if run_dir else None,
         raw_replies=replies,
     )
     progress(f"{position} {loaded.name}: {len(replies)} replies, {tokens} tokens in {generate_seconds:.1f}s "
@@ -171,11 +181,13 @@ def unique_names(entries: list[ModelRun]) -> list[str]:
 # ---------------------------------------------------------------------------- scoring
 
 def score_model(entry: ModelRun, prompts: list[str], markers: list[str], out_of_character: list[str],
-                training_words: dict | None) -> None:
+                training_words: dict | None, topic_scores: list | None = None) -> None:
     """Per-reply flags, then the model's scorecard and one per prompt (over that prompt's samples)."""
     records = []
-    for r in entry.raw_replies:
+    for i, r in enumerate(entry.raw_replies):
         flags = scorecard.reply_flags(r.text, r.finish_reason, markers, out_of_character)
+        score = topic_scores[i] if topic_scores else None
+        flags.update(on_topic_score=score, on_topic=ontopic.is_on_topic(score) if topic_scores else None)
         records.append({"prompt_index": r.prompt_index, "sample_index": r.sample_index, "text": r.text,
                         "tokens": int(r.tokens), "finish_reason": r.finish_reason, "stop_token": r.stop_token,
                         "seconds": float(r.seconds), "tokens_per_second": float(r.tokens_per_second),
@@ -319,6 +331,8 @@ def compare_models(
     progress: Progress | None = None,
     force: bool = False,
     remake: bool = False,
+    best_of: int = 1,
+    on_topic_model: str | None = None,
 ) -> CompareResult:
     """Run every prompt through every model with identical settings and seed; write the report dir.
 
@@ -326,6 +340,11 @@ def compare_models(
     and/or prompt texts (str); repeats are dropped, first kept. An existing comparison report at
     `out` made from the same inputs is a no-op (status "up-to-date"); a different report, or any
     other non-empty directory, is refused unless force, and then replaced in one rename.
+
+    on_topic_model: the base model that scores whether replies answer their prompt (scoring/ontopic.py);
+    by default a compared un-tuned model or the adapters' base, and none (no on-topic numbers) when
+    neither is there. best_of: answer each prompt that many times in the same batch and keep the
+    reply scoring/best_of.py picks.
     """
     progress = progress or quiet
     started = time.perf_counter()
@@ -338,6 +357,15 @@ def compare_models(
     persona_info = read_persona(persona)
     training, training_replies, training_prompts = read_training_data(training_data)
     inputs = _inputs_key(models, prompt_pairs, settings, persona_info, training, judge)
+    if best_of < 1:
+        raise ConfigError(f"--best-of must be 1 or more, not {best_of}.")
+    on_topic_model = on_topic_model or ontopic.default_scoring_model(models)
+    if on_topic_model:
+        check_model_specs([on_topic_model])
+        inputs["on_topic"] = {"model": model_identity(spec_paths(on_topic_model)[0]),
+                              "threshold": ontopic.ON_TOPIC_THRESHOLD, "best_of": best_of}
+    elif best_of > 1:
+        inputs["best_of"] = best_of
     out = Path(out) if out else _default_out()
     output = StageOutput("compare", out, key=inputs,
                          inputs=_input_paths(models, list(prompts), persona, training_data, judge))
@@ -350,16 +378,22 @@ def compare_models(
     texts = [t for t, _ in prompt_pairs]
     entries = []
     for i, spec in enumerate(models):
-        entries.append(run_model(spec, texts, settings, f"[model {i + 1}/{len(models)}]", progress))
+        entries.append(run_model(spec, texts, settings, f"[model {i + 1}/{len(models)}]", progress, best_of))
     for entry, name in zip(entries, unique_names(entries)):
         entry.name = name
+    topic = (ontopic.score_reply_lists(on_topic_model, [e.raw_replies for e in entries], progress)
+             if on_topic_model else [None] * len(entries))
+    if best_of > 1:
+        target = training["reply_words"]["mean"] if training else None
+        for k, entry in enumerate(entries):
+            entry.raw_replies, topic[k], _ = best_of_n.choose(entry.raw_replies, best_of, topic[k], target)
 
     base_replies = [r.text for e in entries if e.is_base for r in e.raw_replies]
     mined = scorecard.mine_markers(training_replies, base_replies, exclude=persona_info["markers"])
     markers = persona_info["markers"] + mined
-    for entry in entries:
+    for entry, scores in zip(entries, topic):
         score_model(entry, texts, markers, persona_info["out_of_character"],
-                    training["reply_words"] if training else None)
+                    training["reply_words"] if training else None, scores)
     if judge:
         judge_replies(judge, texts, entries, persona_info, settings.seed, progress)
         _free_memory()
@@ -370,6 +404,8 @@ def compare_models(
     overlaps = scorecard.find_overlaps(texts, training_prompts)
     results = _results(settings, prompt_pairs, persona_info, mined, training, overlaps, judge, entries)
     results["warnings"] = _warnings(overlaps, results["models"], settings)
+    results["on_topic"] = {"model": on_topic_model, "threshold": ontopic.ON_TOPIC_THRESHOLD} if on_topic_model else None
+    results["best_of"] = best_of
     results["seconds"] = round(time.perf_counter() - started, 3)
 
     _write(output, results)

@@ -130,3 +130,74 @@ def test_checkpoint_score_tells_short_clean_replies_from_ones_of_the_persona_len
     assert checkpoint_score(1.0, 40, 40, on_topic_rate=0.0) == 0.0
     assert math.isclose(checkpoint_score(0.5, 30, 40, 0.8), 0.5 * 0.75 * 0.8)
 
+
+
+def test_candidate_rows_keep_the_given_settings_first_and_sample_the_rest():
+    from gemma_mlx.config import GenerationSettings
+
+    greedy = GenerationSettings(max_tokens=8, seed=5)
+    prompts, settings = best_of.candidate_rows(["a", "b"], greedy, 3)
+    assert prompts == ["a", "a", "a", "b", "b", "b"]
+    assert settings[0] == greedy and settings[3] == greedy
+    assert [s.seed for s in settings[:3]] == [5, 6, 7]
+    assert [s.temperature for s in settings[:3]] == [0.0, best_of.BEST_OF_TEMPERATURE, best_of.BEST_OF_TEMPERATURE]
+    warm = GenerationSettings(temperature=1.2)
+    assert {s.temperature for s in best_of.candidate_rows(["a"], warm, 4)[1]} == {1.2}
+
+
+# ---------------------------------------------------------------------------- in compare
+
+def test_compare_best_of_keeps_the_candidate_pick_best_chooses(converted_models, tmp_path):
+    """compare --best-of 3: one reply per prompt, each the one pick_best picks among that prompt's
+    candidates as generate makes them, with the on-topic scores of the base (here: the compared model)."""
+    from gemma_mlx.compare import compare_models
+    from gemma_mlx.config import GenerationSettings
+    from gemma_mlx.generate import generate_replies, load_model
+
+    model = str(converted_models["pt"])
+    prompts = ["Tell me a story", "Why is the sky blue?"]
+    settings = GenerationSettings(max_tokens=6)
+    result = compare_models([model], prompts, settings=settings, out=tmp_path / "cmp", best_of=3)
+    entry = result.results["models"][0]
+    assert result.results["best_of"] == 3 and result.results["on_topic"]["model"] == model
+    assert [r["prompt_index"] for r in entry["replies"]] == [0, 1]
+    card = entry["scorecard"]
+    assert card["on_topic_rate"] == sum(r["on_topic"] for r in entry["replies"]) / 2
+
+    loaded = load_model(model)
+    rows, row_settings = best_of.candidate_rows(prompts, settings, 3)
+    candidates = generate_replies(loaded, rows, row_settings)
+    scores = ontopic.on_topic_scores(loaded.model, loaded.tokenizer, [(r.prompt, r.text) for r in candidates])
+    for p, kept in enumerate(entry["replies"]):
+        mine = [Candidate(c.text, c.finish_reason, s) for c, s in zip(candidates[3 * p:3 * p + 3], scores[3 * p:3 * p + 3])]
+        chosen = mine[pick_best(mine)]
+        assert kept["text"] == chosen.text
+        assert kept["on_topic_score"] == pytest.approx(chosen.on_topic, abs=1e-4)
+    assert "best of 3" in (tmp_path / "cmp" / "comparison.txt").read_text()
+
+
+def test_compare_without_a_base_has_no_on_topic_numbers(converted_models, tmp_path):
+    """A model dir with no manifest (not a converted base, no adapters): nothing to score with, and the
+    scorecard says n/a rather than 0%."""
+    import shutil
+
+    from gemma_mlx.compare import compare_models
+    from gemma_mlx.config import GenerationSettings
+
+    bare = shutil.copytree(converted_models["pt"], tmp_path / "bare")
+    (bare / "manifest.json").unlink()
+    result = compare_models([str(bare)], ["Hello"], settings=GenerationSettings(max_tokens=4), out=tmp_path / "cmp")
+    assert result.results["on_topic"] is None
+    assert result.results["models"][0]["scorecard"]["on_topic_rate"] is None
+    assert "on topic" not in (tmp_path / "cmp" / "comparison.txt").read_text()
+
+
+def test_cli_best_of_out_of_range_is_refused_before_loading(converted_models, tmp_path):
+    from click.testing import CliRunner
+
+    from gemma_mlx.cli import cli
+
+    result = CliRunner().invoke(cli, ["compare", str(converted_models["pt"]), "--prompt", "Hi", "--best-of", "0",
+                                      "--out", str(tmp_path / "cmp")])
+    assert result.exit_code != 0 and "--best-of" in result.output
+    assert not (tmp_path / "cmp").exists()

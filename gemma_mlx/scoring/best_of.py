@@ -18,8 +18,11 @@ order would let the length decide every time and the on-topic measure never.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+
+from ..config import GenerationSettings
 
 from ..text import is_loop, word_count
 from .scorecard import ends_mid_sentence
@@ -66,6 +69,40 @@ def pick_best(candidates: list[Candidate], target_words: float | None = None) ->
         raise ValueError("pick_best needs at least one candidate")
     keys = [candidate_key(c, target_words) for c in candidates]
     return max(range(len(candidates)), key=lambda i: (keys[i], -i))
+
+
+def candidate_rows(prompts: list, settings: GenerationSettings, n: int) -> tuple[list, list[GenerationSettings]]:
+    """Prompts and settings for generate_replies: each prompt n times in a row, all in one batch.
+
+    Candidate 0 uses the settings as given; candidate k uses seed + k, and when the settings are
+    greedy, samples at BEST_OF_TEMPERATURE (n greedy rows would be n copies of one reply).
+    """
+    variants = [settings]
+    for k in range(1, n):
+        temperature = settings.temperature or BEST_OF_TEMPERATURE
+        variants.append(dataclasses.replace(settings, seed=settings.seed + k, temperature=temperature))
+    return [p for p in prompts for _ in range(n)], [v for _ in prompts for v in variants]
+
+
+def choose(replies: list, n: int, scores: list[float | None] | None, target_words: float | None):
+    """Keep one reply of every n candidates (replies ordered as candidate_rows made them).
+
+    Returns (kept replies with their prompt_index mapped back to the real prompt, their on-topic
+    scores or None, the kept candidate's index for each). `replies` are generate.Reply objects.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, reply in enumerate(replies):
+        groups.setdefault((reply.prompt_index // n, reply.sample_index), []).append(i)
+    kept, kept_scores, picks = [], [], []
+    for (prompt_index, _), members in sorted(groups.items()):
+        members.sort(key=lambda i: replies[i].prompt_index)  # candidate order
+        candidates = [Candidate(replies[i].text, replies[i].finish_reason, scores[i] if scores else None)
+                      for i in members]
+        pick = pick_best(candidates, target_words)
+        kept.append(dataclasses.replace(replies[members[pick]], prompt_index=prompt_index))
+        kept_scores.append(scores[members[pick]] if scores else None)
+        picks.append(pick)
+    return kept, (kept_scores if scores else None), picks
 
 
 # ---------------------------------------------------------------------------- the best checkpoint

@@ -158,6 +158,7 @@ SCORE_ROWS = [
     ("ends mid-sentence (not cut)", lambda c: _pct(c["mid_sentence_rate"])),
     ("empty replies", lambda c: _pct(c["empty_rate"])),
     ("persona-marker rate", lambda c: _pct(c["persona_marker_rate"])),
+    ("on topic (answers the prompt)", lambda c: _pct(c.get("on_topic_rate"))),
     ("out-of-character hits", lambda c: str(c["out_of_character_hits"])),
     ("distinct-1", lambda c: _num(c["distinct_1"], 2)),
     ("distinct-2", lambda c: _num(c["distinct_2"], 2)),
@@ -183,6 +184,8 @@ def scorecard_table(results: dict) -> tuple[list[str], list[list[str]]]:
     for label, cell in SCORE_ROWS:
         if label.startswith("judge") and not results.get("judge"):
             continue
+        if label.startswith("on topic") and not results.get("on_topic"):
+            continue
         row = [label, *(cell(m["scorecard"]) for m in results["models"])]
         if training:
             row.append(_TRAINING_ROWS[label](training) if label in _TRAINING_ROWS else "")
@@ -201,6 +204,8 @@ def reply_tags(reply: dict) -> list[str]:
         tags.append("[loop]")
     if reply["mid_sentence"]:
         tags.append("[ends mid-sentence]")
+    if reply.get("on_topic") is False:
+        tags.append("[off topic]")
     if reply["out_of_character"]:
         tags.append("[out of character: " + ", ".join(reply["out_of_character"]) + "]")
     if reply["judge_score"] is not None:
@@ -227,7 +232,8 @@ def _replies_for(results: dict, prompt_index: int):
 def _settings_line(results: dict) -> str:
     s = results["settings"]
     mode = "greedy" if not s.get("temperature") else f"temperature {s['temperature']}, top-p {s.get('top_p')}"
-    return f"{mode}, max {s.get('max_tokens')} tokens, seed {results['seed']}, {results['samples']} sample(s) per prompt"
+    best = f", best of {results['best_of']} candidates" if results.get("best_of", 1) > 1 else ""
+    return f"{mode}, max {s.get('max_tokens')} tokens, seed {results['seed']}, {results['samples']} sample(s) per prompt{best}"
 
 
 def _markers_line(results: dict) -> str:

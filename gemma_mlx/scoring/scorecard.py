@@ -16,6 +16,7 @@ from typing import Iterable
 
 from ..examples import NEAR_DUPLICATE_JACCARD, near_duplicate_pairs
 from ..persona import find_phrases
+from .ontopic import on_topic_rate
 from ..text import _ngrams, fold_apostrophes, is_loop, length_stats, word_count, words
 
 _SENTENCE_END = ".!?\u2026"  # ... counts as an ending too
@@ -193,4 +194,6 @@ def summarise(texts: list[str], flags: list[dict], has_markers: bool, training_w
         "out_of_character_rate": sum(1 for f in flags if f["out_of_character"]) / n if n else None,
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
+        # share answering their prompt (scoring/ontopic.py); None when no base model scored them
+        "on_topic_rate": on_topic_rate([f.get("on_topic") for f in flags]),
     }

@@ -213,7 +213,8 @@ def run(config_file, demo, tiny, only, redo, name, epochs, max_tokens):
         config = apply_overrides(demo_config(echo_progress) if demo else tiny_config(echo_progress), overrides)
     else:
         config = load_experiment(config_file, overrides)
-    result = run_experiment(config, only=list(only) or None, progress=echo_progress, redo=list(redo))
+    result = run_experiment(config, only=list(only) or None, progress=echo_progress, redo=list(redo),
+                            memory_check=not no_memory_check)
     if result.status == "interrupted":
         click.echo(f"Interrupted; progress is saved in {result.run_dir}. Run the same command again to resume.", err=True)
         raise SystemExit(130)
@@ -233,9 +234,11 @@ def run(config_file, demo, tiny, only, redo, name, epochs, max_tokens):
 
 @cli.command(short_help="Bake LoRA adapters into their base model.")
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
-@click.option("--base", type=click.Path(path_type=Path),
-              help="Converted base model dir. Default: the base_model recorded in the run's manifest.json.")
-@click.option("--out", type=click.Path(path_type=Path), help="Fused model directory. Default: ADAPTER_DIR/fused.")
+@click.option("--base", "--model", "base", type=click.Path(path_type=Path),
+              help="Converted base model dir (--model as in mlx_lm fuse). Default: the base_model recorded in the run's "
+                   "manifest.json.")
+@click.option("--out", "--save-path", "out", type=click.Path(path_type=Path),
+              help="Fused model directory (--save-path as in mlx_lm fuse). Default: ADAPTER_DIR/fused.")
 @click.option("--dequantize", is_flag=True,
               help="Write float weights even if the base is quantized (otherwise the fused model is re-quantized like its base).")
 @click.option("--export-hf", type=click.Path(path_type=Path),

@@ -477,3 +477,19 @@ def test_loss_charts_share_one_scale_with_round_ticks():
     assert y_range == (2.13, 4.61)
     ticks = [re.findall(r'text-anchor="end">([^<]+)<', loss_svg(c, "m", y_range)) for c in (low, high)]
     assert ticks[0] == ticks[1] == ["2", "3", "4", "5"]  # the same, round values on both charts
+
+
+def test_the_trained_models_charts_mark_the_kept_epoch(compared):
+    """The fused model came from a training run: its chart in report.html and the run's own loss.svg
+    mark the epoch whose adapters were kept, beside the clean-endings count that chose it."""
+    from pathlib import Path
+
+    curve = compared.results["models"][0]["loss_curve"]
+    run_dir = Path(curve["source"]).parent
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert curve["kept_epoch"] == summary["best_epoch"] and len(curve["clean"]) == len(curve["valid"]) == 2
+    kept = f"kept: epoch {summary['best_epoch']:g}"
+    assert kept in (compared.out_dir / "report.html").read_text()
+    assert kept in (run_dir / "loss.svg").read_text() and "clean greedy endings" in (run_dir / "loss.svg").read_text()
+    rows = (compared.out_dir / "scorecard.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(compared.results["models"]) and rows[0].startswith("model,")

@@ -118,9 +118,11 @@ def read_persona(persona: Path | None) -> dict:
 
 # ---------------------------------------------------------------------------- training runs
 
-def read_loss_curve(metrics_file: Path) -> dict | None:
-    """Train/valid (epoch, loss) points from a training run's metrics.jsonl; bad lines are skipped."""
-    curve = {"source": str(metrics_file), "train": [], "valid": []}
+def read_loss_curve(metrics_file: Path, kept: bool = True) -> dict | None:
+    """Train/valid (epoch, loss) points from a training run's metrics.jsonl (bad lines are skipped),
+    the clean greedy endings at each validation (the count that picks the kept adapters), and, when
+    `kept` (the model is the run's kept adapters, not its last/), the kept epoch from summary.json."""
+    curve = {"source": str(metrics_file), "train": [], "valid": [], "clean": [], "clean_of": None, "kept_epoch": None}
     for line in metrics_file.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
@@ -129,6 +131,14 @@ def read_loss_curve(metrics_file: Path) -> dict | None:
             continue
         if split in ("train", "valid"):
             curve[split].append([epoch, loss])
+        if split == "valid" and isinstance(record.get("gen_clean"), int):
+            curve["clean"].append([epoch, record["gen_clean"]])
+            curve["clean_of"] = max(curve["clean_of"] or 0, int(record.get("gen_replies") or 0)) or None
+    try:
+        summary = json.loads((metrics_file.parent / "summary.json").read_text())
+        curve["kept_epoch"] = float(summary["best_epoch"]) if kept and summary.get("best_epoch") is not None else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
     return curve if curve["train"] or curve["valid"] else None
 
 

@@ -8,6 +8,7 @@ opened offline years later; all model text is escaped.
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import re
@@ -18,12 +19,12 @@ from ..families import FAMILIES
 from ..manifest import write_json
 from ..persona import phrase_pattern
 from ..text import fold_apostrophes
-from ..plot import line_chart
+from ..plot import clean_axis, kept_label, line_chart
 
 FORMAT = "gemma-mlx-compare/1"
 # the normal endings (every family's turn end and <eos>); any other stop token is shown
 QUIET_STOPS = (*dict.fromkeys(t for f in FAMILIES for t in (f.turn_end, f.eos)), None)
-REPORT_FILES = ("comparison.txt", "comparison.md", "comparison.json", "replies.jsonl", "report.html")
+REPORT_FILES = ("comparison.txt", "comparison.md", "comparison.json", "replies.jsonl", "scorecard.csv", "report.html")
 
 
 # ---------------------------------------------------------------------------- shape of the results
@@ -155,6 +156,7 @@ SCORE_ROWS = [
     ("stopped by itself", lambda c: _pct(c["stop_rate"])),
     ("cut by token limit", lambda c: _pct(c["cut_rate"])),
     ("loops (repeats itself)", lambda c: _pct(c["loop_rate"])),
+    ("ended cleanly (stopped, no loop)", lambda c: _pct(c.get("clean_rate"))),
     ("ends mid-sentence (not cut)", lambda c: _pct(c["mid_sentence_rate"])),
     ("empty replies", lambda c: _pct(c["empty_rate"])),
     ("persona-marker rate", lambda c: _pct(c["persona_marker_rate"])),
@@ -191,6 +193,87 @@ def scorecard_table(results: dict) -> tuple[list[str], list[list[str]]]:
             row.append(_TRAINING_ROWS[label](training) if label in _TRAINING_ROWS else "")
         rows.append(row)
     return header, rows
+
+
+# The best value of a scorecard row, highlighted in every report: (scorecard key, "max" | "min" | "near1").
+BEST = {
+    "stopped by itself": ("stop_rate", "max"), "cut by token limit": ("cut_rate", "min"),
+    "loops (repeats itself)": ("loop_rate", "min"), "ended cleanly (stopped, no loop)": ("clean_rate", "max"),
+    "ends mid-sentence (not cut)": ("mid_sentence_rate", "min"), "empty replies": ("empty_rate", "min"),
+    "persona-marker rate": ("persona_marker_rate", "max"), "on topic (answers the prompt)": ("on_topic_rate", "max"),
+    "out-of-character hits": ("out_of_character_hits", "min"), "distinct-1": ("distinct_1", "max"),
+    "distinct-2": ("distinct_2", "max"), "judge mean (1-5)": ("judge_mean", "max"),
+    "mean words / training": ("mean_words_vs_training", "near1"),  # closest to the training replies' length
+    "tokens/s": ("tokens_per_second", "max"), "peak memory GB": ("peak_memory_gb", "min"),
+}
+
+
+def best_columns(results: dict) -> dict[str, set[int]]:
+    """For each scorecard row with a better direction, the models (indexes) holding its best value.
+
+    Nothing is marked with a single model, or where every model has the same value (no one is better).
+    """
+    models = results["models"]
+    found: dict[str, set[int]] = {}
+    if len(models) < 2:
+        return found
+    for label, (key, mode) in BEST.items():
+        values = [m["scorecard"].get(key) for m in models]
+        known = [v for v in values if v is not None]
+        if len(known) < 2 or len(set(known)) == 1:
+            continue
+        score = {"max": lambda v: v, "min": lambda v: -v, "near1": lambda v: -abs(v - 1.0)}[mode]
+        top = max(score(v) for v in known)
+        found[label] = {i for i, v in enumerate(values) if v is not None and score(v) == top}
+    return found
+
+
+def _names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1] + " (tied)"
+
+
+def _and(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _verdicts(results: dict) -> list[tuple[str, str, str]]:
+    """(scorecard key, what the winner did, how the number reads) for the headline's three questions:
+    who ended cleanly, who stayed in voice, who answered best (the judge, else the on-topic rate)."""
+    answered = ("judge_mean", "answered best", "judge {v:.1f}/5") if results.get("judge") else (
+        "on_topic_rate", "answered best", "{p} of replies on topic")
+    return [("clean_rate", "ended cleanly most often", "{k}/{n} replies stopped by themselves without a loop"),
+            ("persona_marker_rate", "stayed in voice most", "{p} of replies with a persona marker"), answered]
+
+
+def headline(results: dict) -> str:
+    """One sentence, built from the scorecard, saying which model ended cleanly, stayed in voice and
+    answered best (ties named as ties); a question no number can answer is said to be unanswered."""
+    models = results["models"]
+    if not models:
+        return "No models were compared."
+    groups: list[tuple[list[str], list[str]]] = []  # (winners, what they did), in question order
+    missing = []
+    for key, did, shown in _verdicts(results):
+        values = [(m["name"], m["scorecard"].get(key), m["scorecard"]["replies"]) for m in models]
+        values = [(name, v, n) for name, v, n in values if v is not None]
+        if not values:
+            missing.append(did.split(" most")[0].replace("answered best", "answered best (no judge or on-topic score)"))
+            continue
+        best = max(v for _, v, _ in values)
+        winners = [name for name, v, _ in values if v == best]
+        n = values[0][2]
+        number = shown.format(v=best, p=f"{100 * best:.0f}%", k=round(best * n), n=n)
+        if len(models) == 1:
+            did = did.replace(" most often", "").replace(" most", "").replace("answered best", "answered")
+        text = f"{did} ({number})"
+        if groups and groups[-1][0] == winners:
+            groups[-1][1].append(text)
+        else:
+            groups.append((winners, [text]))
+    sentence = "; ".join(f"{_names(winners)} {_and(did)}" for winners, did in groups) if groups else "No scores to compare"
+    if missing:
+        sentence += f" (not measured: {_and(missing)})"
+    return sentence + "."
 
 
 def reply_tags(reply: dict) -> list[str]:
@@ -252,14 +335,24 @@ def _text_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
+def _marked_rows(results: dict, mark) -> tuple[list[str], list[list[str]]]:
+    """The scorecard table with mark(cell) applied to each row's best model cells."""
+    header, rows = scorecard_table(results)
+    best = best_columns(results)
+    return header, [[cell if i == 0 or i - 1 not in best.get(row[0], ()) else mark(cell) for i, cell in enumerate(row)]
+                    for row in rows]
+
+
 def render_scorecard_text(results: dict) -> str:
-    """The scorecard as a plain-text table (also what the CLI prints)."""
-    return _text_table(*scorecard_table(results))
+    """The scorecard as a plain-text table (also what the CLI prints), best values starred."""
+    header, rows = _marked_rows(results, lambda cell: f"*{cell}")
+    note = "\n* best in its row" if best_columns(results) else ""
+    return _text_table(header, rows) + note
 
 
 def render_text(results: dict) -> str:
     """The side-by-side text a person reads first."""
-    out = [f"gemma-mlx compare, {results['created']}", f"Settings: {_settings_line(results)}"]
+    out = [f"gemma-mlx compare, {results['created']}", f"Verdict: {headline(results)}", f"Settings: {_settings_line(results)}"]
     out += [f"Model {m['name']}: {m['spec']}" for m in results["models"]]
     out.append(_markers_line(results))
     out += [f"WARNING: {w}" for w in results["warnings"]]
@@ -280,14 +373,16 @@ def _md_cell(text: str) -> str:
 
 
 def render_markdown(results: dict) -> str:
-    out = ["# gemma-mlx comparison", "", f"*{results['created']}*, {_settings_line(results)}", ""]
+    out = ["# gemma-mlx comparison", "", f"**Verdict:** {_md_cell(headline(results))}", "",
+           f"*{results['created']}*, {_settings_line(results)}", ""]
     out += [f"- **{m['name']}**: `{m['spec']}`" for m in results["models"]]
     out += ["", _markers_line(results), ""]
     out += [f"> **Warning:** {w}" for w in results["warnings"]]
-    header, rows = scorecard_table(results)
+    header, rows = _marked_rows(results, lambda cell: f"**{cell}**")
     out += ["", "## Scorecard", "", "| " + " | ".join(_md_cell(h) for h in header) + " |",
             "|" + "---|" + "---:|" * (len(header) - 1)]
     out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    out += ["", "Bold: the best value in its row."] if best_columns(results) else []
     for prompt in results["prompts"]:
         out += ["", f"## {prompt['index'] + 1}. {_md_cell(prompt['text'])}"]
         for model, reply in _replies_for(results, prompt["index"]):
@@ -301,10 +396,14 @@ def render_markdown(results: dict) -> str:
 # ---------------------------------------------------------------------------- report.html
 
 def loss_svg(curve: dict, title: str, y_range: tuple[float, float] | None = None) -> str:
-    """The training run's train/validation loss by epoch, drawn by plot.py like the run's loss.svg."""
+    """The training run's train/validation loss by epoch, drawn by plot.py like the run's loss.svg:
+    the clean greedy endings that chose the kept adapters on the right axis, the kept epoch marked."""
     series = {"train loss": [tuple(p) for p in curve.get("train") or []],
               "validation loss": [tuple(p) for p in curve.get("valid") or []]}
-    return line_chart(series, title, "epoch", "loss", y_range)
+    right = clean_axis([tuple(p) for p in curve.get("clean") or []], curve.get("clean_of"))
+    kept = curve.get("kept_epoch")
+    return line_chart(series, title, "epoch", "loss", y_range, right=right,
+                      mark_x=(kept, kept_label(kept)) if kept is not None else None)
 
 
 def shared_loss_range(curves: list[dict]) -> tuple[float, float] | None:
@@ -342,6 +441,8 @@ table.grid th.p{width:16%}.tags{display:block;margin-top:6px;font-size:12px;whit
 .curves{display:flex;flex-wrap:wrap;gap:18px}.curves figure{margin:0;width:560px;max-width:100%}
 .curves svg{width:100%;height:auto}figcaption{font-size:13px;color:#444}
 code{background:#f3f3f3;padding:0 3px}.note{font-size:13px;color:#555;max-width:900px}
+td.best{background:#d9f5d0;font-weight:bold}.headline{font-size:17px;background:#f4f8ff;border-left:4px solid #3a6fd8;
+padding:8px 12px;max-width:1000px}
 """
 
 
@@ -360,7 +461,7 @@ def render_html(results: dict) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width,initial-scale=1">',
            f"<title>gemma-mlx comparison {e(results['created'])}</title><style>{_CSS}</style></head><body>",
-           "<h1>gemma-mlx comparison</h1>",
+           "<h1>gemma-mlx comparison</h1>", f'<p class="headline">{e(headline(results))}</p>',
            f'<p class="meta">{e(results["created"])} &middot; {e(_settings_line(results))}</p>']
     out += [f'<div class="warn">{e(w)}</div>' for w in results["warnings"]]
 
@@ -375,9 +476,12 @@ def render_html(results: dict) -> str:
                + "".join(f"<td class=n>{e(json.dumps(v))}</td>" for v in settings.values()) + "</tr></table>")
 
     header, rows = scorecard_table(results)
+    best = best_columns(results)
     out.append("<h2>Scorecard</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
-    out += ["<tr>" + f"<th>{e(r[0])}</th>" + "".join(f"<td class=n>{e(c)}</td>" for c in r[1:]) + "</tr>" for r in rows]
-    out.append("</table>")
+    out += ["<tr>" + f"<th>{e(r[0])}</th>" + "".join(
+        f'<td class="{"n best" if i in best.get(r[0], ()) else "n"}">{e(c)}</td>' for i, c in enumerate(r[1:])) + "</tr>"
+        for r in rows]
+    out.append("</table>" + ('<p class="note">Highlighted: the best value in its row.</p>' if best else ""))
     out.append(f'<p class="note">{e(_markers_line(results))}. {e(persona["mining"])} Highlighted in the '
                "replies below. Out-of-character phrases: " + e(", ".join(persona["out_of_character"]) or "none") + ".</p>")
     if results.get("judge"):
@@ -426,13 +530,35 @@ def reply_rows(results: dict) -> list[dict]:
              **{k: r[k] for k in keep}} for m in results["models"] for r in m["replies"]]
 
 
+def scorecard_rows(results: dict) -> list[dict]:
+    """One flat record per model: who it is, its whole scorecard (not per prompt), timings and the
+    kept epoch; scorecard.csv, the table pandas (`pd.read_csv`) and spreadsheets read as it is."""
+    rows = []
+    for m in results["models"]:
+        card = {k: v for k, v in m["scorecard"].items() if k != "per_prompt"}
+        rows.append({"model": m["name"], "spec": m["spec"], "stage": m["stage"], "is_base": m["is_base"], **card,
+                     "load_seconds": m["load_seconds"], "generate_seconds": m["generate_seconds"], "tokens": m["tokens"],
+                     "kept_epoch": (m.get("loss_curve") or {}).get("kept_epoch")})
+    return rows
+
+
+def write_scorecard_csv(path: Path, results: dict) -> None:
+    rows = scorecard_rows(results)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_reports(directory: Path, results: dict) -> list[Path]:
     """Write the report files into directory (which the caller makes atomic)."""
     directory = Path(directory)
-    write_json(directory / "comparison.json", results)
+    write_json(directory / "comparison.json", {**results, "headline": headline(results)})
     with open(directory / "replies.jsonl", "w", encoding="utf-8") as handle:
         for row in reply_rows(results):
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_scorecard_csv(directory / "scorecard.csv", results)
     (directory / "comparison.txt").write_text(render_text(results))
     (directory / "comparison.md").write_text(render_markdown(results))
     (directory / "report.html").write_text(render_html(results))

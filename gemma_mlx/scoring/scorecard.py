@@ -187,6 +187,8 @@ def summarise(texts: list[str], flags: list[dict], has_markers: bool, training_w
         "cut_rate": sum(f["cut"] for f in flags) / n if n else None,
         "stop_rate": sum(not f["cut"] for f in flags) / n if n else None,
         "loop_rate": sum(f["loop"] for f in flags) / n if n else None,
+        # stopped by itself without looping: the count training keeps its adapters by (gen_clean)
+        "clean_rate": sum(not f["cut"] and not f["loop"] for f in flags) / n if n else None,
         "mid_sentence_rate": sum(f["mid_sentence"] for f in not_cut) / len(not_cut) if not_cut else None,
         "empty_rate": sum(f["empty"] for f in flags) / n if n else None,
         "persona_marker_rate": (sum(1 for f in flags if f["markers"]) / n) if has_markers and n else None,

@@ -213,8 +213,7 @@ def run(config_file, demo, tiny, only, redo, name, epochs, max_tokens):
         config = apply_overrides(demo_config(echo_progress) if demo else tiny_config(echo_progress), overrides)
     else:
         config = load_experiment(config_file, overrides)
-    result = run_experiment(config, only=list(only) or None, progress=echo_progress, redo=list(redo),
-                            memory_check=not no_memory_check)
+    result = run_experiment(config, only=list(only) or None, progress=echo_progress, redo=list(redo))
     if result.status == "interrupted":
         click.echo(f"Interrupted; progress is saved in {result.run_dir}. Run the same command again to resume.", err=True)
         raise SystemExit(130)
@@ -449,7 +448,7 @@ def compare(models, prompt_files, prompt_texts, persona, training_data, judge, o
     """
     from .compare import compare_models
     from .config import GenerationSettings
-    from .scoring.report import render_scorecard_text
+    from .scoring.report import REPORT_FILES, headline, render_scorecard_text
 
     result = compare_models(
         list(models), [*prompt_files, *prompt_texts], settings=GenerationSettings(**generation), persona=persona,
@@ -457,7 +456,8 @@ def compare(models, prompt_files, prompt_texts, persona, training_data, judge, o
         best_of=best_of, on_topic_model=on_topic_model,
     )
     click.echo(render_scorecard_text(result.results))
-    click.echo(f"\nReport: {result.out_dir}/ (comparison.txt, comparison.md, comparison.json, replies.jsonl, report.html)")
+    click.echo(f"\nVerdict: {headline(result.results)}")
+    click.echo(f"Report: {result.out_dir}/ ({', '.join(REPORT_FILES)})")
 
 
 @cli.command(short_help="LoRA-fine-tune a converted model.")

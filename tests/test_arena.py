@@ -191,8 +191,14 @@ def served(arena):
     thread.join(timeout=10)
 
 
-def test_in_chromium_side_by_side_then_a_blind_vote(served, tmp_path):
+def test_in_chromium_a_two_turn_chat_side_by_side_then_a_blind_vote(served, tmp_path):
+    """The real engine behind the page: each column's second reply answers that model's own conversation."""
     from playwright.sync_api import expect, sync_playwright
+
+    import dataclasses
+
+    from gemma_mlx.generate import generate_replies
+    from gemma_mlx.models import load_model
 
     url, setup = served
     before = len(read_votes(setup.votes))
@@ -204,18 +210,23 @@ def test_in_chromium_side_by_side_then_a_blind_vote(served, tmp_path):
         page.goto(url)
         page.click("#settings summary")  # the settings panel opens like a person would open it
         page.fill("#max_tokens", "12")
-        page.fill("#prompt", "What should I do today?")
-        page.click("#ask")
+        page.fill("#temperature", "0")
         columns = page.locator("#side-columns .column")
-        columns.first.wait_for()
+        for turn, message in enumerate(["What should I do today?", "Why?"], 1):
+            page.fill("#prompt", message)
+            page.press("#prompt", "Enter")
+            for i in range(2):  # expect(), not wait_for_function(): the page's CSP forbids eval, as it should
+                expect(columns.nth(i).locator(".message.model .badges")).to_have_count(turn, timeout=60_000)
+                expect(columns.nth(i).locator(".message.model .badges").last).to_contain_text("word", timeout=60_000)
         assert columns.count() == 2
-        for i in range(2):  # expect(), not wait_for_function(): the page's CSP forbids eval, as it should
-            expect(columns.nth(i).locator(".badges")).to_contain_text("words", timeout=60_000)
-        texts = [columns.nth(i).locator("pre.reply").inner_text() for i in range(2)]
-        assert all(texts), texts  # both replies were streamed into their columns
+        model = columns.first.get_attribute("data-side")
+        texts = columns.first.locator("pre.reply").all_inner_texts()
+        assert len(texts) == 2 and texts[0], texts  # both turns reached the column (the tiny model may say nothing)
 
         page.click("button[data-tab=blind]")
-        page.click("#battle")
+        page.fill("#prompt", "Tell me about your day")
+        page.press("#prompt", "Enter")
+        page.press("#prompt", "Escape")  # out of the message box: the keys vote
         expect(page.locator("#votes button").first).to_be_enabled(timeout=60_000)
         page.keyboard.press("1")  # A is better
         expect(page.locator("#verdict")).to_contain_text("A was")
@@ -231,6 +242,10 @@ def test_in_chromium_side_by_side_then_a_blind_vote(served, tmp_path):
     assert len(votes) == before + 1 and votes[-1]["choice"] == "A" and votes[-1]["model_a"] == names[0]
     board = leaderboard(votes, list(setup.models))
     assert first == board["models"][0]["model"]
+    greedy = dataclasses.replace(setup.settings, max_tokens=12, temperature=0.0)
+    conversation = [{"role": "user", "content": "What should I do today?"}, {"role": "assistant", "content": texts[0]},
+                    {"role": "user", "content": "Why?"}]
+    assert generate_replies(load_model(setup.models[model]), [conversation], greedy)[0].text == texts[1]
 
 
 def test_cli_errors_for_bad_models_and_a_warning_for_the_open_network(converted_models, tmp_path, monkeypatch):

@@ -1,9 +1,12 @@
 // The arena page: plain DOM, no build step. Model text is only ever set with textContent.
+// Two conversations live here at once: the side-by-side chat and the blind battle. The server keeps
+// each side's history; the page sends the new message and reads each side's reply as it streams.
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
 const SETTINGS = ["temperature", "top_p", "max_tokens", "repetition_penalty", "seed"];
-let current = null; // the running blind battle: {id, done: {A, B}}
+const chats = {side: null, blind: null}; // {id, sides, voted, streaming} of each view's conversation
+let info = {models: [], blind: false};
 
 function showError(message) {
   const box = $("#error");
@@ -24,13 +27,29 @@ function settingsObject() {
   return Object.fromEntries(settingsQuery().entries());
 }
 
+async function checked(response) {
+  if (response.ok) return response.json();
+  let message = `${response.status} ${response.statusText}`;
+  try { message = (await response.json()).error || message; } catch (_) { /* not JSON */ }
+  throw new Error(message);
+}
+
+const post = async (url, body) => checked(await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"},
+                                                             body: JSON.stringify(body || {})}));
+
+// ---------------------------------------------------------------------------- messages and badges
+
+// A blind reply before the vote carries its words only: its stop token or length could name its model.
 function badges(box, reply) {
   box.textContent = "";
-  const tags = [`${reply.words} words`];
-  if (reply.cut) tags.push(`cut at ${reply.tokens} tokens`);
-  else tags.push("stopped by itself");
-  if (reply.loop) tags.push("loop");
-  if (reply.stop_token && !["<end_of_turn>", "<eos>"].includes(reply.stop_token)) tags.push(`stopped by ${reply.stop_token}`);
+  const tags = [`${reply.words} word${reply.words === 1 ? "" : "s"}`];
+  if (!reply.hidden) {
+    if (reply.finish_reason === "stopped") tags.push("stopped by you");
+    else if (reply.cut) tags.push(`cut at ${reply.tokens} tokens`);
+    else tags.push("stopped by itself");
+    if (reply.loop) tags.push("loop");
+    if (reply.stop_token && !["<end_of_turn>", "<eos>"].includes(reply.stop_token)) tags.push(`stopped by ${reply.stop_token}`);
+  }
   for (const tag of tags) {
     const span = document.createElement("span");
     span.className = "badge" + (tag.startsWith("cut") ? " cut" : tag === "loop" ? " loop" : "");
@@ -39,10 +58,53 @@ function badges(box, reply) {
   }
 }
 
-// One reply streamed over server-sent events into a <pre>, then its badges; resolves when done.
-function streamInto(url, column) {
-  const pre = column.querySelector("pre.reply");
-  const box = column.querySelector(".badges");
+function userMessage(messages, text) {
+  const item = document.createElement("div");
+  item.className = "message user";
+  item.textContent = text;
+  messages.appendChild(item);
+}
+
+// A model message: the reply, its badges, and Copy and Regenerate (the last reply of a column only).
+function modelMessage(messages, mode, side) {
+  const item = document.createElement("div");
+  item.className = "message model";
+  const pre = document.createElement("pre");
+  pre.className = "reply";
+  const box = document.createElement("div");
+  box.className = "badges";
+  const tools = document.createElement("div");
+  tools.className = "tools";
+  const copy = document.createElement("button");
+  copy.className = "copy";
+  copy.textContent = "Copy";
+  copy.addEventListener("click", () => copyText(pre, copy));
+  const again = document.createElement("button");
+  again.className = "regenerate";
+  again.textContent = "Regenerate";
+  again.addEventListener("click", () => regenerate(mode, side, item));
+  tools.append(copy, again);
+  item.append(pre, box, tools);
+  for (const old of messages.querySelectorAll(".regenerate")) old.remove();
+  messages.appendChild(item);
+  return item;
+}
+
+async function copyText(pre, button) {
+  try {
+    await navigator.clipboard.writeText(pre.textContent);
+    button.textContent = "Copied";
+  } catch (_) { // no clipboard (an http page on another machine): select the text for Ctrl-C
+    getSelection().selectAllChildren(pre);
+    button.textContent = "Selected: press Ctrl-C";
+  }
+  setTimeout(() => { button.textContent = "Copy"; }, 1500);
+}
+
+// One reply streamed over server-sent events into a model message; resolves with the reply (null: failed).
+function streamInto(url, item) {
+  const pre = item.querySelector("pre.reply");
+  const box = item.querySelector(".badges");
   pre.textContent = "";
   box.textContent = "writing...";
   return new Promise((resolve) => {
@@ -66,87 +128,139 @@ function streamInto(url, column) {
   });
 }
 
-async function checked(response) {
-  if (response.ok) return response.json();
-  let message = `${response.status} ${response.statusText}`;
-  try { message = (await response.json()).error || message; } catch (_) { /* not JSON */ }
-  throw new Error(message);
+function columnOf(mode, side) {
+  if (mode === "blind") return $(`#col-${side}`);
+  return [...document.querySelectorAll("#side-columns .column")].find((column) => column.dataset.side === side);
 }
 
-function prompt() {
-  const text = $("#prompt").value.trim();
-  if (!text) throw new Error("The prompt is empty. Type something, or pick a prompt from a prompt set.");
-  return text;
-}
-
-async function askSelected() {
-  showError("");
-  let text;
-  try { text = prompt(); } catch (error) { showError(error.message); return; }
-  const models = [...document.querySelectorAll("#model-picks input:checked")].map((box) => box.value);
-  if (!models.length) { showError("Tick at least one model."); return; }
+function sideColumns(models) {
   const columns = $("#side-columns");
   columns.textContent = "";
-  $("#ask").disabled = true;
-  const waits = models.map((model) => {
+  for (const model of models) {
     const column = document.createElement("div");
     column.className = "column";
-    column.dataset.model = model;
+    column.dataset.side = model;
     const title = document.createElement("h2");
     title.textContent = model;
-    const pre = document.createElement("pre");
-    pre.className = "reply";
-    const box = document.createElement("div");
-    box.className = "badges";
-    column.append(title, pre, box);
+    const messages = document.createElement("div");
+    messages.className = "messages";
+    column.append(title, messages);
     columns.appendChild(column);
-    const params = settingsQuery();
-    params.set("model", model);
-    params.set("prompt", text);
-    return streamInto("/api/stream?" + params.toString(), column);
-  });
-  await Promise.all(waits);
-  $("#ask").disabled = false;
+  }
 }
+
+// ---------------------------------------------------------------------------- sending, stopping, saving
+
+const activeMode = () => ($("#blind").hidden ? "side" : "blind");
+
+function setBusy(busy) {
+  $("#send").disabled = busy;
+  $("#stop").disabled = !busy;
+}
+
+async function send() {
+  showError("");
+  const mode = activeMode();
+  const text = $("#prompt").value.trim();
+  if (!text) { showError("The message is empty. Type something, or pick a prompt from a prompt set."); return; }
+  if ($("#send").disabled) return; // a reply is still being written
+  let chat = chats[mode];
+  const body = {prompt: text, ...settingsObject()};
+  try {
+    if (!chat) {
+      body.system = $("#system").value;
+      if (mode === "side") {
+        body.models = [...document.querySelectorAll("#model-picks input:checked")].map((box) => box.value);
+        if (!body.models.length) throw new Error("Tick at least one model.");
+      }
+      const started = await post(mode === "blind" ? "/api/battle" : "/api/chat", body);
+      chat = chats[mode] = {id: started.id, sides: started.sides, voted: false};
+      if (mode === "side") sideColumns(started.sides);
+    } else {
+      await post(`/api/chat/${chat.id}/turn`, body);
+    }
+  } catch (error) { showError(error.message); return; }
+  $("#prompt").value = "";
+  const items = chat.sides.map((side) => {
+    const messages = columnOf(mode, side).querySelector(".messages");
+    userMessage(messages, text);
+    return modelMessage(messages, mode, side);
+  });
+  await follow(mode, chat, chat.sides, items);
+}
+
+// Read the replies of `sides` into `items`, then save the conversation (and, in a battle, open the vote).
+async function follow(mode, chat, sides, items) {
+  setBusy(true);
+  if (mode === "blind") setVoting(false);
+  const replies = await Promise.all(sides.map((side, i) =>
+    streamInto(`/api/chat/${chat.id}/stream?side=${encodeURIComponent(side)}`, items[i])));
+  setBusy(false);
+  if (chats[mode] !== chat) return; // a new chat or battle began meanwhile
+  if (mode === "blind" && !chat.voted && replies.every((reply) => reply)) setVoting(true);
+  await save(chat);
+}
+
+async function save(chat) {
+  try {
+    const saved = await post(`/api/chat/${chat.id}/save`);
+    $("#saved-note").textContent = `Saved to ${saved.saved}`;
+  } catch (error) { showError(error.message); }
+}
+
+async function stop() {
+  const chat = chats[activeMode()];
+  if (!chat) return;
+  try { await post(`/api/chat/${chat.id}/stop`); } catch (error) { showError(error.message); }
+}
+
+async function regenerate(mode, side, item) {
+  const chat = chats[mode];
+  if (!chat || $("#send").disabled) return;
+  showError("");
+  try { await post(`/api/chat/${chat.id}/regenerate`, {side, ...settingsObject()}); } catch (error) {
+    showError(error.message);
+    return;
+  }
+  await follow(mode, chat, [side], [item]);
+}
+
+// ---------------------------------------------------------------------------- the blind battle
 
 function setVoting(enabled) {
-  for (const button of document.querySelectorAll("#votes button")) button.disabled = !enabled;
+  for (const button of document.querySelectorAll("#votes button[data-choice]")) button.disabled = !enabled;
 }
 
-async function startBattle() {
-  showError("");
+function nextBattle() {
+  if (chats.blind && $("#send").disabled) stop(); // the replies still being written end on the server too
+  chats.blind = null;
+  for (const side of ["A", "B"]) {
+    $(`#col-${side} .messages`).textContent = "";
+    $(`#col-${side} .name`).textContent = "";
+  }
   $("#verdict").textContent = "";
-  for (const side of ["A", "B"]) $(`#col-${side} .name`).textContent = "";
   setVoting(false);
-  let id;
-  try {
-    const body = {prompt: prompt(), ...settingsObject()};
-    ({id} = await checked(await fetch("/api/battle", {method: "POST", headers: {"Content-Type": "application/json"},
-                                                      body: JSON.stringify(body)})));
-  } catch (error) { showError(error.message); return; }
-  current = {id, voted: false};
-  $("#battle").disabled = true;
-  const replies = await Promise.all(["A", "B"].map((side) =>
-    streamInto(`/api/battle/${id}/stream?side=${side}`, $(`#col-${side}`))));
-  $("#battle").disabled = false;
-  if (current && current.id === id && replies.every((reply) => reply)) setVoting(true);
+  $("#prompt").focus();
 }
 
 async function vote(choice) {
-  if (!current || current.voted) return;
+  const chat = chats.blind;
+  if (!chat || chat.voted) return;
   setVoting(false);
   try {
-    const result = await checked(await fetch("/api/vote", {method: "POST", headers: {"Content-Type": "application/json"},
-                                                            body: JSON.stringify({id: current.id, choice})}));
-    current.voted = true;
+    const result = await post("/api/vote", {id: chat.id, choice});
+    chat.voted = true;
     showError(""); // a vote that failed before (a full disk) went through on this try
-    $("#col-A .name").textContent = result.model_a;
-    $("#col-B .name").textContent = result.model_b;
     const words = {A: "A is better", B: "B is better", tie: "a tie", bad: "both bad"};
-    $("#verdict").textContent = `Your vote: ${words[choice]}. A was ${result.model_a}, B was ${result.model_b}.`;
+    $("#verdict").textContent = `Your vote: ${words[choice]}. A was ${result.model_a}, B was ${result.model_b}. ` +
+      "Press N for the next battle.";
+    showConversation(await checked(await fetch(`/api/chat/${chat.id}`))); // now with names and badges
+    await save(chat);
     await loadBoard();
   } catch (error) { showError(error.message); setVoting(true); }
 }
+
+// ---------------------------------------------------------------------------- the leaderboard
 
 function cell(row, text, numeric) {
   const td = document.createElement("td");
@@ -185,15 +299,82 @@ async function loadBoard() {
   }
 }
 
+// ---------------------------------------------------------------------------- saved conversations
+
+// Draw a conversation the server sent (GET /api/chat/ID or a reopened one) into its view.
+function showConversation(view) {
+  const mode = view.blind ? "blind" : "side";
+  const sides = Object.keys(view.sides);
+  const previous = chats[mode];
+  chats[mode] = {id: view.id, sides, voted: view.choice !== null};
+  if (previous && previous.id === view.id) chats[mode] = Object.assign(previous, chats[mode]);
+  if (mode === "side") sideColumns(sides);
+  for (const side of sides) {
+    const column = columnOf(mode, side);
+    const messages = column.querySelector(".messages");
+    messages.textContent = "";
+    for (const message of view.sides[side].messages) {
+      if (message.role === "user") { userMessage(messages, message.content); continue; }
+      const item = modelMessage(messages, mode, side);
+      item.querySelector("pre.reply").textContent = message.content;
+      badges(item.querySelector(".badges"), message.reply || {words: message.content.split(/\s+/).filter(Boolean).length,
+                                                              hidden: true});
+    }
+    if (mode === "blind") column.querySelector(".name").textContent = view.sides[side].model || "";
+  }
+  if (mode === "blind") setVoting(!view.choice && !view.busy && view.turns > 0);
+}
+
+async function loadSaved() {
+  let listing;
+  try { listing = await checked(await fetch("/api/conversations")); } catch (error) { showError(error.message); return; }
+  $("#saved-file").textContent = listing.file;
+  const list = $("#saved-list");
+  list.textContent = "";
+  for (const row of listing.conversations) {
+    const item = document.createElement("li");
+    const open = document.createElement("button");
+    open.className = "open";
+    open.textContent = row.title;
+    open.addEventListener("click", () => reopen(row.id));
+    const about = document.createElement("span");
+    about.className = "note";
+    const who = row.models ? row.models.join(", ") : "models hidden until the vote";
+    about.textContent = ` ${row.blind ? "blind battle" : "side by side"} - ${who} - ${row.turns} turn${row.turns === 1 ? "" : "s"}` +
+      ` - ${row.time}`;
+    item.append(open, about);
+    list.appendChild(item);
+  }
+  if (!listing.conversations.length) list.textContent = "No saved conversations yet.";
+}
+
+async function reopen(id) {
+  showError("");
+  try {
+    const view = await post(`/api/conversations/${encodeURIComponent(id)}/open`);
+    showTab(view.blind ? "blind" : "side");
+    showConversation(view);
+  } catch (error) { showError(error.message); }
+}
+
+// ---------------------------------------------------------------------------- the page
+
 function showTab(name) {
   for (const tab of document.querySelectorAll(".tab")) tab.classList.toggle("active", tab.dataset.tab === name);
   for (const panel of document.querySelectorAll(".panel")) panel.hidden = panel.id !== name;
-  $("#prompt-box").hidden = name === "board" || name === "reports";
+  $("#composer").hidden = name !== "side" && name !== "blind";
   if (name === "board") loadBoard();
+  if (name === "saved") loadSaved();
+}
+
+function newChat() {
+  if (chats.side && $("#send").disabled) stop();
+  chats.side = null;
+  $("#side-columns").textContent = "";
+  $("#prompt").focus();
 }
 
 async function start() {
-  let info;
   try { info = await checked(await fetch("/api/models")); } catch (error) { showError(error.message); return; }
   for (const key of SETTINGS) $("#" + key).value = info.settings[key];
   const picks = $("#model-picks");
@@ -203,6 +384,7 @@ async function start() {
     box.type = "checkbox";
     box.value = model;
     box.checked = true;
+    box.addEventListener("change", newChat); // other models: another conversation
     label.append(box, " " + model);
     picks.appendChild(label);
   }
@@ -224,23 +406,34 @@ async function start() {
     const item = document.createElement("li");
     const link = document.createElement("a");
     link.href = "/reports/" + path.split("/").map(encodeURIComponent).join("/");
+    link.target = "_blank"; // a new tab: going back would reload this page and lose its replies
+    link.rel = "noopener";
     link.textContent = path;
     item.appendChild(link);
     list.appendChild(item);
   }
   if (!info.reports.length) list.textContent = "No reports: start the arena with --run outputs/runs/NAME.";
-  $("#battle").disabled = !info.blind;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => showTab(tab.dataset.tab));
-  $("#ask").addEventListener("click", askSelected);
-  $("#battle").addEventListener("click", startBattle);
-  for (const button of document.querySelectorAll("#votes button")) button.addEventListener("click", () => vote(button.dataset.choice));
+  $("#send").addEventListener("click", send);
+  $("#stop").addEventListener("click", stop);
+  $("#new-chat").addEventListener("click", newChat);
+  $("#next").addEventListener("click", nextBattle);
+  for (const button of document.querySelectorAll("#votes button[data-choice]")) {
+    button.addEventListener("click", () => vote(button.dataset.choice));
+  }
+  $("#prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); send(); }
+    if (event.key === "Escape") event.target.blur(); // so 1-4 and N reach the battle
+  });
   document.addEventListener("keydown", (event) => {
-    if (event.target.tagName === "TEXTAREA" || event.target.tagName === "INPUT" || $("#blind").hidden) return;
+    if (["TEXTAREA", "INPUT", "SELECT"].includes(event.target.tagName) || $("#blind").hidden) return;
+    if (event.ctrlKey || event.metaKey || event.altKey) return;
+    if (event.key === "n" || event.key === "N") { nextBattle(); event.preventDefault(); return; }
     const choice = {"1": "A", "2": "B", "3": "tie", "4": "bad"}[event.key];
-    if (choice && !$("#votes button").disabled) vote(choice);
+    if (choice && !$("#votes button[data-choice]").disabled) vote(choice);
   });
   start();
 });

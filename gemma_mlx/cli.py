@@ -61,7 +61,7 @@ def _version_text() -> str:
 
 def _print_version(ctx, _param, value):
     if value and not ctx.resilient_parsing:
-        click.echo(f"gemma-mlx {__version__}")  # one line; `gemma-mlx info` has the backend details
+        click.echo(_version_text())  # the version, then the MLX backend, device, BLAS and dtype policy
         ctx.exit()
 
 
@@ -78,7 +78,8 @@ def generation_options(command):
                      help="Token limit per reply; a reply reaching it is flagged [cut at N tokens]."),
         click.option("--min-new-tokens", default=d.min_new_tokens, show_default=True,
                      help="Suppress stop tokens until this many tokens were generated."),
-        click.option("--temperature", default=d.temperature, show_default=True, help="Sampling temperature (0: greedy)."),
+        click.option("--temperature", "--temp", "temperature", default=d.temperature, show_default=True,
+                     help="Sampling temperature (0: greedy). --temp is mlx-lm's name for it."),
         click.option("--top-p", default=d.top_p, show_default=True, help="Nucleus sampling (1.0: off)."),
         click.option("--top-k", default=d.top_k, show_default=True, help="Keep the k most likely tokens (0: off)."),
         click.option("--min-p", default=d.min_p, show_default=True, help="Drop tokens below min-p x p(max) (0: off)."),
@@ -93,9 +94,20 @@ def generation_options(command):
     return command
 
 
+def given_models(arguments, options, many: bool) -> list[str]:
+    """MODEL arguments and mlx-lm's `--model` options mean the same: together, one model (chat) or
+    at least one (compare)."""
+    models = [*arguments, *options]
+    if not models:
+        raise click.UsageError("Name a model: as an argument, or with --model (mlx-lm's name for it).")
+    if len(models) > 1 and not many:
+        raise click.UsageError(f"One model at a time here, but {len(models)} were given: {', '.join(models)}.")
+    return models
+
+
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
-              help="Show the version and exit (`gemma-mlx info` shows the MLX backend too).")
+              help="Show the version, the MLX backend, device, BLAS and dtype policy, and exit.")
 def cli():
     """Give a small Gemma 3 model a personality: convert, fine-tune with LoRA, fuse, compare.
 
@@ -413,7 +425,9 @@ def data_split(path, out, seed, valid_fraction, test_fraction, force):
 
 
 @cli.command(short_help="Answer the same prompts with several models.")
-@click.argument("models", nargs=-1, required=True)
+@click.argument("models", nargs=-1)
+@click.option("--model", "model_options", multiple=True, metavar="MODEL",
+              help="A model to compare, like the MODELS arguments (mlx-lm's name; repeatable).")
 @click.option("--prompts", "prompt_files", multiple=True, type=click.Path(path_type=Path),
               help="Prompt file: one prompt per line (# comments, blank lines skipped) or JSONL. Repeatable.")
 @click.option("--prompt", "prompt_texts", multiple=True, help="A prompt given inline. Repeatable.")
@@ -432,7 +446,7 @@ def data_split(path, out, seed, valid_fraction, test_fraction, force):
 @click.option("--on-topic-model", help="The base model that scores whether replies answer their prompt. Default: "
               "a compared un-tuned model, or the base of BASE::ADAPTERS or of a fused model.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory that holds a different comparison (or anything else).")
-def compare(models, prompt_files, prompt_texts, persona, training_data, judge, out, force, best_of, on_topic_model,
+def compare(models, model_options, prompt_files, prompt_texts, persona, training_data, judge, out, force, best_of, on_topic_model,
             **generation):
     """Answer the same prompts with several models side by side, and score the persona.
 
@@ -451,7 +465,8 @@ def compare(models, prompt_files, prompt_texts, persona, training_data, judge, o
     from .scoring.report import REPORT_FILES, headline, render_scorecard_text
 
     result = compare_models(
-        list(models), [*prompt_files, *prompt_texts], settings=GenerationSettings(**generation), persona=persona,
+        given_models(models, model_options, many=True), [*prompt_files, *prompt_texts],
+        settings=GenerationSettings(**generation), persona=persona,
         training_data=training_data, out=out, judge=judge, progress=echo_progress, force=force,
         best_of=best_of, on_topic_model=on_topic_model,
     )
@@ -465,7 +480,9 @@ def compare(models, prompt_files, prompt_texts, persona, training_data, judge, o
 @click.option("--data", help="Dataset: a JSONL file or a directory (its train/valid.jsonl as they are; other data "
               "split 80/10/10 like `data split`, the test set left out). Default: the config's data.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Experiment YAML; options below override it.")
-@click.option("--out", type=click.Path(path_type=Path), help="Output directory. Default: outputs/runs/<run-name>/<model>/.")
+@click.option("--out", "--adapter-path", "out", type=click.Path(path_type=Path),
+              help="Output directory for the adapters (--adapter-path as in mlx_lm lora). Default: "
+                   "outputs/runs/<run-name>/<model>/.")
 @click.option("--run-name", help="Run name for the default output directory. Default: the config's name.")
 @click.option("--epochs", type=int, help="Passes over the training set (every example every epoch).")
 @click.option("--batch-size", type=int, help="Examples per step.")
@@ -501,9 +518,13 @@ def train(model, data, config_path, out, run_name, resume, force, **options):
     """LoRA-fine-tune a converted model on a persona dataset, in epochs.
 
     Every example trains every epoch, in length-bucketed batches; by default the loss counts reply
-    tokens only. The best adapters by validation loss go to the output directory (mlx-lm layout, so
-    `mlx_lm generate --adapter-path` works), the final ones to last/, with metrics.jsonl, summary.json,
-    loss.svg and manifest.json. Ctrl-C saves a resumable state (exit code 130); --resume continues it.
+    tokens only. Each validation also answers validation prompts greedily; the adapters kept in the
+    output directory are those with the most clean endings (stopped by themselves, no loop; the later
+    validation on a tie), or the lowest validation loss with --best-by loss. The final ones go to
+    last/, with metrics.jsonl, summary.json, loss.svg and manifest.json. The adapters use mlx-lm's
+    layout, but a base (-pt) model's trained turn-token rows live beside them, which `mlx_lm generate
+    --adapter-path` does not load: its replies then do not stop. Fuse first (`gemma-mlx fuse`) and give
+    other tools the fused model. Ctrl-C saves a resumable state (exit code 130); --resume continues it.
     Settings not given here come from --config, else the defaults (README's config table).
 
     \b
@@ -532,12 +553,14 @@ def train(model, data, config_path, out, run_name, resume, force, **options):
 
 
 @cli.command(short_help="Chat with a model in the terminal.")
-@click.argument("model")
-@click.option("--adapters", "adapter_path", type=click.Path(path_type=Path),
-              help="LoRA adapter dir to apply on top of MODEL (same as MODEL::ADAPTERS).")
-@click.option("--system", help="A system message, folded into the first user turn as Gemma 3 does.")
+@click.argument("model", required=False)
+@click.option("--model", "model_option", metavar="MODEL", help="The same as the MODEL argument (mlx-lm's name for it).")
+@click.option("--adapters", "--adapter-path", "adapter_path", type=click.Path(path_type=Path),
+              help="LoRA adapter dir to apply on top of MODEL (same as MODEL::ADAPTERS; --adapter-path as in mlx-lm).")
+@click.option("--system", "--system-prompt", "system",
+              help="A system message, folded into the first user turn as Gemma 3 does (--system-prompt as in mlx-lm).")
 @generation_options
-def chat(model, adapter_path, system, **generation):
+def chat(model, adapter_path, system, model_option=None, **generation):
     """Chat with MODEL in the terminal, with the same turn format and stop rules as compare.
 
     MODEL is a converted or fused model dir, a name converted earlier (outputs/models/NAME), or
@@ -563,6 +586,7 @@ def chat(model, adapter_path, system, **generation):
              read_line=input if interactive else read_piped_line, labels=interactive)
 
 
+    model = given_models([model] if model else [], [model_option] if model_option else [], many=False)[0]
 @cli.command(short_help="Chat with models side by side and rate them blind, in the browser.")
 @click.argument("models", nargs=-1)
 @click.option("--run", "run_dir", type=click.Path(path_type=Path),

@@ -196,6 +196,8 @@ def init(directory, pair, force):
 @click.option("--demo", is_flag=True,
               help="The real Gemma 3 270M base (offline, from the [real] extra) fine-tuned on the shipped Bluey data.")
 @click.option("--tiny", is_flag=True, help="The whole pipeline on two tiny random checkpoints (a smoke test, under a minute).")
+@click.option("--tiny-family", "tiny_family", type=click.Choice(["gemma3", "gemma4"]), default="gemma3", show_default=True,
+              help="With --tiny: the model family of the tiny pair (outputs/runs/tiny-gemma4/ for Gemma 4).")
 @click.option("--only", "only", multiple=True, type=click.Choice(["convert", "data", "train", "fuse", "compare", "export"]),
               help="Run only these stages (repeatable); the others reuse their earlier outputs.")
 @click.option("--redo", "redo", multiple=True, type=click.Choice(["convert", "data", "train", "fuse", "compare", "export", "all"]),
@@ -203,7 +205,7 @@ def init(directory, pair, force):
 @click.option("--name", help="Experiment name (outputs/runs/<name>/); overrides the config.")
 @click.option("--epochs", type=int, help="Override train.epochs.")
 @click.option("--max-tokens", type=int, help="Override generation.max_tokens.")
-def run(config_file, demo, tiny, only, redo, name, epochs, max_tokens):
+def run(config_file, demo, tiny, tiny_family, only, redo, name, epochs, max_tokens):
     """Run the whole experiment: convert, check+split data, train, fuse, compare, summary.
 
     CONFIG_FILE is an experiment YAML (default: data/experiment.yaml, gemma-3-1b-pt vs gemma-3-1b-it
@@ -222,7 +224,7 @@ def run(config_file, demo, tiny, only, redo, name, epochs, max_tokens):
         raise click.UsageError("Use one of --demo, --tiny or a CONFIG_FILE.")
     overrides = {"name": name, "train.epochs": epochs, "generation.max_tokens": max_tokens}
     if demo or tiny:
-        config = apply_overrides(demo_config(echo_progress) if demo else tiny_config(echo_progress), overrides)
+        config = apply_overrides(demo_config(echo_progress) if demo else tiny_config(echo_progress, tiny_family), overrides)
     else:
         config = load_experiment(config_file, overrides)
     result = run_experiment(config, only=list(only) or None, progress=echo_progress, redo=list(redo))

@@ -264,7 +264,7 @@ def _gguf_dir(path: Path) -> Path:
 def export_gguf(source: ExportSource, out: Path, quant: str = "f16", force: bool = False,
                 progress: Progress = quiet) -> ExportResult:
     """Write the GGUF export directory for `source` (see the module docstring); a no-op when up to date."""
-    from .formats.gguf_write import QUANTS, check_tokenizer, write_gguf
+    from .formats.gguf_write import QUANTS, check_model_type, check_tokenizer, write_gguf
 
     if quant not in QUANTS:
         raise GemmaMlxError(f"Unknown --quant {quant!r}. Choose one of: {', '.join(QUANTS)}. K-quants (Q4_K_M, ...) "
@@ -285,6 +285,7 @@ def export_gguf(source: ExportSource, out: Path, quant: str = "f16", force: bool
         raise CheckpointError(f"{source.model_dir} has no tokenizer.json, which the GGUF file's vocabulary is made from. "
                               "Convert the model again with `gemma-mlx convert`.")
     tokenizer_json = read_json(tokenizer_file, "tokenizer.json")
+    check_model_type(read_json(source.model_dir / "config.json", "config.json"))  # a family GGUF cannot hold
     check_tokenizer(tokenizer_json)
     started = time.perf_counter()
     context = run_context(source)

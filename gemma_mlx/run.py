@@ -107,19 +107,28 @@ def demo_config(progress: Progress = quiet) -> ExperimentConfig:
     return apply_overrides(load_experiment(CONFIG_270M), {"name": "demo", "checkpoints": [PACKAGED_NAME]})
 
 
-def tiny_config(progress: Progress = quiet) -> ExperimentConfig:
-    """The pipeline on two tiny random checkpoints (one -pt, one -it) and the shipped data: a quick smoke test."""
-    from .tiny import write_tiny_pair
+def tiny_config(progress: Progress = quiet, family: str = "gemma3") -> ExperimentConfig:
+    """The pipeline on two tiny random checkpoints (one -pt, one -it) and the shipped data: a quick smoke test.
 
-    root = outputs_root() / "runs" / "tiny" / "checkpoints"
-    progress(f"tiny: building tiny Gemma 3 checkpoints (random weights) in {root}")
-    pair = write_tiny_pair(root)
+    `family` is "gemma3" or "gemma4" (families.py): which kind of tiny pair to build.
+    """
+    from .families import FAMILIES
+    from .tiny import write_tiny_gemma4_pair, write_tiny_pair
+
+    writers = {"gemma3": write_tiny_pair, "gemma4": write_tiny_gemma4_pair}
+    if family not in writers:
+        raise ConfigError(f"There is no tiny pair for family {family!r}; choose one of {', '.join(writers)}.")
+    title = next(f.title for f in FAMILIES if f.name == family)
+    name = "tiny" if family == "gemma3" else f"tiny-{family}"
+    root = outputs_root() / "runs" / name / "checkpoints"
+    progress(f"tiny: building tiny {title} checkpoints (random weights) in {root}")
+    pair = list(writers[family](root).values())
     config = load_experiment(DEFAULT_CONFIG)
     return apply_overrides(
         config,
         {
-            "name": "tiny",
-            "checkpoints": [str(pair["tiny-gemma-3-pt"]), str(pair["tiny-gemma-3-it"])],
+            "name": name,
+            "checkpoints": [str(path) for path in pair],
             "dtype": "float32",
             "quantize_bits": 0,
             "train.epochs": 2,

@@ -341,3 +341,161 @@ def write_tiny_gguf(path: Path, flavour: str = "pt", seed: int = 0, quant: str =
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# ---------------------------------------------------------------- tiny Gemma 4 and multimodal Gemma 3
+
+# Gemma 4's own parts, small: per-layer input embeddings (PLE), the last 2 layers reuse earlier
+# layers' keys and values (and have a double-wide MLP), full-attention layers have a wider head.
+TINY_GEMMA4_SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=6,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=16,
+    global_head_dim=32,
+    hidden_size_per_layer_input=8,
+    num_kv_shared_layers=2,
+    vocab_size=1024,
+)
+_GEMMA4_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+
+
+def _gemma4_config(flavour: str, shape: dict) -> dict:
+    """config.json of a Gemma4ForCausalLM (the keys transformers 5 and mlx-lm's gemma4_text read)."""
+    return {
+        "architectures": [GEMMA4.causal_lm_architecture],
+        "model_type": GEMMA4.text_model_type,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attention_k_eq_v": False,
+        "enable_moe_block": False,
+        "final_logit_softcapping": 30.0,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "initializer_range": 0.02,
+        "layer_types": _GEMMA4_LAYER_TYPES[: shape["num_hidden_layers"]],
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+        },
+        "sliding_window": 512,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "use_double_wide_mlp": True,
+        "vocab_size_per_layer_input": shape["vocab_size"],
+        "pad_token_id": GEMMA4.pad_id,
+        "bos_token_id": GEMMA4.bos_id,
+        "eos_token_id": _eos(GEMMA4, flavour),
+        "torch_dtype": "float32",
+        **shape,
+    }
+
+
+def _gemma4_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
+    """Random weights under Gemma4ForCausalLM's parameter names (tied embeddings; norms multiply by w)."""
+    rng = np.random.default_rng(seed)
+    hidden, layers, ple = config["hidden_size"], config["num_hidden_layers"], config["hidden_size_per_layer_input"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    first_shared = layers - config["num_kv_shared_layers"]
+
+    def dense(rows, cols):
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    def norm(size):
+        return (1.0 + 0.1 * rng.standard_normal(size)).astype(np.float32)
+
+    weights = {
+        "model.embed_tokens.weight": (0.2 * rng.standard_normal((config["vocab_size"], hidden))).astype(np.float32),
+        "model.embed_tokens_per_layer.weight": (0.2 * rng.standard_normal((config["vocab_size"], layers * ple))).astype(np.float32),
+        "model.per_layer_model_projection.weight": dense(layers * ple, hidden),
+        "model.per_layer_projection_norm.weight": norm(ple),
+        "model.norm.weight": norm(hidden),
+    }
+    for i, kind in enumerate(config["layer_types"]):
+        p = f"model.layers.{i}"
+        head = config["global_head_dim"] if kind == "full_attention" else config["head_dim"]
+        inter = config["intermediate_size"] * (2 if config["use_double_wide_mlp"] and i >= first_shared else 1)
+        weights.update({
+            f"{p}.layer_scalar": rng.uniform(0.5, 1.0, (1,)).astype(np.float32),
+            f"{p}.self_attn.q_proj.weight": dense(heads * head, hidden),
+            f"{p}.self_attn.q_norm.weight": norm(head),
+            f"{p}.self_attn.o_proj.weight": dense(hidden, heads * head),
+            f"{p}.mlp.gate_proj.weight": dense(inter, hidden),
+            f"{p}.mlp.up_proj.weight": dense(inter, hidden),
+            f"{p}.mlp.down_proj.weight": dense(hidden, inter),
+            f"{p}.input_layernorm.weight": norm(hidden),
+            f"{p}.post_attention_layernorm.weight": norm(hidden),
+            f"{p}.pre_feedforward_layernorm.weight": norm(hidden),
+            f"{p}.post_feedforward_layernorm.weight": norm(hidden),
+            f"{p}.per_layer_input_gate.weight": dense(ple, hidden),
+            f"{p}.per_layer_projection.weight": dense(hidden, ple),
+            f"{p}.post_per_layer_input_norm.weight": norm(hidden),
+        })
+        if i < first_shared:  # KV-shared layers have no key/value projections of their own
+            weights.update({
+                f"{p}.self_attn.k_proj.weight": dense(kv_heads * head, hidden),
+                f"{p}.self_attn.v_proj.weight": dense(kv_heads * head, hidden),
+                f"{p}.self_attn.k_norm.weight": norm(head),
+            })
+    return weights
+
+
+def write_tiny_gemma4_checkpoint(out_dir: Path, flavour: str = "pt", seed: int = 0) -> Path:
+    """Write a tiny Gemma 4 text checkpoint (Gemma4ForCausalLM layout, `flavour` "pt" or "it") and return it."""
+    from safetensors.numpy import save_file
+
+    if flavour not in ("pt", "it"):
+        raise ValueError(f"flavour must be 'pt' or 'it', not {flavour!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = _gemma4_config(flavour, dict(TINY_GEMMA4_SHAPE))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(_gemma4_weights(config, seed), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    _write_tokenizer_files(out_dir, GEMMA4, flavour, config["vocab_size"], GEMMA4_SPECIAL_TOKENS)
+    return out_dir
+
+
+def write_tiny_gemma4_pair(root: Path, seed: int = 0) -> dict[str, Path]:
+    """A base and an instruction-tuned tiny Gemma 4, like google/gemma-4-E2B and -it."""
+    root = Path(root)
+    return {
+        "tiny-gemma-4-pt": write_tiny_gemma4_checkpoint(root / "tiny-gemma-4-pt", "pt", seed),
+        "tiny-gemma-4-it": write_tiny_gemma4_checkpoint(root / "tiny-gemma-4-it", "it", seed + 1),
+    }
+
+
+def write_tiny_multimodal_checkpoint(out_dir: Path, flavour: str = "it", seed: int = 0) -> Path:
+    """A tiny Gemma3ForConditionalGeneration checkpoint (transformers 5 names): write_tiny_checkpoint's
+    language model under `model.language_model.`, beside a small vision tower and projector.
+
+    Only the text half is real; the vision weights are there to be left out by convert.
+    """
+    from safetensors.numpy import save_file
+
+    out_dir = Path(write_tiny_checkpoint(out_dir, flavour, seed))
+    text = json.loads((out_dir / "config.json").read_text())
+    rng = np.random.default_rng(seed + 100)
+    weights = {name.replace("model.", "model.language_model.", 1): value for name, value in _weights(TINY_SHAPE, seed).items()}
+    weights["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = rng.standard_normal((32, 3, 4, 4)).astype(np.float32)
+    weights["model.multi_modal_projector.mm_input_projection_weight"] = rng.standard_normal((32, TINY_SHAPE["hidden_size"])).astype(np.float32)
+    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    # a sparse text_config, as the hub writes it: transformers' defaults fill the rest
+    sparse = {k: text[k] for k in (*TINY_SHAPE, "model_type", "query_pre_attn_scalar", "sliding_window", "rope_scaling",
+                                   "rope_theta", "rope_local_base_freq")}
+    config = {
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": GEMMA3.multimodal_model_types[0],
+        "text_config": sparse,
+        "vision_config": {"hidden_size": 32, "image_size": 16, "patch_size": 4, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "intermediate_size": 64, "model_type": "siglip_vision_model"},
+        "mm_tokens_per_image": 4,
+        "eos_token_id": text["eos_token_id"],
+        "bos_token_id": text["bos_token_id"],
+        "pad_token_id": text["pad_token_id"],
+        "torch_dtype": "float32",
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir

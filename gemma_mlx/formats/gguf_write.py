@@ -33,6 +33,14 @@ def _is_byte_piece(token: str) -> bool:
     return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
 
 
+def check_model_type(config: dict) -> None:
+    """Only the family whose llama.cpp layout formats/gguf_names knows (Gemma 3) can be written."""
+    if config.get("model_type") not in FAMILY.model_types:
+        raise CheckpointError(f"The model's type is {config.get('model_type')!r}; only {FAMILY.title} text models "
+                              f"({FAMILY.text_model_type}) can be exported to GGUF so far. Export it to Hugging Face "
+                              "instead (`gemma-mlx fuse --export-hf`).")
+
+
 def check_tokenizer(tokenizer_json: dict) -> None:
     """Only Gemma's own vocabulary can be written as a SentencePiece GGUF vocabulary that llama.cpp
     tokenizes the same way; anything else is refused before any weights load."""
@@ -168,10 +176,7 @@ def write_gguf(path: Path, weights: dict, config: dict, tokenizer_json: dict, na
     if quant not in QUANTS:
         raise CheckpointError(f"Unknown GGUF quantization {quant!r}. Choose one of: {', '.join(QUANTS)} (K-quants such "
                               "as Q4_K_M need llama.cpp's llama-quantize on the f16 file).")
-    if config.get("model_type") not in FAMILY.model_types:
-        raise CheckpointError(f"The model's type is {config.get('model_type')!r}; only {FAMILY.title} text models "
-                              f"({FAMILY.text_model_type}) can be exported to GGUF so far. Export it to Hugging Face "
-                              "instead (`gemma-mlx fuse --export-hf`).")
+    check_model_type(config)
     embed = weights["model.embed_tokens.weight"]
     writer = gguf.GGUFWriter(str(path), ARCHITECTURE)
     writer.add_type("model")

@@ -100,7 +100,7 @@ def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = 
     A votes or conversations file whose last line a crash cut off is repaired here (the line moved
     aside, reported through `progress`), so one interrupted write never stops the arena from starting.
     """
-    from .models import model_dir_path
+    from .models import display_name, model_dir_path
     from .scoring.inputs import check_model_specs
 
     run_dir = Path(run).expanduser().resolve() if run else None
@@ -114,7 +114,7 @@ def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = 
         models.update(_run_models(run_dir, manifest))
     for spec in specs:
         base, _, adapters = str(spec).partition("::")
-        name = model_dir_path(base).name + (f"+{Path(adapters).name}" if adapters else "")
+        name = display_name(model_dir_path(base), Path(adapters) if adapters else None)
         models[name if name not in models else str(spec)] = str(spec)
     if not models:
         raise GemmaMlxError("No models for the arena. Name model directories, or pass --run outputs/runs/NAME.")

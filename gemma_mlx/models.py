@@ -165,7 +165,7 @@ def load(model_dir: Path, adapter_dir: Path | None = None):
 
 @dataclass
 class LoadedModel:
-    name: str  # a short label for reports ("gemma-3-1b-pt", "run/gemma-3-1b-pt-fused", "base+adapters")
+    name: str  # the display name (display_name): "gemma-3-1b-pt + LoRA", "gemma-3-1b-pt (base)"
     path: Path  # the model dir (for base+adapters: the base dir)
     model: object
     tokenizer: object
@@ -176,6 +176,20 @@ class LoadedModel:
 def _label(path: Path) -> str:
     """A readable name: the dir name, with its parent's for generic names like fused/ or last/."""
     return f"{path.parent.name}-{path.name}" if path.name in ("fused", "last") else path.name
+
+
+def display_name(model_dir: Path, adapter_dir: Path | None = None, manifest: dict | None = None) -> str:
+    """The one name a person sees for a model in compare's reports, run's summary and the arena:
+    the checkpoint's name, then ' + LoRA' when fine-tuned (fused, or base with adapters; ' + LoRA
+    (last)' for a run's final rather than kept adapters) or ' (base)' for a converted, un-tuned model."""
+    model_dir = Path(model_dir)
+    if manifest is None:
+        manifest = read_manifest(model_dir) or {}
+    if adapter_dir is None and manifest.get("stage") == "fuse" and manifest.get("base_model"):
+        model_dir, adapter_dir = Path(manifest["base_model"]), Path(manifest.get("adapters") or "adapters")
+    if adapter_dir is not None:
+        return f"{_label(model_dir)} + LoRA" + (" (last)" if Path(adapter_dir).name == "last" else "")
+    return f"{_label(model_dir)} (base)" if manifest.get("stage") == "convert" else _label(model_dir)
 
 
 def load_model(spec: str | Path, adapter_path: str | Path | None = None) -> LoadedModel:
@@ -192,7 +206,6 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None) -> Load
     model_dir = resolve_model_dir(spec_text)
     adapter_dir = check_adapter_dir(Path(adapter_path).expanduser()) if adapter_path is not None else None
     model, tokenizer = load(model_dir, adapter_dir)  # LoRA + trained turn-token rows
-    name = _label(model_dir)
-    if adapter_dir is not None:
-        name += f"+{adapter_dir.parent.name}/{adapter_dir.name}"
-    return LoadedModel(name, model_dir, model, tokenizer, read_manifest(model_dir), adapter_dir)
+    manifest = read_manifest(model_dir)
+    name = display_name(model_dir, adapter_dir, manifest or {})
+    return LoadedModel(name, model_dir, model, tokenizer, manifest, adapter_dir)

@@ -493,3 +493,17 @@ def test_the_trained_models_charts_mark_the_kept_epoch(compared):
     assert kept in (run_dir / "loss.svg").read_text() and "clean greedy endings" in (run_dir / "loss.svg").read_text()
     rows = (compared.out_dir / "scorecard.csv").read_text().splitlines()
     assert len(rows) == 1 + len(compared.results["models"]) and rows[0].startswith("model,")
+
+
+def test_one_display_name_per_model(compared, fused_pt, wordy_models):
+    """A fine-tuned model is '<checkpoint> + LoRA' however it is given (fused, or base with adapters), an
+    un-tuned one '<checkpoint> (base)': the names run's summary and the arena use too."""
+    from gemma_mlx.models import display_name
+
+    assert [m["name"] for m in compared.results["models"]] == ["tiny-gemma-3-pt + LoRA", "tiny-gemma-3-pt (base)"]
+    manifest = json.loads((fused_pt / "manifest.json").read_text())
+    adapters = manifest["adapters"]
+    assert display_name(wordy_models["pt"], adapters) == "tiny-gemma-3-pt + LoRA"
+    assert display_name(wordy_models["pt"], f"{adapters}/last") == "tiny-gemma-3-pt + LoRA (last)"
+    for view in ("comparison.txt", "comparison.md", "report.html", "scorecard.csv"):
+        assert "tiny-gemma-3-pt + LoRA" in (compared.out_dir / view).read_text(), view

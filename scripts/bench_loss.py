@@ -6,7 +6,9 @@ One training step (forward, backward, optimizer update) on a batch of ~150-token
 with LoRA on 16 layers, rank 8, and the trainable turn-token rows of a base model, as `train` does.
 The two paths alternate (GEMMA_MLX_FULL_LOGITS=1 forces the old one); each step's peak memory is
 mx.get_peak_memory() after mx.reset_peak_memory(), and includes the ~1.1 GB of float32 weights.
-Prints medians and the ratios new / old. Not a test: the machine and its load set the times.
+Prints both losses at the same weights first (they agree to float32 rounding), then medians and
+the ratios new / old. Every timed step updates the weights, so the timed steps' losses fall and
+differ between the paths. Not a test: the machine and its load set the times.
 """
 
 from __future__ import annotations
@@ -79,6 +81,15 @@ def main() -> None:
         mx.eval(loss, trainee.trainable_parameters(), optimizer.state)
         return time.perf_counter() - started, mx.get_peak_memory(), loss.item()
 
+    # both losses at the same weights, before any update: the timed steps below each update the
+    # weights (the same batch, so the loss falls from step to step and their last losses differ)
+    same = {}
+    for full, name in ((True, "full logits"), (False, "chunked")):
+        os.environ[chunked_loss.FULL_LOGITS_ENV] = "1" if full else "0"
+        same[name] = tuning.loss_fn(trainee, *arrays)[0].item()
+    print(f"loss at the same weights: full logits {same['full logits']:.6f}, chunked {same['chunked']:.6f} "
+          f"(difference {abs(same['full logits'] - same['chunked']):.2e})")
+
     results = {"full logits": [], "chunked": []}
     for full in (True, False):  # warm-up (first-call allocations)
         step(full)
@@ -86,15 +97,16 @@ def main() -> None:
         for full, name in ((True, "full logits"), (False, "chunked")):
             results[name].append(step(full))
 
-    print(f"\n{'path':<12} {'step s (median)':>16} {'all steps s':>30} {'peak GB':>8} {'loss':>8}")
+    print(f"\n{'path':<12} {'step s (median)':>16} {'all steps s':>30} {'peak GB':>8} {'last loss':>10}")
     medians = {}
     for name, runs in results.items():
         times = [r[0] for r in runs]
         medians[name] = (statistics.median(times), max(r[1] for r in runs))
         print(f"{name:<12} {medians[name][0]:>16.3f} {' '.join(f'{t:.2f}' for t in times):>30} "
-              f"{medians[name][1] / 1e9:>8.3f} {runs[-1][2]:>8.4f}")
+              f"{medians[name][1] / 1e9:>8.3f} {runs[-1][2]:>10.4f}")
     (old_t, old_m), (new_t, new_m) = medians["full logits"], medians["chunked"]
     print(f"{'new / old':<12} {new_t / old_t:>16.2f}x {'':>30} {new_m / old_m:>7.2f}x")
+    print("(last loss: after that path's last step; the paths alternate and every step updates the weights)")
 
     # the output layer alone (loss and d(hidden), d(turn rows) at fixed hidden states): the part that
     # changed, timed without the transformer's noise

@@ -133,11 +133,13 @@ def no_repeat_ngram_processor(n: int, prompt_length: int):
 
 
 def logits_processors(settings: GenerationSettings, end_ids: set[int], prompt_length: int) -> list:
-    from mlx_lm.sample_utils import make_logits_processors
+    """A row's processors, in the order they act. The repetition penalty comes first: the lean decode
+    step (decode_step.py) runs it for all rows at once."""
+    from .decode_step import RepetitionPenalty
 
     processors = []
     if settings.repetition_penalty != 1.0:
-        processors += make_logits_processors(repetition_penalty=settings.repetition_penalty)
+        processors.append(RepetitionPenalty(settings.repetition_penalty))
     if settings.no_repeat_ngram:
         processors.append(no_repeat_ngram_processor(settings.no_repeat_ngram, prompt_length))
     if settings.min_new_tokens > 0:
@@ -224,15 +226,23 @@ def check_context(loaded: LoadedModel, rows: list[Row]) -> None:
 
 
 def new_generator(loaded: LoadedModel, rows: int = MAX_BATCH_ROWS):
-    """An mlx-lm BatchGenerator for one model that stops on every reply-ending token."""
+    """An mlx-lm BatchGenerator for one model that stops on every reply-ending token.
+
+    Its decode step is the lean one (decode_step.py): no full-vocabulary normalisation for greedy
+    rows, the repetition penalty batched.
+    """
     from mlx_lm.generate import BatchGenerator
 
-    return BatchGenerator(
+    from .decode_step import make_lean
+
+    generator = BatchGenerator(
         loaded.model,
         stop_tokens=[[i] for i in sorted(end_token_ids(loaded.tokenizer))],
         completion_batch_size=min(rows, MAX_BATCH_ROWS),
         prefill_batch_size=min(rows, MAX_PREFILL_ROWS),
     )
+    make_lean(generator)
+    return generator
 
 
 def insert_rows(generator, loaded: LoadedModel, rows: list[Row]) -> list[int]:

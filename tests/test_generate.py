@@ -268,7 +268,7 @@ def test_load_model_with_adapters(converted_models, tmp_path):
     with_arg = load_model(base, adapter_path=run)
     plain = load_model(base)
     assert with_spec.adapter_path == run and with_spec.path == base and plain.adapter_path is None
-    assert with_spec.name == "tiny-gemma-3-pt+unit/tiny-gemma-3-pt" and plain.name == "tiny-gemma-3-pt"
+    assert with_spec.name == "tiny-gemma-3-pt + LoRA" and plain.name == "tiny-gemma-3-pt (base)"  # models.display_name
     assert with_spec.manifest["stage"] == "convert"
     x = mx.array([[2, 105, 300, 301, 106]])
     assert np.allclose(np.array(with_spec.model(x)), np.array(with_arg.model(x)))

@@ -1,0 +1,177 @@
+"""mlx-lm's batch decode step without the work gemma-mlx never reads.
+
+mlx-lm's BatchGenerator, at every step and for every row, normalises the logits over the whole
+vocabulary (a logsumexp: 262,144 exps per row per token on Gemma 3), hands each row's logits
+processors that row alone, and keeps a log-probability vector per row. gemma-mlx reads only the
+tokens, so its step (LeanGenerationBatch) does less:
+
+- Greedy rows take the argmax of their logits. No normalisation: subtracting a row's logsumexp
+  moves every logit of that row by the same amount, so the chosen token is the same (the one
+  exception: two logits within float32 rounding of each other, where either choice is as right).
+- The repetition penalty, which nearly every row has (compare's default is 1.1), runs for all its
+  rows at once, one gather and one scatter, with mlx-lm's arithmetic; other processors still run
+  row by row, on their own rows only.
+- Only sampled rows are normalised, and each sampler sees its own row, as in mlx-lm.
+
+It is installed by giving the generator's (persistent) generation batch this subclass: its state
+and the rest of its code stay mlx-lm's. A new row's first token still comes from mlx-lm's own step.
+Where mlx-lm's internals are not the ones this was written against (another version), or where
+GEMMA_MLX_PLAIN_DECODE=1 is set, the generator is left as mlx-lm made it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+PLAIN_ENV = "GEMMA_MLX_PLAIN_DECODE"
+# what LeanGenerationBatch._step reads and writes on mlx-lm's GenerationBatch
+_STATE = ("model", "uids", "prompt_cache", "tokens", "samplers", "fallback_sampler", "logits_processors",
+          "_token_context", "_current_tokens", "_current_logprobs", "_next_tokens", "_next_logprobs")
+
+
+class RepetitionPenalty:
+    """mlx-lm's repetition penalty (same rule, same arithmetic) as an object the lean step can batch.
+
+    Logits of the last `context_size` context tokens are divided by `penalty` when positive and
+    multiplied by it when negative. Called on one row, it is an ordinary mlx-lm logits processor.
+    """
+
+    def __init__(self, penalty: float, context_size: int = 20):
+        if penalty < 0:
+            raise ValueError(f"the repetition penalty must be >= 0, not {penalty}")
+        self.penalty = float(penalty)
+        self.context_size = context_size
+
+    def __call__(self, tokens, logits):
+        if len(tokens) == 0:
+            return logits
+        recent = tokens[-self.context_size:]
+        logits[:, recent] = penalize(logits[:, recent], self.penalty)
+        return logits
+
+
+def penalize(selected: mx.array, penalty) -> mx.array:
+    return mx.where(selected < 0, selected * penalty, selected / penalty)
+
+
+def plain_forced() -> bool:
+    return os.environ.get(PLAIN_ENV, "") not in ("", "0")
+
+
+def make_lean(generator) -> bool:
+    """Give an mlx-lm BatchGenerator the lean step; False (generator untouched) where that cannot be done."""
+    from mlx_lm.generate import GenerationBatch
+
+    batch = getattr(generator, "_generation_batch", None)
+    if plain_forced() or type(batch) is not GenerationBatch or not all(hasattr(batch, a) for a in _STATE):
+        return False
+    if not callable(getattr(GenerationBatch, "_step", None)) or len(batch.uids):
+        return False
+    batch.__class__ = LeanGenerationBatch
+    return True
+
+
+def _window(known: list[int], size: int, width: int) -> list[int]:
+    """The last size - 1 tokens already in the cache, left-padded with -1 to width - 1 entries."""
+    recent = known[len(known) - size + 1:] if size > 1 else []
+    return [-1] * (width - 1 - len(recent)) + recent
+
+
+def penalize_rows(logits: mx.array, inputs: mx.array, rows: list[int], known: list[list[int]],
+                  penalties: list[RepetitionPenalty]) -> mx.array:
+    """The repetition penalty on `rows` of logits [B, V] at once.
+
+    A row's context is the tokens in its cache (`known`, Python ints) plus this step's input
+    (still lazy); padding repeats the input, and a token listed twice is penalised once, as in
+    mlx-lm (a gather from the unpenalised logits, then a scatter).
+    """
+    width = max(p.context_size for p in penalties)
+    index = mx.array(rows) if len(rows) < logits.shape[0] else None
+    current = (inputs if index is None else inputs[index]).astype(mx.int32)[:, None]
+    earlier = mx.array([_window(k, p.context_size, width) for k, p in zip(known, penalties)], dtype=mx.int32)
+    window = mx.concatenate([earlier.reshape(len(rows), width - 1), current], axis=1)
+    window = mx.where(window < 0, current, window)
+    part = logits if index is None else logits[index]
+    factor = mx.array([p.penalty for p in penalties], dtype=logits.dtype)[:, None]
+    part = mx.put_along_axis(part, window, penalize(mx.take_along_axis(part, window, axis=1), factor), axis=1)
+    if index is None:
+        return part
+    logits[index] = part
+    return logits
+
+
+def choose(logits: mx.array, samplers: list) -> mx.array:
+    """The next token of every row [B]: argmax for greedy rows, each other row's sampler on its log-probs.
+
+    A sampler shared by every row gets the whole batch in one call, as mlx-lm does.
+    """
+    from mlx_lm.sample_utils import greedy_sampler
+
+    if all(s is greedy_sampler for s in samplers):
+        return mx.argmax(logits, axis=-1)
+    if all(s is samplers[0] for s in samplers):
+        return samplers[0](logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    sampled = [e for e, s in enumerate(samplers) if s is not greedy_sampler]
+    part = logits[mx.array(sampled)] if len(sampled) < len(samplers) else logits
+    logprobs = part - mx.logsumexp(part, axis=-1, keepdims=True)
+    picks = mx.concatenate([samplers[e](logprobs[k:k + 1]) for k, e in enumerate(sampled)], axis=0)
+    if len(sampled) == len(samplers):
+        return picks
+    tokens = mx.argmax(logits, axis=-1)
+    tokens[mx.array(sampled)] = picks.astype(tokens.dtype)
+    return tokens
+
+
+def _lean_step(batch):
+    """One decode step of every row: mlx-lm's GenerationBatch._step, less what no one reads."""
+    batch._current_tokens = batch._next_tokens
+    batch._current_logprobs = batch._next_logprobs
+    inputs = batch._current_tokens
+    logits = batch.model(inputs[:, None], cache=batch.prompt_cache)[:, -1, :]
+
+    processors = batch.logits_processors or [[] for _ in batch.uids]
+    batched = [e for e, p in enumerate(processors) if p and isinstance(p[0], RepetitionPenalty)]
+    if batched:
+        logits = penalize_rows(logits, inputs, batched, [batch.tokens[e] for e in batched],
+                               [processors[e][0] for e in batched])
+    contexts = []
+    rest = [(e, p[1:] if e in set(batched) else p) for e, p in enumerate(processors)]
+    rest = [(e, p) for e, p in rest if p]
+    if rest:
+        rows = []
+        for e, row_processors in rest:
+            context = batch._token_context[e].update_and_fetch(inputs[e:e + 1])
+            contexts.append(context)
+            row = logits[e:e + 1]
+            for processor in row_processors:
+                row = processor(context, row)
+            rows.append(row)
+        logits[mx.array([e for e, _ in rest])] = mx.concatenate(rows, axis=0)
+
+    samplers = [batch.fallback_sampler if s is None else s for s in (batch.samplers or [None] * len(batch.uids))]
+    tokens = choose(logits, samplers)
+    batch._next_tokens = tokens
+    batch._next_logprobs = [None] * len(batch.uids)
+    mx.async_eval(tokens, contexts)
+    mx.eval(inputs)
+    inputs = inputs.tolist()
+    for known, token in zip(batch.tokens, inputs):
+        known.append(token)
+    return inputs, batch._current_logprobs
+
+
+def _generation_batch_class():
+    from mlx_lm.generate import GenerationBatch
+
+    class LeanGenerationBatch(GenerationBatch):
+        """mlx-lm's GenerationBatch with the lean step (see the module's docstring)."""
+
+        def _step(self):
+            return _lean_step(self)
+
+    return LeanGenerationBatch
+
+
+LeanGenerationBatch = _generation_batch_class()

@@ -1,0 +1,110 @@
+"""The lean decode step gives the replies of mlx-lm's own step, and skips the work it claims to skip."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gemma_mlx import decode_step
+from gemma_mlx.chat_format import prompt_ids
+from gemma_mlx.config import GenerationSettings as G
+from gemma_mlx.generate import generate_replies, new_generator
+from tests.test_generate import PROMPTS, lively  # noqa: F401  (lively is a fixture)
+
+MIXED = [
+    G(max_tokens=7, repetition_penalty=1.0),  # plain greedy, leaves the batch early
+    G(max_tokens=20),  # the default repetition penalty (1.1)
+    G(max_tokens=14, repetition_penalty=1.5, no_repeat_ngram=2),  # the penalty, then a row-by-row processor
+    G(max_tokens=18, temperature=0.9, top_k=40, seed=5),  # sampled, penalised
+    G(max_tokens=11, min_new_tokens=3, repetition_penalty=1.3),
+]
+
+
+def both_steps(monkeypatch, run):
+    monkeypatch.setenv(decode_step.PLAIN_ENV, "1")
+    plain = run()
+    monkeypatch.delenv(decode_step.PLAIN_ENV)
+    return plain, run()
+
+
+def test_mixed_rows_give_the_same_replies_as_mlx_lms_step(lively, monkeypatch):
+    plain, lean = both_steps(monkeypatch, lambda: generate_replies(lively, PROMPTS, MIXED))
+    assert [(r.text, r.tokens, r.finish_reason) for r in lean] == [(r.text, r.tokens, r.finish_reason) for r in plain]
+    assert [r.tokens for r in lean] == [s.max_tokens for s in MIXED]
+    assert len({r.text for r in lean}) == len(PROMPTS)
+    # the penalties changed those rows (so the batched penalty was really exercised)
+    unpenalised = generate_replies(lively, PROMPTS[1:3], G(max_tokens=20, repetition_penalty=1.0))
+    assert unpenalised[0].text != lean[1].text and unpenalised[1].text[:40] != lean[2].text[:40]
+
+
+def test_greedy_replies_equal_mlx_lm_batch_generate(lively):
+    from mlx_lm.generate import batch_generate
+
+    tok = lively.tokenizer
+    ids = [prompt_ids(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
+    limits = [9, 25, 13, 30, 4]
+    ours = generate_replies(lively, PROMPTS, [G(max_tokens=n, repetition_penalty=1.0) for n in limits])
+    theirs = batch_generate(lively.model, tok, ids, max_tokens=limits, return_token_ids=True)
+    assert [r.text for r in ours] == [tok.decode(t).strip() for t in theirs.token_ids]
+    assert [r.tokens for r in ours] == limits == [len(t) for t in theirs.token_ids]
+
+
+def count_logsumexp(monkeypatch) -> list:
+    calls = []
+    real = mx.logsumexp
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mx, "logsumexp", counting)
+    return calls
+
+
+def test_greedy_rows_are_never_normalised_after_their_first_token(lively, monkeypatch):
+    monkeypatch.setenv(decode_step.PLAIN_ENV, "1")
+    calls = count_logsumexp(monkeypatch)
+    generate_replies(lively, PROMPTS[:3], G(max_tokens=12))
+    assert len(calls) >= 11  # mlx-lm's step: every step
+    monkeypatch.delenv(decode_step.PLAIN_ENV)
+    calls.clear()
+    generate_replies(lively, PROMPTS[:3], G(max_tokens=12))
+    assert len(calls) == 1  # the rows' first token, from mlx-lm's step when they join
+
+    calls.clear()  # one sampled row among greedy ones: only that row is normalised
+    generate_replies(lively, PROMPTS[:3], [G(max_tokens=12), G(max_tokens=12, temperature=0.8), G(max_tokens=12)])
+    # each step computes the token after the one it hands out: 12 lean steps after the first
+    assert len(calls) == 1 + 12 and all(shape[0] == 1 for shape in calls[1:])
+
+
+def test_generator_gets_the_lean_step_unless_plain_is_asked(lively, monkeypatch):
+    assert type(new_generator(lively)._generation_batch) is decode_step.LeanGenerationBatch
+    monkeypatch.setenv(decode_step.PLAIN_ENV, "1")
+    assert type(new_generator(lively)._generation_batch) is not decode_step.LeanGenerationBatch
+
+
+def test_batched_penalty_equals_mlx_lms_processor_row_by_row():
+    from mlx_lm.sample_utils import make_repetition_penalty
+
+    rng = np.random.default_rng(0)
+    logits = mx.array(rng.normal(size=(4, 50)).astype(np.float32) * 3)
+    known = [rng.integers(0, 50, size=30).tolist(), [7, 7, 3], [], rng.integers(0, 50, size=12).tolist()]
+    inputs = mx.array([5, 7, 9, 11], dtype=mx.uint32)
+    penalties = [decode_step.RepetitionPenalty(1.1), decode_step.RepetitionPenalty(1.5),
+                 decode_step.RepetitionPenalty(2.0, context_size=4), decode_step.RepetitionPenalty(1.3, context_size=5)]
+    rows = [0, 1, 3]  # row 2 has no penalty: it must come back untouched
+    batched = decode_step.penalize_rows(mx.array(logits), inputs, rows, [known[e] for e in rows],
+                                        [penalties[e] for e in rows])
+    for e in range(4):
+        row = logits[e:e + 1]
+        if e in rows:
+            context = mx.array(known[e] + [int(inputs[e])], dtype=mx.int32)
+            reference = make_repetition_penalty(penalties[e].penalty, penalties[e].context_size)
+            row = reference(context, mx.array(row))
+            assert np.array_equal(np.array(penalties[e](context, mx.array(logits[e:e + 1]))), np.array(row))
+        assert np.array_equal(np.array(batched[e:e + 1]), np.array(row)), e
+    assert not np.array_equal(np.array(batched[:2]), np.array(logits[:2]))
+
+
+def test_penalty_refuses_a_negative_factor():
+    with pytest.raises(ValueError, match="repetition penalty"):
+        decode_step.RepetitionPenalty(-1.0)

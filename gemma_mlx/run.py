@@ -169,12 +169,21 @@ def preflight(config: ExperimentConfig, progress: Progress = quiet) -> list[conv
 
 
 def estimate_params(config: dict) -> float:
-    """Parameters of a Gemma 3 text model from its config.json shape (tied embeddings)."""
-    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
-    q_out = config.get("num_attention_heads", 4) * config.get("head_dim", 256)
-    kv_out = config.get("num_key_value_heads", 1) * config.get("head_dim", 256)
-    per_layer = 2 * hidden * q_out + 2 * hidden * kv_out + 3 * hidden * config["intermediate_size"]
-    return config["vocab_size"] * hidden + layers * per_layer
+    """Parameters of a model from its config.json alone, for every family (sizing.py)."""
+    from .sizing import parameter_count
+
+    return parameter_count(config)["total"]
+
+
+def _training_memory(config: ExperimentConfig, model_config: dict) -> int:
+    """Peak training memory of one model under this experiment's settings (a base model's, the larger)."""
+    from .backend import default_dtype
+    from .sizing import training_memory
+
+    length = min(config.train.max_seq_length, 512)
+    return training_memory(model_config, dtype=config.dtype or default_dtype(), bits=config.quantize_bits or None,
+                           rank=config.lora.rank, batch=config.train.batch_size, max_length=length,
+                           trained_per_example=length // 2, num_layers=config.lora.num_layers)["total"]
 
 
 def check_resources(config: ExperimentConfig, model_configs: list[dict], progress: Progress = quiet) -> dict:
@@ -190,9 +199,9 @@ def check_resources(config: ExperimentConfig, model_configs: list[dict], progres
     params = [estimate_params(model_config) for model_config in model_configs]
     # converted + fused copies of each model on disk (the hub download lives in the HF cache)
     disk = sum(2 * p * bytes_per_param for p in params)
-    # training holds one model at a time: its weights plus headroom for activations, logits and the
-    # optimizer (a rough 1.5x the weights; `train` prints a finer estimate once the model is loaded)
-    memory = max(params) * bytes_per_param * 2.5
+    # training holds one model at a time: weights, LoRA and its optimizer state, activations and logits,
+    # from each config alone (sizing.py; `train` prints a finer estimate once the model is loaded)
+    memory = max(_training_memory(config, model_config) for model_config in model_configs)
     probe = outputs_root()
     while not probe.exists():
         probe = probe.parent

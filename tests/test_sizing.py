@@ -1,0 +1,78 @@
+"""Model size and training memory from config.json alone (sizing.py), for every family, and run's check."""
+
+import json
+
+import pytest
+from safetensors.numpy import load_file
+
+from gemma_mlx.sizing import CHUNK_ROWS, lora_parameters, parameter_count, training_memory
+from gemma_mlx.tiny import write_tiny_checkpoint, write_tiny_gemma4_checkpoint, write_tiny_multimodal_checkpoint
+
+
+def counted(directory, skip=("norm", "layer_scalar")) -> int:
+    """Parameters in a checkpoint's weights, leaving out norms and scalars (sizing counts matrices)."""
+    weights = load_file(str(directory / "model.safetensors"))
+    return sum(v.size for k, v in weights.items() if not any(s in k for s in skip)
+               and "vision" not in k and "multi_modal" not in k)
+
+
+@pytest.mark.parametrize("write", [write_tiny_checkpoint, write_tiny_gemma4_checkpoint, write_tiny_multimodal_checkpoint],
+                         ids=["gemma3", "gemma4", "gemma3-multimodal"])
+def test_parameter_count_is_the_checkpoints(tmp_path, write):
+    directory = write(tmp_path / "m", seed=1)
+    config = json.loads((directory / "config.json").read_text())
+    assert parameter_count(config)["total"] == counted(directory)
+
+
+def test_gemma3_270m_shape_counts_268m_parameters():
+    shape = dict(model_type="gemma3_text", vocab_size=262144, hidden_size=640, num_hidden_layers=18,
+                 intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1, head_dim=256)
+    parts = parameter_count(shape)
+    assert parts["total"] == 268_042_240 and parts["embedding"] == 167_772_160  # docs/DESIGN.md's 268M, 168M embedding
+
+
+@pytest.mark.parametrize("write, layers", [(write_tiny_checkpoint, 6), (write_tiny_gemma4_checkpoint, 6)], ids=["gemma3", "gemma4"])
+def test_lora_count_is_mlx_lms(tmp_path, write, layers):
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    from gemma_mlx.convert import convert_checkpoint
+
+    converted = convert_checkpoint(str(write(tmp_path / "hf", seed=1)), out=tmp_path / "mlx", dtype="float32").path
+    model, config = load_model(converted)
+    model.freeze()
+    linear_to_lora_layers(model, 4, {"rank": 8, "scale": 20.0, "dropout": 0.0})
+    assert sum(v.size for _, v in tree_flatten(model.trainable_parameters())) == lora_parameters(config, 8, 4)
+
+
+def test_memory_parts_follow_the_loss_path():
+    from gemma_mlx.training.chunked_loss import CHUNK_ROWS as LOSS_CHUNK
+
+    assert CHUNK_ROWS == LOSS_CHUNK
+    shape = dict(model_type="gemma3_text", vocab_size=262144, hidden_size=640, num_hidden_layers=18,
+                 intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1, head_dim=256)
+    full, quantized = training_memory(shape), training_memory(shape, bits=4)
+    assert full["chunked_loss"] and not quantized["chunked_loss"]  # a quantized output layer takes the full logits
+    assert quantized["weights"] < full["weights"] / 5
+    assert quantized["logits"] == full["logits"] * 262144 // CHUNK_ROWS
+    capped = training_memory({**shape, "model_type": "gemma4_text", "final_logit_softcapping": 30.0})
+    assert not capped["chunked_loss"]
+
+
+def test_run_refuses_a_model_that_cannot_fit(monkeypatch):
+    from gemma_mlx import backend
+    from gemma_mlx.config import ExperimentConfig
+    from gemma_mlx.errors import GemmaMlxError
+    from gemma_mlx.run import check_resources
+
+    e2b = dict(model_type="gemma4_text", vocab_size=262144, hidden_size=1536, num_hidden_layers=35,
+               intermediate_size=6144, num_attention_heads=8, num_key_value_heads=1, head_dim=256, global_head_dim=512,
+               hidden_size_per_layer_input=256, num_kv_shared_layers=20, use_double_wide_mlp=True,
+               sliding_window_pattern=5, final_logit_softcapping=30.0)
+    monkeypatch.setattr(backend, "machine_memory", lambda: 24e9)
+    config = ExperimentConfig(dtype="float32")
+    with pytest.raises(GemmaMlxError, match="Not enough memory"):
+        check_resources(config, [e2b])
+    estimate = check_resources(ExperimentConfig(dtype="bfloat16", quantize_bits=4), [e2b])
+    assert estimate["memory_bytes"] < 24e9

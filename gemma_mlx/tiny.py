@@ -467,31 +467,38 @@ def write_tiny_gemma4_pair(root: Path, seed: int = 0) -> dict[str, Path]:
     }
 
 
-def write_tiny_multimodal_checkpoint(out_dir: Path, flavour: str = "it", seed: int = 0) -> Path:
-    """A tiny Gemma3ForConditionalGeneration checkpoint (transformers 5 names): write_tiny_checkpoint's
-    language model under `model.language_model.`, beside a small vision tower and projector.
+def write_tiny_multimodal_checkpoint(out_dir: Path, flavour: str = "it", seed: int = 0, family: str = "gemma3") -> Path:
+    """A tiny multimodal checkpoint (transformers 5 names): Gemma3ForConditionalGeneration, or with
+    `family="gemma4"` Gemma4ForConditionalGeneration, whose language model (write_tiny_checkpoint's or
+    write_tiny_gemma4_checkpoint's, same seed) sits under `model.language_model.`, beside small
+    vision (and for Gemma 4 audio) weights and a config whose text_config is sparse, as the hub writes it.
 
-    Only the text half is real; the vision weights are there to be left out by convert.
+    Only the text half is real; the other weights are there to be left out by convert.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import load_file, save_file
 
-    out_dir = Path(write_tiny_checkpoint(out_dir, flavour, seed))
+    gemma4 = family == "gemma4"
+    writer = write_tiny_gemma4_checkpoint if gemma4 else write_tiny_checkpoint
+    out_dir = Path(writer(out_dir, flavour, seed))
     text = json.loads((out_dir / "config.json").read_text())
     rng = np.random.default_rng(seed + 100)
-    weights = {name.replace("model.", "model.language_model.", 1): value for name, value in _weights(TINY_SHAPE, seed).items()}
-    weights["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = rng.standard_normal((32, 3, 4, 4)).astype(np.float32)
-    weights["model.multi_modal_projector.mm_input_projection_weight"] = rng.standard_normal((32, TINY_SHAPE["hidden_size"])).astype(np.float32)
+    weights = {name.replace("model.", "model.language_model.", 1): value
+               for name, value in load_file(str(out_dir / "model.safetensors")).items()}
+    weights["model.vision_tower.patch_embedding.weight"] = rng.standard_normal((32, 3, 4, 4)).astype(np.float32)
+    weights["model.multi_modal_projector.weight"] = rng.standard_normal((32, text["hidden_size"])).astype(np.float32)
+    if gemma4:
+        weights["model.audio_tower.subsample.weight"] = rng.standard_normal((8, 8)).astype(np.float32)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    # a sparse text_config, as the hub writes it: transformers' defaults fill the rest
-    sparse = {k: text[k] for k in (*TINY_SHAPE, "model_type", "query_pre_attn_scalar", "sliding_window", "rope_scaling",
-                                   "rope_theta", "rope_local_base_freq")}
+    keep = [k for k in text if k not in ("architectures", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id")]
+    sparse = {k: text[k] for k in keep} if gemma4 else {
+        k: text[k] for k in (*TINY_SHAPE, "model_type", "query_pre_attn_scalar", "sliding_window", "rope_scaling",
+                             "rope_theta", "rope_local_base_freq")}
+    owner = GEMMA4 if gemma4 else GEMMA3
     config = {
-        "architectures": ["Gemma3ForConditionalGeneration"],
-        "model_type": GEMMA3.multimodal_model_types[0],
+        "architectures": [owner.causal_lm_architecture.replace("ForCausalLM", "ForConditionalGeneration")],
+        "model_type": owner.multimodal_model_types[0],
         "text_config": sparse,
-        "vision_config": {"hidden_size": 32, "image_size": 16, "patch_size": 4, "num_hidden_layers": 1,
-                          "num_attention_heads": 2, "intermediate_size": 64, "model_type": "siglip_vision_model"},
-        "mm_tokens_per_image": 4,
+        "vision_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
         "eos_token_id": text["eos_token_id"],
         "bos_token_id": text["bos_token_id"],
         "pad_token_id": text["pad_token_id"],

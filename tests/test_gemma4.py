@@ -149,3 +149,16 @@ def test_multimodal_language_model_trains(tmp_path, isolated_outputs):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "adapters" / "adapters.safetensors").is_file()
     assert (tmp_path / "adapters" / "turn_tokens.safetensors").is_file()  # a base: its turn rows trained too
+
+
+def test_multimodal_gemma4_converts_to_its_language_model(tmp_path):
+    """The hub's Gemma 4 E2B/E4B are Gemma4ForConditionalGeneration (vision and audio towers)."""
+    multimodal = write_tiny_multimodal_checkpoint(tmp_path / "tiny-gemma-4-e2b", "pt", seed=7, family="gemma4")
+    text = write_tiny_gemma4_pair(tmp_path / "text", seed=7)["tiny-gemma-4-pt"]  # the same language model
+    result = run_cli("convert", multimodal, "--out", tmp_path / "mlx", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    assert "multimodal Gemma 4 checkpoint" in result.output
+    manifest = json.loads((tmp_path / "mlx" / "manifest.json").read_text())
+    assert manifest["model_type"] == "gemma4_text" and manifest["language_model"]["dropped_tensors"] == 3
+    assert manifest["flavour"] == "pt"
+    np.testing.assert_allclose(mlx_logits(tmp_path / "mlx"), transformers_logits(text), atol=2e-4, rtol=1e-4)

@@ -187,7 +187,8 @@ def score_model(entry: ModelRun, prompts: list[str], markers: list[str], out_of_
     for i, r in enumerate(entry.raw_replies):
         flags = scorecard.reply_flags(r.text, r.finish_reason, markers, out_of_character)
         score = topic_scores[i] if topic_scores else None
-        flags.update(on_topic_score=score, on_topic=ontopic.is_on_topic(score) if topic_scores else None)
+        flags.update(on_topic_score=score,
+                     on_topic=ontopic.is_on_topic(score, r.prompt, r.text) if topic_scores else None)
         records.append({"prompt_index": r.prompt_index, "sample_index": r.sample_index, "text": r.text,
                         "tokens": int(r.tokens), "finish_reason": r.finish_reason, "stop_token": r.stop_token,
                         "seconds": float(r.seconds), "tokens_per_second": float(r.tokens_per_second),

@@ -72,6 +72,33 @@ def test_threshold_and_rate():
     assert ontopic.on_topic_rate([None, None]) is None
 
 
+@pytest.mark.parametrize("message, reply, echo", [
+    ("Why is the sky blue?", "Why is the sky blue? Why is the sky blue?", True),
+    ("Can you help me with my homework?", "Can you help me with my homework? user", True),
+    ("I'm feeling sad", "I'm feeling sad patient", True),
+    ("Why is the sky blue?", "Sunlight bounces off the air, and the sky looks blue.", False),  # shares words, not a run
+    ("Explain quantum physics", "I don't know what quantum physics is!", False),  # 2 of 3 words: below the minimum run
+    ("I lost my favourite teddy.", "Oh no! Your favourite teddy? Look under the bed.", False),  # 2 of 5
+])
+def test_echoes(message, reply, echo):
+    assert ontopic.echoes(message, reply) is echo
+
+
+def test_a_loop_or_an_echo_is_never_on_topic_whatever_its_score():
+    high = ontopic.ON_TOPIC_THRESHOLD + 5
+    assert ontopic.is_on_topic(high, "Why is the sky blue?", "Because the air scatters blue light most.")
+    assert not ontopic.is_on_topic(high, "Why is the sky blue?", "Why is the sky blue? I wonder.")
+    assert not ontopic.is_on_topic(high, "Tell me a story", "a big house with " * 10)
+
+
+def test_an_echo_gets_no_credit_for_its_score_in_best_of():
+    question = "Why is the sky blue?"
+    echo = Candidate("Why is the sky blue? That is a question.", "stop", 4.0, question)
+    answer = Candidate("The air scatters blue light the most.", "stop", 0.3, question)
+    assert pick_best([echo, answer]) == 1
+    assert pick_best([Candidate(echo.text, "stop", 4.0), answer]) == 0  # without the message it cannot tell
+
+
 # ---------------------------------------------------------------------------- best of N
 
 def test_a_clean_ending_beats_a_higher_score_that_is_cut_or_loops():
@@ -169,7 +196,7 @@ def test_compare_best_of_keeps_the_candidate_pick_best_chooses(converted_models,
     candidates = generate_replies(loaded, rows, row_settings)
     scores = ontopic.on_topic_scores(loaded.model, loaded.tokenizer, [(r.prompt, r.text) for r in candidates])
     for p, kept in enumerate(entry["replies"]):
-        mine = [Candidate(c.text, c.finish_reason, s) for c, s in zip(candidates[3 * p:3 * p + 3], scores[3 * p:3 * p + 3])]
+        mine = [Candidate(c.text, c.finish_reason, s, c.prompt) for c, s in zip(candidates[3 * p:3 * p + 3], scores[3 * p:3 * p + 3])]
         chosen = mine[pick_best(mine)]
         assert kept["text"] == chosen.text
         assert kept["on_topic_score"] == pytest.approx(chosen.on_topic, abs=1e-4)

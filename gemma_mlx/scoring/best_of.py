@@ -10,7 +10,8 @@ others are sampled; `pick_best` keeps one. Ranking, highest first:
   1. ends cleanly (stopped by itself, not empty, ends a sentence) and does not loop;
      then: does not loop; then the rest;
   2. length within LENGTH_BAND of the persona's mean reply (every reply is, when no length is known);
-  3. inside the band, the highest on-topic score; outside it, the nearest length;
+  3. inside the band, the highest on-topic score (none for a reply that echoes the prompt); outside
+     it, the nearest length;
   4. on a tie, the earlier candidate (so greedy wins when nothing separates them).
 The band rather than "nearest length" alone is deliberate: replies rarely tie on length, so a strict
 order would let the length decide every time and the on-topic measure never.
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from ..config import GenerationSettings
 
 from ..text import is_loop, word_count
+from .ontopic import echoes
 from .scorecard import ends_mid_sentence
 
 # A reply between half and twice the persona's mean length is "the persona's length" for best-of.
@@ -38,6 +40,7 @@ class Candidate:
     text: str
     finish_reason: str  # "stop" | "length"
     on_topic: float | None = None  # ontopic.on_topic_scores; None: empty reply or no scoring model
+    message: str = ""  # the prompt it answers: a reply that echoes it gets no credit for its score
 
 
 def ends_cleanly(text: str, finish_reason: str) -> bool:
@@ -59,7 +62,8 @@ def candidate_key(candidate: Candidate, target_words: float | None) -> tuple:
     tier = 2 if clean and not loop else 1 if not loop and candidate.text.strip() else 0
     ratio = length_ratio(word_count(candidate.text), target_words)
     in_band = ratio is None or LENGTH_BAND[0] <= ratio <= LENGTH_BAND[1]
-    topic = candidate.on_topic if candidate.on_topic is not None else -math.inf
+    echo = bool(candidate.message) and echoes(candidate.message, candidate.text)
+    topic = candidate.on_topic if candidate.on_topic is not None and not echo else -math.inf
     return (tier, in_band, topic if in_band else -abs(math.log(ratio)))
 
 
@@ -96,8 +100,8 @@ def choose(replies: list, n: int, scores: list[float | None] | None, target_word
     kept, kept_scores, picks = [], [], []
     for (prompt_index, _), members in sorted(groups.items()):
         members.sort(key=lambda i: replies[i].prompt_index)  # candidate order
-        candidates = [Candidate(replies[i].text, replies[i].finish_reason, scores[i] if scores else None)
-                      for i in members]
+        candidates = [Candidate(replies[i].text, replies[i].finish_reason, scores[i] if scores else None,
+                                replies[i].prompt) for i in members]
         pick = pick_best(candidates, target_words)
         kept.append(dataclasses.replace(replies[members[pick]], prompt_index=prompt_index))
         kept_scores.append(scores[members[pick]] if scores else None)

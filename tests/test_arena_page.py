@@ -155,6 +155,7 @@ def test_blind_badges_wait_for_the_vote_and_n_starts_the_next_battle(page, arena
     expect(blind.locator(".badge", has_text="stopped by <mask>")).to_have_count(2)  # alpha's two replies
     names = [page.inner_text(f"#col-{side} .name") for side in "AB"]
     assert sorted(names) == ["alpha", "beta"]
+    expect(page.locator("#blind .regenerate")).to_have_count(0)  # a decided battle is not asked again
     vote = read_votes(setup.votes)[-1]
     assert vote["choice"] == "B" and vote["turns"] == 2 and [vote["model_a"], vote["model_b"]] == names
 

@@ -323,6 +323,7 @@ function showConversation(view) {
     if (mode === "blind") column.querySelector(".name").textContent = view.sides[side].model || "";
   }
   if (mode === "blind") setVoting(!view.choice && !view.busy && view.turns > 0);
+  if (view.choice) for (const button of document.querySelectorAll("#blind .regenerate")) button.remove(); // decided
 }
 
 async function loadSaved() {

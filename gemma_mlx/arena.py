@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .config import SHIPPED_DATA, GenerationSettings, apply_overrides
 from .errors import GemmaMlxError, OutputExistsError
+from .text import plural
 from .manifest import Progress, outputs_root, quiet, read_manifest, write_error, write_text_atomic
 from .serving.app import PAGE_DIR, make_app, parse_settings  # noqa: F401  (the arena's public API)
 from .serving.guard import allowed_hosts_for, check_port_free, host_name, listens_on_network  # noqa: F401
@@ -185,7 +186,7 @@ def serve_arena(setup: ArenaSetup, host: str = "127.0.0.1", port: int = 8765, pr
         engine.close()
     from .serving.ratings import read_votes
 
-    progress(f"arena: stopped; {len(read_votes(setup.votes))} votes in {setup.votes}")
+    progress(f"arena: stopped; {plural(len(read_votes(setup.votes)), 'vote')} in {setup.votes}")
 
 
 def export_preferences(votes: Path, out: Path, force: bool = False) -> int:

@@ -368,7 +368,10 @@ def data_check(path, model, prompt_files, max_seq_length):
         click.echo(f"{problem.where}: error: {problem.message}")
     for problem in report.warnings:
         click.echo(f"{problem.where}: warning: {problem.message}")
-    summary = f"{path}: {report.examples} valid examples, {len(report.errors)} errors, {len(report.warnings)} warnings"
+    from .text import plural
+
+    summary = (f"{path}: {plural(report.examples, 'valid example')}, {plural(len(report.errors), 'error')}, "
+               f"{plural(len(report.warnings), 'warning')}")
     if report.errors:
         from .errors import DataError
 

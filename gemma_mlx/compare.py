@@ -30,6 +30,7 @@ from .scoring.inputs import (
 )
 from .config import GenerationSettings, check_settings, to_dict
 from .errors import ConfigError
+from .text import plural
 from .generate import generate_replies, load_model
 from .scoring.judge import JUDGE_RUBRIC, JUDGE_SETTINGS, JUDGE_TEMPLATE, judge_replies
 from .manifest import (
@@ -158,7 +159,7 @@ def run_model(spec: str, prompts: list[str], settings: GenerationSettings, posit
         if run_dir else None,
         raw_replies=replies,
     )
-    progress(f"{position} {loaded.name}: {len(replies)} replies, {tokens} tokens in {generate_seconds:.1f}s "
+    progress(f"{position} {loaded.name}: {plural(len(replies), 'reply', 'replies')}, {plural(tokens, 'token')} in {generate_seconds:.1f}s "
              f"({entry.tokens_per_second:.1f} tokens/s, peak {peak_gb:.2f} GB)")
     del loaded
     _free_memory()

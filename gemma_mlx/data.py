@@ -30,7 +30,7 @@ from .examples import (
 from .errors import DataError
 from .persona import count_markers, load_persona
 from .prompts import read_prompt_lines
-from .text import length_stats, word_count
+from .text import length_stats, plural, word_count
 from .manifest import Progress, StageOutput, atomic_output_dir, check_output, finish_output, now_iso, quiet, versions
 
 LOW_SPREAD_CV = 0.25  # reply words' coefficient of variation below this: "all alike"
@@ -250,7 +250,7 @@ def _histogram_lines(bins: list[dict], width: int = 40) -> list[str]:
 def render_stats(stats: dict) -> str:
     """The stats as a short readable text (the --json output carries the same numbers)."""
     shapes = ", ".join(f"{n} {k}" for k, n in sorted(stats["shapes"].items()))
-    lines = [f"{stats['path']}: {stats['examples']} examples ({shapes})"]
+    lines = [f"{stats['path']}: {plural(stats['examples'], 'example')} ({shapes})"]
     lines += [f"  {name}: {count}" for name, count in stats["files"].items()]
     lines.append(f"with a system message: {stats['with_system_message']}; multi-turn: {stats['multi_turn']}")
     lines.append(_spread_line("prompt words", stats["prompt_words"]))

@@ -87,3 +87,8 @@ def char_loop_coverage(text: str, n: int = LOOP_CHAR_NGRAM, repeats: int = LOOP_
 def is_loop(text: str) -> bool:
     """A degenerate reply that goes round in circles, in words or in characters (see the two coverages)."""
     return loop_coverage(text) >= LOOP_COVERAGE or char_loop_coverage(text) >= LOOP_CHAR_COVERAGE
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """'1 word', '2 words', '0 loops' (or `many` for an irregular plural): counts read as a person writes them."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..families import FAMILIES
 from ..manifest import write_json
 from ..persona import phrase_pattern
-from ..text import fold_apostrophes
+from ..text import fold_apostrophes, plural
 from ..plot import clean_axis, kept_label, line_chart
 
 FORMAT = "gemma-mlx-compare/1"
@@ -297,7 +297,7 @@ def reply_tags(reply: dict) -> list[str]:
 
 
 def _word_label(reply: dict) -> str:
-    return "1 word" if reply["words"] == 1 else f"{reply['words']} words"
+    return plural(reply["words"], "word")
 
 
 def _reply_heading(model: dict, reply: dict, samples: int) -> str:

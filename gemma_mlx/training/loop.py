@@ -28,6 +28,7 @@ from ..distributed import all_sum, lost_peer, shard, sum_numbers, world
 from ..errors import TrainingError
 from ..manifest import quiet
 from .setup import LAST_DIR, LAST_GOOD_DIR, RunSetup, make_optimizer, write_adapter_dir
+from ..text import plural
 
 # mx.compile for the training step. Off: length-bucketed batches give almost every step a new
 # shape, so a compiled step retraces nearly every time; scripts/bench_train.py --compile measured
@@ -233,8 +234,8 @@ class Run:
             p.bad_validations += 1
         if generated:
             mark = (f", greedy replies: {generated['gen_clean']}/{generated['gen_replies']} clean "
-                    f"({generated['gen_stops']} stopped, {generated['gen_loops']} loops, "
-                    f"{generated['gen_mean_words']:.0f} words)") + mark
+                    f"({generated['gen_stops']} stopped, {plural(generated['gen_loops'], 'loop')}, "
+                    f"{plural(round(generated['gen_mean_words']), 'word')})") + mark
         self.say(f"epoch {epoch:.2f} step {p.step}/{self.total_steps}: validation loss {loss:.4f}{mark}")
         self.callback.on_validation(record)
         patience = self.setup.train.early_stopping_patience

@@ -20,6 +20,7 @@ from . import batching
 from .setup import RunSetup
 from .trainee import estimate_memory, loss_fn, loss_weights, prepare, resolve_num_layers, validation_sums
 from ..backend import machine_memory
+from ..text import plural
 from ..chat_format import END_OF_TURN_ID
 from ..distributed import sum_numbers, world
 from ..errors import TrainingError
@@ -47,11 +48,11 @@ def tokenize_split(tokenizer, examples, setup: RunSetup, say) -> list[batching.S
     sequences = [batching.tokenize_example(tokenizer, e, setup.train.response_only, setup.train.max_seq_length) for e in examples]
     truncated = [s.source for s in sequences if s.truncated]
     if truncated:
-        say(f"warning: {len(truncated)} examples are longer than max_seq_length {setup.train.max_seq_length} "
+        say(f"warning: {plural(len(truncated), 'example')} {'is' if len(truncated) == 1 else 'are'} longer than max_seq_length {setup.train.max_seq_length} "
             f"tokens and were cut (first: {truncated[0]}); raise train.max_seq_length to keep them whole")
     empty = [s for s in sequences if s.trained_tokens == 0]
     if empty:
-        say(f"warning: {len(empty)} examples have no reply tokens left to learn from (first: {empty[0].source}); skipped")
+        say(f"warning: {plural(len(empty), 'example')} {'has' if len(empty) == 1 else 'have'} no reply tokens left to learn from (first: {empty[0].source}); skipped")
     return [s for s in sequences if s.trained_tokens > 0]
 
 

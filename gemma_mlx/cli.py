@@ -519,7 +519,11 @@ def compare(models, model_options, prompt_files, prompt_texts, persona, training
               help="A base model's <end_of_turn> row starts as it is (keep) or as a copy of <eos>'s (eos).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same model, data and settings).")
 @click.option("--force", is_flag=True, help="Replace a finished run made differently, or discard an interrupted one.")
-def train(model, data, config_path, out, run_name, resume, force, **options):
+@click.option("--preferences", type=click.Path(path_type=Path),
+              help="DPO on preference pairs (the arena's export or votes.jsonl, gemma-mlx prefs, TRL's prompt/chosen/"
+                   "rejected JSONL); --model is then the fine-tuned persona (its adapter dir or fused model).")
+@click.option("--beta", type=float, help="With --preferences: how far DPO may move from the persona (default 0.1).")
+def train(model, data, config_path, out, run_name, resume, force, preferences, beta, **options):
     """LoRA-fine-tune a converted model on a persona dataset, in epochs.
 
     Every example trains every epoch, in length-bucketed batches; by default the loss counts reply
@@ -536,6 +540,7 @@ def train(model, data, config_path, out, run_name, resume, force, **options):
     Examples:
       gemma-mlx train --model outputs/models/gemma-3-270m --data data/bluey
       gemma-mlx train --model gemma-3-270m --config data/experiment-270m.yaml --epochs 3 --resume
+      gemma-mlx train --model outputs/runs/bluey/gemma-3-270m --preferences prefs.jsonl
     """
     import dataclasses
 
@@ -549,9 +554,13 @@ def train(model, data, config_path, out, run_name, resume, force, **options):
             key = "early_stopping_patience"
         if key == "keys":
             value = list(value) or None
+        if preferences is not None and key in ("learning_rate", "epochs"):
+            overrides[f"preferences.{key}"] = value  # the preference stage's own
+            continue
         overrides[f"lora.{key}" if key in lora_keys else f"train.{key}"] = value
+    overrides["preferences.beta"] = beta
     result = train_with_config(model, data, config_path, overrides, out=out, run_name=run_name,
-                               resume=resume, force=force, progress=echo_progress)
+                               resume=resume, force=force, progress=echo_progress, preferences=preferences)
     click.echo(f"{result.status}\t{result.out_dir}")
     if result.status == "interrupted":
         sys.exit(130)

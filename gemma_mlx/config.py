@@ -91,6 +91,16 @@ class GenerationSettings:
 
 
 @dataclass
+class PreferenceSettings:
+    # preference pairs for a DPO stage after fine-tuning (the arena's export, its votes.jsonl, gemma-mlx
+    # prefs' output or any TRL prompt/chosen/rejected JSONL); empty: no preference stage
+    data: str = ""
+    beta: float = 0.1  # how far DPO may move from the fine-tuned model (higher: stays closer)
+    learning_rate: float = 1.0e-5  # peak learning rate of the preference stage
+    epochs: int = 2  # passes over the pairs
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "bluey"  # outputs go to outputs/runs/<name>/
     # checkpoints to fine-tune with identical data and settings: short names, hub ids or local dirs
@@ -110,6 +120,7 @@ class ExperimentConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    preferences: PreferenceSettings = field(default_factory=PreferenceSettings)
     # where each setting that is not a default came from ("exp.yaml:12", "command line"); not a setting
     locations: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -152,6 +163,9 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "train.end_of_turn_weight": (lambda v: v > 0, "above 0"),
     "train.val_generation_tokens": (lambda v: v >= 0, "0 (off) or more"),
     "train.best_by": (lambda v: v in ("stops", "loss"), "stops or loss"),
+    "preferences.beta": (lambda v: v > 0, "above 0"),
+    "preferences.learning_rate": (lambda v: v > 0, "above 0"),
+    "preferences.epochs": (lambda v: v >= 1, "at least 1"),
     "generation.max_tokens": (lambda v: v >= 1, "at least 1"),
     "generation.min_new_tokens": (lambda v: v >= 0, "0 or more"),
     "generation.temperature": (lambda v: v >= 0, "0 (greedy) or more"),
@@ -163,7 +177,8 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "generation.samples": (lambda v: v >= 1, "at least 1"),
     "generation.seed": (lambda v: v >= 0, "0 or more"),
 }
-SECTIONS = {LoraSettings: "lora", TrainSettings: "train", GenerationSettings: "generation"}
+SECTIONS = {LoraSettings: "lora", TrainSettings: "train", GenerationSettings: "generation",
+            PreferenceSettings: "preferences"}
 
 
 LARGEST_INT = 2**31 - 1  # seeds, counts and token limits; larger values only crash later, deep in MLX

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .adapters import ADAPTERS_FILE, damaged_safetensors, remove_unfinished_saves
 from .models import resolve_model_dir
-from .config import NAME, LoraSettings, TrainSettings, check_settings, to_dict
+from .config import NAME, LoraSettings, PreferenceSettings, TrainSettings, check_settings, to_dict
 from .errors import ConfigError, DamagedFileError, OutputExistsError, TrainingError
 from .training.setup import OPTIMIZER_FILE, RESUME_FILE, RunSetup, read_metrics
 from .state import ResumeState, as_dict, load_state_file
@@ -103,11 +103,58 @@ def plan_run(model, data, out, lora, train, run_name) -> RunSetup:
     return RunSetup(model_dir, manifest, flavour, turn, data, data_sha256, lora, train, out, identity)
 
 
+def plan_preference_run(model, pairs, out, lora, train, preferences, run_name) -> RunSetup:
+    """A DPO run (training/dpo.py): from a fine-tuned persona, an adapter dir or a fused model, on pairs."""
+    import dataclasses
+    import json
+
+    from .adapters import CONFIG_FILE
+    from .errors import DataError
+    from .models import train_manifest_of
+    from .training.pairs import pairs_hash
+
+    for settings in (lora, train, preferences):
+        check_settings(settings)
+    start = Path(model).expanduser()
+    adapters = start.resolve() if (start / ADAPTERS_FILE).is_file() else None
+    if adapters is not None:  # train's output (or its last/): its base is recorded
+        recorded = (train_manifest_of(adapters) or {}).get("base_model")
+        recorded = recorded or json.loads((adapters / CONFIG_FILE).read_text()).get("model")
+        model_dir = resolve_model_dir(recorded).resolve()
+    else:
+        model_dir = resolve_model_dir(model).resolve()
+    pairs = Path(pairs).expanduser()
+    if not pairs.exists():
+        raise DataError(f"The preference pairs {pairs} do not exist. Export them from the arena (gemma-mlx arena ... "
+                        "--export-preferences FILE) or make them with gemma-mlx prefs.")
+    manifest = read_manifest(model_dir)
+    train = dataclasses.replace(train, learning_rate=preferences.learning_rate, epochs=preferences.epochs)
+    if not out and (not NAME.match(str(run_name)) or run_name in (".", "..")):
+        raise ConfigError(f"The run name {run_name!r} is not a plain directory name; choose another, or give --out.")
+    default = adapters.with_name(adapters.name + "-dpo") if adapters else outputs_root() / "runs" / run_name / (model_dir.name + "-dpo")
+    out = Path(out).expanduser() if out else default
+    sha = pairs_hash(pairs)
+    identity = {"base_model": str(model_dir), "base_id": _base_id(model_dir, manifest), "data_sha256": sha,
+                "start_adapters": str(adapters) if adapters else None,
+                "start_sha256": sha256_file(adapters / ADAPTERS_FILE) if adapters else None,
+                "lora": to_dict(lora), "train": to_dict(train), "preferences": to_dict(preferences), "turn_tokens": False}
+    return RunSetup(model_dir, manifest, model_flavour(model_dir, manifest), False, pairs, sha, lora, train, out,
+                    identity, preferences=preferences, start_adapters=adapters)
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def stage_output(setup: RunSetup) -> StageOutput:
     """The run's output under the stage-output protocol: its identity is the key."""
     inputs = {"the model it trains": setup.model_dir}
     if setup.data.exists():  # not a hub dataset id
         inputs["the training data"] = setup.data
+    if setup.start_adapters is not None:
+        inputs["the adapters it starts from"] = setup.start_adapters
     return StageOutput("train", setup.out, key=setup.identity, inputs=inputs)
 
 
@@ -214,10 +261,14 @@ def finish_run(setup: RunSetup, summary: dict) -> dict:
         "data": str(setup.data.resolve()),
         "data_sha256": setup.data_sha256,
         "settings": {"lora": to_dict(setup.lora), "train": to_dict(setup.train), "turn_tokens": setup.turn_tokens},
+        "objective": "dpo" if setup.preferences else "supervised",
         "summary": summary,
         "created": now_iso(),
         "versions": versions(),
     }
+    if setup.preferences is not None:
+        manifest["settings"]["preferences"] = to_dict(setup.preferences)
+        manifest["start_adapters"] = str(setup.start_adapters) if setup.start_adapters else None
     manifest = finish_output(work, stage_output(setup), manifest)
     try:
         replace_dir(work, setup.out)
@@ -239,17 +290,24 @@ def train_model(
     callback: TrainingCallback | None = None,
     resume_hint: str = "continue with the same command plus --resume",
     remake: bool = False,
+    preferences: PreferenceSettings | None = None,
 ) -> TrainResult:
     """Fine-tune `model` (a converted model dir or name) on `data`; see the module docstring.
 
     `callback` (a training.loop.TrainingCallback) hears every step and validation; raising
     KeyboardInterrupt from it acts like Ctrl-C.
     `lora` and `train` default to the config defaults (LoraSettings(), TrainSettings()).
+    With `preferences` (config.PreferenceSettings) the run is DPO: `model` is the fine-tuned persona
+    (an adapter dir or a fused model) and `data` the preference pairs (training/dpo.py).
     """
     from .distributed import world
 
     say = (progress or quiet) if world().main else quiet  # rank 0 reports for every rank
-    setup = plan_run(model, data, out, lora or LoraSettings(), train or TrainSettings(), run_name)
+    if preferences is not None:
+        setup = plan_preference_run(model, data, out, lora or LoraSettings(), train or TrainSettings(), preferences,
+                                    run_name)
+    else:
+        setup = plan_run(model, data, out, lora or LoraSettings(), train or TrainSettings(), run_name)
     try:
         return _train(setup, resume, force, remake, progress, say, callback, resume_hint)
     finally:
@@ -270,7 +328,11 @@ def _train(setup: RunSetup, resume: bool, force: bool, remake: bool, progress: P
     if decision["status"] == "up-to-date":
         return TrainResult(setup.out, decision["summary"], "up-to-date")
     started = time.time()
-    summary, status = run_training(setup, decision["state"], progress if here.main else None, callback, resume_hint)
+    build = None
+    if setup.preferences is not None:
+        from .training.dpo import preference_parts as build
+    summary, status = run_training(setup, decision["state"], progress if here.main else None, callback, resume_hint,
+                                   build=build)
     if status == "interrupted":
         return TrainResult(setup.work, summary, status)
     if not here.main:
@@ -308,13 +370,23 @@ def train_with_config(
     resume: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    preferences: str | Path | None = None,
 ) -> TrainResult:
     """`gemma-mlx train`: settings from an experiment YAML (or defaults), dotted-key overrides on top.
 
-    The data defaults to the config's `data`, the run name to the config's `name`.
+    The data defaults to the config's `data`, the run name to the config's `name`. With
+    `preferences` (a pairs file or directory) the run is DPO from `model`, a fine-tuned persona,
+    with the config's `preferences` settings.
     """
+    import dataclasses
+
     from .config import load_config
 
     config = load_config(config_path, overrides or {})
+    if preferences is not None:
+        prefs = dataclasses.replace(config.preferences, data=str(preferences))
+        return train_model(model, preferences, out=out, lora=config.lora, train=config.train,
+                           run_name=run_name or config.name, resume=resume, force=force, progress=progress,
+                           preferences=prefs)
     return train_model(model, data or config.data, out=out, lora=config.lora, train=config.train,
                        run_name=run_name or config.name, resume=resume, force=force, progress=progress)

@@ -80,7 +80,7 @@ def test_every_rule_names_a_real_setting():
 
     config = ExperimentConfig()
     known = {f.name for f in dataclasses.fields(config)}
-    for section in ("lora", "train", "generation"):
+    for section in ("lora", "train", "generation", "preferences"):
         known |= {f"{section}.{f.name}" for f in dataclasses.fields(getattr(config, section))}
     assert set(RULES) <= known
 

@@ -35,6 +35,8 @@ class RunSetup:
     train: TrainSettings
     out: Path
     identity: dict  # what must match for a re-run to be a no-op or a resume to continue
+    preferences: object = None  # config.PreferenceSettings of a DPO run (then `data` holds the pairs)
+    start_adapters: Path | None = None  # a DPO run's starting persona adapters (fused in memory), if any
 
     @property
     def work(self) -> Path:

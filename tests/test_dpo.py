@@ -1,0 +1,168 @@
+"""DPO (`gemma-mlx train --preferences`): the loss against numpy, pairs from the arena, the margin rises."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlx.utils import tree_map
+
+from gemma_mlx import models
+from gemma_mlx.cli import cli
+from gemma_mlx.config import LoraSettings, TrainSettings
+from gemma_mlx.errors import DataError
+from gemma_mlx.train import train_model
+from gemma_mlx.training import dpo, trainee as tuning
+from gemma_mlx.training.pairs import Pair, load_pair_splits, read_pairs
+
+from .test_train import write_chat_data
+
+LORA = LoraSettings(num_layers=2, rank=4)
+PROMPTS = ["What should we play today?", "Tell me about your sister.", "What is for lunch?",
+           "Where do you go after school?", "Who is your best friend?", "What scares you?"]
+
+
+def pair_logps(lm, tokenizer, pairs) -> np.ndarray:
+    """[P, 2] summed log-probs of the chosen and rejected replies under a loaded model."""
+    _, sequences = dpo.tokenize_pairs(tokenizer, pairs, 512, print)
+    batch = dpo.make_pair_batch(sequences, list(range(len(pairs))))
+    trainee = tuning.Trainee(lm)
+    arrays = (mx.array(batch.rows.inputs), mx.array(batch.rows.positions), mx.array(batch.rows.targets),
+              mx.array(batch.segments))
+    return np.array(dpo.sequence_logps(trainee, *arrays, gradient=False)).reshape(-1, 2)
+
+
+def numpy_logp(lm, ids: list[int], trained: list[bool]) -> float:
+    """log p of the trained tokens from the model's full logits, in float64 numpy."""
+    logits = np.array(lm(mx.array([ids[:-1]]))[0].astype(mx.float32), dtype=np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    logprobs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    return sum(logprobs[j - 1, ids[j]] for j in range(1, len(ids)) if trained[j])
+
+
+def test_the_loss_matches_a_numpy_reference_dpo_loss(converted_models):
+    lm, tokenizer = models.load(converted_models["it"])
+    trainee = tuning.prepare(lm, LORA, False)
+    mx.random.seed(3)  # move the LoRA weights off zero, so the policy differs from the reference
+    trainee.update(tree_map(lambda p: p + 0.05 * mx.random.normal(p.shape), trainee.trainable_parameters()))
+    pairs = [Pair([{"role": "user", "content": "Hi there"}], "Hello friend, let's play!", "Go away now.", "t:1"),
+             Pair([{"role": "user", "content": "What is for tea?"}], "Sausages!", "I do not know what tea is.", "t:2")]
+    _, sequences = dpo.tokenize_pairs(tokenizer, pairs, 512, print)
+    batch = dpo.make_pair_batch(sequences, [0, 1])
+    reference = np.array([[-40.0, -35.5], [-20.25, -52.0]], dtype=np.float32)
+    beta = 0.3
+    arrays = (mx.array(batch.rows.inputs), mx.array(batch.rows.positions), mx.array(batch.rows.targets),
+              mx.array(batch.segments), mx.array(reference))
+    loss, count = dpo.dpo_loss(trainee, *arrays, beta=beta)
+
+    policy = np.array([numpy_logp(trainee.lm, s.ids, s.trained) for s in sequences]).reshape(2, 2)
+    margins = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
+    expected = np.mean(-np.log(1.0 / (1.0 + np.exp(-margins))))
+    assert count.item() == 2
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    # the reference is the same network with the new adapters off: the model before prepare()
+    with dpo.adapters_off(trainee):
+        off = [numpy_logp(trainee.lm, s.ids, s.trained) for s in sequences]
+    plain, _ = models.load(converted_models["it"])
+    assert off == pytest.approx([numpy_logp(plain, s.ids, s.trained) for s in sequences], rel=1e-4)
+    assert off != pytest.approx(policy.reshape(-1).tolist(), rel=1e-4)
+
+
+def test_pairs_come_in_every_shape_and_a_bad_one_names_its_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    lines = [
+        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},  # the arena's export
+        {"prompt": [{"role": "system", "content": "Be Bluey."}, {"role": "user", "content": "Play?"}],  # TRL messages
+         "chosen": [{"role": "assistant", "content": "Yes!"}], "rejected": [{"role": "assistant", "content": "No."}]},
+        {"model_a": "x", "model_b": "y", "choice": "B", "prompt": "Tea?",  # a vote
+         "reply_a": {"text": "No tea."}, "reply_b": {"text": "Tea party!"}},
+        {"model_a": "x", "model_b": "y", "choice": "tie", "prompt": "Eh?", "reply_a": {"text": "a"}, "reply_b": {"text": "b"}},
+        {"prompt": "Same?", "chosen": "Same.", "rejected": "Same."},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    same = []
+    pairs = read_pairs(path, same)
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        ("Hi", "Hello!", "Go away."), ("Play?", "Yes!", "No."), ("Tea?", "Tea party!", "No tea.")]
+    assert pairs[1].messages[0]["role"] == "system" and same == [f"{path}:5"]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"prompt": "Hi", "chosen": "Hello!"}) + "\n")
+    with pytest.raises(DataError, match=f"{bad}:2: .*'rejected' missing"):
+        read_pairs(bad)
+    bad.write_text(json.dumps({"prompt": "Hi", "chosen": 7, "rejected": "x"}) + "\n")
+    with pytest.raises(DataError, match=f"{bad}:1: \"chosen\" must be the reply's text"):
+        read_pairs(bad)
+
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "Yes!", "rejected": "No."}) + "\n"
+                            for i in range(40)))
+    train, valid = load_pair_splits(many)
+    assert valid and len(train) + len(valid) == 40
+    assert not {p.prompt for p in train} & {p.prompt for p in valid}
+
+
+def test_a_bad_pair_stops_train_with_file_and_line(converted_models, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Hi", "chosen": "Hello!", "rejected": "Bye."}\n{"prompt": "Hi"\n')
+    result = CliRunner().invoke(cli, ["train", "--model", str(converted_models["it"]), "--preferences", str(bad),
+                                      "--out", str(tmp_path / "dpo")])
+    assert result.exit_code == 1 and f"{bad}:2: not valid JSON" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "dpo").exists()
+
+
+@pytest.fixture(scope="module")
+def persona(converted_models, tmp_path_factory):
+    """A short supervised run on the tiny -pt model (turn-token rows included): the persona DPO starts from."""
+    root = tmp_path_factory.mktemp("persona")
+    data = write_chat_data(root / "chat.jsonl", count=12)
+    out = root / "sft"
+    train_model(converted_models["pt"], data, out=out, lora=LORA,
+                train=TrainSettings(epochs=1, learning_rate=2e-3, val_generation_tokens=0))
+    return out
+
+
+def test_votes_cast_in_the_arena_train_a_model_whose_margin_rises(converted_models, persona, tmp_path):
+    from starlette.testclient import TestClient
+
+    from gemma_mlx.arena import arena_setup, make_app
+    from gemma_mlx.serving.engine import Engine
+
+    base = converted_models["pt"]
+    setup = arena_setup([f"{base}::{persona}", str(base)], votes=tmp_path / "votes.jsonl")
+    engine = Engine(setup.models)
+    try:
+        client = TestClient(make_app(setup, engine, {"testserver"}))
+        for number, prompt in enumerate(PROMPTS):
+            battle = client.post("/api/battle", json={"prompt": prompt, "max_tokens": "8"}).json()
+            for side in "AB":
+                with client.stream("GET", f"/api/battle/{battle['id']}/stream", params={"side": side}) as response:
+                    assert "event: done" in response.read().decode()
+            assert client.post("/api/vote", json={"id": battle["id"], "choice": "AB"[number % 2]}).status_code == 200
+    finally:
+        engine.close()
+    exported = tmp_path / "prefs.jsonl"
+    result = CliRunner().invoke(cli, ["arena", *setup.models.values(), "--votes", str(setup.votes),
+                                      "--export-preferences", str(exported)])
+    assert result.exit_code == 0, result.output
+    pairs = read_pairs(exported)
+    assert len(pairs) >= 4  # two models can give the same reply to a prompt; those pairs teach nothing
+
+    out = tmp_path / "dpo"
+    result = CliRunner().invoke(cli, ["train", "--model", str(persona), "--preferences", str(exported), "--out", str(out),
+                                      "--epochs", "4", "--lr", "5e-3", "--beta", "0.5", "--batch-size", "2",
+                                      "--val-generation-tokens", "0"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["objective"] == "dpo" and manifest["base_model"] == str(base.resolve())
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_parameters"]["rank"] == LORA.rank + LoraSettings().rank and config["turn_tokens_file"]  # old + new LoRA, rows kept
+
+    before = pair_logps(*models.load(base, persona), pairs)
+    after = pair_logps(*models.load(base, out), pairs)
+    margin_before = (before[:, 0] - before[:, 1]).mean()
+    margin_after = (after[:, 0] - after[:, 1]).mean()
+    assert margin_after > margin_before + 0.5, (margin_before, margin_after)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objective"] == "dpo" and summary["train_examples"] == len(pairs)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
@@ -76,3 +77,35 @@ def test_run_refuses_a_model_that_cannot_fit(monkeypatch):
         check_resources(config, [e2b])
     estimate = check_resources(ExperimentConfig(dtype="bfloat16", quantize_bits=4), [e2b])
     assert estimate["memory_bytes"] < 24e9
+
+
+def test_training_on_a_4bit_base_then_fuse_keeps_or_dequantizes(tiny_checkpoints, tmp_path):
+    """QLoRA: LoRA (and the base's turn rows) train on a 4-bit base through the full-logits loss;
+    fuse keeps the 4-bit weights, or writes float ones with --dequantize."""
+    import mlx.core as mx
+    from click.testing import CliRunner
+
+    from gemma_mlx.cli import cli
+    from gemma_mlx.convert import convert_checkpoint
+
+    base = convert_checkpoint(str(tiny_checkpoints["pt"]), out=tmp_path / "q4", dtype="float32", quantize_bits=4).path
+    assert json.loads((base / "config.json").read_text())["quantization"]["bits"] == 4
+    data = tmp_path / "data.jsonl"
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"What do you like, friend {i}?"},
+                                      {"role": "assistant", "content": "I reckon games in the backyard are heaps of fun!"}]})
+             for i in range(24)]
+    data.write_text("\n".join(lines) + "\n")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["train", "--model", str(base), "--data", str(data), "--epochs", "2", "--batch-size", "8",
+                                 "--lr", "1e-3", "--val-generation-tokens", "0", "--out", str(tmp_path / "adapters")])
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (tmp_path / "adapters" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if m.get("split") == "train"]
+    assert losses and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert (tmp_path / "adapters" / "turn_tokens.safetensors").is_file()
+    for flags, quantized in (([], True), (["--dequantize"], False)):
+        out = tmp_path / f"fused-{quantized}"
+        result = runner.invoke(cli, ["fuse", str(tmp_path / "adapters"), "--out", str(out), *flags])
+        assert result.exit_code == 0, result.output
+        assert ("quantization" in json.loads((out / "config.json").read_text())) is quantized
+        assert any(k.endswith(".scales") for k in mx.load(str(out / "model.safetensors"))) is quantized

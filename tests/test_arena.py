@@ -93,7 +93,8 @@ def test_host_header_is_checked_and_model_text_is_never_html(arena):
     rebound = local.get("/", headers={"host": "evil.example:8765"})
     assert rebound.status_code == 403  # DNS rebinding: a foreign name pointing at 127.0.0.1
     assert host_name("[::1]:8765") == "[::1]" and host_name("localhost:80") == "localhost"
-    page = local.get("/").text + local.get("/static/arena.js").text
+    page = local.get("/").text + local.get("/static/arena.js").text + local.get("/static/messages.js").text
+    assert "function streamInto" in page
     assert "innerHTML" not in page  # replies are set with textContent only
     assert "default-src 'self'" in local.get("/").headers["content-security-policy"]
     # another site's script: the browser adds its Origin; a plain-text POST would need no preflight

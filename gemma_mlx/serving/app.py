@@ -125,7 +125,7 @@ def make_app(setup, engine, allowed_hosts: set[str] | None = None, on_signal: Ca
 
     async def asset(request):
         name = request.path_params["name"]
-        if name not in ("arena.js", "arena.css"):
+        if name not in ("arena.js", "messages.js", "arena.css"):
             return PlainTextResponse("Not found", status_code=404)
         return FileResponse(PAGE_DIR / name, media_type="text/javascript" if name.endswith(".js") else "text/css")
 

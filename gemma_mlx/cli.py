@@ -191,6 +191,16 @@ def init(directory, pair, force):
     click.echo(f"Edit them, then: gemma-mlx run {result.config}")
 
 
+def _report_verdict(report_dir: Path) -> str:
+    """The verdict sentence of a comparison report directory (compare writes it into comparison.json)."""
+    import json
+
+    from .scoring.report import headline
+
+    results = json.loads((report_dir / "comparison.json").read_text())
+    return results.get("headline") or headline(results)
+
+
 @cli.command(short_help="Run the whole experiment from one config.")
 @click.argument("config_file", required=False, type=click.Path(path_type=Path))
 @click.option("--demo", is_flag=True,
@@ -237,6 +247,7 @@ def run(config_file, demo, tiny, tiny_family, only, redo, name, epochs, max_toke
         click.echo("")
         click.echo(sample_replies(result.report_html.parent))
     click.echo("")
+        click.echo(f"\nVerdict: {_report_verdict(result.report_html.parent)}")
     for record in result.stages:
         click.echo(f"{record.stage:<8} {record.status:<11} {record.seconds:7.1f}s  peak {record.peak_memory_gb:.2f} GB")
     click.echo(f"\nReport: {result.report_html}" if result.report_html else f"\nOutputs: {result.run_dir}")
@@ -564,6 +575,40 @@ def train(model, data, config_path, out, run_name, resume, force, preferences, b
     click.echo(f"{result.status}\t{result.out_dir}")
     if result.status == "interrupted":
         sys.exit(130)
+
+
+@cli.command(short_help="Preference pairs from a model's own samples, ranked by the scorecard.")
+@click.argument("model")
+@click.option("--data", help="Dataset whose prompts are answered (a JSONL file or a directory). Default: the shipped data.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The pairs file to write (JSONL).")
+@click.option("--samples", "-k", type=int, default=4, show_default=True, help="Replies sampled per prompt.")
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="train", show_default=True,
+              help="Which split's prompts (held-out pairs: valid or test).")
+@click.option("--persona", type=click.Path(path_type=Path),
+              help="persona.yaml whose markers count as the voice. Default: the one in the data directory.")
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="Longest reply; a longer one is cut.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed and data split.")
+@click.option("--no-on-topic", "no_on_topic", is_flag=True, help="Rank without the on-topic score (no base model pass).")
+@click.option("--force", is_flag=True, help="Replace an existing pairs file.")
+def prefs(model, data, out, samples, split, persona, max_tokens, seed, no_on_topic, force):
+    """Sample K replies per training prompt from MODEL and keep the best and the worst as a pair.
+
+    The ranking (printed) is the scorecard's: a clean ending without a loop, the persona's length,
+    a voice marker, then the on-topic score. MODEL is a fine-tuned persona (train's output dir, a
+    fused model or BASE::ADAPTERS). Read or edit the file, then train on it with
+    `gemma-mlx train --model MODEL --preferences OUT`.
+
+    \b
+    Examples:
+      gemma-mlx prefs outputs/runs/bluey/gemma-3-270m --out outputs/prefs.jsonl
+      gemma-mlx prefs outputs/runs/bluey/gemma-3-270m --split valid -k 4 --out outputs/prefs-valid.jsonl
+    """
+    from .config import ExperimentConfig
+    from .prefs import make_prefs
+
+    result = make_prefs(model, data or ExperimentConfig().data, out, samples=samples, persona=persona, split=split,
+                        max_tokens=max_tokens, seed=seed, on_topic=not no_on_topic, force=force, progress=echo_progress)
+    click.echo(f"pairs\t{result.pairs}\t{result.out}")
 
 
 @cli.command(short_help="Chat with a model in the terminal.")

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gemma_mlx"
 README = PACKAGE.parent / "README.md"
 
 # The stages in the order data flows; each module belongs to one stage, or to none (a shared helper).
-STAGES = ["init", "convert", "data", "train", "fuse", "compare", "chat", "arena", "web", "export", "run", "cli"]
+STAGES = ["init", "convert", "data", "train", "fuse", "compare", "prefs", "chat", "arena", "web", "export", "run", "cli"]
 OWNER = {"formats.gguf": "convert", "formats.hf_export": "fuse", "formats.gguf_write": "export", "training": "train",
          "scoring": "compare", "serving": "arena"}
 

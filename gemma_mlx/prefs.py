@@ -1,0 +1,175 @@
+"""`gemma-mlx prefs`: preference pairs from the model's own samples, when no person is at hand.
+
+For each training prompt the fine-tuned model samples K replies (all prompts x K in one batch), and
+the scorecard ranks them the way a reader judges a reply:
+  1. it ended by itself, says something, ends a sentence, and does not loop (then: does not loop);
+  2. its length is within half to twice the persona's mean reply length (the training replies');
+  3. it has a voice marker of the persona (persona.yaml's markers);
+  4. inside the band, the higher on-topic score (scoring/ontopic.py, scored by the base model; an
+     echo of the prompt gets none); outside it, the nearer length.
+The best reply becomes "chosen", the worst "rejected"; a prompt whose best and worst rank the same
+gives no pair. The rule is printed and every pair carries why each side ranked where it did, so a
+person can read and edit the file before `gemma-mlx train --preferences` uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import GenerationSettings
+from .errors import OutputExistsError
+from .manifest import Progress, quiet, write_text_atomic
+from .scoring.best_of import LENGTH_BAND, ends_cleanly, length_ratio
+from .scoring.ontopic import echoes
+from .text import is_loop, word_count
+
+SAMPLING = {"temperature": 0.8, "top_p": 0.95}  # varied but sensible replies to choose between
+
+
+def rule_text(target_words: float | None, markers: bool, on_topic: bool) -> str:
+    """The ranking rule, as printed and recorded."""
+    band = (f"{LENGTH_BAND[0]:g}-{LENGTH_BAND[1]:g}x the persona's mean reply ({target_words:.0f} words)"
+            if target_words else "any length (no training replies to measure)")
+    steps = ["ends by itself with a whole sentence and no loop (then: no loop)", f"length within {band}"]
+    if markers:
+        steps.append("has a voice marker")
+    steps.append("the higher on-topic score inside the band, the nearer length outside it" if on_topic
+                 else "the nearer length (on-topic scoring is off)")
+    return "best = chosen, worst = rejected, ranked by: " + "; ".join(f"{i}. {s}" for i, s in enumerate(steps, 1))
+
+
+@dataclass
+class Ranked:
+    text: str
+    key: tuple
+    why: str
+
+
+def rank_reply(prompt: str, text: str, finish_reason: str, target_words: float | None, markers: list[str],
+               on_topic: float | None) -> Ranked:
+    """The sort key (higher is better) of one reply and a short note of what decided it."""
+    from .persona import find_phrases
+
+    loop = is_loop(text)
+    clean = ends_cleanly(text, finish_reason)
+    tier = 2 if clean and not loop else 1 if not loop and text.strip() else 0
+    words = word_count(text)
+    ratio = length_ratio(words, target_words)
+    in_band = ratio is None or LENGTH_BAND[0] <= ratio <= LENGTH_BAND[1]
+    found = find_phrases(text, markers) if markers else []
+    echo = echoes(prompt, text)
+    topic = on_topic if on_topic is not None and not echo else -math.inf
+    last = topic if in_band else -abs(math.log(ratio))
+    ending = "clean" if tier == 2 else "loops" if loop else "cut" if finish_reason == "length" else "unfinished"
+    notes = [ending, f"{words} words" + ("" if in_band else " (outside the band)")]
+    if markers:
+        notes.append(f"markers: {', '.join(found)}" if found else "no marker")
+    if on_topic is not None:
+        notes.append("echoes the prompt" if echo else f"on-topic {on_topic:+.2f}")
+    return Ranked(text, (tier, in_band, bool(found), last), "; ".join(notes))
+
+
+def pick_pair(ranked: list[Ranked]) -> tuple[Ranked, Ranked] | None:
+    """(best, worst) of one prompt's replies; None when nothing separates them."""
+    order = sorted(range(len(ranked)), key=lambda i: (ranked[i].key, -i))
+    best, worst = ranked[order[-1]], ranked[order[0]]
+    if best.key == worst.key or best.text.strip() == worst.text.strip():
+        return None
+    return best, worst
+
+
+@dataclass
+class PrefsResult:
+    out: Path
+    pairs: int
+    prompts: int
+    rule: str
+    skipped: int  # prompts whose replies ranked the same
+
+
+def training_prompts(data, split: str, seed: int):
+    """(prompts as message lists, the persona's mean reply words) of one split of the data."""
+    from .examples import load_splits
+
+    splits = load_splits(data, seed=seed)
+    examples = getattr(splits, split)
+    prompts = [e.messages[:-1] for e in examples if e.messages and e.messages[-1]["role"] == "assistant"]
+    replies = [word_count(e.reply) for e in splits.train if e.reply]
+    return prompts, (sum(replies) / len(replies) if replies else None)
+
+
+def model_spec(model: str) -> str:
+    """A train output dir (adapters) becomes BASE::ADAPTERS, as compare and chat read it."""
+    from .adapters import ADAPTERS_FILE
+    from .models import ADAPTER_SEPARATOR, train_manifest_of
+
+    path = Path(model).expanduser()
+    if ADAPTER_SEPARATOR not in str(model) and (path / ADAPTERS_FILE).is_file():
+        base = (train_manifest_of(path) or {}).get("base_model")
+        if base is None:
+            base = json.loads((path / "adapter_config.json").read_text()).get("model")
+        return f"{base}{ADAPTER_SEPARATOR}{path}"
+    return str(model)
+
+
+def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | None = None, split: str = "train",
+               max_tokens: int = 256, seed: int = 0, on_topic: bool = True, force: bool = False,
+               progress: Progress = quiet) -> PrefsResult:
+    """Sample `samples` replies per prompt of `data`'s split, rank them, write chosen/rejected pairs to `out`."""
+    from .generate import generate_replies
+    from .models import load_model
+    from .persona import load_persona
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists (perhaps pairs someone edited). Choose another --out, or add --force "
+                                "to replace it.")
+    if samples < 2:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--samples is {samples}; a pair needs at least 2 replies to choose between.")
+    prompts, target = training_prompts(data, split, seed)
+    persona_path = Path(persona) if persona else (Path(data) / "persona.yaml" if Path(data).is_dir() else None)
+    markers = load_persona(persona_path).markers if persona_path and persona_path.is_file() else []
+    spec = model_spec(model)
+    loaded = load_model(spec)
+    settings = GenerationSettings(max_tokens=max_tokens, samples=samples, seed=seed, **SAMPLING)
+    progress(f"prefs: {len(prompts)} prompts x {samples} samples from {loaded.name} "
+             f"(temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']}, up to {max_tokens} tokens)")
+    replies = generate_replies(loaded, prompts, settings, progress)
+    del loaded
+    scores = _on_topic_scores(spec, replies, progress) if on_topic else None
+    rule = rule_text(target, bool(markers), scores is not None)
+    progress(rule)
+    lines, skipped = [], 0
+    for p, messages in enumerate(prompts):
+        mine = [i for i, r in enumerate(replies) if r.prompt_index == p]
+        ranked = [rank_reply(replies[i].prompt, replies[i].text, replies[i].finish_reason, target, markers,
+                             scores[i] if scores else None) for i in mine]
+        pair = pick_pair(ranked)
+        if pair is None:
+            skipped += 1
+            continue
+        prompt = messages[0]["content"] if len(messages) == 1 and messages[0]["role"] == "user" else messages
+        lines.append(json.dumps({"prompt": prompt, "chosen": pair[0].text, "rejected": pair[1].text,
+                                 "chosen_why": pair[0].why, "rejected_why": pair[1].why}, ensure_ascii=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, "".join(line + "\n" for line in lines))
+    progress(f"prefs: {len(lines)} pairs from {len(prompts)} prompts in {out} ({skipped} prompts whose replies ranked "
+             "the same gave none); read or edit it, then: gemma-mlx train --model MODEL --preferences " + str(out))
+    return PrefsResult(out, len(lines), len(prompts), rule, skipped)
+
+
+def _on_topic_scores(spec: str, replies: list, progress: Progress) -> list[float | None] | None:
+    """On-topic scores by the base model of `spec` (None, with a note, when no base is found)."""
+    from .scoring.ontopic import default_scoring_model, score_reply_lists
+
+    base = default_scoring_model([spec])
+    if base is None:
+        progress("prefs: no base model found to score on-topic; ranking without it")
+        return None
+    return score_reply_lists(base, [replies], progress)[0]
+

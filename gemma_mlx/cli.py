@@ -215,7 +215,9 @@ def _report_verdict(report_dir: Path) -> str:
 @click.option("--name", help="Experiment name (outputs/runs/<name>/); overrides the config.")
 @click.option("--epochs", type=int, help="Override train.epochs.")
 @click.option("--max-tokens", type=int, help="Override generation.max_tokens.")
-def run(config_file, demo, tiny, tiny_family, only, redo, name, epochs, max_tokens):
+@click.option("--no-memory-check", "no_memory_check", is_flag=True,
+              help="Train even when the memory estimate exceeds this machine's memory (by default the run stops before the first step).")
+def run(config_file, demo, tiny, tiny_family, only, redo, name, epochs, max_tokens, no_memory_check):
     """Run the whole experiment: convert, check+split data, train, fuse, compare, summary.
 
     CONFIG_FILE is an experiment YAML (default: data/experiment.yaml, gemma-3-1b-pt vs gemma-3-1b-it
@@ -237,17 +239,18 @@ def run(config_file, demo, tiny, tiny_family, only, redo, name, epochs, max_toke
         config = apply_overrides(demo_config(echo_progress) if demo else tiny_config(echo_progress, tiny_family), overrides)
     else:
         config = load_experiment(config_file, overrides)
-    result = run_experiment(config, only=list(only) or None, progress=echo_progress, redo=list(redo))
+    result = run_experiment(config, only=list(only) or None, progress=echo_progress, redo=list(redo),
+                            memory_check=not no_memory_check)
     if result.status == "interrupted":
         click.echo(f"Interrupted; progress is saved in {result.run_dir}. Run the same command again to resume.", err=True)
         raise SystemExit(130)
     if result.report_html is not None:
         click.echo("")
         click.echo(format_summary(result.summary_rows))
+        click.echo(f"\nVerdict: {_report_verdict(result.report_html.parent)}")
         click.echo("")
         click.echo(sample_replies(result.report_html.parent))
     click.echo("")
-        click.echo(f"\nVerdict: {_report_verdict(result.report_html.parent)}")
     for record in result.stages:
         click.echo(f"{record.stage:<8} {record.status:<11} {record.seconds:7.1f}s  peak {record.peak_memory_gb:.2f} GB")
     click.echo(f"\nReport: {result.report_html}" if result.report_html else f"\nOutputs: {result.run_dir}")
@@ -534,7 +537,9 @@ def compare(models, model_options, prompt_files, prompt_texts, persona, training
               help="DPO on preference pairs (the arena's export or votes.jsonl, gemma-mlx prefs, TRL's prompt/chosen/"
                    "rejected JSONL); --model is then the fine-tuned persona (its adapter dir or fused model).")
 @click.option("--beta", type=float, help="With --preferences: how far DPO may move from the persona (default 0.1).")
-def train(model, data, config_path, out, run_name, resume, force, preferences, beta, **options):
+@click.option("--no-memory-check", "no_memory_check", is_flag=True,
+              help="Train even when the memory estimate exceeds this machine's memory (by default the run stops before the first step).")
+def train(model, data, config_path, out, run_name, resume, force, no_memory_check, preferences, beta, **options):
     """LoRA-fine-tune a converted model on a persona dataset, in epochs.
 
     Every example trains every epoch, in length-bucketed batches; by default the loss counts reply
@@ -571,7 +576,8 @@ def train(model, data, config_path, out, run_name, resume, force, preferences, b
         overrides[f"lora.{key}" if key in lora_keys else f"train.{key}"] = value
     overrides["preferences.beta"] = beta
     result = train_with_config(model, data, config_path, overrides, out=out, run_name=run_name,
-                               resume=resume, force=force, progress=echo_progress, preferences=preferences)
+                               resume=resume, force=force, progress=echo_progress, memory_check=not no_memory_check,
+                               preferences=preferences)
     click.echo(f"{result.status}\t{result.out_dir}")
     if result.status == "interrupted":
         sys.exit(130)

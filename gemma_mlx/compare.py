@@ -276,10 +276,15 @@ def _input_paths(models: list[str], prompts: list, persona, training_data, judge
 
 
 def _existing_results(out: Path) -> dict | None:
+    """An up-to-date output's comparison.json; None when it is damaged (bad bytes, bad JSON, another
+    shape: report.validate_results), so the comparison is made again instead of trusted."""
+    from .scoring.report import validate_results
+
     try:
-        return json.loads((out / "comparison.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        results = json.loads((out / "comparison.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
         return None
+    return results if isinstance(results, dict) and not validate_results(results) else None
 
 
 def _results(settings, prompt_pairs, persona_info, mined, training, overlaps, judge, entries) -> dict:

@@ -22,6 +22,7 @@ from . import backend
 from .errors import CheckpointError
 from .families import FAMILIES, accepted_model_types, family_of_config, is_multimodal, short_names
 from .models import loading_errors
+from .state import ModelConfig, as_dict, load_state_file
 from .manifest import (
     Progress,
     StageOutput,
@@ -152,7 +153,7 @@ def check_reachable(source: Source, revision: str | None = None) -> dict:
 
     with _hub_errors(source.hub_id, revision):
         path = huggingface_hub.hf_hub_download(source.hub_id, "config.json", revision=revision)
-    config = json.loads(Path(path).read_text())
+    config = as_dict(load_state_file(Path(path), ModelConfig, "Download it again (delete it from the Hugging Face cache)."))
     check_model_type(config, f"{source.hub_id} config.json")
     return config
 
@@ -164,10 +165,8 @@ def read_config(checkpoint: Path) -> dict:
             f"{checkpoint} is not a Hugging Face checkpoint: it has no config.json. "
             "Point to the directory that holds config.json, model.safetensors and the tokenizer files."
         )
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_path}:{error.lineno}: config.json is not valid JSON ({error.msg}).") from None
+    fix = "Restore the checkpoint's config.json from where it came from (or download it again)."
+    return as_dict(load_state_file(config_path, ModelConfig, fix))  # bad bytes, JSON or field types: one paragraph
 
 
 def check_model_type(config: dict, where: str) -> None:

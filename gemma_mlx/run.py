@@ -143,7 +143,7 @@ def tiny_config(progress: Progress = quiet, family: str = "gemma3") -> Experimen
 # --- pre-flight: fail before any long work ------------------------------------------------
 
 
-def preflight(config: ExperimentConfig, progress: Progress = quiet) -> list[convert.Source]:
+def preflight(config: ExperimentConfig, progress: Progress = quiet, memory_check: bool = True) -> list[convert.Source]:
     """Check config values, checkpoints, data, prompt files and resources before anything slow starts."""
     check_settings(config)  # every value, with its file:line (a config built in Python has not been checked)
     sources = [convert.resolve_source(spec) for spec in config.checkpoints]
@@ -164,7 +164,7 @@ def preflight(config: ExperimentConfig, progress: Progress = quiet) -> list[conv
     # config.json only (a few KB, or the cache): gated, missing or offline checkpoints fail now
     model_configs = [convert.check_reachable(source) for source in sources]
     check_against_models(config, {source.name: model for source, model in zip(sources, model_configs)})
-    check_resources(config, model_configs, progress)
+    check_resources(config, model_configs, progress, memory_check)
     return sources
 
 
@@ -186,7 +186,8 @@ def _training_memory(config: ExperimentConfig, model_config: dict) -> int:
                            trained_per_example=length // 2, num_layers=config.lora.num_layers)["total"]
 
 
-def check_resources(config: ExperimentConfig, model_configs: list[dict], progress: Progress = quiet) -> dict:
+def check_resources(config: ExperimentConfig, model_configs: list[dict], progress: Progress = quiet,
+                    memory_check: bool = True) -> dict:
     """Estimate disk and memory for the chosen models and stop early when the machine cannot hold them."""
     import shutil
 
@@ -214,10 +215,11 @@ def check_resources(config: ExperimentConfig, model_configs: list[dict], progres
             f"Not enough disk space: these models need about {disk / 1e9:.1f} GB under {probe} and "
             f"{free / 1e9:.1f} GB is free. Free some space, choose smaller models, or set quantize_bits: 4."
         )
-    if total_memory and memory > total_memory:
+    if memory_check and total_memory and memory > total_memory:
         raise GemmaMlxError(
             f"Not enough memory: training the largest model needs about {memory / 1e9:.1f} GB and this machine has "
-            f"{total_memory / 1e9:.1f} GB. Choose a smaller model, set dtype: bfloat16, or quantize_bits: 4."
+            f"{total_memory / 1e9:.1f} GB. Choose a smaller model, set dtype: bfloat16, or quantize_bits: 4 (or "
+            "pass --no-memory-check to try anyway)."
         )
     return {"disk_bytes": disk, "memory_bytes": memory}
 
@@ -272,7 +274,7 @@ def _split(config: ExperimentConfig, run_dir: Path, progress: Progress, remake: 
 
 
 def _train(config: ExperimentConfig, models: dict, data_dir: Path, run_dir: Path, progress: Progress,
-           remake: bool) -> tuple[str, dict]:
+           remake: bool, memory_check: bool = True) -> tuple[str, dict]:
     adapters, summaries, statuses = {}, {}, []
     for name, model_dir in models.items():
         progress(f"train: {name}")
@@ -288,6 +290,7 @@ def _train(config: ExperimentConfig, models: dict, data_dir: Path, run_dir: Path
             progress=progress,
             resume_hint="run the same command again to continue",
             remake=remake,
+            memory_check=memory_check,
         )
         adapters[name] = str(result.out_dir)
         summaries[name] = result.summary
@@ -377,11 +380,13 @@ def run_experiment(
     only: list[str] | None = None,
     progress: Progress = quiet,
     redo: list[str] | None = None,
+    memory_check: bool = True,
 ) -> RunResult:
     """Run (or resume) every stage of the experiment; returns the summary rows and the report path.
 
     `only`: run just these stages (earlier ones reuse their outputs; later ones are left alone).
     `redo`: make these stages' outputs again even when they are up to date ("all": every stage).
+    `memory_check=False`: go on when a memory estimate exceeds the machine (it only warns).
     """
     only = list(only or STAGES)
     redo = list(STAGES) if "all" in (redo or []) else list(redo or [])
@@ -391,7 +396,7 @@ def run_experiment(
     last = max(STAGES.index(s) for s in [*only, *redo])
     if world().distributed and not world().main:
         return _follow_rank_zero(config, progress)
-    sources = preflight(config, progress)
+    sources = preflight(config, progress, memory_check)
     run_dir = outputs_root() / "runs" / config.name
     check_writable(outputs_root() / "runs")
     try:
@@ -420,7 +425,8 @@ def run_experiment(
         if world().distributed:  # the other ranks train with rank 0's models and data
             broadcast_json({"models": models, "data_dir": str(data_dir), "train": "train" in only or "train" in redo,
                             "redo": "train" in redo, "run_dir": str(run_dir)})
-        adapters = stage("train", lambda again: _train(config, models, data_dir, run_dir, progress, again))["adapters"]
+        adapters = stage("train", lambda again: _train(config, models, data_dir, run_dir, progress, again,
+                                                       memory_check))["adapters"]
         fused = stage("fuse", lambda again: _fuse(adapters, progress, again))["fused"]
         stage("compare", lambda again: _compare(config, fused, models, data_dir, run_dir, progress, again))
         if config.export:

@@ -10,7 +10,6 @@ plans a run, decides refuse / resume / start over, and writes its outputs.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -290,6 +289,7 @@ def train_model(
     callback: TrainingCallback | None = None,
     resume_hint: str = "continue with the same command plus --resume",
     remake: bool = False,
+    memory_check: bool = True,
     preferences: PreferenceSettings | None = None,
 ) -> TrainResult:
     """Fine-tune `model` (a converted model dir or name) on `data`; see the module docstring.
@@ -299,6 +299,7 @@ def train_model(
     `lora` and `train` default to the config defaults (LoraSettings(), TrainSettings()).
     With `preferences` (config.PreferenceSettings) the run is DPO: `model` is the fine-tuned persona
     (an adapter dir or a fused model) and `data` the preference pairs (training/dpo.py).
+    `memory_check=False` trains even when the memory estimate exceeds the machine (it only warns).
     """
     from .distributed import world
 
@@ -308,6 +309,7 @@ def train_model(
                                     run_name)
     else:
         setup = plan_run(model, data, out, lora or LoraSettings(), train or TrainSettings(), run_name)
+    setup.memory_check = memory_check
     try:
         return _train(setup, resume, force, remake, progress, say, callback, resume_hint)
     finally:
@@ -370,6 +372,7 @@ def train_with_config(
     resume: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    memory_check: bool = True,
     preferences: str | Path | None = None,
 ) -> TrainResult:
     """`gemma-mlx train`: settings from an experiment YAML (or defaults), dotted-key overrides on top.
@@ -387,6 +390,7 @@ def train_with_config(
         prefs = dataclasses.replace(config.preferences, data=str(preferences))
         return train_model(model, preferences, out=out, lora=config.lora, train=config.train,
                            run_name=run_name or config.name, resume=resume, force=force, progress=progress,
-                           preferences=prefs)
+                           memory_check=memory_check, preferences=prefs)
     return train_model(model, data or config.data, out=out, lora=config.lora, train=config.train,
-                       run_name=run_name or config.name, resume=resume, force=force, progress=progress)
+                       run_name=run_name or config.name, resume=resume, force=force, progress=progress,
+                       memory_check=memory_check)

@@ -402,3 +402,38 @@ def test_a_full_disk_during_a_validation_save_is_the_disk_full_paragraph(convert
     assert "No space left on device" in message and "free some space" in message, message
     assert not out.exists()
     assert not list(tmp_path.rglob(".unfinished-*"))  # the cut-off temp file is gone, never a real name
+
+
+# --- a run that cannot fit stops before its first step ---------------------------------------------
+
+
+def test_training_that_cannot_fit_stops_before_the_first_step_unless_told_not_to(converted_models, chat_data,
+                                                                                 tmp_path, monkeypatch):
+    import importlib.util
+
+    from gemma_mlx.errors import TrainingError
+    from gemma_mlx.train import train_model
+
+    for name in ("gemma_mlx.backend", "gemma_mlx.training.loop", "gemma_mlx.training.sft"):  # a 1 MB machine
+        module = importlib.import_module(name) if importlib.util.find_spec(name) else None
+        if module is not None and hasattr(module, "machine_memory"):
+            monkeypatch.setattr(module, "machine_memory", lambda: 1 << 20)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"stops before the first step.*--no-memory-check"):
+        train_model(converted_models["it"], chat_data, out=out, **_short_training(epochs=1))
+    assert not out.exists() and not out.with_name("run.partial").exists()  # no unfinished run left behind
+
+    result = run_cli("train", "--model", converted_models["it"], "--data", chat_data, "--out", out, "--epochs", "1",
+                     "--num-layers", "1", "--rank", "2", "--val-generation-tokens", "0", "--no-memory-check")
+    assert result.exit_code == 0, result.output
+    assert "warning: this run may need more memory" in result.output and (out / "adapters.safetensors").is_file()
+
+
+def test_run_stops_on_its_memory_estimate_unless_told_not_to(monkeypatch):
+    import gemma_mlx.backend
+
+    monkeypatch.setattr(gemma_mlx.backend, "machine_memory", lambda: 1 << 20)
+    result = run_cli("run", "--tiny", "--only", "convert")
+    assert result.exit_code == 1 and "Not enough memory" in result.output and "--no-memory-check" in result.output
+    result = run_cli("run", "--tiny", "--only", "convert", "--no-memory-check")
+    assert result.exit_code == 0, result.output

@@ -201,6 +201,18 @@ def test_a_model_config_with_a_word_for_a_number_is_one_paragraph_in_every_comma
     assert not (tmp_path / "fused").exists() and not (tmp_path / "report").exists()
 
 
+def test_a_checkpoint_config_with_a_word_for_a_number_is_one_paragraph_in_convert(tiny_checkpoints, tmp_path):
+    import shutil
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoints["pt"], checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "two"}))
+    text = paragraph(run_cli("convert", checkpoint, "--out", tmp_path / "model"))
+    assert f"{checkpoint / 'config.json'}" in text and 'field num_hidden_layers is "two"' in text, text
+    assert not (tmp_path / "model").exists()
+
+
 def test_an_adapter_config_with_a_word_for_the_rank_is_one_paragraph(converted_models, tmp_path):
     adapters = make_adapters(converted_models["pt"], tmp_path / "run" / "adapters")
     config = json.loads((adapters / "adapter_config.json").read_text())
@@ -288,3 +300,19 @@ def test_export_hf_onto_a_file_or_a_read_only_dir_is_refused_before_the_fuse(con
     text = paragraph(run_cli("fuse", adapters, "--out", tmp_path / "fused", "--export-hf", other, "--force"))
     assert "an export did not write" in text and (other / "a.txt").read_text() == "mine"
     assert not (tmp_path / "fused").exists()
+
+
+def test_a_damaged_comparison_is_made_again_not_trusted(converted_models, tmp_path):
+    """comparison.json has its own schema (scoring/report.SCHEMA); damaged at its recorded size, it is redone."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi\n")
+    out = tmp_path / "report"
+    compare = ["compare", converted_models["pt"], "--prompts", prompts, "--max-tokens", "4", "--out", out]
+    assert run_cli(*compare).exit_code == 0
+    good = (out / "comparison.json").read_bytes()
+    for damaged in (b"\xff" + good[1:], b'{"models": "x"' + b" " * (len(good) - 15) + b"}"):
+        assert len(damaged) == len(good)  # the same size: the manifest's size check alone cannot see it
+        (out / "comparison.json").write_bytes(damaged)
+        result = run_cli(*compare)
+        assert result.exit_code == 0 and "nothing to do" not in result.output, result.output
+        assert json.loads((out / "comparison.json").read_text())["models"][0]["replies"]

@@ -25,6 +25,7 @@ from .trainee import count_parameters, turn_rows_in_model
 
 from ..adapters import ADAPTERS_FILE, read_turn_tokens
 from ..distributed import all_sum, lost_peer, shard, sum_numbers, world
+from ..backend import machine_memory
 from ..errors import TrainingError
 from ..manifest import quiet
 from .setup import LAST_DIR, LAST_GOOD_DIR, RunSetup, make_optimizer, write_adapter_dir
@@ -205,6 +206,12 @@ class Run:
                  f"{valid} validation {noun}s")
         for line in self.measured["lines"]:
             self.say(line)
+        machine, needed = machine_memory(), self.measured["estimate"]["total"]
+        if s.memory_check and machine and needed > machine:  # stop now, not when the OS kills the run mid-epoch
+            raise TrainingError(f"This run needs about {needed / 1e9:.1f} GB of memory and the machine has "
+                                f"{machine / 1e9:.1f} GB, so it stops before the first step. Lower lora.rank, "
+                                "train.batch_size or train.max_seq_length (or set train.grad_checkpoint: true); "
+                                "--no-memory-check trains anyway.")
 
     def validate(self) -> float | None:
         """Validation numbers now; keeps the best adapters; counts toward early stopping."""
@@ -400,13 +407,13 @@ def run_training(setup: RunSetup, resume_state: dict | None, progress, callback,
     try:
         parts = (build or supervised_parts)(setup, reporter.message)
         run = Run(setup, parts, resume_state, reporter, callback)
+        run.header()  # may stop a run that cannot fit, before its first step
     except BaseException:
         # a fresh run that failed to start (bad data, bad num_layers, Ctrl-C while loading) has saved
         # nothing: leave no empty work dir for the next run to report as "unfinished"
         if resume_state is None and world().main:
             shutil.rmtree(setup.work, ignore_errors=True)
         raise
-    run.header()
     try:
         run.run()
         run.finish()

@@ -37,6 +37,7 @@ class RunSetup:
     identity: dict  # what must match for a re-run to be a no-op or a resume to continue
     preferences: object = None  # config.PreferenceSettings of a DPO run (then `data` holds the pairs)
     start_adapters: Path | None = None  # a DPO run's starting persona adapters (fused in memory), if any
+    memory_check: bool = True  # stop before the first step when the memory estimate exceeds the machine
 
     @property
     def work(self) -> Path:

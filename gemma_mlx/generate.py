@@ -27,8 +27,11 @@ from .config import GenerationSettings, check_settings
 from .errors import ConfigError, GemmaMlxError
 from .manifest import Progress
 
-# Rows decoded together at most; more rows than this still run, continuously batched by mlx-lm.
-MAX_BATCH_ROWS = 128
+# Rows decoded together: as many as fit in memory (decode_step.rows_that_fit), at most MAX_BATCH_ROWS;
+# more rows than that still run, continuously batched by mlx-lm. DEFAULT_ROWS for a generator whose
+# rows join later (the arena).
+MAX_BATCH_ROWS = 1024
+DEFAULT_ROWS = 128
 MAX_PREFILL_ROWS = 32
 PROGRESS_SECONDS = 15.0  # a progress line at least this often while a batch runs
 
@@ -218,6 +221,11 @@ def check_context(loaded: LoadedModel, rows: list[Row]) -> None:
     if not isinstance(limit, int):
         return
     longest = max(rows, key=lambda r: len(r.ids) + r.settings.max_tokens)
+    if len(longest.ids) >= limit:  # no max_tokens can help: the prompt alone fills the context
+        raise ConfigError(
+            f"The prompt is {len(longest.ids)} tokens, more than {loaded.name} can read ({limit} tokens with its "
+            "reply). Shorten it."
+        )
     if len(longest.ids) + longest.settings.max_tokens > limit:
         raise ConfigError(
             f"max_tokens {longest.settings.max_tokens} plus a prompt of {len(longest.ids)} tokens is more than "
@@ -225,7 +233,7 @@ def check_context(loaded: LoadedModel, rows: list[Row]) -> None:
         )
 
 
-def new_generator(loaded: LoadedModel, rows: int = MAX_BATCH_ROWS):
+def new_generator(loaded: LoadedModel, rows: int = DEFAULT_ROWS):
     """An mlx-lm BatchGenerator for one model that stops on every reply-ending token.
 
     Its decode step is the lean one (decode_step.py): no full-vocabulary normalisation for greedy
@@ -278,7 +286,9 @@ def _run_rows(loaded: LoadedModel, rows: list[Row], progress: Progress | None = 
               on_token: OnToken | None = None) -> list[Reply]:
     """Decode all rows in one BatchGenerator and turn the token streams into Replies."""
     check_context(loaded, rows)
-    generator = new_generator(loaded, len(rows))
+    from .decode_step import rows_that_fit
+
+    generator = new_generator(loaded, rows_that_fit(loaded.model, rows, DEFAULT_ROWS, MAX_BATCH_ROWS))
     try:
         uids = insert_rows(generator, loaded, rows)
         index_of = {uid: i for i, uid in enumerate(uids)}

@@ -34,6 +34,10 @@ class EndsAfter:
     def layers(self):
         return self.model.layers
 
+    @property
+    def args(self):  # the context limit lives here
+        return self.model.args
+
 
 class Lines:
     """Fake terminal input: returns the lines, then raises `end` (EOFError = Ctrl-D)."""
@@ -59,13 +63,14 @@ def run(loaded, *lines, settings=G(max_tokens=6), end=EOFError):
     return messages, "".join(out)
 
 
-def test_multi_turn_history_reset_and_quit(pt):
-    messages, out = run(pt, "Hi there", "How old are you?", "/reset", "What is your name?", "/quit", "never read")
+def test_multi_turn_history_reset_and_quit(pt, monkeypatch):
+    loaded, _ = scripted_chat(pt, monkeypatch, " I reckon so")  # the random model's replies loop; this one does not
+    messages, out = run(loaded, "Hi there", "How old are you?", "/reset", "What is your name?", "/quit", "never read")
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[0]["content"] == "What is your name?"
     assert "(conversation cleared)" in out and out.count("model> ") == 3
 
-    messages, _ = run(pt, "Hi there", "How old are you?", "/exit")
+    messages, _ = run(loaded, "Hi there", "How old are you?", "/exit")
     assert [m["content"] for m in messages if m["role"] == "user"] == ["Hi there", "How old are you?"]
 
 
@@ -97,9 +102,22 @@ def scripted_chat(pt, monkeypatch, text: str):
 
 
 def test_a_looping_reply_is_flagged(pt, monkeypatch):
-    loaded, _ = scripted_chat(pt, monkeypatch, " a big house with" * 5)
-    _, out = run(loaded, "Where do you live?", settings=G(max_tokens=60, repetition_penalty=1.0))
-    assert "a big house with a big house" in out and out.rstrip().endswith("[loop]")
+    from gemma_mlx.chat_format import prompt_ids
+
+    loaded, lengths = scripted_chat(pt, monkeypatch, " a big house with" * 10)
+    messages, out = run(loaded, "Where do you live?", "Hi", settings=G(max_tokens=60, repetition_penalty=1.0))
+    first = out.split("\n")[0]
+    assert "a big house with a big house" in first and "[loop: stopped here" in first
+    # shown and stopped as soon as it is found, well before the 10 rounds the model would write
+    assert first.count("big house") < 10
+    # the looped reply (and its message) stayed out: the next prompt is "Hi" alone
+    assert messages == [] and lengths[1] == len(prompt_ids(pt.tokenizer, [{"role": "user", "content": "Hi"}]))
+
+
+def test_a_loop_with_no_spaces_is_stopped_too(pt, monkeypatch):
+    loaded, _ = scripted_chat(pt, monkeypatch, "are" * 40)
+    messages, out = run(loaded, "Say something", settings=G(max_tokens=80, repetition_penalty=1.0))
+    assert "arearearea" in out and "[loop: stopped here" in out and messages == []
 
 
 def test_second_turn_sees_the_first_reply_and_stop_tokens_never_show(pt, monkeypatch):
@@ -133,7 +151,7 @@ def test_ctrl_c_at_the_prompt_and_during_a_reply_leave_cleanly(pt, monkeypatch):
 
     monkeypatch.setattr("gemma_mlx.chat.stream_reply", interrupted)
     messages, out = run(pt, "Hi")
-    assert messages == [] and "[stopped]" in out
+    assert messages == [] and "[stopped; left out of the conversation" in out
 
 
 def test_cli_chat_with_piped_input_writes_only_replies(converted_models):
@@ -183,3 +201,105 @@ def test_change_settings_names_the_known_keys_and_refuses_empty_values():
     with pytest.raises(GemmaMlxError, match="'null' is not a valid value for temperature"):
         change_settings(G(), ["temperature=null"])  # would otherwise be skipped, leaving the old value
     assert change_settings(G(), ["temperature=0.7", "max_tokens=12"]) == G(temperature=0.7, max_tokens=12)
+
+
+def recording_chat(pt, monkeypatch, text: str):
+    """scripted_chat that also records the (messages, seed) of every reply asked for."""
+    import gemma_mlx.chat as chat_module
+
+    loaded, lengths = scripted_chat(pt, monkeypatch, text)
+    calls, tracked = [], chat_module.stream_reply
+
+    def record(loaded, messages, settings, *args, **kwargs):
+        calls.append(([dict(m) for m in messages], settings.seed))
+        return tracked(loaded, messages, settings, *args, **kwargs)
+
+    monkeypatch.setattr(chat_module, "stream_reply", record)
+    return loaded, calls
+
+
+def test_retry_answers_the_last_message_again_with_a_new_seed(pt, monkeypatch):
+    loaded, calls = recording_chat(pt, monkeypatch, " I reckon")
+    messages, out = run(loaded, "Hi", "/retry", "/retry", settings=G(max_tokens=20))
+    assert [m["role"] for m in messages] == ["user", "assistant"]  # replaced, not added
+    assert [c[0] for c in calls] == [[{"role": "user", "content": "Hi"}]] * 3  # the old reply is not in the prompt
+    assert [c[1] for c in calls] == [0, 1, 2]  # another draw each time when sampling
+    _, out = run(loaded, "/retry")
+    assert "nothing to retry" in out
+
+
+def test_retry_after_a_stopped_reply_and_undo(pt, monkeypatch):
+    import gemma_mlx.chat as chat_module
+
+    loaded, calls = recording_chat(pt, monkeypatch, " I reckon")
+    answer = chat_module.stream_reply
+    interrupts = iter([True, False, False, False])
+
+    def stopped_once(*args, **kwargs):
+        if next(interrupts):
+            raise KeyboardInterrupt
+        return answer(*args, **kwargs)
+
+    monkeypatch.setattr(chat_module, "stream_reply", stopped_once)
+    messages, out = run(loaded, "Hi", "/retry", "And then?", "/undo", settings=G(max_tokens=20))
+    assert "[stopped; left out" in out and "(dropped the exchange that began 'And then?'; 1 left)" in out
+    assert messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "I reckon"}]
+    _, out = run(loaded, "/undo")
+    assert "(nothing to undo)" in out
+
+
+def test_system_prompt_set_and_cleared_mid_conversation(pt, monkeypatch):
+    loaded, calls = recording_chat(pt, monkeypatch, " I reckon")
+    messages, out = run(loaded, "/system You are Bluey, a dog.", "Hi", "/system", "Bye", settings=G(max_tokens=20))
+    assert "(system prompt set: 'You are Bluey, a dog.')" in out and "(system prompt cleared)" in out
+    assert calls[0][0][0] == {"role": "system", "content": "You are Bluey, a dog."}
+    assert [m["role"] for m in calls[1][0]] == ["user", "assistant", "user"]  # kept the turns, dropped the system
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 2
+
+
+def test_save_writes_persona_data_and_never_overwrites_unless_forced(pt, monkeypatch, tmp_path):
+    import json
+
+    from gemma_mlx.examples import load_examples
+
+    loaded, _ = recording_chat(pt, monkeypatch, " I reckon")
+    path = tmp_path / "chat.jsonl"
+    _, out = run(loaded, f"/save {path}", "/system Be Bluey.", "Hi", f"/save {path}", settings=G(max_tokens=20))
+    assert "Nothing to save yet" in out and f"(saved 1 exchanges to {path})" in out
+    saved = path.read_text()
+    assert json.loads(saved) == {"messages": [{"role": "system", "content": "Be Bluey."},
+                                              {"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": "I reckon"}]}
+    (example,) = load_examples(path)  # the persona data reader takes it as training data
+    assert example.messages[-1]["content"] == "I reckon"
+
+    messages, out = run(loaded, "Hi", f"/save {path}", f"/save {tmp_path / 'no' / 'x.jsonl'}", f"/save {tmp_path}",
+                        "Again", f"/save --force {path}", settings=G(max_tokens=20))
+    assert f"{path} already exists and was left as it is. /save --force {path} replaces it." in out
+    assert f"The folder {tmp_path / 'no'} does not exist" in out and f"{tmp_path} is a folder" in out
+    assert len(messages) == 4  # the session went on after each refusal
+    assert len(json.loads(path.read_text())["messages"]) == 4 and f"(saved 2 exchanges to {path})" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]  # no temp file left behind
+
+
+def test_a_message_or_limit_too_big_for_the_model_is_refused_and_the_chat_goes_on(pt, monkeypatch):
+    loaded, _ = recording_chat(pt, monkeypatch, " I reckon")
+    messages, out = run(loaded, "Hi", "/settings max_tokens=99999999", "word " * 40000, "/settings", "And then?",
+                        settings=G(max_tokens=20))
+    assert "max_tokens 99999999 plus a prompt of" in out and "can read (32768 tokens)" in out
+    assert "Settings unchanged." in out
+    assert "settings: max_tokens=20 " in out  # the refused limit was not applied
+    assert "The prompt is 80" in out and "Shorten it. That message was not sent; the conversation is kept." in out
+    assert "-8" not in out  # no negative "at most" advice
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["Hi", "And then?"]
+
+
+def test_cli_chat_skips_a_line_that_is_not_utf8(converted_models):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["chat", str(converted_models["it"]), "--max-tokens", "4"],
+                           input=b"Hello\n\xff\xfe caf\xe9\nHi again\n")
+    assert result.exit_code == 0, result.output
+    assert "that line is not UTF-8 text, so it was skipped" in result.stdout
+    lines = result.stdout.split("\n")
+    assert len(lines) == 5 and "not UTF-8" in lines[1]  # a reply, the notice, a reply, the newline at the end
+    assert "Traceback" not in result.output

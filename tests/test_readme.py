@@ -106,3 +106,54 @@ def test_ci_runs_the_readmes_two_commands():
     # the real-only venv then runs the main job itself, made short
     after_install = ci_lines[ci_lines.index(install) + 1: ci_lines.index(tests)]
     assert any(line.startswith("gemma-mlx run --demo") for line in after_install)
+
+
+def test_readme_pandas_block_runs_in_a_report_directory(tmp_path, monkeypatch):
+    """The README's pandas lines read a real report directory as they are written."""
+    pytest.importorskip("pandas")
+    from gemma_mlx.scoring.report import write_reports
+    from tests.test_report import make_results
+
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "scorecard.csv" in b)
+    write_reports(tmp_path, make_results())
+    monkeypatch.chdir(tmp_path)
+    names = {}
+    exec(block, names)  # noqa: S102  (our own README)
+    assert list(names["cards"].model) == ["tuned", "base"] and len(names["models"]) == 2
+    assert len(names["replies"]) == len(names["per_reply"]) == 8 and "name" in names["per_reply"].columns
+
+
+def test_readme_config_defaults_are_the_real_ones():
+    """Every number in the config table's default column is the dataclass default (1.0 vs 1.1 drifted once)."""
+    from gemma_mlx.config import ExperimentConfig
+
+    text = README.read_text()
+    table = text[text.index("## The config file"):text.index("## The other commands")]
+    config, checked = ExperimentConfig(), 0
+    for key, default in re.findall(r"^\| `([\w.]+)` \| `([-\d.e]+)` \|", table, flags=re.M):
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert float(default) == float(value), (key, default, value)
+        checked += 1
+    assert checked >= 20 and "`generation.repetition_penalty` | `1.1`" in table
+
+
+def test_readme_progress_lines_show_the_real_eta_format():
+    from gemma_mlx.training.loop import clock
+
+    etas = re.findall(r" ETA (\S+)$", README.read_text(), flags=re.M)
+    assert etas and all(re.fullmatch(r"\d+:\d\d:\d\d", eta) for eta in etas), etas
+    assert clock(1000) == "0:16:40"
+
+
+def test_readme_output_layout_names_every_file():
+    from gemma_mlx.scoring.report import REPORT_FILES
+
+    text = README.read_text()
+    layout = text[text.index("## Where outputs go"):text.index("## The config file")]
+    compare_lines = layout[layout.index("    compare/"):layout.index("votes.jsonl")]
+    for name in (*REPORT_FILES, "manifest.json"):
+        assert name in compare_lines, name
+    for name in ("votes.jsonl", "conversations.jsonl", "checkpoints/", "fused/"):
+        assert name in layout, name

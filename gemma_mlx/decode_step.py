@@ -17,6 +17,8 @@ It is installed by giving the generator's (persistent) generation batch this sub
 and the rest of its code stay mlx-lm's. A new row's first token still comes from mlx-lm's own step.
 Where mlx-lm's internals are not the ones this was written against (another version), or where
 GEMMA_MLX_PLAIN_DECODE=1 is set, the generator is left as mlx-lm made it.
+
+rows_that_fit sizes the batch: every row at once, unless their KV caches would not fit in memory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import mlx.core as mx
 
 PLAIN_ENV = "GEMMA_MLX_PLAIN_DECODE"
+MEMORY_SHARE = 0.5  # of the machine's memory, for the decoding rows' caches and logits (rows_that_fit)
 # what LeanGenerationBatch._step reads and writes on mlx-lm's GenerationBatch
 _STATE = ("model", "uids", "prompt_cache", "tokens", "samplers", "fallback_sampler", "logits_processors",
           "_token_context", "_current_tokens", "_current_logprobs", "_next_tokens", "_next_logprobs")
@@ -54,6 +57,40 @@ class RepetitionPenalty:
 
 def penalize(selected: mx.array, penalty) -> mx.array:
     return mx.where(selected < 0, selected * penalty, selected / penalty)
+
+
+def kv_bytes_per_token(model) -> int | None:
+    """Bytes of KV cache one token of one row holds (every layer, keys and values), or None if unknown.
+
+    Counts every layer at full length; Gemma's sliding-window layers hold less, so this errs on
+    the side of fewer rows.
+    """
+    args = getattr(model, "args", None)
+    try:
+        layers, heads, width = args.num_hidden_layers, args.num_key_value_heads, args.head_dim
+        itemsize = model.model.embed_tokens.weight.dtype.size
+    except AttributeError:
+        return None
+    if not all(isinstance(v, int) for v in (layers, heads, width)):
+        return None
+    return layers * 2 * heads * width * max(itemsize, 2)
+
+
+def rows_that_fit(model, rows: list, unknown: int, most: int) -> int:
+    """How many of these rows (generate.Row) decode together: all of them, at most `most`, unless
+    their caches and logits would need more than MEMORY_SHARE of the machine's memory (less what
+    MLX holds already). `unknown` rows at most when the model's cache size is unknown."""
+    from .backend import machine_memory
+
+    per_token = kv_bytes_per_token(model)
+    memory = machine_memory()
+    if per_token is None or memory is None:
+        return max(1, min(len(rows), unknown, most))
+    longest = max(len(r.ids) + r.settings.max_tokens for r in rows)
+    vocab = getattr(model.args, "vocab_size", 0) or 0
+    per_row = per_token * longest + 4 * 4 * vocab  # the cache, and a few float32 copies of the row's logits
+    budget = memory * MEMORY_SHARE - mx.get_active_memory()
+    return max(1, min(len(rows), most, int(budget // per_row)))
 
 
 def plain_forced() -> bool:

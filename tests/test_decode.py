@@ -108,3 +108,29 @@ def test_batched_penalty_equals_mlx_lms_processor_row_by_row():
 def test_penalty_refuses_a_negative_factor():
     with pytest.raises(ValueError, match="repetition penalty"):
         decode_step.RepetitionPenalty(-1.0)
+
+
+def test_a_batch_holds_the_rows_memory_allows_and_the_rest_wait_their_turn(lively, monkeypatch):
+    from gemma_mlx import backend, generate
+
+    settings = G(max_tokens=10)
+    rows = generate.prompt_rows(lively.tokenizer, PROMPTS, settings)
+    args = lively.model.args
+    per_token = decode_step.kv_bytes_per_token(lively.model)
+    assert per_token == args.num_hidden_layers * 2 * args.num_key_value_heads * args.head_dim * 4  # float32
+    assert decode_step.rows_that_fit(lively.model, rows, 128, 1024) == len(PROMPTS)  # tiny rows: all at once
+    assert decode_step.rows_that_fit(lively.model, rows, 128, 3) == 3
+    everyone = generate_replies(lively, PROMPTS, settings)
+
+    per_row = per_token * max(len(r.ids) + 10 for r in rows) + 16 * args.vocab_size
+    # a machine whose free half holds two and a half rows
+    monkeypatch.setattr(backend, "machine_memory", lambda: int(2 * (mx.get_active_memory() + 2.5 * per_row)))
+    assert decode_step.rows_that_fit(lively.model, rows, 128, 1024) == 2
+    sizes = []
+    real = generate.new_generator
+    monkeypatch.setattr(generate, "new_generator", lambda loaded, n: sizes.append(n) or real(loaded, n))
+    two_at_a_time = generate_replies(lively, PROMPTS, settings)
+    assert sizes == [2]
+    assert [r.text for r in two_at_a_time] == [r.text for r in everyone]
+    monkeypatch.setattr(backend, "machine_memory", lambda: None)  # unknown: the old fixed batch
+    assert decode_step.rows_that_fit(lively.model, rows, 4, 1024) == 4

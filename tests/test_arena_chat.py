@@ -248,3 +248,33 @@ def test_long_messages_are_refused_with_the_limit(tmp_path, body):
     client, engine, _ = scripted_client(tmp_path)
     refused = client.post("/api/chat", json=body)
     assert refused.status_code == 400 and "at most 4000" in refused.json()["error"] and engine.asked == []
+
+
+def test_a_save_that_fails_adds_nothing_and_can_be_sent_again(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from gemma_mlx.serving import journal
+
+    client, _, setup = scripted_client(tmp_path)
+    chat = client.post("/api/chat", json={"models": ["alpha"], "prompt": "Hi"}).json()["id"]
+    read_side(client, chat, "alpha")
+    assert client.post(f"/api/chat/{chat}/save", json={}).status_code == 200
+    before = setup.conversations.read_bytes()
+    real_write, calls = os.write, []
+
+    def half_then_full(descriptor, data):  # os.write is the process's: only the conversations file fails
+        if os.fstat(descriptor).st_ino != setup.conversations.stat().st_ino:
+            return real_write(descriptor, data)
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(descriptor, data[:len(data) // 2])  # a short write ...
+        raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
+
+    monkeypatch.setattr(journal.os, "write", half_then_full)
+    failed = client.post(f"/api/chat/{chat}/save", json={})
+    assert failed.status_code == 507 and "could not be saved" in failed.json()["error"]
+    assert setup.conversations.read_bytes() == before  # the half line was cut back off
+    monkeypatch.setattr(journal.os, "write", real_write)
+    assert client.post(f"/api/chat/{chat}/save", json={}).status_code == 200
+    assert len(setup.conversations.read_text().splitlines()) == 2

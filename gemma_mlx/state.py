@@ -195,12 +195,25 @@ def load_state_file(path: Path, kind: type[Kind], fix: str | None = None) -> Kin
     return _parse(_read_bytes(path, fix), path, None, kind, fix)
 
 
-def load_state_lines(path: Path, kind: type[Kind], fix: str | None = None) -> list[Kind]:
-    """Every record of a JSONL file the tool wrote (blank lines skipped); the first bad line is the error."""
+def load_state_lines(path: Path, kind: type[Kind], fix: str | None = None, last_may_be_cut: bool = False) -> list[Kind]:
+    """Every record of a JSONL file the tool wrote (blank lines skipped); the first bad line is the error.
+
+    `last_may_be_cut`: a last line with no line end that does not parse is left out instead, for a
+    reader that knows a kill mid-append may leave one (a resumed run drops what followed its state).
+    """
     path = Path(path)
-    lines = _read_bytes(path, fix).split(b"\n")
-    return [_parse(line, path, number, kind, fix)
-            for number, line in enumerate(lines, 1) if line.strip()]
+    data = _read_bytes(path, fix)
+    lines = data.split(b"\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(_parse(line, path, number, kind, fix))
+        except DamagedFileError:
+            if not (last_may_be_cut and number == len(lines) and not data.endswith(b"\n")):
+                raise
+    return records
 
 
 def as_dict(record: BaseModel) -> dict:

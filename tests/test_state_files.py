@@ -316,3 +316,25 @@ def test_a_damaged_comparison_is_made_again_not_trusted(converted_models, tmp_pa
         result = run_cli(*compare)
         assert result.exit_code == 0 and "nothing to do" not in result.output, result.output
         assert json.loads((out / "comparison.json").read_text())["models"][0]["replies"]
+
+
+def test_a_resumed_run_drops_a_metrics_line_a_kill_cut_off_but_names_a_damaged_one(converted_models, tmp_path):
+    from .test_faults import StopAfterFirstValidation, _short_training
+    from .test_train import write_chat_data
+
+    from gemma_mlx.train import train_model
+
+    data = write_chat_data(tmp_path / "chat.jsonl", count=24)
+    out = tmp_path / "run"
+    metrics = out.with_name("run.partial") / "metrics.jsonl"
+    first = train_model(converted_models["it"], data, out=out, callback=StopAfterFirstValidation(), **_short_training())
+    assert first.status == "interrupted"
+    whole = metrics.read_text()
+    metrics.write_text(whole.replace('"split"', '"split": 7, "x"', 1))  # a damaged line in the middle
+    with pytest.raises(GemmaMlxError, match=r"metrics.jsonl:1: .*field split is 7"):
+        train_model(converted_models["it"], data, out=out, resume=True, **_short_training())
+    metrics.write_text(whole + '{"epoch": 0.9, "step": 99, "spl')  # the line a kill cut off mid-append
+    done = train_model(converted_models["it"], data, out=out, resume=True, **_short_training())
+    assert done.status == "trained"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["step"] != 99 for r in records) and records[-1]["split"] == "valid"

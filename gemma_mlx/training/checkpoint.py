@@ -19,6 +19,7 @@ from ..adapters import save_safetensors
 from ..distributed import broadcast_tree
 from ..errors import TrainingError
 from ..manifest import write_json
+from ..state import MetricsRecord, as_dict, load_state_lines
 from .setup import LAST_DIR, METRICS_FILE, OPTIMIZER_FILE, RESUME_FILE, copy_adapter_files
 
 
@@ -141,6 +142,6 @@ class Checkpointer:
         """Drop reports made after the saved state (e.g. a validation that Ctrl-C cut short)."""
         metrics = self.work / METRICS_FILE
         if metrics.is_file():
-            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            records = [as_dict(r) for r in load_state_lines(metrics, MetricsRecord, last_may_be_cut=True)]
             kept = [r for r in records if r["step"] <= (p.step if r["split"] == "train" else p.validated_step)]
             metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -10,6 +10,7 @@ Set GEMMA_MLX_NO_BLAS_PRELOAD=1 to turn the preload off.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -121,3 +122,38 @@ def machine_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+class _DropInfoLines:
+    """A stdout stand-in while mlx-lm runs: its "[INFO] Loading" style lines are dropped, because our
+    stages report their own progress; anything else it prints goes to stderr (stdout is for results)."""
+
+    def __init__(self, target):
+        self.target, self.partial = target, ""
+
+    def write(self, text: str) -> int:
+        self.partial += text  # print() writes a line in pieces: keep the unfinished one
+        *lines, self.partial = self.partial.split("\n")
+        for line in lines:
+            if not line.startswith("[INFO]"):
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def close_line(self) -> None:
+        if self.partial and not self.partial.startswith("[INFO]"):
+            self.target.write(self.partial)
+        self.partial = ""
+
+
+@contextlib.contextmanager
+def quiet_mlx_lm():
+    """Run mlx-lm code (convert, save) without its [INFO] lines in our output."""
+    sink = _DropInfoLines(sys.stderr)
+    try:
+        with contextlib.redirect_stdout(sink):
+            yield
+    finally:
+        sink.close_line()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,7 +386,7 @@ def _convert_into(output: StageOutput, source: Source, checkpoint: Path | None, 
             extra["language_model"] = write_language_model(original, checkpoint, source_config, family)
         staged = tmp / "mlx"  # mlx_lm.convert insists on creating its own directory
         damaged = "The checkpoint's files may be cut short by an interrupted download or copy: fetch or copy them again."
-        with contextlib.redirect_stdout(sys.stderr), loading_errors(checkpoint, damaged):  # keep stdout for results
+        with backend.quiet_mlx_lm(), loading_errors(checkpoint, damaged):  # no [INFO] lines; stdout for results
             mlx_convert(
                 str(checkpoint),
                 mlx_path=str(staged),

@@ -15,7 +15,6 @@ a different existing output needs --force, and inputs are never replaced.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from .manifest import (
     sha256_tree,
     versions,
 )
+from .model_card import card_text, run_records
 from .models import ADAPTER_SEPARATOR, _label, read_json, resolve_model_dir
 
 WEB_QUANT_DEFAULT = "q8_0"  # a page's model must stay small: see PAGE_SIZE_WARNING
@@ -113,35 +113,8 @@ def float_weights(source: ExportSource) -> tuple[dict, dict]:
 
 
 def run_context(source: ExportSource) -> dict:
-    """What the run that made this model recorded: its config, training summary and scorecard.
-
-    A fused dir sits at runs/<experiment>/<checkpoint>/fused; adapters at runs/<experiment>/<checkpoint>.
-    Anything not found is simply left out of the model card.
-    """
-    adapters = source.adapter_dir or (source.model_dir.parent if source.model_dir.name == "fused" else None)
-    context: dict = {}
-    if adapters is None:
-        return context
-    train = read_manifest(adapters) or {}
-    if train.get("stage") == "train":
-        context["train"] = train
-    run_dir = adapters.parent
-    run = read_manifest(run_dir) or {}
-    if run.get("stage") == "run" and isinstance(run.get("config"), dict):
-        context["run_config"] = run["config"]
-    comparison = run_dir / "compare" / "comparison.json"
-    if comparison.is_file():
-        try:
-            models = json.loads(comparison.read_text()).get("models") or []
-        except (OSError, ValueError):
-            models = []
-        wanted = f"{adapters.name}-fused" if source.adapter_dir is None else None
-        for entry in models:
-            if entry.get("name") == wanted or (wanted is None and entry.get("name", "").startswith(adapters.name)):
-                context["scorecard"] = entry.get("scorecard") or {}
-                context["scorecard_model"] = entry.get("name")
-                break
-    return context
+    """What the run that made this model recorded (config, training, scorecard): model_card.run_records."""
+    return run_records(source.model_dir, source.adapter_dir)
 
 
 def generation_settings(recorded: dict | None) -> GenerationSettings:
@@ -210,46 +183,16 @@ def modelfile_text(gguf_file_name: str, settings: GenerationSettings, system: st
 
 def model_card(name: str, gguf_file: str, quant: str, source: ExportSource, context: dict,
                settings: GenerationSettings, size_bytes: int) -> str:
-    """README.md next to the GGUF: what the model is, how it was made, how it did, how to run it."""
-    train = context.get("train") or {}
-    base_manifest = train.get("base_manifest") or read_manifest(source.model_dir) or {}
-    base = (base_manifest.get("source") or {}).get("spec") or base_manifest.get("name") or str(source.model_dir)
-    lines = [f"# {name}", "",
-             f"A Gemma 3 model exported by gemma-mlx as `{gguf_file}` ({quant}, {size_bytes / 1e6:.0f} MB).", "",
-             "## Made from", "",
-             f"- base model: `{base}` ({base_manifest.get('flavour', '?')})"]
-    if train:
-        settings_used = train.get("settings") or {}
-        summary = train.get("summary") or {}
-        lora, recipe = settings_used.get("lora") or {}, settings_used.get("train") or {}
-        lines += [
-            f"- data: `{train.get('data')}` ({summary.get('train_examples', '?')} training conversations)",
-            f"- recipe: {lora.get('fine_tune_type', 'lora')} rank {lora.get('rank')}, {recipe.get('epochs')} epochs, "
-            f"batch {recipe.get('batch_size')}, learning rate {recipe.get('learning_rate')}, "
-            f"turn-token rows trained: {summary.get('turn_tokens_trained')}",
-            f"- kept: epoch {summary.get('best_epoch')} (chosen by {summary.get('best_by')}), "
-            f"best validation loss {summary.get('best_val_loss')}",
-        ]
-    else:
-        lines.append(f"- exported from `{source.spec}`")
-    card = context.get("scorecard")
-    if card:
-        lines += ["", f"## How it did (the run's comparison, `{context.get('scorecard_model')}`)", "",
-                  f"- replies: {card.get('replies')}, ended by themselves: {card.get('stop_rate', 0):.0%}, "
-                  f"cut by the limit: {card.get('cut_rate', 0):.0%}, loops: {card.get('loop_rate', 0):.0%}",
-                  f"- mean words: {card.get('mean_words', 0):.1f}, persona markers: {card.get('persona_marker_rate', 0):.0%}"]
-    lines += ["", "## Run it", "",
-              "```bash",
-              f"llama-cli -m {gguf_file} -cnv          # llama.cpp (uses the file's chat template)",
-              f"ollama create {_safe_name(name).lower()} -f Modelfile && ollama run {_safe_name(name).lower()}",
-              f"lms import {gguf_file}                 # LM Studio, or copy this folder to ~/.lmstudio/models/<you>/{name}/",
-              "```", "",
-              f"Decoding used by the run: temperature {settings.temperature:g}, repeat penalty "
-              f"{settings.repetition_penalty:g}, at most {settings.max_tokens} tokens; a turn ends with `<end_of_turn>`.",
-              "", "## Licence", "",
-              "The weights derive from Google's Gemma 3 and are subject to the Gemma Terms of Use "
-              "(https://ai.google.dev/gemma/terms) and its Prohibited Use Policy.", ""]
-    return "\n".join(lines)
+    """README.md next to the GGUF: the one card (model_card.card_text) with this format's way to run it."""
+    ollama = _safe_name(name).lower()
+    run_it = [f"llama-cli -m {gguf_file} -cnv          # llama.cpp (uses the file's chat template)",
+              f"ollama create {ollama} -f Modelfile && ollama run {ollama}",
+              f"lms import {gguf_file}                 # LM Studio, or copy this folder to ~/.lmstudio/models/<you>/{name}/"]
+    decoding = (f"Decoding used by the run: temperature {settings.temperature:g}, repeat penalty "
+                f"{settings.repetition_penalty:g}, at most {settings.max_tokens} tokens; a turn ends with `<end_of_turn>`.")
+    intro = f"A Gemma 3 model exported by gemma-mlx as `{gguf_file}` ({quant}, {size_bytes / 1e6:.0f} MB)."
+    return card_text(name, source.model_dir, context, intro, run_it, library="gguf", fallback=source.spec,
+                     decoding=decoding)
 
 
 # ---------------------------------------------------------------- the stage

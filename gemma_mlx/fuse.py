@@ -20,6 +20,7 @@ from pathlib import Path
 from .adapters import ADAPTERS_FILE, CONFIG_FILE, TURN_TOKENS_FILE, apply_turn_tokens, read_adapter_config
 from .convert import make_gemma_correct
 from .formats.hf_export import HF_DTYPES, export_hf_model
+from .model_card import fused_card
 from .models import check_adapters_fit, loading_errors, train_manifest_of
 from .errors import CheckpointError, GemmaMlxError, OutputExistsError
 from .manifest import (
@@ -217,6 +218,8 @@ def _fuse(adapter_dir, adapter_config, base, base_config, output, train_manifest
     base_manifest = read_manifest(base) or {}
     with atomic_output_dir(out, force=True) as tmp:
         _save_fused(tmp, base, model, tokenizer, config)
+        card = fused_card(out, _fused_name(adapter_dir, base, base_manifest), base, adapter_dir, train_manifest)
+        (tmp / "README.md").write_text(card, encoding="utf-8")  # replaces mlx-lm's bare front matter
         manifest = finish_output(tmp, output, {
             "name": _fused_name(adapter_dir, base, base_manifest),
             "base_model": str(base),

@@ -28,6 +28,7 @@ from ..manifest import (
     sha256_tree,
     versions,
 )
+from ..model_card import hf_card
 from ..models import read_json
 
 TOKENIZER_FILES = (
@@ -124,6 +125,7 @@ def export_hf_model(
         ).is_file() else {}
         generation.update(bos_token_id=hf["bos_token_id"], pad_token_id=hf["pad_token_id"], eos_token_id=hf["eos_token_id"])
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (tmp / "README.md").write_text(hf_card(model_dir, out, dtype), encoding="utf-8")  # the model card
         finish_output(tmp, output, {
             "source_model": str(model_dir.resolve()),
             "source_id": source_id,

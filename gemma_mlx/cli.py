@@ -629,8 +629,11 @@ def chat(model, adapter_path, system, model_option=None, **generation):
     """Chat with MODEL in the terminal, with the same turn format and stop rules as compare.
 
     MODEL is a converted or fused model dir, a name converted earlier (outputs/models/NAME), or
-    BASE_DIR::ADAPTER_DIR. Type /settings to show the settings, /settings temperature=0.7 to change
-    one, /reset to start over, /quit (or Ctrl-D) to leave. Ctrl-C stops a reply being written.
+    BASE_DIR::ADAPTER_DIR. Type /retry for a new reply, /undo to drop the last exchange, /system TEXT
+    to set the system prompt, /save PATH to write the conversation as persona-data JSONL, /settings
+    to show the settings (/settings temperature=0.7 changes one), /reset to start over, /help, and
+    /quit (or Ctrl-D) to leave. Ctrl-C stops a reply being written; a reply that loops is stopped
+    as soon as the loop shows. Stopped and looped replies stay out of the conversation.
     With stdin piped (`gemma-mlx chat M < questions.txt`), stdout gets only the replies.
 
     \b

@@ -56,9 +56,13 @@ LOOP_NGRAM, LOOP_REPEATS, LOOP_COVERAGE = 4, 3, 0.5
 LOOP_CHAR_NGRAM, LOOP_CHAR_COVERAGE = 12, 0.6
 
 
-def _covered_share(items: list, n: int, repeats: int) -> float:
-    """Share of `items` inside an n-gram of them that occurs `repeats` or more times."""
-    grams = [tuple(items[i : i + n]) for i in range(len(items) - n + 1)]
+def _covered_share(items: list | str, n: int, repeats: int) -> float:
+    """Share of `items` (words, or the characters of a string) inside an n-gram of them that occurs
+    `repeats` or more times. A string's n-grams are its substrings (cheap to hash: chat checks every piece)."""
+    if isinstance(items, str):
+        grams = [items[i : i + n] for i in range(len(items) - n + 1)]
+    else:
+        grams = [tuple(items[i : i + n]) for i in range(len(items) - n + 1)]
     if not grams:
         return 0.0
     counts = Counter(grams)
@@ -81,7 +85,7 @@ def loop_coverage(text: str, n: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS) -
 def char_loop_coverage(text: str, n: int = LOOP_CHAR_NGRAM, repeats: int = LOOP_REPEATS) -> float:
     """Share of a reply's characters (lowercased, runs of whitespace as one space) inside a character
     n-gram that occurs `repeats` or more times. Unlike loop_coverage it needs no spaces between words."""
-    return _covered_share(list(" ".join(fold_apostrophes(text).lower().split())), n, repeats)
+    return _covered_share(" ".join(fold_apostrophes(text).lower().split()), n, repeats)
 
 
 def is_loop(text: str) -> bool:

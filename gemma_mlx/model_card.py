@@ -132,12 +132,12 @@ def scorecard_lines(records: dict) -> list[str]:
             f"- persona markers: {_pct(card.get('persona_marker_rate'))}"]
 
 
-def _front_matter(base_manifest: dict, library: str) -> list[str]:
+def _front_matter(base_manifest: dict, library: str, fine_tuned: bool) -> list[str]:
     """Hugging Face's card metadata, so the hub shows the licence, the base model and the library."""
     source = base_manifest.get("source")
     hub_id = source.get("hub_id") if isinstance(source, dict) else None
-    lines = ["---", "license: gemma", f"library_name: {library}", "pipeline_tag: text-generation",
-             "tags: [gemma3, lora, persona, gemma-mlx]"]
+    tags = "[gemma3, lora, persona, gemma-mlx]" if fine_tuned else "[gemma3, gemma-mlx]"
+    lines = ["---", "license: gemma", f"library_name: {library}", "pipeline_tag: text-generation", f"tags: {tags}"]
     if hub_id:
         lines.append(f"base_model: {hub_id}")
     return lines + ["---", ""]
@@ -151,7 +151,8 @@ def card_text(name: str, model_dir: Path, records: dict, intro: str, run_it: lis
     the hub's library_name (mlx, transformers, gguf).
     """
     model_dir = Path(model_dir)
-    lines = [*_front_matter(base_manifest_of(model_dir, records), library), f"# {name}", "", intro, "",
+    front = _front_matter(base_manifest_of(model_dir, records), library, fine_tuned=bool(records.get("train")))
+    lines = [*front, f"# {name}", "", intro, "",
              "## Made from", "", *made_from_lines(model_dir, records, fallback or str(model_dir)), "",
              *scorecard_lines(records), "",
              "## Run it", "", f"```{language}", *run_it, "```", ""]

@@ -36,7 +36,10 @@ def test_card_from_records_names_everything_and_the_scorecard_when_known(tmp_pat
     assert "base_model: google/gemma-3-270m" in card and "library_name: mlx" in card
     assert "133 training conversations" in card and "rank 8, 5 epochs, batch 4" in card
     assert "epoch 3 (chosen by clean endings)" in card
-    assert "Not compared yet" in card
+    assert "Not compared yet" in card and "tags: [gemma3, lora, persona, gemma-mlx]" in card
+
+    plain = card_text("base", tmp_path, {}, "A converted model.", [], library="mlx", fallback="gemma-3-270m")
+    assert "not fine-tuned by gemma-mlx" in plain and "tags: [gemma3, gemma-mlx]" in plain and "- recipe" not in plain
 
     scored = {"train": TRAIN, "scorecard_model": "bluey-fused",
               "scorecard": {"replies": 16, "stop_rate": 0.75, "cut_rate": 0.25, "loop_rate": None, "mean_words": 31.5}}

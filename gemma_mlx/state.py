@@ -255,9 +255,11 @@ def _damaged(where: str, kind: type[StateFile], problem: str, fix: str | None):
 
 
 def _field_problem(error: ValidationError) -> str:
-    """The first problem pydantic found, as 'field lora_parameters.rank is 'eight': an integer is needed'."""
+    """The first problem pydantic found: 'field lora_parameters.rank is "eight" (input should be a valid integer)'."""
     first = error.errors(include_url=False)[0]
-    field = ".".join(str(part) for part in first["loc"]) or "the top level"
+    # pydantic names the branch of a union it tried ("eos_token_id.int"); a reader wants the key alone
+    parts = [str(part) for part in first["loc"] if str(part) not in _TYPE_NAMES and "[" not in str(part)]
+    field = ".".join(parts) or "the top level"
     if first["type"] == "missing":
         return f"field {field} is missing"
     if first["type"] == "extra_forbidden":
@@ -267,6 +269,9 @@ def _field_problem(error: ValidationError) -> str:
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return f"field {field} is {shown} ({message})"
+
+
+_TYPE_NAMES = {"int", "float", "str", "bool", "dict", "list", "none"}
 
 
 def _json_type(value) -> str:

@@ -138,8 +138,10 @@ def check_reachable(source: Source, revision: str | None = None) -> dict:
     """Fetch only config.json (cached, or a few KB) to learn early that a checkpoint can be had.
 
     Gated, missing and offline-and-not-cached checkpoints fail here, before any long work.
-    Returns the checkpoint's config.
+    Returns the config of the model convert will write: a multimodal checkpoint's language model.
     """
+    from .sizing import text_part
+
     if source.gguf_path is not None:
         from .formats.gguf import check_architecture, hf_config, _open
 
@@ -147,14 +149,14 @@ def check_reachable(source: Source, revision: str | None = None) -> dict:
         check_architecture(reader, source.gguf_path)
         return hf_config(reader)
     if source.local_path is not None:
-        return validate_checkpoint(source.local_path)
+        return text_part(validate_checkpoint(source.local_path))
     import huggingface_hub
 
     with _hub_errors(source.hub_id, revision):
         path = huggingface_hub.hf_hub_download(source.hub_id, "config.json", revision=revision)
     config = as_dict(load_state_file(Path(path), ModelConfig, "Download it again (delete it from the Hugging Face cache)."))
     check_model_type(config, f"{source.hub_id} config.json")
-    return config
+    return text_part(config)
 
 
 def read_config(checkpoint: Path) -> dict:

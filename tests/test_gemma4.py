@@ -90,19 +90,35 @@ def test_gemma4_convert_records_the_family_and_the_flavour_evidence(gemma4):
         assert "<|turn>" in template and "<start_of_turn>" not in template
 
 
-def test_gemma4_pair_runs_the_whole_experiment(isolated_outputs):
-    """`gemma-mlx run --tiny --tiny-family gemma4`: convert, data, train (the base's turn rows too),
-    fuse, compare, then chat with and export a fused model."""
-    result = run_cli("run", "--tiny", "--tiny-family", "gemma4", "--epochs", "1", "--max-tokens", "8")
+def test_tiny_family_option_builds_the_gemma4_pair(isolated_outputs):
+    result = run_cli("run", "--tiny", "--tiny-family", "gemma4", "--only", "convert")
     assert result.exit_code == 0, result.output
+    models = isolated_outputs / "runs" / "tiny-gemma4" / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["tiny-gemma-4-it", "tiny-gemma-4-pt"]
+
+
+def test_gemma4_pair_runs_the_whole_experiment(isolated_outputs, tmp_path):
+    """`run` on the tiny Gemma 4 pair (as --tiny --tiny-family gemma4 makes it, with fewer prompts):
+    convert, data, train (the base's turn rows too), fuse, compare; then chat and --export-hf."""
+    from gemma_mlx.config import apply_overrides
+    from gemma_mlx.run import run_experiment, tiny_config
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What should I do today?\nTell me about your family.\n")
+    config = apply_overrides(tiny_config(family="gemma4"), {"train.epochs": 1, "generation.max_tokens": 8,
+                                                            "train.val_generation_tokens": 8, "prompts": [str(prompts)]})
+    result = run_experiment(config)
     run_dir = isolated_outputs / "runs" / "tiny-gemma4"
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "complete", manifest.get("status")
+    assert [(s["stage"], s["status"]) for s in manifest["stages"]] == [
+        ("convert", "ran"), ("data", "ran"), ("train", "ran"), ("fuse", "ran"), ("compare", "ran")], result
     base_adapters = run_dir / "tiny-gemma-4-pt"
     assert (base_adapters / "turn_tokens.safetensors").is_file()  # the base's <|turn>/<turn|> rows were trained
     assert not (run_dir / "tiny-gemma-4-it" / "turn_tokens.safetensors").exists()
     replies = [json.loads(line) for line in (run_dir / "compare" / "replies.jsonl").read_text().splitlines()]
-    assert len({r["model"] for r in replies}) == 4 and all("<turn|>" not in r["reply"] for r in replies)
+    assert len({r["model"] for r in replies}) == 4 and len(replies) == 8
+    assert all("<turn|>" not in r["text"] and "<|turn>" not in r["text"] for r in replies)
+    assert all(r["stop_token"] for r in replies if r["finish_reason"] == "stop")  # whatever ended a reply is named
 
     fused = base_adapters / "fused"
     chat = run_cli("chat", fused, "--max-tokens", "6", input="Hello there\n")
@@ -162,3 +178,16 @@ def test_multimodal_gemma4_converts_to_its_language_model(tmp_path):
     assert manifest["model_type"] == "gemma4_text" and manifest["language_model"]["dropped_tensors"] == 3
     assert manifest["flavour"] == "pt"
     np.testing.assert_allclose(mlx_logits(tmp_path / "mlx"), transformers_logits(text), atol=2e-4, rtol=1e-4)
+
+
+def test_run_reads_a_multimodal_checkpoint_by_its_language_model(tmp_path):
+    """`run` checks settings and memory against the model convert will write, before any download."""
+    from gemma_mlx.convert import check_reachable, resolve_source
+    from gemma_mlx.sizing import parameter_count
+
+    multimodal = write_tiny_multimodal_checkpoint(tmp_path / "mm", "it", seed=3, family="gemma4")
+    config = check_reachable(resolve_source(str(multimodal)))
+    assert config["model_type"] == "gemma4_text" and config["num_hidden_layers"] == 6
+    assert config["global_head_dim"] == 32  # what mlx-lm reads for the wide full-attention heads
+    text = write_tiny_gemma4_pair(tmp_path / "text", seed=3)["tiny-gemma-4-pt"]
+    assert parameter_count(config) == parameter_count(json.loads((text / "config.json").read_text()))

@@ -134,10 +134,11 @@ def test_the_wheel_runs_tiny_from_an_empty_directory(tmp_path):
     where = subprocess.run([str(python), "-c", "import gemma_mlx; print(gemma_mlx.__file__)"], cwd=empty, env=env,
                            capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(venv)), where  # the installed wheel, not the checkout
-    run = subprocess.run([str(venv / "bin" / "gemma-mlx"), "run", "--tiny", "--epochs", "1"], cwd=empty, env=env,
+    run = subprocess.run([str(venv / "bin" / "gemma-mlx"), "run", "--tiny", "--epochs", "1", "--max-tokens", "16"], cwd=empty, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = empty / "outputs" / "runs" / "tiny" / "compare" / "report.html"
-    assert report.is_file()
+    assert report.is_file() and (report.parent / "scorecard.csv").is_file()
+    assert "Verdict: " in run.stdout  # the installed package is this checkout's code, reports and all
     assert str(report.relative_to(empty)) in run.stdout
     assert sorted(p.name for p in empty.iterdir()) == ["outputs"]  # nothing else written where it ran

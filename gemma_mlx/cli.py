@@ -208,9 +208,9 @@ def _report_verdict(report_dir: Path) -> str:
 @click.option("--tiny", is_flag=True, help="The whole pipeline on two tiny random checkpoints (a smoke test, under a minute).")
 @click.option("--tiny-family", "tiny_family", type=click.Choice(["gemma3", "gemma4"]), default="gemma3", show_default=True,
               help="With --tiny: the model family of the tiny pair (outputs/runs/tiny-gemma4/ for Gemma 4).")
-@click.option("--only", "only", multiple=True, type=click.Choice(["convert", "data", "train", "fuse", "compare", "export"]),
+@click.option("--only", "only", multiple=True, type=click.Choice(["convert", "data", "train", "preferences", "fuse", "compare", "export"]),
               help="Run only these stages (repeatable); the others reuse their earlier outputs.")
-@click.option("--redo", "redo", multiple=True, type=click.Choice(["convert", "data", "train", "fuse", "compare", "export", "all"]),
+@click.option("--redo", "redo", multiple=True, type=click.Choice(["convert", "data", "train", "preferences", "fuse", "compare", "export", "all"]),
               help="Make these stages' outputs again even if they are up to date (repeatable; all: every stage).")
 @click.option("--name", help="Experiment name (outputs/runs/<name>/); overrides the config.")
 @click.option("--epochs", type=int, help="Override train.epochs.")

@@ -38,7 +38,7 @@ from .manifest import (
     write_manifest,
 )
 
-STAGES = ("convert", "data", "train", "fuse", "compare", "export")
+STAGES = ("convert", "data", "train", "preferences", "fuse", "compare", "export")
 DEFAULT_CONFIG = SHIPPED_DATA / "experiment.yaml"
 CONFIG_270M = SHIPPED_DATA / "experiment-270m.yaml"
 
@@ -82,6 +82,7 @@ def resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
             "data": resolve(config.data, "data"),
             "persona": resolve(config.persona, "persona"),
             "prompts": [resolve(p, "prompts") for p in config.prompts],
+            "preferences.data": resolve(config.preferences.data, "preferences.data"),
             "checkpoints": [resolve_checkpoint(c) for c in config.checkpoints],
         },
         where=None,  # the same values, made absolute: they still come from the file's lines
@@ -161,6 +162,10 @@ def preflight(config: ExperimentConfig, progress: Progress = quiet, memory_check
         prompts.read_prompts(Path(prompt_file))
     if config.persona:
         persona.load_persona(Path(config.persona))
+    if config.preferences.data:  # a bad pair stops the run now, with its file:line, not after training
+        from .training.pairs import load_pair_splits
+
+        load_pair_splits(config.preferences.data, config.train.seed)
     # config.json only (a few KB, or the cache): gated, missing or offline checkpoints fail now
     model_configs = [convert.check_reachable(source) for source in sources]
     check_against_models(config, {source.name: model for source, model in zip(sources, model_configs)})
@@ -300,6 +305,24 @@ def _train(config: ExperimentConfig, models: dict, data_dir: Path, run_dir: Path
     return _overall(statuses), {"adapters": adapters, "summaries": summaries}
 
 
+def _preferences(config: ExperimentConfig, adapters: dict, run_dir: Path, progress: Progress,
+                 remake: bool) -> tuple[str, dict]:
+    """DPO on `preferences.data` from each fine-tuned persona, to <run>/<checkpoint>-dpo/ (fused and compared too)."""
+    trained, summaries, statuses = {}, {}, []
+    for name, adapter_dir in adapters.items():
+        progress(f"preferences: {name}")
+        result = train.train_model(adapter_dir, config.preferences.data, out=run_dir / f"{name}-dpo", lora=config.lora,
+                                   train=config.train, run_name=config.name, resume=True, force=True, progress=progress,
+                                   resume_hint="run the same command again to continue", remake=remake,
+                                   preferences=config.preferences)
+        trained[f"{name}-dpo"] = str(result.out_dir)
+        summaries[f"{name}-dpo"] = result.summary
+        statuses.append(result.status)
+        if result.status == "interrupted":
+            break
+    return _overall(statuses), {"adapters": trained, "summaries": summaries}
+
+
 def _fuse(adapters: dict, progress: Progress, remake: bool) -> tuple[str, dict]:
     fused, statuses = {}, []
     for name, adapter_dir in adapters.items():
@@ -427,6 +450,9 @@ def run_experiment(
                             "redo": "train" in redo, "run_dir": str(run_dir)})
         adapters = stage("train", lambda again: _train(config, models, data_dir, run_dir, progress, again,
                                                        memory_check))["adapters"]
+        if config.preferences.data:  # the DPO models join the supervised ones in fuse, compare and the arena
+            adapters = {**adapters, **stage("preferences", lambda again: _preferences(config, adapters, run_dir, progress,
+                                                                                      again))["adapters"]}
         fused = stage("fuse", lambda again: _fuse(adapters, progress, again))["fused"]
         stage("compare", lambda again: _compare(config, fused, models, data_dir, run_dir, progress, again))
         if config.export:
@@ -480,15 +506,17 @@ def summary_rows(details: dict) -> list[dict]:
     summaries = details["train"].get("summaries", {})
     scorecards = details["compare"].get("scorecards", {})
     fused = details["fuse"].get("fused", {})
+    summaries = {**summaries, **details.get("preferences", {}).get("summaries", {})}  # <name>-dpo: the DPO runs
     rows = []
     for name, base_dir in details["convert"]["models"].items():
-        for model_dir, tuned in ((fused.get(name), True), (base_dir, False)):
+        for model_dir, tuned in ((fused.get(name), name), (fused.get(f"{name}-dpo"), f"{name}-dpo"), (base_dir, None)):
             card = scorecards.get(str(Path(model_dir).resolve())) if model_dir else None
             if card is None:
                 continue
-            train_summary = summaries.get(name, {}) if tuned else {}
+            train_summary = summaries.get(tuned, {}) if tuned else {}
+            label = f"{name} + LoRA + DPO" if tuned and tuned.endswith("-dpo") else f"{name} + LoRA"
             rows.append({
-                "model": f"{name} + LoRA" if tuned else f"{name} (base)",
+                "model": label if tuned else f"{name} (base)",
                 "train_seconds": train_summary.get("train_seconds"),
                 "kept_epoch": train_summary.get("best_epoch"),
                 "replies": card.get("replies"),

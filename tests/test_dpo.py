@@ -166,3 +166,30 @@ def test_votes_cast_in_the_arena_train_a_model_whose_margin_rises(converted_mode
     assert margin_after > margin_before + 0.5, (margin_before, margin_after)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objective"] == "dpo" and summary["train_examples"] == len(pairs)
+
+
+def test_a_preferences_stage_puts_the_dpo_model_in_the_comparison_and_the_arena(tmp_path):
+    from gemma_mlx.arena import arena_setup
+    from gemma_mlx.config import apply_overrides
+    from gemma_mlx.run import run_experiment, tiny_config
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": "Hooray! Let's play that!", "rejected": "No."}) + "\n"
+                             for p in PROMPTS))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is your favourite game?\nWho do you play with?\n")
+    config = tiny_config()
+    config = apply_overrides(config, {"checkpoints": config.checkpoints[1:], "train.epochs": 1, "prompts": [str(prompts)],
+                                      "compare_bases": False, "preferences.data": str(pairs),
+                                      "preferences.epochs": 1, "train.val_generation_tokens": 8})
+    result = run_experiment(config)
+    assert result.status == "finished"
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    stages = {s["stage"]: s for s in manifest["stages"]}
+    assert stages["preferences"]["status"] == "ran"
+    fused = stages["fuse"]["details"]["fused"]
+    name = next(key for key in fused if not key.endswith("-dpo"))
+    assert set(fused) == {name, f"{name}-dpo"}
+    assert [row["model"] for row in result.summary_rows] == [f"{name} + LoRA", f"{name} + LoRA + DPO"]
+    assert all(row["replies"] == 2 for row in result.summary_rows)
+    assert f"{name}-dpo + LoRA" in arena_setup([], run=result.run_dir).models  # offered in blind battles

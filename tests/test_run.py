@@ -60,7 +60,7 @@ def test_demo_runs_every_stage_and_writes_everything(in_demo_outputs, finished_t
     result = finished_tiny_run[2]
     run_dir = in_demo_outputs / "runs" / "tiny"
     # every stage but export, which runs only when the config asks for it (tests/test_export.py)
-    assert stage_statuses(run_dir) == {s: "ran" for s in experiment.STAGES if s != "export"}
+    assert stage_statuses(run_dir) == {s: "ran" for s in experiment.STAGES if s not in ("export", "preferences")}
     manifest = json.loads((run_dir / "manifest.json").read_text())
     for record in manifest["stages"]:
         assert record["seconds"] >= 0 and record["peak_memory_gb"] >= 0
@@ -88,7 +88,7 @@ def test_second_run_skips_every_stage(in_demo_outputs):
     before = weights.stat().st_mtime_ns
     result = run_cli("--tiny")
     assert result.exit_code == 0, result.output
-    assert stage_statuses(run_dir) == {s: "up-to-date" for s in experiment.STAGES if s != "export"}
+    assert stage_statuses(run_dir) == {s: "up-to-date" for s in experiment.STAGES if s not in ("export", "preferences")}
     assert weights.stat().st_mtime_ns == before
 
 

@@ -13,6 +13,9 @@ import click
 
 from . import __version__
 from .errors import GemmaMlxError
+from .families import DEFAULT, FAMILIES
+
+FAMILY_NAMES = [DEFAULT.name, *(f.name for f in FAMILIES if f is not DEFAULT)]  # the default first
 
 
 def echo_progress(message: str) -> None:
@@ -206,8 +209,8 @@ def _report_verdict(report_dir: Path) -> str:
 @click.option("--demo", is_flag=True,
               help="The real Gemma 3 270M base (offline, from the [real] extra) fine-tuned on the shipped Bluey data.")
 @click.option("--tiny", is_flag=True, help="The whole pipeline on two tiny random checkpoints (a smoke test, under a minute).")
-@click.option("--tiny-family", "tiny_family", type=click.Choice(["gemma3", "gemma4"]), default="gemma3", show_default=True,
-              help="With --tiny: the model family of the tiny pair (outputs/runs/tiny-gemma4/ for Gemma 4).")
+@click.option("--tiny-family", "tiny_family", type=click.Choice(FAMILY_NAMES), default=FAMILY_NAMES[0], show_default=True,
+              help="With --tiny: the model family of the tiny pair (outputs/runs/tiny-gemma-4/ for Gemma 4).")
 @click.option("--only", "only", multiple=True, type=click.Choice(["convert", "data", "train", "preferences", "fuse", "compare", "export"]),
               help="Run only these stages (repeatable); the others reuse their earlier outputs.")
 @click.option("--redo", "redo", multiple=True, type=click.Choice(["convert", "data", "train", "preferences", "fuse", "compare", "export", "all"]),

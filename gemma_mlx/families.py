@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 class Family:
     """One model family. Ids are the checkpoint's own; strings are the tokenizer's spelling."""
 
-    name: str  # "gemma3"
+    name: str  # "gemma-3": what users type (`run --tiny-family`), not a model type
     title: str  # "Gemma 3", for messages
     text_model_type: str  # the config.json model_type of its text-only checkpoints (what convert writes)
     multimodal_model_types: tuple[str, ...]  # wrappers whose language model convert keeps (weights under language_model.)
@@ -113,7 +113,7 @@ class Family:
 
 
 GEMMA3 = Family(
-    name="gemma3",
+    name="gemma-3",
     title="Gemma 3",
     text_model_type="gemma3_text",
     multimodal_model_types=("gemma3",),
@@ -140,7 +140,7 @@ GEMMA3 = Family(
 # Gemma 4 keeps Gemma 3's ids for pad/eos/bos and the turn tokens, with new spellings, a native
 # system turn, and thinking (<|channel>thought ... <channel|>) and tool tokens.
 GEMMA4 = Family(
-    name="gemma4",
+    name="gemma-4",
     title="Gemma 4",
     text_model_type="gemma4_text",
     multimodal_model_types=("gemma4",),

@@ -108,19 +108,20 @@ def demo_config(progress: Progress = quiet) -> ExperimentConfig:
     return apply_overrides(load_experiment(CONFIG_270M), {"name": "demo", "checkpoints": [PACKAGED_NAME]})
 
 
-def tiny_config(progress: Progress = quiet, family: str = "gemma3") -> ExperimentConfig:
+def tiny_config(progress: Progress = quiet, family: str | None = None) -> ExperimentConfig:
     """The pipeline on two tiny random checkpoints (one -pt, one -it) and the shipped data: a quick smoke test.
 
-    `family` is "gemma3" or "gemma4" (families.py): which kind of tiny pair to build.
+    `family` is a family's name (families.py: "gemma-3", the default, or "gemma-4"): which tiny pair to build.
     """
-    from .families import FAMILIES
+    from .families import DEFAULT, FAMILIES, GEMMA3, GEMMA4
     from .tiny import write_tiny_gemma4_pair, write_tiny_pair
 
-    writers = {"gemma3": write_tiny_pair, "gemma4": write_tiny_gemma4_pair}
+    family = family or DEFAULT.name
+    writers = {GEMMA3.name: write_tiny_pair, GEMMA4.name: write_tiny_gemma4_pair}
     if family not in writers:
         raise ConfigError(f"There is no tiny pair for family {family!r}; choose one of {', '.join(writers)}.")
     title = next(f.title for f in FAMILIES if f.name == family)
-    name = "tiny" if family == "gemma3" else f"tiny-{family}"
+    name = "tiny" if family == DEFAULT.name else f"tiny-{family}"
     root = outputs_root() / "runs" / name / "checkpoints"
     progress(f"tiny: building tiny {title} checkpoints (random weights) in {root}")
     pair = list(writers[family](root).values())

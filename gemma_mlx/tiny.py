@@ -467,9 +467,9 @@ def write_tiny_gemma4_pair(root: Path, seed: int = 0) -> dict[str, Path]:
     }
 
 
-def write_tiny_multimodal_checkpoint(out_dir: Path, flavour: str = "it", seed: int = 0, family: str = "gemma3") -> Path:
+def write_tiny_multimodal_checkpoint(out_dir: Path, flavour: str = "it", seed: int = 0, family: str = GEMMA3.name) -> Path:
     """A tiny multimodal checkpoint (transformers 5 names): Gemma3ForConditionalGeneration, or with
-    `family="gemma4"` Gemma4ForConditionalGeneration, whose language model (write_tiny_checkpoint's or
+    `family="gemma-4"` Gemma4ForConditionalGeneration, whose language model (write_tiny_checkpoint's or
     write_tiny_gemma4_checkpoint's, same seed) sits under `model.language_model.`, beside small
     vision (and for Gemma 4 audio) weights and a config whose text_config is sparse, as the hub writes it.
 
@@ -477,7 +477,7 @@ def write_tiny_multimodal_checkpoint(out_dir: Path, flavour: str = "it", seed: i
     """
     from safetensors.numpy import load_file, save_file
 
-    gemma4 = family == "gemma4"
+    gemma4 = family == GEMMA4.name
     writer = write_tiny_gemma4_checkpoint if gemma4 else write_tiny_checkpoint
     out_dir = Path(writer(out_dir, flavour, seed))
     text = json.loads((out_dir / "config.json").read_text())

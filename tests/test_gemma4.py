@@ -91,24 +91,24 @@ def test_gemma4_convert_records_the_family_and_the_flavour_evidence(gemma4):
 
 
 def test_tiny_family_option_builds_the_gemma4_pair(isolated_outputs):
-    result = run_cli("run", "--tiny", "--tiny-family", "gemma4", "--only", "convert")
+    result = run_cli("run", "--tiny", "--tiny-family", "gemma-4", "--only", "convert")
     assert result.exit_code == 0, result.output
-    models = isolated_outputs / "runs" / "tiny-gemma4" / "models"
+    models = isolated_outputs / "runs" / "tiny-gemma-4" / "models"
     assert sorted(p.name for p in models.iterdir()) == ["tiny-gemma-4-it", "tiny-gemma-4-pt"]
 
 
 def test_gemma4_pair_runs_the_whole_experiment(isolated_outputs, tmp_path):
-    """`run` on the tiny Gemma 4 pair (as --tiny --tiny-family gemma4 makes it, with fewer prompts):
+    """`run` on the tiny Gemma 4 pair (as --tiny --tiny-family gemma-4 makes it, with fewer prompts):
     convert, data, train (the base's turn rows too), fuse, compare; then chat and --export-hf."""
     from gemma_mlx.config import apply_overrides
     from gemma_mlx.run import run_experiment, tiny_config
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("What should I do today?\nTell me about your family.\n")
-    config = apply_overrides(tiny_config(family="gemma4"), {"train.epochs": 1, "generation.max_tokens": 8,
+    config = apply_overrides(tiny_config(family="gemma-4"), {"train.epochs": 1, "generation.max_tokens": 8,
                                                             "train.val_generation_tokens": 8, "prompts": [str(prompts)]})
     result = run_experiment(config)
-    run_dir = isolated_outputs / "runs" / "tiny-gemma4"
+    run_dir = isolated_outputs / "runs" / "tiny-gemma-4"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [(s["stage"], s["status"]) for s in manifest["stages"]] == [
         ("convert", "ran"), ("data", "ran"), ("train", "ran"), ("fuse", "ran"), ("compare", "ran")], result
@@ -169,7 +169,7 @@ def test_multimodal_language_model_trains(tmp_path, isolated_outputs):
 
 def test_multimodal_gemma4_converts_to_its_language_model(tmp_path):
     """The hub's Gemma 4 E2B/E4B are Gemma4ForConditionalGeneration (vision and audio towers)."""
-    multimodal = write_tiny_multimodal_checkpoint(tmp_path / "tiny-gemma-4-e2b", "pt", seed=7, family="gemma4")
+    multimodal = write_tiny_multimodal_checkpoint(tmp_path / "tiny-gemma-4-e2b", "pt", seed=7, family="gemma-4")
     text = write_tiny_gemma4_pair(tmp_path / "text", seed=7)["tiny-gemma-4-pt"]  # the same language model
     result = run_cli("convert", multimodal, "--out", tmp_path / "mlx", "--dtype", "float32")
     assert result.exit_code == 0, result.output
@@ -185,7 +185,7 @@ def test_run_reads_a_multimodal_checkpoint_by_its_language_model(tmp_path):
     from gemma_mlx.convert import check_reachable, resolve_source
     from gemma_mlx.sizing import parameter_count
 
-    multimodal = write_tiny_multimodal_checkpoint(tmp_path / "mm", "it", seed=3, family="gemma4")
+    multimodal = write_tiny_multimodal_checkpoint(tmp_path / "mm", "it", seed=3, family="gemma-4")
     config = check_reachable(resolve_source(str(multimodal)))
     assert config["model_type"] == "gemma4_text" and config["num_hidden_layers"] == 6
     assert config["global_head_dim"] == 32  # what mlx-lm reads for the wide full-attention heads

@@ -193,3 +193,29 @@ def test_a_preferences_stage_puts_the_dpo_model_in_the_comparison_and_the_arena(
     assert [row["model"] for row in result.summary_rows] == [f"{name} + LoRA", f"{name} + LoRA + DPO"]
     assert all(row["replies"] == 2 for row in result.summary_rows)
     assert f"{name}-dpo + LoRA" in arena_setup([], run=result.run_dir).models  # offered in blind battles
+
+
+def test_an_interrupted_dpo_run_resumes_to_the_same_adapters(converted_models, persona, tmp_path):
+    from gemma_mlx.config import PreferenceSettings
+    from gemma_mlx.training.loop import TrainingCallback
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": "Hooray, let's play!", "rejected": "I am a computer."})
+                             + "\n" for p in PROMPTS))
+    prefs = PreferenceSettings(data=str(pairs), beta=0.5, learning_rate=5e-3, epochs=2)
+    settings = TrainSettings(batch_size=2, val_generation_tokens=0)
+
+    class StopAtStep3(TrainingCallback):
+        def on_step(self, report):
+            if report.step == 3:
+                raise KeyboardInterrupt
+
+    whole = train_model(persona, pairs, out=tmp_path / "whole", train=settings, preferences=prefs)
+    cut = train_model(persona, pairs, out=tmp_path / "cut", train=settings, preferences=prefs, callback=StopAtStep3())
+    assert cut.status == "interrupted"
+    resumed = train_model(persona, pairs, out=tmp_path / "cut", train=settings, preferences=prefs, resume=True)
+    assert resumed.status == "trained" and resumed.summary["steps"] == whole.summary["steps"] == 6
+    a = mx.load(str(tmp_path / "whole" / "last" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "cut" / "last" / "adapters.safetensors"))
+    assert a.keys() == b.keys() and all(np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-6) for k in a)
+    assert resumed.summary["final_loss"] == pytest.approx(whole.summary["final_loss"], rel=1e-5)

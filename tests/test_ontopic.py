@@ -55,6 +55,26 @@ def test_batched_scores_equal_one_pair_at_a_time_with_full_logits(tiny):
         assert score == pytest.approx(expected, abs=2e-4)
 
 
+def test_gemma4_scores_use_its_logit_softcap(tmp_path):
+    """A tiny Gemma 4 model (final logit soft-cap, per-layer inputs): the same scores as its own logits."""
+    from gemma_mlx.convert import convert_checkpoint
+    from gemma_mlx.generate import load_model
+    from gemma_mlx.tiny import write_tiny_gemma4_pair
+
+    hf = write_tiny_gemma4_pair(tmp_path / "hf")["tiny-gemma-4-pt"]
+    loaded = load_model(convert_checkpoint(str(hf), out=tmp_path / "mlx", dtype="float32").path)
+    assert getattr(loaded.model, "final_logit_softcapping", None)
+    loaded.model.final_logit_softcapping = 0.5  # a random tiny model's logits are too small for the real cap to bite
+    pairs = PAIRS[:3]
+    scores = ontopic.on_topic_scores(loaded.model, loaded.tokenizer, pairs)
+    for (message, reply), score in zip(pairs, scores):
+        rows = ontopic.pair_rows(loaded.tokenizer, message, reply)
+        n = rows.message_tokens
+        expected = (_reference_logprob(loaded.model, rows.conditional, n)
+                    - _reference_logprob(loaded.model, rows.unconditional, n)) / n
+        assert score == pytest.approx(expected, abs=2e-4)
+
+
 def test_several_forward_passes_and_head_chunks_give_the_same_scores(tiny, monkeypatch):
     whole = ontopic.on_topic_scores(tiny.model, tiny.tokenizer, PAIRS)
     monkeypatch.setattr(ontopic, "MAX_ROWS", 3)
@@ -228,3 +248,18 @@ def test_cli_best_of_out_of_range_is_refused_before_loading(converted_models, tm
                                       "--out", str(tmp_path / "cmp")])
     assert result.exit_code != 0 and "--best-of" in result.output
     assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.real
+def test_real_base_scores_an_answer_above_an_in_voice_reply_about_something_else(real_model):
+    """On the real 270M base, as measured in docs/DESIGN.md: answers score above wandering replies."""
+    from gemma_mlx.generate import load_model
+
+    loaded = load_model(real_model)
+    pairs = [("Why is the sky blue?", "I reckon someone painted it. Mum says it's the sunlight bouncing about up in the sky."),
+             ("Why is the sky blue?", "I keep my wet hair in my ears!"),
+             ("Mum says I have to tidy my room.", "Make it a game! Whoever puts the most toys in the box wins."),
+             ("Mum says I have to tidy my room.", "Dinosaurs are the best animals because they roar!")]
+    on_sky, off_sky, on_room, off_room = ontopic.on_topic_scores(loaded.model, loaded.tokenizer, pairs)
+    assert on_sky > off_sky and on_room > off_room
+    assert ontopic.is_on_topic(on_sky, *pairs[0]) and ontopic.is_on_topic(on_room, *pairs[2])

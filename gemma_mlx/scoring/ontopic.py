@@ -68,11 +68,23 @@ def pad_rows(rows: list[list[int]], pad_id: int = PAD_ID) -> list[list[int]]:
 
 
 def _output_layer(model):
-    """(hidden states function, output layer function) of an mlx-lm Gemma 3 text model."""
+    """(hidden states function, output layer function) of an mlx-lm Gemma text model.
+
+    The output layer is the tied embedding or lm_head, then the final logit soft-cap where the
+    model has one (Gemma 4), exactly as the model's own __call__ does it.
+    """
+    import mlx.core as mx
+
+    model = getattr(model, "language_model", model)  # a multimodal wrapper: its text model
     inner = model.model
     if getattr(model, "lm_head", None) is not None and not getattr(model, "tie_word_embeddings", True):
-        return inner, model.lm_head
-    return inner, inner.embed_tokens.as_linear
+        project = model.lm_head
+    else:
+        project = inner.embed_tokens.as_linear
+    cap = getattr(model, "final_logit_softcapping", None)
+    if not cap:
+        return inner, project
+    return inner, lambda hidden: mx.tanh(project(hidden) / cap) * cap
 
 
 def tail_logprobs(model, rows: list[list[int]], tails: list[int]) -> list[float]:

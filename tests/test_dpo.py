@@ -219,3 +219,24 @@ def test_an_interrupted_dpo_run_resumes_to_the_same_adapters(converted_models, p
     b = mx.load(str(tmp_path / "cut" / "last" / "adapters.safetensors"))
     assert a.keys() == b.keys() and all(np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-6) for k in a)
     assert resumed.summary["final_loss"] == pytest.approx(whole.summary["final_loss"], rel=1e-5)
+
+
+def test_dpo_from_a_fused_persona_and_the_dpo_adapters_fuse_like_any_others(persona, tmp_path):
+    from gemma_mlx.config import PreferenceSettings
+    from gemma_mlx.fuse import fuse_model
+
+    fused = fuse_model(persona, out=tmp_path / "fused").out_dir
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": "Hooray, let's play!", "rejected": "I am a computer."})
+                             + "\n" for p in PROMPTS))
+    prefs = PreferenceSettings(data=str(pairs), beta=0.5, learning_rate=5e-3, epochs=3)
+    result = train_model(fused, pairs, out=tmp_path / "dpo", train=TrainSettings(batch_size=2, val_generation_tokens=0),
+                         preferences=prefs)
+    config = json.loads((result.out_dir / "adapter_config.json").read_text())
+    assert config["lora_parameters"]["rank"] == LoraSettings().rank and not config["turn_tokens_file"]
+    assert json.loads((result.out_dir / "manifest.json").read_text())["base_model"] == str(fused.resolve())
+    pair_list = read_pairs(pairs)
+    before = pair_logps(*models.load(fused), pair_list)
+    after_dir = fuse_model(result.out_dir, out=tmp_path / "dpo-fused").out_dir
+    after = pair_logps(*models.load(after_dir), pair_list)
+    assert (after[:, 0] - after[:, 1]).mean() > (before[:, 0] - before[:, 1]).mean() + 0.5

@@ -129,7 +129,8 @@ def _save_command(conversation: Conversation, rest: str) -> str:
         path = save_conversation(Path(target), conversation.messages(), force)
     except GemmaMlxError as error:
         return str(error)
-    return f"(saved {len(conversation.turns) // 2} exchanges to {path})"
+    count = len(conversation.turns) // 2
+    return f"(saved {count} exchange{'' if count == 1 else 's'} to {path})"
 
 
 def _check_fits(loaded: LoadedModel, conversation: Conversation, settings: GenerationSettings) -> None:

@@ -265,7 +265,7 @@ def test_save_writes_persona_data_and_never_overwrites_unless_forced(pt, monkeyp
     loaded, _ = recording_chat(pt, monkeypatch, " I reckon")
     path = tmp_path / "chat.jsonl"
     _, out = run(loaded, f"/save {path}", "/system Be Bluey.", "Hi", f"/save {path}", settings=G(max_tokens=20))
-    assert "Nothing to save yet" in out and f"(saved 1 exchanges to {path})" in out
+    assert "Nothing to save yet" in out and f"(saved 1 exchange to {path})" in out
     saved = path.read_text()
     assert json.loads(saved) == {"messages": [{"role": "system", "content": "Be Bluey."},
                                               {"role": "user", "content": "Hi"},

@@ -64,7 +64,7 @@ def rank_reply(prompt: str, text: str, finish_reason: str, target_words: float |
     topic = on_topic if on_topic is not None and not echo else -math.inf
     last = topic if in_band else -abs(math.log(ratio))
     ending = "clean" if tier == 2 else "loops" if loop else "cut" if finish_reason == "length" else "unfinished"
-    notes = [ending, f"{words} words" + ("" if in_band else " (outside the band)")]
+    notes = [ending, f"{words} word{'' if words == 1 else 's'}" + ("" if in_band else " (outside the band)")]
     if markers:
         notes.append(f"markers: {', '.join(found)}" if found else "no marker")
     if on_topic is not None:

@@ -66,12 +66,14 @@ def _run_models(run_dir: Path, manifest: dict | None) -> dict[str, str]:
             f"{run_dir} is not an experiment run (no manifest.json written by `gemma-mlx run`). Give the directory "
             "`gemma-mlx run` made (outputs/runs/<name>), or name the models themselves."
         )
+    from .models import display_name  # "<checkpoint> + LoRA", "<checkpoint> (base)": the names compare uses
+
     details = {s["stage"]: s.get("details", {}) for s in manifest.get("stages", [])}
     models = {}
     for name, path in (details.get("fuse", {}).get("fused") or {}).items():
-        models[f"{name} + LoRA"] = _found(path, run_dir)
+        models[display_name(Path(_found(path, run_dir)))] = _found(path, run_dir)
     for name, path in (details.get("convert", {}).get("models") or {}).items():
-        models[f"{name} (base)"] = _found(path, run_dir)
+        models[display_name(Path(_found(path, run_dir)))] = _found(path, run_dir)
     if not models:
         raise GemmaMlxError(f"The run in {run_dir} has no converted or fused models yet. Run `gemma-mlx run` to the end first.")
     return models

@@ -180,15 +180,21 @@ def _label(path: Path) -> str:
 
 def display_name(model_dir: Path, adapter_dir: Path | None = None, manifest: dict | None = None) -> str:
     """The one name a person sees for a model in compare's reports, run's summary and the arena:
-    the checkpoint's name, then ' + LoRA' when fine-tuned (fused, or base with adapters; ' + LoRA
-    (last)' for a run's final rather than kept adapters) or ' (base)' for a converted, un-tuned model."""
+    the checkpoint's name, then ' + LoRA' when fine-tuned (fused, or base with adapters; ' + LoRA +
+    DPO' after preference training; ' (last)' for a run's final rather than kept adapters) or ' (base)'
+    for a converted, un-tuned model."""
     model_dir = Path(model_dir)
     if manifest is None:
         manifest = read_manifest(model_dir) or {}
+    trained = None
     if adapter_dir is None and manifest.get("stage") == "fuse" and manifest.get("base_model"):
         model_dir, adapter_dir = Path(manifest["base_model"]), Path(manifest.get("adapters") or "adapters")
+        trained = manifest.get("train_manifest")
     if adapter_dir is not None:
-        return f"{_label(model_dir)} + LoRA" + (" (last)" if Path(adapter_dir).name == "last" else "")
+        adapter_dir = Path(adapter_dir)
+        trained = trained or train_manifest_of(adapter_dir) or {}
+        return (f"{_label(model_dir)} + LoRA" + (" + DPO" if trained.get("objective") == "dpo" else "")
+                + (" (last)" if adapter_dir.name == "last" else ""))
     return f"{_label(model_dir)} (base)" if manifest.get("stage") == "convert" else _label(model_dir)
 
 

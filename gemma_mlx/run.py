@@ -24,6 +24,7 @@ from .config import (
     to_dict,
 )
 from .distributed import broadcast_json, world
+from .models import display_name
 from .errors import ConfigError, DataError, GemmaMlxError
 from .manifest import (
     Progress,
@@ -517,7 +518,7 @@ def summary_rows(details: dict) -> list[dict]:
             train_summary = summaries.get(tuned, {}) if tuned else {}
             label = f"{name} + LoRA + DPO" if tuned and tuned.endswith("-dpo") else f"{name} + LoRA"
             rows.append({
-                "model": label if tuned else f"{name} (base)",
+                "model": display_name(Path(model_dir)),  # the name compare and the arena use
                 "train_seconds": train_summary.get("train_seconds"),
                 "kept_epoch": train_summary.get("best_epoch"),
                 "replies": card.get("replies"),

@@ -81,3 +81,18 @@ def test_train_help_tells_the_truth_about_best_and_mlx_lm():
     assert "by validation loss go to" not in text and "--adapter-path` works" not in text
     assert "most clean endings" in text and "--best-by loss" in text
     assert "does not load: its replies then do not stop" in text and "gemma-mlx fuse" in text
+
+
+def test_display_names_from_manifests(tmp_path):
+    """One name per model from what its manifest records (models.display_name)."""
+    from gemma_mlx.models import display_name
+
+    fused = {"stage": "fuse", "base_model": "/r/models/gemma-3-270m", "adapters": "/r/gemma-3-270m",
+             "train_manifest": {"objective": "supervised"}}
+    assert display_name(tmp_path / "fused", manifest=fused) == "gemma-3-270m + LoRA"
+    dpo = {**fused, "adapters": "/r/gemma-3-270m-dpo", "train_manifest": {"objective": "dpo"}}
+    assert display_name(tmp_path / "fused", manifest=dpo) == "gemma-3-270m + LoRA + DPO"
+    last = {**fused, "adapters": "/r/gemma-3-270m/last"}
+    assert display_name(tmp_path / "fused", manifest=last) == "gemma-3-270m + LoRA (last)"
+    assert display_name(tmp_path / "gemma-3-270m", manifest={"stage": "convert"}) == "gemma-3-270m (base)"
+    assert display_name(tmp_path / "some-model", manifest={}) == "some-model"

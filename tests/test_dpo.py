@@ -192,7 +192,8 @@ def test_a_preferences_stage_puts_the_dpo_model_in_the_comparison_and_the_arena(
     assert set(fused) == {name, f"{name}-dpo"}
     assert [row["model"] for row in result.summary_rows] == [f"{name} + LoRA", f"{name} + LoRA + DPO"]
     assert all(row["replies"] == 2 for row in result.summary_rows)
-    assert f"{name}-dpo + LoRA" in arena_setup([], run=result.run_dir).models  # offered in blind battles
+    # offered in blind battles, under the name compare and run's summary use
+    assert f"{name} + LoRA + DPO" in arena_setup([], run=result.run_dir).models
 
 
 def test_an_interrupted_dpo_run_resumes_to_the_same_adapters(converted_models, persona, tmp_path):

@@ -516,7 +516,6 @@ def summary_rows(details: dict) -> list[dict]:
             if card is None:
                 continue
             train_summary = summaries.get(tuned, {}) if tuned else {}
-            label = f"{name} + LoRA + DPO" if tuned and tuned.endswith("-dpo") else f"{name} + LoRA"
             rows.append({
                 "model": display_name(Path(model_dir)),  # the name compare and the arena use
                 "train_seconds": train_summary.get("train_seconds"),

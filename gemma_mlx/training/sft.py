@@ -156,7 +156,10 @@ class SupervisedObjective:
                   "end_unused_mass": result["end_unused_mass"]}
         mark = ""
         if result["end_p"] is not None:
-            mark = (f", reply ends: p(<end_of_turn>) {result['end_p']:.3f}, top-1 {result['end_top1']:.0%}, "
+            from ..flavour import family_of_dir
+
+            turn_end = family_of_dir(self.setup.model_dir).turn_end  # <end_of_turn>, or Gemma 4's <turn|>
+            mark = (f", reply ends: p({turn_end}) {result['end_p']:.3f}, top-1 {result['end_top1']:.0%}, "
                     f"<unusedN> {result['end_unused_mass']:.4f}")
         return fields, result["tokens"], result["seconds"], mark
 

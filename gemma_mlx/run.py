@@ -195,12 +195,26 @@ def _training_memory(config: ExperimentConfig, model_config: dict) -> int:
 
 def check_resources(config: ExperimentConfig, model_configs: list[dict], progress: Progress = quiet,
                     memory_check: bool = True) -> dict:
-    """Estimate disk and memory for the chosen models and stop early when the machine cannot hold them."""
+    """Estimate disk and memory for the chosen models and stop early when the machine cannot hold them.
+
+    When float weights would not fit but 4-bit ones would, the run switches to 4-bit bases (QLoRA:
+    `config.quantize_bits` becomes 4) and says so; --no-memory-check keeps the float weights.
+    """
     import shutil
+    from dataclasses import replace
 
     from .backend import default_dtype
     from .backend import machine_memory
 
+    total_memory = machine_memory()
+    if memory_check and total_memory and not config.quantize_bits:
+        memory = max(_training_memory(config, model_config) for model_config in model_configs)
+        quantized = max(_training_memory(replace(config, quantize_bits=4), model_config) for model_config in model_configs)
+        if memory > total_memory >= quantized:
+            progress(f"memory: training with float weights needs about {memory / 1e9:.1f} GB and this machine has "
+                     f"{total_memory / 1e9:.1f} GB; with 4-bit bases (QLoRA) about {quantized / 1e9:.1f} GB, so this run "
+                     "converts with quantize_bits: 4 (set quantize_bits, or pass --no-memory-check, to decide yourself)")
+            config.quantize_bits = 4
     bytes_per_param = {"float32": 4, "bfloat16": 2, "float16": 2}[config.dtype or default_dtype()]
     if config.quantize_bits:
         bytes_per_param = config.quantize_bits / 8 + 0.1
@@ -214,7 +228,6 @@ def check_resources(config: ExperimentConfig, model_configs: list[dict], progres
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    total_memory = machine_memory()
     progress(f"estimate: {disk / 1e9:.1f} GB of disk ({free / 1e9:.0f} GB free), {memory / 1e9:.1f} GB of memory "
              f"while training" + (f" ({total_memory / 1e9:.0f} GB in this machine)" if total_memory else ""))
     if disk > free:

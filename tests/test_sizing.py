@@ -61,7 +61,7 @@ def test_memory_parts_follow_the_loss_path():
     assert not capped["chunked_loss"]
 
 
-def test_run_refuses_a_model_that_cannot_fit(monkeypatch):
+def test_run_refuses_a_model_that_cannot_fit_and_picks_qlora_when_that_fits(monkeypatch):
     from gemma_mlx import backend
     from gemma_mlx.config import ExperimentConfig
     from gemma_mlx.errors import GemmaMlxError
@@ -71,12 +71,19 @@ def test_run_refuses_a_model_that_cannot_fit(monkeypatch):
                intermediate_size=6144, num_attention_heads=8, num_key_value_heads=1, head_dim=256, global_head_dim=512,
                hidden_size_per_layer_input=256, num_kv_shared_layers=20, use_double_wide_mlp=True,
                sliding_window_pattern=5, final_logit_softcapping=30.0)
-    monkeypatch.setattr(backend, "machine_memory", lambda: 24e9)
-    config = ExperimentConfig(dtype="float32")
+    said = []
+    monkeypatch.setattr(backend, "machine_memory", lambda: 8e9)  # not even 4-bit fits: refused, nothing changed
+    config = ExperimentConfig(dtype="bfloat16")  # a Mac's default
     with pytest.raises(GemmaMlxError, match="Not enough memory"):
-        check_resources(config, [e2b])
-    estimate = check_resources(ExperimentConfig(dtype="bfloat16", quantize_bits=4), [e2b])
-    assert estimate["memory_bytes"] < 24e9
+        check_resources(config, [e2b], said.append)
+    assert config.quantize_bits == 0
+    monkeypatch.setattr(backend, "machine_memory", lambda: 24e9)  # float does not fit, 4-bit does: QLoRA, said
+    estimate = check_resources(config, [e2b], said.append)
+    assert config.quantize_bits == 4 and estimate["memory_bytes"] < 24e9
+    assert any("quantize_bits: 4" in line and "QLoRA" in line for line in said), said
+    kept = ExperimentConfig(dtype="bfloat16")  # --no-memory-check keeps the float weights
+    check_resources(kept, [e2b], said.append, memory_check=False)
+    assert kept.quantize_bits == 0
 
 
 def test_training_on_a_4bit_base_then_fuse_keeps_or_dequantizes(tiny_checkpoints, tmp_path):

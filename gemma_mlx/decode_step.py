@@ -112,7 +112,7 @@ def make_lean(generator) -> bool:
 
 def _window(known: list[int], size: int, width: int) -> list[int]:
     """The last size - 1 tokens already in the cache, left-padded with -1 to width - 1 entries."""
-    recent = known[len(known) - size + 1:] if size > 1 else []
+    recent = known[max(0, len(known) - size + 1):] if size > 1 else []
     return [-1] * (width - 1 - len(recent)) + recent
 
 

@@ -86,15 +86,18 @@ def test_batched_penalty_equals_mlx_lms_processor_row_by_row():
     from mlx_lm.sample_utils import make_repetition_penalty
 
     rng = np.random.default_rng(0)
-    logits = mx.array(rng.normal(size=(4, 50)).astype(np.float32) * 3)
-    known = [rng.integers(0, 50, size=30).tolist(), [7, 7, 3], [], rng.integers(0, 50, size=12).tolist()]
-    inputs = mx.array([5, 7, 9, 11], dtype=mx.uint32)
+    logits = mx.array(rng.normal(size=(5, 50)).astype(np.float32) * 3)
+    # contexts longer than the penalty's window, shorter, a little shorter (10 + 1 of 20), and none but the input
+    known = [rng.integers(0, 50, size=30).tolist(), [7, 7, 3], [], rng.integers(0, 50, size=12).tolist(),
+             rng.permutation(50)[:10].tolist()]
+    inputs = mx.array([5, 7, 9, 11, 13], dtype=mx.uint32)
     penalties = [decode_step.RepetitionPenalty(1.1), decode_step.RepetitionPenalty(1.5),
-                 decode_step.RepetitionPenalty(2.0, context_size=4), decode_step.RepetitionPenalty(1.3, context_size=5)]
-    rows = [0, 1, 3]  # row 2 has no penalty: it must come back untouched
+                 decode_step.RepetitionPenalty(2.0, context_size=4), decode_step.RepetitionPenalty(1.3, context_size=5),
+                 decode_step.RepetitionPenalty(1.2)]
+    rows = [0, 1, 3, 4]  # row 2 has no penalty: it must come back untouched
     batched = decode_step.penalize_rows(mx.array(logits), inputs, rows, [known[e] for e in rows],
                                         [penalties[e] for e in rows])
-    for e in range(4):
+    for e in range(5):
         row = logits[e:e + 1]
         if e in rows:
             context = mx.array(known[e] + [int(inputs[e])], dtype=mx.int32)

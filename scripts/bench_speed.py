@@ -19,7 +19,7 @@ Side by side on this machine, each part in its own process (so its peak memory i
 - this machine's float32 matmul rate (the best 2048x2048 matmul, before and after), and the share
   of it that each trainer's steps reach, counting the useful FLOPs of the epoch.
 
---quick: 24 examples (6 steps), 8 and 16 prompts of 32 tokens: about 10-15 minutes on a shared
+--quick: 24 examples (6 steps), 16 and 32 prompts of 32 tokens: about 10-15 minutes on a shared
 2-core machine. Not a test: the absolute figures are the machine's and its load's; the ratios
 come from the same run.
 """
@@ -220,7 +220,7 @@ def report(results: dict, args, flops: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="a converted float32 model directory")
-    parser.add_argument("--quick", action="store_true", help="24 examples, 8 and 16 prompts of 32 tokens")
+    parser.add_argument("--quick", action="store_true", help="24 examples, 16 and 32 prompts of 32 tokens")
     parser.add_argument("--examples", type=int, help="training examples, a multiple of 4 (default 132)")
     parser.add_argument("--tokens", type=int, help="max tokens per greedy reply (default 64)")
     parser.add_argument("--prompts", type=int, nargs=2, help="the two decode batch sizes (default 16 64)")
@@ -231,7 +231,7 @@ def main() -> None:
     args = parser.parse_args()
     args.examples = args.examples or (24 if args.quick else 132)
     args.tokens = args.tokens or (32 if args.quick else 64)
-    args.prompts = args.prompts or ([8, 16] if args.quick else [16, 64])
+    args.prompts = args.prompts or ([16, 32] if args.quick else [16, 64])
     if args.part:
         import gemma_mlx  # noqa: F401  (preloads OpenBLAS before mlx.core, in every part)
 

@@ -536,12 +536,12 @@ def compare(models, model_options, prompt_files, prompt_texts, persona, training
               help="A base model's <end_of_turn> row starts as it is (keep) or as a copy of <eos>'s (eos).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same model, data and settings).")
 @click.option("--force", is_flag=True, help="Replace a finished run made differently, or discard an interrupted one.")
+@click.option("--no-memory-check", "no_memory_check", is_flag=True,
+              help="Train even when the memory estimate exceeds this machine's memory (by default the run stops before the first step).")
 @click.option("--preferences", type=click.Path(path_type=Path),
               help="DPO on preference pairs (the arena's export or votes.jsonl, gemma-mlx prefs, TRL's prompt/chosen/"
                    "rejected JSONL); --model is then the fine-tuned persona (its adapter dir or fused model).")
 @click.option("--beta", type=float, help="With --preferences: how far DPO may move from the persona (default 0.1).")
-@click.option("--no-memory-check", "no_memory_check", is_flag=True,
-              help="Train even when the memory estimate exceeds this machine's memory (by default the run stops before the first step).")
 def train(model, data, config_path, out, run_name, resume, force, no_memory_check, preferences, beta, **options):
     """LoRA-fine-tune a converted model on a persona dataset, in epochs.
 
@@ -652,12 +652,12 @@ def chat(model, adapter_path, system, model_option=None, **generation):
     from .chat import read_piped_line, run_chat
     from .config import GenerationSettings
 
+    model = given_models([model] if model else [], [model_option] if model_option else [], many=False)[0]
     interactive = sys.stdin.isatty()  # piped: the prompts and labels stay off stdout, replies only
     run_chat(model, adapter_path, GenerationSettings(**generation), system=system, progress=echo_progress,
              read_line=input if interactive else read_piped_line, labels=interactive)
 
 
-    model = given_models([model] if model else [], [model_option] if model_option else [], many=False)[0]
 @cli.command(short_help="Chat with models side by side and rate them blind, in the browser.")
 @click.argument("models", nargs=-1)
 @click.option("--run", "run_dir", type=click.Path(path_type=Path),

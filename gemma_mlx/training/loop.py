@@ -28,8 +28,8 @@ from ..distributed import all_sum, lost_peer, shard, sum_numbers, world
 from ..backend import machine_memory
 from ..errors import TrainingError
 from ..manifest import quiet
-from .setup import LAST_DIR, LAST_GOOD_DIR, RunSetup, make_optimizer, write_adapter_dir
 from ..text import plural
+from .setup import LAST_DIR, LAST_GOOD_DIR, RunSetup, make_optimizer, write_adapter_dir
 
 # mx.compile for the training step. Off: length-bucketed batches give almost every step a new
 # shape, so a compiled step retraces nearly every time; scripts/bench_train.py --compile measured

@@ -152,6 +152,9 @@ def test_ratings_and_intervals():
     rows = preference_rows([{"prompt": "p", "model_a": "x", "model_b": "y", "choice": "B",
                              "reply_a": {"text": "a"}, "reply_b": {"text": "b"}}])
     assert rows == [{"prompt": "p", "chosen": "b", "rejected": "a", "chosen_model": "y", "rejected_model": "x"}]
+    # a hand-edited decided vote without its prompt or a reply's text makes no pair (it used to raise KeyError)
+    assert preference_rows([{"model_a": "x", "model_b": "y", "choice": "A", "reply_a": {"text": "a"}},
+                            {"prompt": "p", "model_a": "x", "model_b": "y", "choice": "B"}]) == []
 
 
 def test_export_preferences_from_the_cli(arena, tmp_path):

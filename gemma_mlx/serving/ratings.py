@@ -200,11 +200,18 @@ def leaderboard(votes: list[dict], models: list[str], rounds: int = 200, seed: i
     return {"models": rows, "pairs": list(pairs.values()), "votes": len(votes), "min_votes": MIN_VOTES_FOR_INTERVAL}
 
 
+def _has_pair(vote: dict) -> bool:
+    replies = [vote.get("reply_a"), vote.get("reply_b")]
+    return isinstance(vote.get("prompt"), str) and all(isinstance(r, dict) and isinstance(r.get("text"), str)
+                                                        for r in replies)
+
+
 def preference_rows(votes: list[dict]) -> list[dict]:
-    """{"prompt", "chosen", "rejected"} per decided vote: the shape DPO trainers read (ties are left out)."""
+    """{"prompt", "chosen", "rejected"} per decided vote: the shape DPO trainers read (ties are left out,
+    and so is a hand-edited vote that lacks its prompt or a reply's text: it cannot make a pair)."""
     rows = []
     for vote in votes:
-        if vote["choice"] not in ("A", "B"):
+        if vote.get("choice") not in ("A", "B") or not _has_pair(vote):
             continue
         win, lose = ("reply_a", "reply_b") if vote["choice"] == "A" else ("reply_b", "reply_a")
         rows.append({"prompt": vote["prompt"], "chosen": vote[win]["text"], "rejected": vote[lose]["text"],

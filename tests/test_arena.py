@@ -234,6 +234,8 @@ def test_in_chromium_a_two_turn_chat_side_by_side_then_a_blind_vote(served, tmp_
         expect(page.locator("#votes button").first).to_be_enabled(timeout=60_000)
         page.keyboard.press("1")  # A is better
         expect(page.locator("#verdict")).to_contain_text("A was")
+        for side in "AB":  # the names are revealed after the verdict line: wait for both
+            expect(page.locator(f"#col-{side} .name")).not_to_be_empty(timeout=30_000)
         names = [page.inner_text(f"#col-{side} .name") for side in "AB"]
         assert set(names) <= set(setup.models) and names[0] != names[1]
         page.click("button[data-tab=board]")

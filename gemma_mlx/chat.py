@@ -2,6 +2,11 @@
 
 The loop takes its input and output as callables, so tests drive it with a list of lines and the
 CLI with `input()` and stdout. Commands: /retry, /undo, /system, /save, /reset, /settings, /help, /quit.
+
+Best of N (`--best-of N`, `/settings best_of=N`): each reply is N rows decoded in one batch, and the
+one scoring/best_of.py picks is shown whole once the batch ends (N replies cannot be streamed as
+one). The persona's length comes from the training run that made the adapters; the on-topic term
+only with `--on-topic-model` (a second model in memory, so it is not loaded by default).
 Ctrl-D or Ctrl-C at the prompt leave; Ctrl-C while a reply is being written stops that reply.
 
 Only replies that came out whole go into the history the model sees next turn: a reply stopped by
@@ -21,7 +26,8 @@ from typing import Callable
 
 from .config import LARGEST_INT, GenerationSettings, apply_text_overrides, check_settings
 from .errors import GemmaMlxError
-from .generate import LoadedModel, check_context, load_model, prompt_rows, stream_reply
+from .generate import LoadedModel, check_context, generate_replies, load_model, prompt_rows, stream_reply
+from .scoring.best_of import candidate_settings, persona_words, pick_reply
 from .text import is_loop
 
 USER_PROMPT = "you> "
@@ -30,8 +36,9 @@ HELP = (
     "Commands: /retry (a new reply to your last message), /undo (drop the last exchange), /system TEXT "
     "(set the system prompt; /system alone clears it), /save PATH (the conversation as JSONL; /save --force "
     "PATH replaces a file), /reset (forget the conversation), /settings (show), /settings key=value ... "
-    "(change, e.g. /settings temperature=0.7 max_tokens=128), /help, /quit. Ctrl-D or Ctrl-C leaves."
+    "(change, e.g. /settings temperature=0.7 max_tokens=128; best_of=4 keeps the best of 4 replies), /help, /quit. Ctrl-D or Ctrl-C leaves."
 )
+MAX_BEST_OF = 16  # as compare's --best-of
 NOT_UTF8 = "(that line is not UTF-8 text, so it was skipped; the conversation is kept)"
 
 ReadLine = Callable[[str], str]  # shows a prompt, returns a line; EOFError / KeyboardInterrupt end the chat
@@ -55,10 +62,41 @@ def write_stdout(text: str) -> None:
     print(text, end="", flush=True)
 
 
-def describe_settings(settings: GenerationSettings) -> str:
+def describe_settings(settings: GenerationSettings, best_of: int = 1) -> str:
     values = dataclasses.asdict(settings)
     values.pop("samples")  # chat writes one reply per turn
-    return " ".join(f"{key}={value}" for key, value in values.items())
+    return " ".join(f"{key}={value}" for key, value in values.items()) + f" best_of={best_of}"
+
+
+@dataclass
+class BestOf:
+    """Chat's best of N: how many candidates, the persona's mean words (None: length is not ranked),
+    and the on-topic scorer of (message, reply) pairs (None: the on-topic term is skipped)."""
+
+    n: int = 1
+    target_words: float | None = None
+    scorer: Callable[[list[tuple[str, str]]], list[float | None]] | None = None
+
+    def cost(self) -> str:
+        """The one line that says what best of N costs and what it ranks by."""
+        length = (f"nearest the persona's {self.target_words:.0f} words" if self.target_words
+                  else "any length (no training summary gives the persona's)")
+        topic = ("then the highest on-topic score" if self.scorer
+                 else "no on-topic score (add --on-topic-model BASE_DIR for it)")
+        return (f"best of {self.n}: every reply is {self.n} rows decoded in one batch (about {self.n}x the work "
+                f"of one reply; shown when all have ended, not streamed); kept: a clean ending without a loop, "
+                f"{length}, {topic}")
+
+
+def parse_best_of(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_BEST_OF:
+        raise GemmaMlxError(f"best_of must be a whole number from 1 to {MAX_BEST_OF}, not '{value}'. "
+                            "Example: /settings best_of=4")
+    return n
 
 
 def change_settings(settings: GenerationSettings, assignments: list[str]) -> GenerationSettings:
@@ -138,13 +176,17 @@ def _check_fits(loaded: LoadedModel, conversation: Conversation, settings: Gener
     check_context(loaded, prompt_rows(loaded.tokenizer, [conversation.messages({"role": "user", "content": ""})], settings))
 
 
-def _answer(loaded, conversation: Conversation, text: str, settings: GenerationSettings, write: Write, labels: bool):
-    """Stream a reply to `text`; keep the exchange only when the reply came out whole."""
+def _answer(loaded, conversation: Conversation, text: str, settings: GenerationSettings, write: Write, labels: bool,
+            best: BestOf | None = None):
+    """Stream a reply to `text` (or pick the best of N); keep the exchange only when the reply came out whole."""
     conversation.pending = text
     seeded = dataclasses.replace(settings, seed=(settings.seed + conversation.attempt) % (LARGEST_INT + 1))
     shown: list[str] = []
     if labels:
         write(MODEL_PROMPT)
+    if best is not None and best.n > 1:
+        _answer_best(loaded, conversation, text, seeded, write, best)
+        return
 
     def show(piece: str) -> None:
         shown.append(piece)
@@ -164,6 +206,11 @@ def _answer(loaded, conversation: Conversation, text: str, settings: GenerationS
     except _LoopFound:
         write(" [loop: stopped here and left out of the conversation; /retry for another reply]\n")
         return
+    _keep(conversation, text, reply, write)
+
+
+def _keep(conversation: Conversation, text: str, reply, write: Write) -> None:
+    """Flag the shown reply's end and keep the exchange, unless the reply loops."""
     if is_loop(reply.text):  # a loop only the final, stripped text shows
         write(" [loop: left out of the conversation; /retry for another reply]\n")
         return
@@ -172,8 +219,30 @@ def _answer(loaded, conversation: Conversation, text: str, settings: GenerationS
     conversation.pending = None
 
 
-def _command(line: str, loaded, conversation: Conversation, settings: GenerationSettings, write: Write):
-    """Run one /command; returns the settings to use from now on, or None to leave."""
+def _answer_best(loaded, conversation: Conversation, text: str, seeded: GenerationSettings, write: Write,
+                 best: BestOf) -> None:
+    """N candidate replies in one batch (the first with the settings as they are, the others sampled);
+    the one pick_best keeps is written whole."""
+    messages = conversation.messages({"role": "user", "content": text})
+    variants = [dataclasses.replace(v, samples=1) for v in candidate_settings(seeded, best.n)]
+    try:
+        replies = generate_replies(loaded, [messages] * best.n, variants)
+        scores = best.scorer([(text, r.text) for r in replies]) if best.scorer else None
+    except GemmaMlxError as error:  # e.g. longer than the model can read: refuse this message only
+        conversation.pending = None
+        write(f"{error} That message was not sent; the conversation is kept.\n")
+        return
+    except KeyboardInterrupt:
+        write("[stopped; left out of the conversation, /retry for another reply]\n")
+        return
+    reply = replies[pick_reply(replies, text, best.target_words, scores)]
+    write(reply.text)
+    _keep(conversation, text, reply, write)
+
+
+def _command(line: str, loaded, conversation: Conversation, settings: GenerationSettings, write: Write,
+             best: BestOf):
+    """Run one /command; returns the settings to use from now on, or None to leave (best_of changes `best`)."""
     command, _, rest = line.partition(" ")
     rest = rest.strip()
     if command in ("/quit", "/exit"):
@@ -194,14 +263,22 @@ def _command(line: str, loaded, conversation: Conversation, settings: Generation
     elif command == "/save":
         write(_save_command(conversation, rest) + "\n")
     elif command == "/settings":
+        words = rest.split()
+        best_words = [w.partition("=")[2] for w in words if w.startswith("best_of=")]
         try:
-            changed = change_settings(settings, rest.split()) if rest else settings
+            n = parse_best_of(best_words[-1]) if best_words else best.n
+            others = [w for w in words if not w.startswith("best_of=")]
+            changed = change_settings(settings, others) if others else settings
             _check_fits(loaded, conversation, changed)
         except GemmaMlxError as error:
             write(f"{error} Settings unchanged.\n")
             return settings
         settings = changed
-        write(f"settings: {describe_settings(settings)}\n")
+        if n != best.n:
+            best.n = n
+            if n > 1:
+                write(f"({best.cost()})\n")
+        write(f"settings: {describe_settings(settings, best.n)}\n")
     elif command == "/help":
         write(HELP + "\n")
     else:
@@ -228,12 +305,15 @@ def chat_loop(
     write: Write = write_stdout,
     system: str | None = None,
     labels: bool = True,
+    best_of: BestOf | None = None,
 ) -> list[dict]:
     """Run the conversation until /quit, Ctrl-D or Ctrl-C; return its kept messages (for tests and callers).
 
-    `labels` False leaves out the "model> " label (piped use: one reply a line on stdout).
+    `labels` False leaves out the "model> " label (piped use: one reply a line on stdout). `best_of`:
+    keep the best of N replies (BestOf; /settings best_of=N changes N).
     """
     check_settings(settings)
+    best = best_of or BestOf()
     conversation = Conversation(system=system)
     while True:
         try:
@@ -250,14 +330,14 @@ def chat_loop(
         if line.split()[0] == "/retry":
             text = _retry(conversation, write)
         elif line.startswith("/"):
-            settings = _command(line, loaded, conversation, settings, write)
+            settings = _command(line, loaded, conversation, settings, write, best)
             if settings is None:
                 break
             continue
         else:
             text, conversation.attempt = line, 0
         if text is not None:
-            _answer(loaded, conversation, text, settings, write, labels)
+            _answer(loaded, conversation, text, settings, write, labels, best)
     return conversation.messages()
 
 
@@ -270,12 +350,30 @@ def run_chat(
     write: Write = write_stdout,
     progress: Callable[[str], None] | None = None,
     labels: bool = True,
+    best_of: int = 1,
+    on_topic_model: str | None = None,
 ) -> list[dict]:
-    """Load a model (dir, fused dir, or BASE::ADAPTERS) and chat with it."""
+    """Load a model (dir, fused dir, or BASE::ADAPTERS) and chat with it.
+
+    best_of: keep the best of that many replies; on_topic_model: a base model that scores whether a
+    candidate answers the message (loaded once, beside the chat model), else that term is skipped.
+    """
     check_settings(settings)
-    if progress is not None:
-        progress(f"loading {spec}" + (f" with adapters {adapter_path}" if adapter_path else ""))
+    n = parse_best_of(str(best_of))
+    say = progress or (lambda _: None)
+    say(f"loading {spec}" + (f" with adapters {adapter_path}" if adapter_path else ""))
     loaded = load_model(spec, adapter_path)
-    if progress is not None:
-        progress(f"chatting with {loaded.name} ({describe_settings(settings)}). {HELP}")
-    return chat_loop(loaded, settings, read_line=read_line, write=write, system=system, labels=labels)
+    best = BestOf(n, persona_words(loaded), on_topic_scorer(on_topic_model, say) if on_topic_model else None)
+    if n > 1:
+        say(best.cost())
+    say(f"chatting with {loaded.name} ({describe_settings(settings, n)}). {HELP}")
+    return chat_loop(loaded, settings, read_line=read_line, write=write, system=system, labels=labels, best_of=best)
+
+
+def on_topic_scorer(spec: str, say: Callable[[str], None]):
+    """(message, reply) pairs -> on-topic scores under the base model `spec`, loaded once now."""
+    from .scoring.ontopic import on_topic_scores
+
+    say(f"loading {spec} to score whether replies answer the message")
+    scoring = load_model(spec)
+    return lambda pairs: on_topic_scores(scoring.model, scoring.tokenizer, pairs)

@@ -627,8 +627,15 @@ def prefs(model, data, out, samples, split, persona, max_tokens, seed, no_on_top
               help="LoRA adapter dir to apply on top of MODEL (same as MODEL::ADAPTERS; --adapter-path as in mlx-lm).")
 @click.option("--system", "--system-prompt", "system",
               help="A system message, folded into the first user turn as Gemma 3 does (--system-prompt as in mlx-lm).")
+@click.option("--best-of", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="Sample this many replies in one batch and show the one that ends cleanly, does not loop and is "
+                   "nearest the persona's length (from the adapters' training run); N rows of work per reply, shown "
+                   "whole, not streamed. /settings best_of=N changes it.")
+@click.option("--on-topic-model", metavar="BASE_DIR",
+              help="With --best-of: also rank by whether a reply answers the message, scored by this un-tuned base "
+                   "model (a second model in memory). Without it best-of skips the on-topic term.")
 @generation_options
-def chat(model, adapter_path, system, model_option=None, **generation):
+def chat(model, adapter_path, system, model_option=None, best_of=1, on_topic_model=None, **generation):
     """Chat with MODEL in the terminal, with the same turn format and stop rules as compare.
 
     MODEL is a converted or fused model dir, a name converted earlier (outputs/models/NAME), or
@@ -643,6 +650,7 @@ def chat(model, adapter_path, system, model_option=None, **generation):
     Examples:
       gemma-mlx chat outputs/runs/bluey/gemma-3-270m/fused
       gemma-mlx chat gemma-3-270m --temperature 0.7 --top-p 0.95
+      gemma-mlx chat gemma-3-270m::outputs/runs/bluey/gemma-3-270m/adapters --best-of 4 --on-topic-model gemma-3-270m
     """
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -655,7 +663,8 @@ def chat(model, adapter_path, system, model_option=None, **generation):
     model = given_models([model] if model else [], [model_option] if model_option else [], many=False)[0]
     interactive = sys.stdin.isatty()  # piped: the prompts and labels stay off stdout, replies only
     run_chat(model, adapter_path, GenerationSettings(**generation), system=system, progress=echo_progress,
-             read_line=input if interactive else read_piped_line, labels=interactive)
+             read_line=input if interactive else read_piped_line, labels=interactive, best_of=best_of,
+             on_topic_model=on_topic_model)
 
 
 @cli.command(short_help="Chat with models side by side and rate them blind, in the browser.")

@@ -1,9 +1,12 @@
-"""Choosing by what a reader judges: the best of N replies to one prompt, and the best checkpoint.
+"""Choosing by what a reader judges: the best of N replies to one prompt (compare, chat, the arena).
 
 A reader rejects a reply that is cut off or trails off, one that goes round in circles, one far
 shorter or longer than the character talks, and one about something else. The functions here rank
 by exactly those, in that order, and take no model and no files: the on-topic scores come from
 scoring/ontopic.py and the lengths from the training or validation replies.
+
+The best checkpoint's score (checkpoint_score, length_fidelity) lives in the shared helper
+selection.py, so training may use it; it is re-exported here.
 
 Best of N (compare --best-of N): candidate 0 is the reply the settings give (greedy by default), the
 others are sampled; `pick_best` keeps one. Ranking, highest first:
@@ -23,8 +26,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..config import GenerationSettings
+from pathlib import Path
 
+from ..config import LARGEST_INT, GenerationSettings
+from ..selection import checkpoint_score, length_fidelity  # noqa: F401  (the best checkpoint: re-exported)
 from ..text import is_loop, word_count
 from .ontopic import echoes
 from .scorecard import ends_mid_sentence
@@ -81,11 +86,38 @@ def candidate_rows(prompts: list, settings: GenerationSettings, n: int) -> tuple
     Candidate 0 uses the settings as given; candidate k uses seed + k, and when the settings are
     greedy, samples at BEST_OF_TEMPERATURE (n greedy rows would be n copies of one reply).
     """
+    variants = candidate_settings(settings, n)
+    return [p for p in prompts for _ in range(n)], [v for _ in prompts for v in variants]
+
+
+def candidate_settings(settings: GenerationSettings, n: int) -> list[GenerationSettings]:
+    """The settings of one prompt's n candidates (see candidate_rows); chat and the arena use these too."""
     variants = [settings]
     for k in range(1, n):
         temperature = settings.temperature or BEST_OF_TEMPERATURE
-        variants.append(dataclasses.replace(settings, seed=settings.seed + k, temperature=temperature))
-    return [p for p in prompts for _ in range(n)], [v for _ in prompts for v in variants]
+        variants.append(dataclasses.replace(settings, seed=(settings.seed + k) % (LARGEST_INT + 1),
+                                            temperature=temperature))
+    return variants
+
+
+def pick_reply(replies: list, message: str, target_words: float | None = None,
+               scores: list[float | None] | None = None) -> int:
+    """pick_best over replies to one message (anything with .text and .finish_reason)."""
+    return pick_best([Candidate(r.text, r.finish_reason, scores[i] if scores else None, message)
+                      for i, r in enumerate(replies)], target_words)
+
+
+def persona_words(loaded) -> float | None:
+    """The persona's mean reply words for a loaded model (models.LoadedModel), from the training run
+    that made its adapters (summary "train_reply_words"); None for a base model or an older run."""
+    from ..models import train_manifest_of
+
+    manifest = loaded.manifest or {}
+    trained = manifest.get("train_manifest") if manifest.get("stage") == "fuse" else None
+    if getattr(loaded, "adapter_dir", None) is not None:
+        trained = train_manifest_of(Path(loaded.adapter_dir))
+    words = ((trained or {}).get("summary") or {}).get("train_reply_words")
+    return float(words) if isinstance(words, (int, float)) and words > 0 else None
 
 
 def choose(replies: list, n: int, scores: list[float | None] | None, target_words: float | None):
@@ -107,32 +139,3 @@ def choose(replies: list, n: int, scores: list[float | None] | None, target_word
         kept_scores.append(scores[members[pick]] if scores else None)
         picks.append(pick)
     return kept, (kept_scores if scores else None), picks
-
-
-# ---------------------------------------------------------------------------- the best checkpoint
-
-def length_fidelity(reply_words: float | None, reference_words: float | None) -> float | None:
-    """min(r, 1/r) for r = mean reply words / mean reference words: 1 at the reference's length,
-    0.5 at half or double it. None when either mean is unknown."""
-    if not reply_words or not reference_words:
-        return None if reply_words is None or not reference_words else 0.0
-    ratio = reply_words / reference_words
-    return min(ratio, 1 / ratio)
-
-
-def checkpoint_score(clean_rate: float, mean_words: float | None, reference_words: float | None,
-                     on_topic_rate: float | None = None) -> float:
-    """One number in [0, 1] to rank a checkpoint's greedy validation replies (higher is better).
-
-    The product clean_rate x length_fidelity x on_topic_rate: the three things a reader judges, each a
-    share in [0, 1], so a checkpoint has to do all three well, and being twice as good at one cannot
-    buy back failing another. "Most clean endings" alone cannot tell 8-word replies from 40-word ones
-    when the persona talks in 40; length fidelity can. A measure that is not available (no reference
-    lengths, no on-topic model) counts as 1, so the score falls back to what is known.
-    """
-    fidelity = length_fidelity(mean_words, reference_words)
-    parts = [clean_rate, 1.0 if fidelity is None else fidelity, 1.0 if on_topic_rate is None else on_topic_rate]
-    score = 1.0
-    for part in parts:
-        score *= min(max(part, 0.0), 1.0)
-    return score

@@ -103,7 +103,7 @@ def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = 
     A votes or conversations file whose last line a crash cut off is repaired here (the line moved
     aside, reported through `progress`), so one interrupted write never stops the arena from starting.
     """
-    from .models import display_name, model_dir_path
+    from .models import display_name, model_dir_path, split_spec
     from .scoring.inputs import check_model_specs
 
     run_dir = Path(run).expanduser().resolve() if run else None
@@ -116,7 +116,7 @@ def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = 
         manifest = read_manifest(run_dir) or {}
         models.update(_run_models(run_dir, manifest))
     for spec in specs:
-        base, _, adapters = str(spec).partition("::")
+        base, adapters = split_spec(spec)
         name = display_name(model_dir_path(base), Path(adapters) if adapters else None)
         models[name if name not in models else str(spec)] = str(spec)
     if not models:

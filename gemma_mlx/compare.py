@@ -22,17 +22,16 @@ from .scoring.inputs import (
     collect_prompts,
     find_run_dir,
     manifest_summary,
-    model_identity,
     read_loss_curve,
     read_persona,
     read_training_data,
-    spec_paths,
 )
 from .config import GenerationSettings, check_settings, to_dict
 from .errors import ConfigError
 from .text import plural
-from .generate import generate_replies, load_model
+from .generate import generate_replies
 from .scoring.judge import JUDGE_RUBRIC, JUDGE_SETTINGS, JUDGE_TEMPLATE, judge_replies
+from .model_ref import ModelRef, resolve
 from .manifest import (
     MANIFEST_NAME,
     Progress,
@@ -116,7 +115,7 @@ def _free_memory() -> None:
     mx.clear_cache()
 
 
-def run_model(spec: str, prompts: list[str], settings: GenerationSettings, position: str, progress: Progress,
+def run_model(ref: ModelRef, prompts: list[str], settings: GenerationSettings, position: str, progress: Progress,
               best_of: int = 1) -> ModelRun:
     """Load one model, answer every prompt in one batch, free it; timings and peak memory included.
 
@@ -127,9 +126,9 @@ def run_model(spec: str, prompts: list[str], settings: GenerationSettings, posit
 
     _free_memory()
     mx.reset_peak_memory()
-    progress(f"{position} loading {spec}")
+    progress(f"{position} loading {ref.spec}")
     started = time.perf_counter()
-    loaded = load_model(spec)
+    loaded = ref.load()
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
     rows, row_settings = best_of_n.candidate_rows(prompts, settings, best_of) if best_of > 1 else (prompts, settings)
@@ -137,16 +136,14 @@ def run_model(spec: str, prompts: list[str], settings: GenerationSettings, posit
     generate_seconds = time.perf_counter() - started
     peak_gb = mx.get_peak_memory() / 1e9
     tokens = sum(r.tokens for r in replies)
-    manifest = loaded.manifest
-    adapter_path = loaded.adapter_path
-    stage = "base+adapters" if adapter_path else (manifest or {}).get("stage")
+    manifest, adapter_path = ref.manifest, ref.adapters
     run_dir = find_run_dir(manifest, adapter_path)
     entry = ModelRun(
-        loaded_name=loaded.name,
-        spec=str(spec),
-        path=str(loaded.path),
+        loaded_name=ref.label,
+        spec=ref.spec,
+        path=str(ref.dir),
         adapter_path=str(adapter_path) if adapter_path else None,
-        stage=stage,
+        stage=ref.stage,
         manifest=manifest_summary(manifest),
         load_seconds=round(load_seconds, 3),
         generate_seconds=round(generate_seconds, 3),
@@ -159,7 +156,7 @@ def run_model(spec: str, prompts: list[str], settings: GenerationSettings, posit
         if run_dir else None,
         raw_replies=replies,
     )
-    progress(f"{position} {loaded.name}: {plural(len(replies), 'reply', 'replies')}, {plural(tokens, 'token')} in {generate_seconds:.1f}s "
+    progress(f"{position} {ref.label}: {plural(len(replies), 'reply', 'replies')}, {plural(tokens, 'token')} in {generate_seconds:.1f}s "
              f"({entry.tokens_per_second:.1f} tokens/s, peak {peak_gb:.2f} GB)")
     del loaded
     _free_memory()
@@ -248,22 +245,22 @@ def _default_out() -> Path:
     return out
 
 
-def _inputs_key(models, prompts, settings, persona, training, judge) -> dict:
+def _inputs_key(refs: list[ModelRef], prompts, settings, persona, training, judge: ModelRef | None) -> dict:
     return {
-        "models": [{"spec": str(s), "identity": [model_identity(p) for p in spec_paths(s)]} for s in models],
+        "models": [{"spec": ref.spec, "identity": list(ref.identity)} for ref in refs],
         "prompts": [t for t, _ in prompts],
         "settings": to_dict(settings),
         "persona": sha256_json(persona),
         "training_data": training["sha256"] if training else None,
-        "judge": {"spec": judge, "identity": [model_identity(p) for p in spec_paths(judge)]} if judge else None,
+        "judge": {"spec": judge.spec, "identity": list(judge.identity)} if judge else None,
     }
 
 
-def _input_paths(models: list[str], prompts: list, persona, training_data, judge) -> dict[str, Path]:
+def _input_paths(refs: list[ModelRef], prompts: list, persona, training_data, judge: ModelRef | None) -> dict[str, Path]:
     """Everything a comparison reads, which its report directory must never replace (the protocol's rule 1)."""
     paths = {}
-    for spec in [*models, *([judge] if judge else [])]:
-        for path in spec_paths(spec):
+    for ref in [*refs, *([judge] if judge else [])]:
+        for path in ref.paths:
             paths[f"the model {path}"] = path
     for item in prompts:
         if isinstance(item, Path):
@@ -356,26 +353,24 @@ def compare_models(
     progress = progress or quiet
     started = time.perf_counter()
     check_settings(settings)  # a bad setting fails now, not after the first model has loaded
-    models = [str(m) for m in models]
     prompt_pairs = collect_prompts(list(prompts))
-    check_model_specs(models)
-    if judge:
-        check_model_specs([judge])
+    refs = check_model_specs([str(m) for m in models])  # each spec resolved here, once; ModelRefs from here on
+    judge_ref = resolve(judge) if judge else None
     persona_info = read_persona(persona)
     training, training_replies, training_prompts = read_training_data(training_data)
-    inputs = _inputs_key(models, prompt_pairs, settings, persona_info, training, judge)
+    inputs = _inputs_key(refs, prompt_pairs, settings, persona_info, training, judge_ref)
     if best_of < 1:
         raise ConfigError(f"--best-of must be 1 or more, not {best_of}.")
-    on_topic_model = on_topic_model or ontopic.default_scoring_model(models)
-    if on_topic_model:
-        check_model_specs([on_topic_model])
-        inputs["on_topic"] = {"model": model_identity(spec_paths(on_topic_model)[0]),
+    on_topic_model = on_topic_model or ontopic.default_scoring_model(refs)
+    on_topic_ref = resolve(on_topic_model) if on_topic_model else None
+    if on_topic_ref:
+        inputs["on_topic"] = {"model": on_topic_ref.identity[0],
                               "threshold": ontopic.ON_TOPIC_THRESHOLD, "best_of": best_of}
     elif best_of > 1:
         inputs["best_of"] = best_of
     out = Path(out) if out else _default_out()
     output = StageOutput("compare", out, key=inputs,
-                         inputs=_input_paths(models, list(prompts), persona, training_data, judge))
+                         inputs=_input_paths(refs, list(prompts), persona, training_data, judge_ref))
     existing = check_output(output, force, progress, remake) and _existing_results(out)
     if existing:
         progress(f"compare: {out} already holds this comparison (same models, prompts and settings), nothing to do")
@@ -384,12 +379,12 @@ def compare_models(
 
     texts = [t for t, _ in prompt_pairs]
     entries = []
-    for i, spec in enumerate(models):
-        entries.append(run_model(spec, texts, settings, f"[model {i + 1}/{len(models)}]", progress, best_of))
+    for i, ref in enumerate(refs):
+        entries.append(run_model(ref, texts, settings, f"[model {i + 1}/{len(refs)}]", progress, best_of))
     for entry, name in zip(entries, unique_names(entries)):
         entry.name = name
-    topic = (ontopic.score_reply_lists(on_topic_model, [e.raw_replies for e in entries], progress)
-             if on_topic_model else [None] * len(entries))
+    topic = (ontopic.score_reply_lists(on_topic_ref, [e.raw_replies for e in entries], progress)
+             if on_topic_ref else [None] * len(entries))
     if best_of > 1:
         target = training["reply_words"]["mean"] if training else None
         for k, entry in enumerate(entries):
@@ -402,7 +397,7 @@ def compare_models(
         score_model(entry, texts, markers, persona_info["out_of_character"],
                     training["reply_words"] if training else None, scores)
     if judge:
-        judge_replies(judge, texts, entries, persona_info, settings.seed, progress)
+        judge_replies(judge_ref, texts, entries, persona_info, settings.seed, progress)
         _free_memory()
         for entry in entries:
             entry.scorecard = _scorecard(entry.replies, texts, bool(markers),

@@ -35,7 +35,7 @@ from .manifest import (
     versions,
 )
 from .model_card import card_text, run_records
-from .models import ADAPTER_SEPARATOR, _label, read_json, resolve_model_dir
+from .models import _label, read_json, resolve_model_dir, split_spec
 
 WEB_QUANT_DEFAULT = "q8_0"  # a page's model must stay small: see PAGE_SIZE_WARNING
 # Headless Chromium here refused to read a 543 MB model (NotReadableError from its blob store) and read a
@@ -76,8 +76,8 @@ def resolve_source(spec: str) -> ExportSource:
     from .models import check_adapters_fit
 
     spec = str(spec)
-    if ADAPTER_SEPARATOR in spec:
-        base_spec, adapter_spec = spec.split(ADAPTER_SEPARATOR, 1)
+    base_spec, adapter_spec = split_spec(spec)
+    if adapter_spec is not None:
         base = resolve_model_dir(base_spec).resolve()
         adapter_dir = check_adapter_dir(Path(adapter_spec).expanduser()).resolve()
         check_adapters_fit(base, adapter_dir)

@@ -34,6 +34,15 @@ def read_json(path: Path, what: str) -> dict:
         raise GemmaMlxError(f"Cannot read {path} ({error}). Re-create it with the stage that wrote it.") from None
 
 
+def split_spec(spec: str | Path) -> tuple[str, str | None]:
+    """(model part, adapter part or None) of a model spec: `DIR`, or `BASE_DIR::ADAPTER_DIR`.
+
+    The one place the separator is read; model_ref.resolve turns the parts into checked dirs.
+    """
+    model, separator, adapters = str(spec).partition(ADAPTER_SEPARATOR)
+    return model, (adapters if separator else None)
+
+
 def model_dir_path(spec: str | Path) -> Path:
     """The path a model spec names: a path as given, or a bare name converted earlier (outputs/models/<name>).
 
@@ -202,13 +211,13 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None) -> Load
     """Load a converted or fused model dir, or a base model with LoRA adapters (`BASE::ADAPTERS`)."""
     from .adapters import check_adapter_dir
 
-    spec_text = str(spec)
-    if ADAPTER_SEPARATOR in spec_text:
+    spec_text, named = split_spec(spec)
+    if named is not None:
         if adapter_path is not None:
             raise GemmaMlxError(
-                f"{spec_text} already names adapters after '{ADAPTER_SEPARATOR}'; do not also pass an adapter path."
+                f"{spec} already names adapters after '{ADAPTER_SEPARATOR}'; do not also pass an adapter path."
             )
-        spec_text, adapter_path = spec_text.split(ADAPTER_SEPARATOR, 1)
+        adapter_path = named
     model_dir = resolve_model_dir(spec_text)
     adapter_dir = check_adapter_dir(Path(adapter_path).expanduser()) if adapter_path is not None else None
     model, tokenizer = load(model_dir, adapter_dir)  # LoRA + trained turn-token rows

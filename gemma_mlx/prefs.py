@@ -165,11 +165,12 @@ def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | No
 
 def _on_topic_scores(spec: str, replies: list, progress: Progress) -> list[float | None] | None:
     """On-topic scores by the base model of `spec` (None, with a note, when no base is found)."""
+    from .model_ref import resolve
     from .scoring.ontopic import default_scoring_model, score_reply_lists
 
-    base = default_scoring_model([spec])
+    base = default_scoring_model([resolve(spec)])
     if base is None:
         progress("prefs: no base model found to score on-topic; ranking without it")
         return None
-    return score_reply_lists(base, [replies], progress)[0]
+    return score_reply_lists(resolve(base), [replies], progress)[0]
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from .adapters import ADAPTERS_FILE, damaged_safetensors, remove_unfinished_saves
 from .models import resolve_model_dir
+from .model_ref import fingerprint
 from .config import NAME, LoraSettings, PreferenceSettings, TrainSettings, check_settings, to_dict
 from .errors import ConfigError, DamagedFileError, OutputExistsError, TrainingError
 from .training.setup import OPTIMIZER_FILE, RESUME_FILE, RunSetup, read_metrics
@@ -37,7 +38,6 @@ from .manifest import (
     read_manifest,
     release_output,
     replace_dir,
-    sha256_json,
     versions,
     write_error,
     write_json,
@@ -68,11 +68,8 @@ def want_turn_tokens(setting: str, flavour: str) -> bool:
 
 
 def _base_id(model_dir: Path, manifest: dict | None) -> str:
-    """What identifies the base model: its manifest, or its files' names, sizes and times."""
-    if manifest:
-        return sha256_json(manifest)
-    files = {p.name: [p.stat().st_size, p.stat().st_mtime] for p in sorted(model_dir.iterdir()) if p.is_file()}
-    return sha256_json(files)
+    """What identifies the base model: the one model fingerprint compare's inputs record too (model_ref)."""
+    return fingerprint(model_dir, manifest)
 
 
 def plan_run(model, data, out, lora, train, run_name) -> RunSetup:

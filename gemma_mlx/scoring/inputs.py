@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointError, DataError
-from ..models import ADAPTER_SEPARATOR, model_dir_path, resolve_model_dir
-from ..manifest import read_manifest, sha256_json
+from ..model_ref import ModelRef, resolve
 from ..text import length_stats, word_count
 
 
@@ -48,44 +47,18 @@ def collect_prompts(prompts: list[str | Path]) -> list[tuple[str, str]]:
     return unique
 
 
-def spec_paths(spec: str) -> list[Path]:
-    """The directories a model spec names (the model, then its adapters if any), read as load_model reads them."""
-    model, separator, adapters = str(spec).partition(ADAPTER_SEPARATOR)
-    return [model_dir_path(model)] + ([Path(adapters).expanduser()] if separator else [])
-
-
-def check_model_specs(models: list[str]) -> None:
-    """Fail before any model loads when a model or adapter directory is missing, incomplete or named twice."""
-    from ..adapters import check_adapter_dir
-
+def check_model_specs(models: list[str]) -> list[ModelRef]:
+    """Every model spec resolved once (model_ref.resolve), before any model loads: a model or adapter
+    directory that is missing or incomplete, or a model named twice, fails here."""
     if not models:
         raise CheckpointError("No models to compare. Give one or more model directories (or BASE::ADAPTERS).")
-    for spec in models:
-        paths = spec_paths(spec)
-        for path in paths:
-            if not path.is_dir():
-                what = "does not exist" if not path.exists() else "is not a directory"
-                raise CheckpointError(
-                    f"Model {path} {what}. Give a converted or fused model directory (gemma-mlx convert / fuse), "
-                    "or BASE_DIR::ADAPTER_DIR for a base model with LoRA adapters."
-                )
-        resolve_model_dir(paths[0])  # config, weights and tokenizer are there
-        if len(paths) > 1:
-            check_adapter_dir(paths[1])
+    refs = [resolve(spec) for spec in models]
     seen = set()
-    for spec in models:
-        key = tuple(p.resolve() for p in spec_paths(spec))
-        if key in seen:
-            raise CheckpointError(f"Model {spec} is given twice. Each model is compared once; remove the repeat.")
-        seen.add(key)
-
-
-def model_identity(directory: Path) -> str:
-    """A cheap fingerprint of a model or adapter dir: its manifest, else its files' names, sizes, times."""
-    manifest = read_manifest(directory)
-    if manifest:
-        return sha256_json(manifest)
-    return sha256_json(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir() if p.is_file()))
+    for ref in refs:
+        if ref.same_as in seen:
+            raise CheckpointError(f"Model {ref.spec} is given twice. Each model is compared once; remove the repeat.")
+        seen.add(ref.same_as)
+    return refs
 
 
 def read_training_data(training_data: Path | None) -> tuple[dict | None, list[str], list[tuple[str, str]]]:

@@ -11,7 +11,8 @@ import re
 from typing import Callable
 
 from ..config import GenerationSettings
-from ..generate import generate_replies, load_model
+from ..generate import generate_replies
+from ..model_ref import ModelRef
 
 JUDGE_RUBRIC = "in character, on topic, complete"
 JUDGE_SETTINGS = GenerationSettings(max_tokens=8, temperature=0.0)
@@ -37,15 +38,15 @@ def judge_prompt(prompt: str, reply: str, persona: dict) -> str:
     return JUDGE_TEMPLATE.format(who=who, prompt=prompt, reply=reply.strip() or "(empty)")
 
 
-def judge_replies(judge: str, prompts: list[str], models: list, persona: dict, seed: int,
+def judge_replies(judge: ModelRef, prompts: list[str], models: list, persona: dict, seed: int,
                   progress: Callable[[str], None]) -> None:
     """Score every reply of every model (compare.ModelRun) in one batch; fills reply["judge_score"] and ["judge_raw"].
 
     The judge is loaded here and dropped on return; the caller frees MLX's buffer cache.
     """
     replies = [r for m in models for r in m.replies]
-    progress(f"judge: loading {judge}")
-    loaded = load_model(judge)
+    progress(f"judge: loading {judge.spec}")
+    loaded = judge.load()
     progress(f"judge: scoring {len(replies)} replies")
     texts = [judge_prompt(prompts[r["prompt_index"]], r["text"], persona) for r in replies]
     answers = generate_replies(loaded, texts, dataclasses.replace(JUDGE_SETTINGS, seed=seed))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..chat_format import BOS_ID, PAD_ID, encode
+from ..model_ref import ModelRef
 from ..text import is_loop, words
 
 # Fixed before 62 hand-labelled replies were scored by the real Gemma 3 270M base; the best threshold
@@ -181,39 +182,33 @@ def on_topic_rate(flags: list[bool | None]) -> float | None:
 
 # ---------------------------------------------------------------------------- in compare
 
-def default_scoring_model(specs: list[str]) -> str | None:
+def default_scoring_model(refs: list[ModelRef]) -> str | None:
     """The base model to score with: a compared converted (un-tuned) model, else the base under
     BASE::ADAPTERS, else the base a fused model's manifest names; None when none is found."""
-    from ..manifest import read_manifest
-    from .inputs import spec_paths
-
-    paths = [spec_paths(spec) for spec in specs]
-    for found in paths:
-        if len(found) == 1 and (read_manifest(found[0]) or {}).get("stage") == "convert":
-            return str(found[0])
-    for found in paths:
-        if len(found) > 1:
-            return str(found[0])
-    for found in paths:
-        base = (read_manifest(found[0]) or {}).get("base_model")
+    for ref in refs:
+        if ref.stage == "convert":
+            return str(ref.dir)
+    for ref in refs:
+        if ref.adapters is not None:
+            return str(ref.dir)
+    for ref in refs:
+        base = (ref.manifest or {}).get("base_model")
         if base and Path(base).is_dir():
             return str(base)
     return None
 
 
-def score_reply_lists(spec: str, reply_lists: list[list], progress=None) -> list[list[float | None]]:
-    """On-topic scores for several models' replies (generate.Reply: .prompt, .text), loading `spec` once
-    and scoring every pair in one call."""
+def score_reply_lists(ref: ModelRef, reply_lists: list[list], progress=None) -> list[list[float | None]]:
+    """On-topic scores for several models' replies (generate.Reply: .prompt, .text), loading the
+    scoring model once and scoring every pair in one call."""
     import gc
     import time
 
     import mlx.core as mx
 
-    from ..models import load_model
-
     pairs = [(r.prompt, r.text) for replies in reply_lists for r in replies]
     started = time.perf_counter()
-    loaded = load_model(spec)
+    loaded = ref.load()
     scores = on_topic_scores(loaded.model, loaded.tokenizer, pairs)
     if progress is not None:
         progress(f"on topic: {len(pairs)} replies scored by {loaded.name} in {time.perf_counter() - started:.1f}s")

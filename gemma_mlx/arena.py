@@ -53,6 +53,7 @@ class ArenaSetup:
     reports: list[str] = field(default_factory=list)  # paths under run_dir
     settings: GenerationSettings = field(default_factory=GenerationSettings)  # the run's, else compare's defaults
     conversations: Path | None = None  # default: conversations.jsonl beside the votes
+    best_of: int = 1  # every reply the best of this many samples (serving/best_of.py)
 
     def __post_init__(self):
         if self.conversations is None:

@@ -683,7 +683,10 @@ def chat(model, adapter_path, system, model_option=None, best_of=1, on_topic_mod
               help="Do not serve: write the decided votes as {prompt, chosen, rejected} JSONL to this file.")
 @click.option("--force", is_flag=True,
               help="With --export-preferences: replace that file if it exists (never the votes file).")
-def arena(models, run_dir, votes, host, port, allow_hosts, export_preferences, force):
+@click.option("--best-of", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="Every reply is the best of this many samples (N rows in the engine per reply, shown whole when "
+                   "all have ended): a clean ending without a loop, then the persona's length. No on-topic term.")
+def arena(models, run_dir, votes, host, port, allow_hosts, export_preferences, force, best_of=1):
     """A local web page: every model answers the same prompt in its own column, streamed; or two
     anonymous models answer as A and B, you vote (keys 1-4), then see their names. Votes become
     Bradley-Terry ratings with 95% intervals and export as a preference dataset.
@@ -703,6 +706,9 @@ def arena(models, run_dir, votes, host, port, allow_hosts, export_preferences, f
         count = export(setup.votes, export_preferences, force=force)
         click.echo(f"{count} preference pairs from {setup.votes} -> {export_preferences}")
         return
+    setup.best_of = best_of
+    if best_of > 1:
+        echo_progress(f"arena: every reply is the best of {best_of} samples ({best_of} rows in the engine per reply)")
     serve_arena(setup, host=host, port=port, progress=echo_progress, allow_hosts=allow_hosts)
 
 

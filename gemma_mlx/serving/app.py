@@ -100,6 +100,11 @@ def make_app(setup, engine, allowed_hosts: set[str] | None = None, on_signal: Ca
 
     from .ratings import CHOICES, append_vote, leaderboard, preference_rows, read_votes
 
+    best_of = getattr(setup, "best_of", 1)
+    if best_of > 1:  # every reply is the best of n (serving/best_of.py); the engine's interface is unchanged
+        from .best_of import BestOfEngine
+
+        engine = BestOfEngine(engine, best_of)
     live = Conversations()
     names = list(setup.models)
     saved_file = setup.conversations
@@ -133,7 +138,7 @@ def make_app(setup, engine, allowed_hosts: set[str] | None = None, on_signal: Ca
         defaults = setup.settings
         return JSONResponse({"models": names, "prompt_sets": setup.prompt_sets, "reports": setup.reports,
                              "settings": {k: getattr(defaults, k) for k in SETTING_KEYS},
-                             "blind": len(names) >= 2, "votes_file": str(setup.votes),
+                             "blind": len(names) >= 2, "best_of": best_of, "votes_file": str(setup.votes),
                              "conversations_file": str(saved_file)})
 
     @_answering

@@ -96,8 +96,9 @@ async function send() {
 async function follow(mode, chat, sides, items) {
   setBusy(true);
   if (mode === "blind") setVoting(false);
+  const waiting = info.best_of > 1 ? `sampling ${info.best_of} replies...` : "writing...";
   const replies = await Promise.all(sides.map((side, i) =>
-    streamInto(`/api/chat/${chat.id}/stream?side=${encodeURIComponent(side)}`, items[i])));
+    streamInto(`/api/chat/${chat.id}/stream?side=${encodeURIComponent(side)}`, items[i], waiting)));
   setBusy(false);
   if (chats[mode] !== chat) return; // a new chat or battle began meanwhile
   if (mode === "blind" && !chat.voted && replies.every((reply) => reply)) setVoting(true);
@@ -281,6 +282,10 @@ function newChat() {
 async function start() {
   try { info = await checked(await fetch("/api/models")); } catch (error) { showError(error.message); return; }
   for (const key of SETTINGS) $("#" + key).value = info.settings[key];
+  if (info.best_of > 1) { // the same for every model and side, so it names none in a blind battle
+    $("#best-of-note").textContent = `Every reply is the best of ${info.best_of} samples, shown once all have ended.`;
+    $("#best-of-note").hidden = false;
+  }
   const picks = $("#model-picks");
   for (const model of info.models) {
     const label = document.createElement("label");

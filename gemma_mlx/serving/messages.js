@@ -20,6 +20,7 @@ function badges(box, reply) {
     else tags.push("stopped by itself");
     if (reply.loop) tags.push("loop");
     if (reply.stop_token && !["<end_of_turn>", "<eos>"].includes(reply.stop_token)) tags.push(`stopped by ${reply.stop_token}`);
+    if (reply.best_of) tags.push(`best of ${reply.best_of.n}`);
   }
   for (const tag of tags) {
     const span = document.createElement("span");
@@ -73,11 +74,12 @@ async function copyText(pre, button) {
 }
 
 // One reply streamed over server-sent events into a model message; resolves with the reply (null: failed).
-function streamInto(url, item) {
+// `waiting` is shown until the reply ends ("sampling 4 replies..." when the arena keeps the best of 4).
+function streamInto(url, item, waiting = "writing...") {
   const pre = item.querySelector("pre.reply");
   const box = item.querySelector(".badges");
   pre.textContent = "";
-  box.textContent = "writing...";
+  box.textContent = waiting;
   return new Promise((resolve) => {
     const source = new EventSource(url);
     source.addEventListener("text", (event) => { pre.textContent += JSON.parse(event.data).text; });

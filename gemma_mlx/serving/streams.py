@@ -12,9 +12,11 @@ def reply_json(reply) -> dict:
     from ..scoring.scorecard import reply_flags
 
     flags = reply_flags(reply.text, reply.finish_reason, markers=[], out_of_character=[])
+    kept = getattr(reply, "best_of", None)  # serving/best_of.py: {"n", "kept"} when sampled n times
     return {"text": reply.text, "tokens": reply.tokens, "finish_reason": reply.finish_reason,
             "stop_token": reply.stop_token, "seconds": reply.seconds,
-            **{key: flags[key] for key in ("words", "cut", "empty", "mid_sentence", "loop")}}
+            **{key: flags[key] for key in ("words", "cut", "empty", "mid_sentence", "loop")},
+            **({"best_of": kept} if isinstance(kept, dict) else {})}
 
 
 def _sse(kind: str, data: dict) -> str:

@@ -35,8 +35,6 @@ DEFAULT_ROWS = 128
 MAX_PREFILL_ROWS = 32
 PROGRESS_SECONDS = 15.0  # a progress line at least this often while a batch runs
 
-OnToken = Callable[[int, int], None]  # (row index, token id) for every reply token, as it is made
-
 
 @dataclass
 class Reply:
@@ -283,44 +281,43 @@ def finished_reply(tokenizer, row: Row, tokens: list[int], reason: str, stop_id:
 
 
 def _run_rows(loaded: LoadedModel, rows: list[Row], progress: Progress | None = None,
-              on_token: OnToken | None = None) -> list[Reply]:
-    """Decode all rows in one BatchGenerator and turn the token streams into Replies."""
+              on_text: Callable[[str], None] | None = None) -> list[Reply]:
+    """Decode all rows in one BatchGenerator (through a decoding.Driver) and turn them into Replies.
+
+    on_text, for one row (chat), hears the reply's text piece by piece as it is made.
+    """
     check_context(loaded, rows)
     from .decode_step import rows_that_fit
+    from .decoding import Driver
 
     generator = new_generator(loaded, rows_that_fit(loaded.model, rows, DEFAULT_ROWS, MAX_BATCH_ROWS))
+    driver = Driver(generator, loaded.tokenizer, text=on_text is not None)
     try:
-        uids = insert_rows(generator, loaded, rows)
-        index_of = {uid: i for i, uid in enumerate(uids)}
-        tokens: list[list[int]] = [[] for _ in rows]
-        finished: dict[int, tuple[str, int | None, float]] = {}
+        driver.track(insert_rows(generator, loaded, rows), list(range(len(rows))))
+        replies: dict[int, Reply] = {}
+        made = 0
         started = last_report = time.perf_counter()
-        while responses := generator.next_generated():
+        while (events := driver.step()) is not None:
             now = time.perf_counter()
             if progress is not None and now - last_report >= PROGRESS_SECONDS:  # a long batch shows it is alive
                 last_report = now
-                made = sum(len(t) for t in tokens)
-                progress(f"{loaded.name}: {len(finished)}/{len(rows)} replies done, {made} tokens in {now - started:.0f}s "
+                progress(f"{loaded.name}: {len(replies)}/{len(rows)} replies done, {made} tokens in {now - started:.0f}s "
                          f"({made / (now - started):.0f} tokens/s)")
-            for response in responses:
-                i = index_of[response.uid]
-                stop_id = None
-                if response.finish_reason == "stop":
-                    stop_id = response.token  # the ending token is reported, never shown
-                else:
-                    tokens[i].append(response.token)
-                    if on_token is not None:
-                        on_token(i, response.token)
-                if response.finish_reason is not None:
-                    finished[i] = (response.finish_reason, stop_id, time.perf_counter() - started)
+            for event in events:
+                made += event.stop_id is None
+                if event.piece and on_text is not None:
+                    on_text(event.piece)
+                if event.finish_reason is not None:
+                    i = event.stream.tag
+                    replies[i] = finished_reply(loaded.tokenizer, rows[i], event.stream.tokens, event.finish_reason,
+                                                event.stop_id, event.seconds)
                     # a line per quarter of the batch: enough to see it move, not a wall of text
-                    done = len(finished)
+                    done = len(replies)
                     if progress is not None and (done == len(rows) or done % max(1, len(rows) // 4) == 0):
                         progress(f"{loaded.name}: {done}/{len(rows)} replies done")
     finally:
-        generator.close()
-
-    return [finished_reply(loaded.tokenizer, row, tokens[i], *finished[i]) for i, row in enumerate(rows)]
+        driver.close()
+    return [replies[i] for i in range(len(rows))]
 
 
 def generate_replies(
@@ -355,22 +352,4 @@ def stream_reply(
     """
     settings = dataclasses.replace(settings, samples=1)
     rows = prompt_rows(loaded.tokenizer, [messages], settings)
-    detokenizer = loaded.tokenizer.detokenizer
-    detokenizer.reset()
-    shown = {"any": False}
-
-    def emit(text: str) -> None:
-        if not shown["any"]:  # hold back leading whitespace, as the final text is stripped
-            text = text.lstrip()
-            shown["any"] = bool(text)
-        if text and on_text is not None:
-            on_text(text)
-
-    def on_token(_row: int, token: int) -> None:
-        detokenizer.add_token(token)
-        emit(detokenizer.last_segment)
-
-    reply = _run_rows(loaded, rows, on_token=on_token)[0]
-    detokenizer.finalize()
-    emit(detokenizer.last_segment.rstrip())
-    return reply
+    return _run_rows(loaded, rows, on_text=on_text)[0]

@@ -137,3 +137,19 @@ def test_a_batch_holds_the_rows_memory_allows_and_the_rest_wait_their_turn(livel
     assert [r.text for r in two_at_a_time] == [r.text for r in everyone]
     monkeypatch.setattr(backend, "machine_memory", lambda: None)  # unknown: the old fixed batch
     assert decode_step.rows_that_fit(lively.model, rows, 4, 1024) == 4
+
+
+def test_the_driver_streams_text_without_decoding_the_whole_reply_at_every_step(lively, monkeypatch):
+    """chat (stream_reply) gets its text piece by piece from the one driver's incremental detokenizer: the pieces
+    joined are the reply's text, and the reply's whole text is decoded at its end only, not once per token."""
+    from gemma_mlx.generate import stream_reply
+
+    hf = lively.tokenizer._tokenizer
+    real, whole = hf.decode, []
+    monkeypatch.setattr(hf, "decode", lambda ids, *a, **k: whole.append(len(ids)) or real(ids, *a, **k))
+    pieces = []
+    reply = stream_reply(lively, [{"role": "user", "content": PROMPTS[0]}], G(max_tokens=40, repetition_penalty=1.0),
+                         on_text=pieces.append)
+    assert reply.tokens == 40 and reply.finish_reason == "length" and len(pieces) > 5
+    assert "".join(pieces) == reply.text
+    assert whole and len(whole) <= 2 and set(whole) == {40}  # the driver's check at the end, and the Reply's text

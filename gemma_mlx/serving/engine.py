@@ -2,7 +2,8 @@
 
 The web server's handlers run elsewhere (an asyncio loop); they submit a conversation and get its
 reply back piece by piece through a callback. The engine thread keeps one mlx-lm BatchGenerator per
-model and steps each in turn, inserting new requests into the running batch, so eight concurrent
+model, driven by a decoding.Driver (the one compare and chat use, with its incremental
+detokenizer), and steps each in turn, inserting new requests into the running batch, so eight concurrent
 requests to one model are decoded together instead of waiting in line. Prompts, stop rules and
 sampling are the generation engine's own (generate.py), so a reply here is the reply compare or
 chat would give with the same settings.
@@ -23,10 +24,11 @@ import itertools
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from ..config import GenerationSettings
+from ..decoding import Driver
 from ..errors import GemmaMlxError
 from ..generate import Reply, finished_reply, insert_rows, new_generator, prompt_rows
 from ..models import LoadedModel, load_model
@@ -58,14 +60,11 @@ class _Cancel:
 
 @dataclass
 class _Live:
-    """A row being decoded: its tokens so far and how much of their text was already sent."""
+    """A reply being decoded: its row and who hears it (the driver keeps its tokens and text)."""
 
     row: object
     on_event: OnEvent
-    started: float
     handle: int = 0
-    tokens: list[int] = field(default_factory=list)
-    sent: str = ""
 
 
 class Engine:
@@ -146,7 +145,7 @@ class Engine:
             self._ready.set()
             return
         self._ready.set()
-        generators: dict[str, object] = {}
+        generators: dict[str, Driver] = {}
         live: dict[str, dict[int, _Live]] = {name: {} for name in self.models}
         self._live = live
         while not self._stop:
@@ -199,12 +198,14 @@ class Engine:
         try:
             (row,) = prompt_rows(loaded.tokenizer, [request.messages], [request.settings])
             if request.model not in generators:
-                generators[request.model] = new_generator(loaded)
-            (uid,) = insert_rows(generators[request.model], loaded, [row])
+                generators[request.model] = Driver(new_generator(loaded), loaded.tokenizer, text=True)
+            driver = generators[request.model]
+            (uid,) = insert_rows(driver.generator, loaded, [row])
         except Exception as error:  # a prompt beyond the context, a malformed conversation
             _tell(request.on_event, "error", str(error))
             return
-        live[request.model][uid] = _Live(row, request.on_event, time.perf_counter(), request.handle)
+        driver.track([uid], [row])
+        live[request.model][uid] = _Live(row, request.on_event, request.handle)
 
     def _cancel(self, handle: int, generators: dict, live: dict) -> None:
         """Take the reply's row out of its batch and end the reply with what it has. The queue is in order,
@@ -213,36 +214,26 @@ class Engine:
             for uid, state in list(rows.items()):
                 if state.handle != handle:
                     continue
-                generators[name].remove([uid])
+                stream, piece = generators[name].remove(uid)
                 del rows[uid]
-                tokenizer = self.models[name].tokenizer
-                reply = finished_reply(tokenizer, state.row, state.tokens, CANCELLED, None,
-                                       time.perf_counter() - state.started)
-                if len(reply.text) > len(state.sent) and reply.text.startswith(state.sent):
-                    _tell(state.on_event, "text", reply.text[len(state.sent):])
-                _tell(state.on_event, "done", reply)
+                if piece:
+                    _tell(state.on_event, "text", piece)
+                _tell(state.on_event, "done", finished_reply(self.models[name].tokenizer, state.row, stream.tokens,
+                                                             CANCELLED, None, time.perf_counter() - stream.started))
                 return
 
-    def _step(self, name: str, generator, rows: dict[int, _Live]) -> None:
-        tokenizer = self.models[name].tokenizer
-        for response in generator.next_generated() or []:
-            state = rows.get(response.uid)
+    def _step(self, name: str, driver: Driver, rows: dict[int, _Live]) -> None:
+        for event in driver.step() or []:
+            state = rows.get(event.uid)
             if state is None:
                 continue
-            stop_id = response.token if response.finish_reason == "stop" else None
-            if stop_id is None:
-                state.tokens.append(response.token)
-                text = tokenizer.decode(state.tokens).lstrip()
-                if not text.endswith("\ufffd") and len(text) > len(state.sent):  # hold back half a character
-                    _tell(state.on_event, "text", text[len(state.sent):])
-                    state.sent = text
-            if response.finish_reason is not None:
-                reply: Reply = finished_reply(tokenizer, state.row, state.tokens, response.finish_reason, stop_id,
-                                              time.perf_counter() - state.started)
-                if len(reply.text) > len(state.sent) and reply.text.startswith(state.sent):
-                    _tell(state.on_event, "text", reply.text[len(state.sent):])
+            if event.piece:
+                _tell(state.on_event, "text", event.piece)
+            if event.finish_reason is not None:
+                reply: Reply = finished_reply(self.models[name].tokenizer, state.row, event.stream.tokens,
+                                              event.finish_reason, event.stop_id, event.seconds)
                 _tell(state.on_event, "done", reply)
-                del rows[response.uid]
+                del rows[event.uid]
 
 
 def _tell(on_event: OnEvent, kind: str, payload) -> None:

@@ -521,8 +521,9 @@ def compare(models, model_options, prompt_files, prompt_texts, persona, training
 @click.option("--turn-token-lr-scale", type=float, help="The turn-token rows learn at the learning rate times this.")
 @click.option("--val-generation-tokens", type=int,
               help="Each validation answers up to 16 validation prompts greedily with this many tokens (0: off).")
-@click.option("--best-by", type=click.Choice(["stops", "loss"]),
-              help="Keep as best: most clean greedy endings (stops) or the lowest validation loss.")
+@click.option("--best-by", type=click.Choice(["stops", "score", "loss"]),
+              help="Keep as best: most clean greedy endings (stops), clean endings x length fidelity (score: the "
+                   "greedy replies' words against the validation replies' own) or the lowest validation loss.")
 @click.option("--seed", type=int, help="Data order, LoRA initialisation and dropout.")
 @click.option("--fine-tune-type", type=click.Choice(["lora", "dora", "full"]), help="LoRA, DoRA or full fine-tuning.")
 @click.option("--rank", type=int, help="LoRA rank r.")
@@ -548,7 +549,8 @@ def train(model, data, config_path, out, run_name, resume, force, no_memory_chec
     Every example trains every epoch, in length-bucketed batches; by default the loss counts reply
     tokens only. Each validation also answers validation prompts greedily; the adapters kept in the
     output directory are those with the most clean endings (stopped by themselves, no loop; the later
-    validation on a tie), or the lowest validation loss with --best-by loss. The final ones go to
+    validation on a tie); --best-by score also weighs how near their length is to the validation
+    replies', and --best-by loss keeps the lowest validation loss. The final ones go to
     last/, with metrics.jsonl, summary.json, loss.svg and manifest.json. The adapters use mlx-lm's
     layout, but a base (-pt) model's trained turn-token rows live beside them, which `mlx_lm generate
     --adapter-path` does not load: its replies then do not stop. Fuse first (`gemma-mlx fuse`) and give

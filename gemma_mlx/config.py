@@ -70,8 +70,8 @@ class TrainSettings:
     # and count clean endings (stopped by itself, no loop); 0: off
     val_generation_tokens: int = 160
     # which validation keeps the "best" adapters: stops = most clean endings (later wins a tie);
-    # loss = lowest validation loss
-    best_by: str = "stops"  # stops | loss
+    # score = clean endings x length fidelity (selection.checkpoint_score); loss = lowest validation loss
+    best_by: str = "stops"  # stops | score | loss
 
 
 @dataclass
@@ -162,7 +162,7 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "train.turn_token_lr_scale": (lambda v: v > 0, "above 0"),
     "train.end_of_turn_weight": (lambda v: v > 0, "above 0"),
     "train.val_generation_tokens": (lambda v: v >= 0, "0 (off) or more"),
-    "train.best_by": (lambda v: v in ("stops", "loss"), "stops or loss"),
+    "train.best_by": (lambda v: v in ("stops", "score", "loss"), "stops, score or loss"),
     "preferences.beta": (lambda v: v > 0, "above 0"),
     "preferences.learning_rate": (lambda v: v > 0, "above 0"),
     "preferences.epochs": (lambda v: v >= 1, "at least 1"),

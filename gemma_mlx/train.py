@@ -236,6 +236,40 @@ def refuse_damaged_weights(work: Path, consequence: str) -> None:
                                f"disk, so {consequence}")
 
 
+def validation_table(metrics: list[dict], kept_step: int | None) -> list[dict]:
+    """summary.json's per-validation table: what each validation measured and which one was kept.
+
+    One row per validation record of metrics.jsonl: epoch, step, loss, the greedy replies' clean
+    endings (count, of, rate), their mean words and that against the validation replies' own, the
+    score (selection.checkpoint_score), and kept: true on the validation whose adapters are the best.
+    """
+    rows = []
+    for m in metrics:
+        if m["split"] != "valid":
+            continue
+        rows.append({"epoch": m["epoch"], "step": m["step"], "loss": m.get("loss"),
+                     "clean": m.get("gen_clean"), "replies": m.get("gen_replies"),
+                     "clean_rate": m.get("gen_clean_rate"), "mean_words": m.get("gen_mean_words"),
+                     "words_vs_valid": m.get("gen_words_vs_valid"), "score": m.get("gen_score"),
+                     "kept": m["step"] == kept_step})
+    return rows
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """The per-validation table as the end of a run prints it (nothing without greedy validation replies)."""
+    if not any(r["clean"] is not None for r in rows):
+        return []
+    lines = ["epoch  clean   words  vs valid  score  loss"]
+    for r in rows:
+        ratio = f"{r['words_vs_valid']:.2f}x" if r["words_vs_valid"] is not None else "-"
+        score = f"{r['score']:.2f}" if r["score"] is not None else "-"
+        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
+        clean = f"{r['clean']}/{r['replies']}" if r["clean"] is not None else "-"
+        words = f"{r['mean_words']:.1f}" if r["mean_words"] is not None else "-"
+        lines.append(f"{r['epoch']:<6g} {clean:<7} {words:<6} {ratio:<9} {score:<6} {loss}" + ("  <- kept" if r["kept"] else ""))
+    return lines
+
+
 def finish_run(setup: RunSetup, summary: dict) -> dict:
     """Write summary, loss curve and manifest into the work dir, then move it to the output dir."""
     from .plot import loss_curve_svg
@@ -245,6 +279,7 @@ def finish_run(setup: RunSetup, summary: dict) -> dict:
     refuse_damaged_weights(work, f"the run is not published as {setup.out}; it stays in {work}. Train again with "
                            "--force to start over.")
     metrics = read_metrics(work)
+    summary["validations"] = validation_table(metrics, summary.get("best_step"))
     (work / "loss.svg").write_text(loss_curve_svg(metrics, f"{setup.model_dir.name}: training and validation loss",
                                                   kept_epoch=summary.get("best_epoch")))
     write_json(work / "summary.json", summary)
@@ -343,7 +378,10 @@ def _train(setup: RunSetup, resume: bool, force: bool, remake: bool, progress: P
     if summary.get("best_val_loss") is None:
         say(f"done: no validation examples, so the final adapters are kept; adapters in {setup.out}")
     else:
-        why = ("most clean greedy endings" if summary["best_by"] == "stops" else "lowest validation loss")
+        why = {"stops": "most clean greedy endings", "loss": "lowest validation loss",
+               "score": "highest score: clean endings x length fidelity"}.get(summary["best_by"], summary["best_by"])
+        for line in table_lines(summary.get("validations") or []):
+            say(line)
         say(f"done: kept the adapters of epoch {summary['best_epoch']:g} ({why}; validation loss "
             f"{summary['best_val_loss']:.4f}); adapters in {setup.out}, the final ones in {setup.out / 'last'}")
     return TrainResult(setup.out, summary, status)

@@ -28,6 +28,7 @@ from ..distributed import all_sum, lost_peer, shard, sum_numbers, world
 from ..backend import machine_memory
 from ..errors import TrainingError
 from ..manifest import quiet
+from ..selection import checkpoint_score
 from ..text import plural
 from .setup import LAST_DIR, LAST_GOOD_DIR, RunSetup, make_optimizer, write_adapter_dir
 
@@ -88,11 +89,6 @@ class Reporter:
         if self.live and self.width:
             sys.stderr.write("\n")
             self.width = 0
-
-
-def plural(count: int, noun: str) -> str:
-    """ "1 example", "2 examples": the header's numbers read as English."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def clock(seconds: float) -> str:
@@ -240,9 +236,12 @@ class Run:
         else:
             p.bad_validations += 1
         if generated:
+            ratio = generated["gen_words_vs_valid"]
             mark = (f", greedy replies: {generated['gen_clean']}/{generated['gen_replies']} clean "
                     f"({generated['gen_stops']} stopped, {plural(generated['gen_loops'], 'loop')}, "
-                    f"{plural(round(generated['gen_mean_words']), 'word')})") + mark
+                    f"{plural(round(generated['gen_mean_words']), 'word')}"
+                    + (f", {ratio:.2f}x the validation replies'" if ratio is not None else "")
+                    + f"), score {generated['gen_score']:.2f}") + mark
         self.say(f"epoch {epoch:.2f} step {p.step}/{self.total_steps}: validation loss {loss:.4f}{mark}")
         self.callback.on_validation(record)
         patience = self.setup.train.early_stopping_patience
@@ -278,8 +277,11 @@ class Run:
                               "clean": sum(not r.cut and not is_loop(r.text) for r in replies),
                               "words": sum(word_count(r.text) for r in replies)})
         n = int(counts["replies"])
+        mean_words, reference = counts["words"] / n, getattr(self.objective, "valid_reply_words", None)
         return {"gen_replies": n, "gen_stops": int(counts["stops"]), "gen_loops": int(counts["loops"]),
-                "gen_clean": int(counts["clean"]), "gen_clean_rate": counts["clean"] / n, "gen_mean_words": counts["words"] / n}
+                "gen_clean": int(counts["clean"]), "gen_clean_rate": counts["clean"] / n, "gen_mean_words": mean_words,
+                "gen_words_vs_valid": round(mean_words / reference, 4) if reference else None,
+                "gen_score": round(checkpoint_score(counts["clean"] / n, mean_words, reference), 4)}
 
     def learning_rate(self) -> float:
         return float(self.optimizer.learning_rate.item())
@@ -384,6 +386,8 @@ class Run:
             "final_loss": p.last_loss,
             "best_val_loss": p.best_val_loss,
             "best_by": self.setup.train.best_by,
+            "train_reply_words": getattr(self.objective, "train_reply_words", None),
+            "valid_reply_words": getattr(self.objective, "valid_reply_words", None),
             "best_score": p.best_score,
             "best_epoch": p.best_epoch,
             "best_step": p.best_step,

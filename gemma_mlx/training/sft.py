@@ -20,7 +20,7 @@ from . import batching
 from .setup import RunSetup
 from .trainee import estimate_memory, loss_fn, loss_weights, prepare, resolve_num_layers, validation_sums
 from ..backend import machine_memory
-from ..text import plural
+from ..text import plural, word_count
 from ..chat_format import END_OF_TURN_ID
 from ..distributed import sum_numbers, world
 from ..errors import TrainingError
@@ -100,6 +100,10 @@ def evaluate(trainee, sequences, batch_size: int, unused_ids: list[int] = ()) ->
 def selection_score(record: dict, best_by: str) -> float:
     """What ranks validations for the "best" adapters (higher is better).
 
+    score: selection.checkpoint_score of the greedy validation replies, clean endings x length
+    fidelity (their mean words against the validation replies' own): "most clean endings" cannot
+    tell 8-word replies from 40-word ones when the persona talks in 40 (issue 19's real run kept
+    8-word replies that way). Without generation it falls back to what stops uses.
     stops: the share of greedy validation replies that ended by themselves without looping (the
     teacher-forced <end_of_turn> top-1 rate when generation is off). Measured on the real 270M
     base: validation loss is lowest after epoch 1, where greedy replies loop, and rises while the
@@ -108,6 +112,8 @@ def selection_score(record: dict, best_by: str) -> float:
     """
     if best_by == "loss":
         return -record["loss"]
+    if best_by == "score" and record.get("gen_score") is not None:
+        return record["gen_score"]
     if "gen_clean_rate" in record:
         return record["gen_clean_rate"]
     return record["end_top1"] if record.get("end_top1") is not None else -record["loss"]
@@ -118,9 +124,13 @@ class SupervisedObjective:
 
     name = "supervised"
 
-    def __init__(self, setup: RunSetup, train_seqs, valid_seqs, valid_prompts, unused_ids):
+    def __init__(self, setup: RunSetup, train_seqs, valid_seqs, valid_prompts, unused_ids,
+                 reply_words: dict | None = None):
         self.setup, self.train_seqs, self.valid_seqs = setup, train_seqs, valid_seqs
         self.valid_prompts, self.unused_ids = valid_prompts, unused_ids
+        # mean words of the training replies (the persona's length) and of the answered validation prompts' replies
+        self.train_reply_words = (reply_words or {}).get("train")
+        self.valid_reply_words = (reply_words or {}).get("valid")
         self.lengths = [len(s) for s in train_seqs]
         self.weight = setup.train.end_of_turn_weight
         self.loss = loss_fn
@@ -209,15 +219,24 @@ def supervised_parts(setup: RunSetup, say) -> Parts:
     train_seqs = tokenize_split(tokenizer, splits.train, setup, say)
     valid_seqs = tokenize_split(tokenizer, splits.valid, setup, say)
     # the conversations up to their last reply: what validation generation answers
-    valid_prompts = [e.messages[:-1] for e in splits.valid if e.messages][:VALIDATION_PROMPTS]
+    answered = [e for e in splits.valid if e.messages][:VALIDATION_PROMPTS]
+    valid_prompts = [e.messages[:-1] for e in answered]
+    reply_words = {"train": mean_reply_words(splits.train), "valid": mean_reply_words(answered)}
     if not train_seqs:
         raise TrainingError(f"None of the training examples in {setup.data} has reply tokens to learn from "
                             f"within train.max_seq_length ({setup.train.max_seq_length} tokens). Raise it, or check the data.")
-    objective = SupervisedObjective(setup, train_seqs, valid_seqs, valid_prompts, unused_token_ids(setup.model_dir))
+    objective = SupervisedObjective(setup, train_seqs, valid_seqs, valid_prompts, unused_token_ids(setup.model_dir),
+                                    reply_words)
     mx.random.seed(setup.train.seed)  # LoRA initialisation
     turn_init = setup.lora.turn_token_init if setup.flavour == "pt" else "keep"  # an -it row is trained already
     trainee = prepare(lm, setup.lora, setup.turn_tokens, setup.train.grad_checkpoint, turn_init)
     return Parts(trainee, tokenizer, objective, resolve_num_layers(setup.lora, lm))
+
+
+def mean_reply_words(examples) -> float | None:
+    """Mean words of the examples' last replies (the length a greedy reply is held against); None without any."""
+    counts = [word_count(e.reply) for e in examples if e.messages and e.reply]
+    return round(sum(counts) / len(counts), 2) if counts else None
 
 
 def steps_per_epoch(count: int, batch_size: int) -> int:

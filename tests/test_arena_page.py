@@ -208,3 +208,46 @@ def test_a_report_opens_in_a_new_tab_and_the_replies_stay(page):
     report.close()
     page.click("button[data-tab=side]")
     assert page.locator("#side-columns pre.reply").first.inner_text() == reply  # this page never left
+
+
+def test_best_of_n_says_it_samples_and_a_blind_battle_shows_nothing_of_the_choice(browser, tmp_path):
+    """arena --best-of 3: the page says it samples 3 replies (the candidates' text never streams), then
+    shows the kept one with a "best of 3" badge; in a blind battle that badge waits for the vote."""
+    from playwright.sync_api import expect
+
+    engine = ScriptedEngine()
+    setup = ArenaSetup(models={"alpha": "alpha", "beta": "beta"}, votes=tmp_path / "votes.jsonl", best_of=3)
+    with serving(make_app(setup, engine, allowed_hosts_for("127.0.0.1"))) as url:
+        context = browser.new_context(viewport={"width": 1100, "height": 800})
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url)
+        page.locator("#model-picks input").first.wait_for()
+        expect(page.locator("#best-of-note")).to_have_text("Every reply is the best of 3 samples, shown once all have "
+                                                           "ended.")
+        page.fill("#prompt", "slow story")
+        page.press("#prompt", "Enter")
+        badges = page.locator("#side-columns .message.model .badges")
+        expect(badges.filter(has_text="sampling 3 replies...")).to_have_count(2, timeout=WAIT)
+        expect(page.locator("#stop")).to_be_enabled(timeout=WAIT)
+        assert len(engine.asked) == 6  # three rows a side
+        page.wait_for_timeout(300)  # the scripted rows write "tick " every 20 ms meanwhile
+        assert page.locator("#side-columns pre.reply").all_inner_texts() == ["", ""]  # no candidate streams
+        page.click("#stop")
+        expect(page.locator("#side-columns .badge", has_text="best of 3")).to_have_count(2, timeout=WAIT)
+        expect(page.locator("#side-columns .badge", has_text="stopped by you")).to_have_count(2)
+        assert len(engine.cancelled) == 6  # all three rows of both sides left the engine
+
+        page.click("button[data-tab=blind]")
+        page.fill("#prompt", "Hi")
+        page.press("#prompt", "Enter")
+        for side in "AB":
+            finished(page, f"#col-{side}", 1)
+        assert "best of" not in page.inner_text("#blind")  # before the vote: text and words only
+        page.press("#prompt", "Escape")
+        expect(page.locator("#votes button[data-choice=A]")).to_be_enabled(timeout=WAIT)
+        page.keyboard.press("1")
+        expect(page.locator("#blind .badge", has_text="best of 3")).to_have_count(2, timeout=WAIT)
+        context.close()
+        assert errors == []

@@ -522,8 +522,9 @@ def compare(models, model_options, prompt_files, prompt_texts, persona, training
 @click.option("--val-generation-tokens", type=int,
               help="Each validation answers up to 16 validation prompts greedily with this many tokens (0: off).")
 @click.option("--best-by", type=click.Choice(["stops", "score", "loss"]),
-              help="Keep as best: most clean greedy endings (stops), clean endings x length fidelity (score: the "
-                   "greedy replies' words against the validation replies' own) or the lowest validation loss.")
+              help="Keep as best: most clean greedy endings (stops), clean endings x length fidelity x on topic "
+                   "(score: the greedy replies' words against the validation replies' own; on topic scored with the "
+                   "LoRA off) or the lowest validation loss.")
 @click.option("--seed", type=int, help="Data order, LoRA initialisation and dropout.")
 @click.option("--fine-tune-type", type=click.Choice(["lora", "dora", "full"]), help="LoRA, DoRA or full fine-tuning.")
 @click.option("--rank", type=int, help="LoRA rank r.")
@@ -550,8 +551,8 @@ def train(model, data, config_path, out, run_name, resume, force, no_memory_chec
     tokens only. Each validation also answers validation prompts greedily; the adapters kept in the
     output directory are those with the most clean endings (stopped by themselves, no loop; the later
     validation on a tie); --best-by score also weighs how near their length is to the validation
-    replies', and --best-by loss keeps the lowest validation loss. The final ones go to
-    last/, with metrics.jsonl, summary.json, loss.svg and manifest.json. The adapters use mlx-lm's
+    replies' and how many answer their message, and --best-by loss keeps the lowest validation loss.
+    The final ones go to last/, with metrics.jsonl, summary.json, loss.svg and manifest.json. The adapters use mlx-lm's
     layout, but a base (-pt) model's trained turn-token rows live beside them, which `mlx_lm generate
     --adapter-path` does not load: its replies then do not stop. Fuse first (`gemma-mlx fuse`) and give
     other tools the fused model. Ctrl-C saves a resumable state (exit code 130); --resume continues it.
@@ -566,6 +567,7 @@ def train(model, data, config_path, out, run_name, resume, force, no_memory_chec
     import dataclasses
 
     from .config import LoraSettings
+    from .scoring.best_of import on_topic_flags
     from .train import train_with_config
 
     lora_keys = {field.name for field in dataclasses.fields(LoraSettings)}
@@ -582,7 +584,7 @@ def train(model, data, config_path, out, run_name, resume, force, no_memory_chec
     overrides["preferences.beta"] = beta
     result = train_with_config(model, data, config_path, overrides, out=out, run_name=run_name,
                                resume=resume, force=force, progress=echo_progress, memory_check=not no_memory_check,
-                               preferences=preferences)
+                               preferences=preferences, on_topic=on_topic_flags)
     click.echo(f"{result.status}\t{result.out_dir}")
     if result.status == "interrupted":
         sys.exit(130)

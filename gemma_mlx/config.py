@@ -70,7 +70,7 @@ class TrainSettings:
     # and count clean endings (stopped by itself, no loop); 0: off
     val_generation_tokens: int = 160
     # which validation keeps the "best" adapters: stops = most clean endings (later wins a tie);
-    # score = clean endings x length fidelity (selection.checkpoint_score); loss = lowest validation loss
+    # score = clean endings x length fidelity x on topic (selection.checkpoint_score); loss = lowest validation loss
     best_by: str = "stops"  # stops | score | loss
 
 

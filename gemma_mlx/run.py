@@ -25,6 +25,7 @@ from .config import (
 )
 from .distributed import broadcast_json, world
 from .models import display_name
+from .scoring.best_of import on_topic_flags
 from .errors import ConfigError, DataError, GemmaMlxError
 from .manifest import (
     Progress,
@@ -311,6 +312,7 @@ def _train(config: ExperimentConfig, models: dict, data_dir: Path, run_dir: Path
             resume_hint="run the same command again to continue",
             remake=remake,
             memory_check=memory_check,
+            on_topic=on_topic_flags,  # with best_by: score, on topic joins the score
         )
         adapters[name] = str(result.out_dir)
         summaries[name] = result.summary

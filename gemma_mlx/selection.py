@@ -4,7 +4,7 @@ A shared helper: training ranks its validations with it (train's `best_by: score
 scoring modules re-export it, so the measure has one definition that every stage may import.
 It takes numbers only (no model, no files): the share of greedy validation replies that ended
 cleanly, their mean words, the validation replies' own mean words and, when known, the share of
-replies on topic.
+replies on topic (training/validation.py measures it with the LoRA off).
 """
 
 from __future__ import annotations

@@ -240,8 +240,9 @@ def validation_table(metrics: list[dict], kept_step: int | None) -> list[dict]:
     """summary.json's per-validation table: what each validation measured and which one was kept.
 
     One row per validation record of metrics.jsonl: epoch, step, loss, the greedy replies' clean
-    endings (count, of, rate), their mean words and that against the validation replies' own, the
-    score (selection.checkpoint_score), and kept: true on the validation whose adapters are the best.
+    endings (count, of, rate), their mean words and that against the validation replies' own, their
+    on-topic share (None when not measured), the score (selection.checkpoint_score), and kept: true on
+    the validation whose adapters are the best.
     """
     rows = []
     for m in metrics:
@@ -250,7 +251,8 @@ def validation_table(metrics: list[dict], kept_step: int | None) -> list[dict]:
         rows.append({"epoch": m["epoch"], "step": m["step"], "loss": m.get("loss"),
                      "clean": m.get("gen_clean"), "replies": m.get("gen_replies"),
                      "clean_rate": m.get("gen_clean_rate"), "mean_words": m.get("gen_mean_words"),
-                     "words_vs_valid": m.get("gen_words_vs_valid"), "score": m.get("gen_score"),
+                     "words_vs_valid": m.get("gen_words_vs_valid"), "on_topic_rate": m.get("gen_on_topic_rate"),
+                     "score": m.get("gen_score"),
                      "kept": m["step"] == kept_step})
     return rows
 
@@ -259,14 +261,17 @@ def table_lines(rows: list[dict]) -> list[str]:
     """The per-validation table as the end of a run prints it (nothing without greedy validation replies)."""
     if not any(r["clean"] is not None for r in rows):
         return []
-    lines = ["epoch  clean   words  vs valid  score  loss"]
+    topic = any(r.get("on_topic_rate") is not None for r in rows)
+    lines = ["epoch  clean   words  vs valid  " + ("on topic  " if topic else "") + "score  loss"]
     for r in rows:
         ratio = f"{r['words_vs_valid']:.2f}x" if r["words_vs_valid"] is not None else "-"
         score = f"{r['score']:.2f}" if r["score"] is not None else "-"
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
         clean = f"{r['clean']}/{r['replies']}" if r["clean"] is not None else "-"
         words = f"{r['mean_words']:.1f}" if r["mean_words"] is not None else "-"
-        lines.append(f"{r['epoch']:<6g} {clean:<7} {words:<6} {ratio:<9} {score:<6} {loss}" + ("  <- kept" if r["kept"] else ""))
+        share = (f"{r['on_topic_rate']:.0%}" if r.get("on_topic_rate") is not None else "-") if topic else None
+        lines.append(f"{r['epoch']:<6g} {clean:<7} {words:<6} {ratio:<9} " + (f"{share:<9} " if topic else "")
+                     + f"{score:<6} {loss}" + ("  <- kept" if r["kept"] else ""))
     return lines
 
 
@@ -323,6 +328,7 @@ def train_model(
     remake: bool = False,
     memory_check: bool = True,
     preferences: PreferenceSettings | None = None,
+    on_topic=None,
 ) -> TrainResult:
     """Fine-tune `model` (a converted model dir or name) on `data`; see the module docstring.
 
@@ -332,6 +338,8 @@ def train_model(
     With `preferences` (config.PreferenceSettings) the run is DPO: `model` is the fine-tuned persona
     (an adapter dir or a fused model) and `data` the preference pairs (training/dpo.py).
     `memory_check=False` trains even when the memory estimate exceeds the machine (it only warns).
+    `on_topic` (training.validation.OnTopic, e.g. scoring.best_of.on_topic_flags): with best_by: score,
+    the share of greedy validation replies on topic joins the score (the CLI and `run` pass it).
     """
     from .distributed import world
 
@@ -343,13 +351,13 @@ def train_model(
         setup = plan_run(model, data, out, lora or LoraSettings(), train or TrainSettings(), run_name)
     setup.memory_check = memory_check
     try:
-        return _train(setup, resume, force, remake, progress, say, callback, resume_hint)
+        return _train(setup, resume, force, remake, progress, say, callback, resume_hint, on_topic)
     finally:
         release_output(setup.out)  # taken by check_output (rank 0): held for the whole run, finished or not
 
 
 def _train(setup: RunSetup, resume: bool, force: bool, remake: bool, progress: Progress | None, say: Progress,
-           callback: TrainingCallback | None, resume_hint: str) -> TrainResult:
+           callback: TrainingCallback | None, resume_hint: str, on_topic=None) -> TrainResult:
     """train_model's work, while rank 0 holds the lock on the output."""
     from .distributed import broadcast_json, world
     from .training.loop import run_training
@@ -366,7 +374,7 @@ def _train(setup: RunSetup, resume: bool, force: bool, remake: bool, progress: P
     if setup.preferences is not None:
         from .training.dpo import preference_parts as build
     summary, status = run_training(setup, decision["state"], progress if here.main else None, callback, resume_hint,
-                                   build=build)
+                                   build=build, on_topic=on_topic)
     if status == "interrupted":
         return TrainResult(setup.work, summary, status)
     if not here.main:
@@ -379,7 +387,8 @@ def _train(setup: RunSetup, resume: bool, force: bool, remake: bool, progress: P
         say(f"done: no validation examples, so the final adapters are kept; adapters in {setup.out}")
     else:
         why = {"stops": "most clean greedy endings", "loss": "lowest validation loss",
-               "score": "highest score: clean endings x length fidelity"}.get(summary["best_by"], summary["best_by"])
+               "score": "highest score: clean endings x length fidelity"
+                        + (" x on topic" if summary.get("on_topic_in_score") else "")}.get(summary["best_by"], summary["best_by"])
         for line in table_lines(summary.get("validations") or []):
             say(line)
         say(f"done: kept the adapters of epoch {summary['best_epoch']:g} ({why}; validation loss "
@@ -409,6 +418,7 @@ def train_with_config(
     progress: Progress | None = None,
     memory_check: bool = True,
     preferences: str | Path | None = None,
+    on_topic=None,
 ) -> TrainResult:
     """`gemma-mlx train`: settings from an experiment YAML (or defaults), dotted-key overrides on top.
 
@@ -425,7 +435,7 @@ def train_with_config(
         prefs = dataclasses.replace(config.preferences, data=str(preferences))
         return train_model(model, preferences, out=out, lora=config.lora, train=config.train,
                            run_name=run_name or config.name, resume=resume, force=force, progress=progress,
-                           memory_check=memory_check, preferences=prefs)
+                           memory_check=memory_check, preferences=prefs, on_topic=on_topic)
     return train_model(model, data or config.data, out=out, lora=config.lora, train=config.train,
                        run_name=run_name or config.name, resume=resume, force=force, progress=progress,
-                       memory_check=memory_check)
+                       memory_check=memory_check, on_topic=on_topic)

@@ -117,3 +117,51 @@ def test_stops_and_score_on_the_tiny_model(converted_models, data_file, tmp_path
     assert score["score"] >= stops["score"]
     assert not (score["clean"] < stops["clean"] and abs(math.log(score["words_vs_valid"] or 1))
                 > abs(math.log(stops["words_vs_valid"] or 1)))
+
+
+def test_on_topic_joins_the_score_scored_with_the_lora_off(converted_models, data_file, tmp_path):
+    """A scorer passed in (the CLI passes scoring.best_of.on_topic_flags) scores the greedy validation replies
+    with every LoRA scale at 0 (the base model), and its share multiplies the score; the scales come back."""
+    seen = []
+
+    def on_topic(model, tokenizer, pairs):
+        scales = [m.scale for _, m in model.named_modules() if type(m).__name__ == "LoRALinear"]
+        seen.append((scales, pairs))
+        return [i % 2 == 0 for i in range(len(pairs))]  # every other reply on topic
+
+    out = tmp_path / "topic"
+    result = train_model(converted_models["pt"], data_file, out=out, lora=LORA, on_topic=on_topic,
+                         train=TrainSettings(epochs=2, learning_rate=2e-3, val_generation_tokens=16, best_by="score"))
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    assert len(seen) == 2 and all(scales and set(scales) == {0.0} for scales, _ in seen)
+    assert all(message and isinstance(reply, str) for _, pairs in seen for message, reply in pairs)
+    adapter_scale = json.loads((out / "adapter_config.json").read_text())["lora_parameters"]["scale"]
+    assert adapter_scale == LORA.scale  # put back after scoring
+    assert summary["on_topic_in_score"] is True
+    for row in summary["validations"]:
+        share = math.ceil(row["replies"] / 2) / row["replies"]
+        assert row["on_topic_rate"] == share
+        expected = checkpoint_score(row["clean_rate"], row["mean_words"], summary["valid_reply_words"], share)
+        assert row["score"] == pytest.approx(expected, abs=1e-4)
+    # best_by stops never runs the scorer
+    seen.clear()
+    train_model(converted_models["pt"], data_file, out=tmp_path / "stops", lora=LORA, on_topic=on_topic,
+                train=TrainSettings(epochs=1, learning_rate=2e-3, val_generation_tokens=16))
+    assert seen == []
+
+
+def test_cli_train_best_by_score_measures_on_topic(converted_models, data_file, tmp_path):
+    from click.testing import CliRunner
+
+    from gemma_mlx.cli import cli
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(cli, ["train", "--model", str(converted_models["pt"]), "--data", str(data_file),
+                                      "--out", str(out), "--epochs", "1", "--num-layers", "4", "--rank", "4",
+                                      "--val-generation-tokens", "12", "--best-by", "score"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_by"] == "score" and summary["on_topic_in_score"] is True
+    row = summary["validations"][0]
+    assert 0 <= row["on_topic_rate"] <= 1 and row["kept"]
+    assert "on topic" in result.output and "x on topic" in result.output

@@ -107,6 +107,15 @@ def pick_reply(replies: list, message: str, target_words: float | None = None,
                       for i, r in enumerate(replies)], target_words)
 
 
+def on_topic_flags(model, tokenizer, pairs: list[tuple[str, str]]) -> list[bool]:
+    """Whether each (message, reply) is on topic under `model` (a base model), by ontopic's score and rule,
+    all pairs in one scoring call. Training gets this from the CLI and `run` (validation.OnTopic)."""
+    from .ontopic import is_on_topic, on_topic_scores
+
+    scores = on_topic_scores(model, tokenizer, pairs)
+    return [is_on_topic(score, message, reply) for score, (message, reply) in zip(scores, pairs)]
+
+
 def persona_words(loaded) -> float | None:
     """The persona's mean reply words for a loaded model (models.LoadedModel), from the training run
     that made its adapters (summary "train_reply_words"); None for a base model or an older run."""

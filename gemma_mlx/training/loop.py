@@ -21,14 +21,14 @@ from mlx.utils import tree_flatten, tree_map
 
 from .checkpoint import Checkpointer, Position, Snapshot, is_better  # noqa: F401  (Position, Snapshot: public)
 from .sft import VALIDATION_PROMPTS, Parts, evaluate, selection_score, steps_per_epoch, supervised_parts  # noqa: F401
-from .trainee import count_parameters, turn_rows_in_model
+from .trainee import count_parameters
+from .validation import OnTopic, greedy_validation, measures_on_topic
 
 from ..adapters import ADAPTERS_FILE, read_turn_tokens
 from ..distributed import all_sum, lost_peer, shard, sum_numbers, world
 from ..backend import machine_memory
 from ..errors import TrainingError
 from ..manifest import quiet
-from ..selection import checkpoint_score
 from ..text import plural
 from .setup import LAST_DIR, LAST_GOOD_DIR, RunSetup, make_optimizer, write_adapter_dir
 
@@ -125,8 +125,8 @@ class Run:
     """One training run's mutable pieces; methods are the loop's steps."""
 
     def __init__(self, setup: RunSetup, parts: Parts, resume_state: dict | None, reporter: Reporter,
-                 callback: TrainingCallback | None):
-        self.setup, self.callback = setup, callback or TrainingCallback()
+                 callback: TrainingCallback | None, on_topic: OnTopic | None = None):
+        self.setup, self.callback, self.on_topic = setup, callback or TrainingCallback(), on_topic
         self.world = world()
         self.reporter, self.say = reporter, reporter.message
         self.trainee, self.tokenizer, self.objective = parts.trainee, parts.tokenizer, parts.objective
@@ -241,6 +241,7 @@ class Run:
                     f"({generated['gen_stops']} stopped, {plural(generated['gen_loops'], 'loop')}, "
                     f"{plural(round(generated['gen_mean_words']), 'word')}"
                     + (f", {ratio:.2f}x the validation replies'" if ratio is not None else "")
+                    + (f", {generated['gen_on_topic']} on topic" if "gen_on_topic" in generated else "")
                     + f"), score {generated['gen_score']:.2f}") + mark
         self.say(f"epoch {epoch:.2f} step {p.step}/{self.total_steps}: validation loss {loss:.4f}{mark}")
         self.callback.on_validation(record)
@@ -252,36 +253,8 @@ class Run:
         return loss
 
     def generate_validation(self) -> dict:
-        """Greedy replies to the validation prompts with the weights as they are now: how many end by
-        themselves without looping. Teacher-forced numbers cannot show a loop; this can."""
-        tokens = self.setup.train.val_generation_tokens
-        prompts = self.objective.valid_prompts
-        if not tokens or not prompts:
-            return {}
-        from ..config import GenerationSettings
-        from ..generate import LoadedModel, generate_replies
-        from ..text import is_loop, word_count
-
-        prompts = prompts[self.world.rank::self.world.size]  # each rank answers its share
-        self.trainee.eval()
-        try:
-            with turn_rows_in_model(self.trainee):
-                loaded = LoadedModel("validation", self.setup.model_dir, self.trainee.lm, self.tokenizer, None, None)
-                # plain greedy, whatever the generation defaults: this measures the model, not the decoder
-                plain = GenerationSettings(max_tokens=tokens, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
-                replies = generate_replies(loaded, prompts, plain) if prompts else []
-        finally:
-            self.trainee.train()
-        counts = sum_numbers({"replies": len(replies), "stops": sum(not r.cut for r in replies),
-                              "loops": sum(is_loop(r.text) for r in replies),
-                              "clean": sum(not r.cut and not is_loop(r.text) for r in replies),
-                              "words": sum(word_count(r.text) for r in replies)})
-        n = int(counts["replies"])
-        mean_words, reference = counts["words"] / n, getattr(self.objective, "valid_reply_words", None)
-        return {"gen_replies": n, "gen_stops": int(counts["stops"]), "gen_loops": int(counts["loops"]),
-                "gen_clean": int(counts["clean"]), "gen_clean_rate": counts["clean"] / n, "gen_mean_words": mean_words,
-                "gen_words_vs_valid": round(mean_words / reference, 4) if reference else None,
-                "gen_score": round(checkpoint_score(counts["clean"] / n, mean_words, reference), 4)}
+        """Greedy replies to the validation prompts and what a reader would measure of them (validation.py)."""
+        return greedy_validation(self, self.on_topic)
 
     def learning_rate(self) -> float:
         return float(self.optimizer.learning_rate.item())
@@ -388,6 +361,7 @@ class Run:
             "best_by": self.setup.train.best_by,
             "train_reply_words": getattr(self.objective, "train_reply_words", None),
             "valid_reply_words": getattr(self.objective, "valid_reply_words", None),
+            "on_topic_in_score": measures_on_topic(self.setup, self.on_topic),
             "best_score": p.best_score,
             "best_epoch": p.best_epoch,
             "best_step": p.best_step,
@@ -403,14 +377,18 @@ class Run:
 
 
 def run_training(setup: RunSetup, resume_state: dict | None, progress, callback,
-                 resume_hint: str = "continue with the same command plus --resume", build=None) -> tuple[dict, str]:
-    """Train the parts `build(setup, say)` makes (default: supervised); return (summary, "trained" | "interrupted")."""
+                 resume_hint: str = "continue with the same command plus --resume", build=None,
+                 on_topic: OnTopic | None = None) -> tuple[dict, str]:
+    """Train the parts `build(setup, say)` makes (default: supervised); return (summary, "trained" | "interrupted").
+
+    on_topic: scores whether greedy validation replies answer their message (validation.OnTopic); with
+    best_by: score it joins the score (scored by the trainee with its LoRA off, the base model)."""
     if not world().main:
         progress = None  # rank 0 reports for everyone
     reporter = Reporter(progress or quiet, live=False if progress is None else None)
     try:
         parts = (build or supervised_parts)(setup, reporter.message)
-        run = Run(setup, parts, resume_state, reporter, callback)
+        run = Run(setup, parts, resume_state, reporter, callback, on_topic)
         run.header()  # may stop a run that cannot fit, before its first step
     except BaseException:
         # a fresh run that failed to start (bad data, bad num_layers, Ctrl-C while loading) has saved

@@ -495,6 +495,26 @@ def test_the_trained_models_charts_mark_the_kept_epoch(compared):
     assert len(rows) == 1 + len(compared.results["models"]) and rows[0].startswith("model,")
 
 
+
+def test_the_reports_show_the_runs_validation_table(compared):
+    """The training run's per-validation table (summary.json's validations) is in report.html and
+    comparison.md, one row per validation with its numbers, the kept row marked; the base has none."""
+    from pathlib import Path
+
+    curve = compared.results["models"][0]["loss_curve"]
+    summary = json.loads((Path(curve["source"]).parent / "summary.json").read_text())
+    table = summary["validations"]
+    assert curve["validations"] == table and len(table) == 2 and [r["kept"] for r in table].count(True) == 1
+    page = (compared.out_dir / "report.html").read_text()
+    section = page.split("<h2>Training validations</h2>")[1].split("</table>")[0]
+    assert section.count("<tr") == 1 + len(table) and section.count("<tr class=kept>") == 1
+    kept = next(r for r in table if r["kept"])
+    kept_row = section.split("<tr class=kept>")[1].split("</tr>")[0]
+    assert f">{kept['clean']}/{kept['replies']}<" in kept_row and f">{kept['loss']:.4f}<" in kept_row
+    md = (compared.out_dir / "comparison.md").read_text().split("## Training validations")[1].split("\n## ")[0]
+    assert md.count("tiny-gemma-3-pt + LoRA") == 1 and "(base)" not in md
+    assert f"| **{kept['epoch']:g}** | **{kept['step']}** |" in md and md.count("**kept**") == 1
+
 def test_one_display_name_per_model(compared, fused_pt, wordy_models):
     """A fine-tuned model is '<checkpoint> + LoRA' however it is given (fused, or base with adapters), an
     un-tuned one '<checkpoint> (base)': the names run's summary and the arena use too."""

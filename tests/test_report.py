@@ -188,3 +188,50 @@ def test_training_loss_svg_marks_the_kept_epoch_and_plots_clean_endings():
     assert len(points) == 1 and len(points[0].split()) == 2  # one dashed line, a point per validation
     plain = loss_curve_svg([m for m in metrics if "gen_clean" not in m], "run")
     assert "kept:" not in plain and "clean" not in plain  # nothing invented for a run without them
+
+
+VALIDATIONS = [
+    {"epoch": 1.0, "step": 2, "loss": 3.4, "clean": 1, "replies": 4, "clean_rate": 0.25, "mean_words": 8.0,
+     "words_vs_valid": 0.2, "on_topic_rate": 0.5, "score": 0.05, "kept": False},
+    {"epoch": 2.0, "step": 4, "loss": 3.6, "clean": 4, "replies": 4, "clean_rate": 1.0, "mean_words": 36.0,
+     "words_vs_valid": 0.9, "on_topic_rate": 0.75, "score": 0.68, "kept": True},
+]
+
+
+def test_reports_show_each_runs_validation_table_with_the_kept_row(tmp_path):
+    from gemma_mlx.scoring.report_validations import validation_table
+
+    results = make_results()
+    results["models"][0]["loss_curve"] = {**CURVE, "validations": VALIDATIONS}
+    header, rows, kept = validation_table(results["models"][0]["loss_curve"])
+    assert header[:4] == ["epoch", "step", "loss", "clean endings"] and "on topic" in header
+    assert kept == 1 and rows[1] == ["2", "4", "3.6000", "4/4", "36.0", "0.90x", "75%", "0.68", "kept"]
+    assert rows[0][-1] == "" and rows[0][3] == "1/4"
+    md = render_markdown(results)
+    section = md.split("## Training validations")[1].split("\n## ")[0]
+    assert "| 1 | 2 | 3.4000 | 1/4 | 8.0 | 0.20x | 50% | 0.05 |  |" in section
+    assert "| **2** | **4** | **3.6000** | **4/4** | **36.0** | **0.90x** | **75%** | **0.68** | **kept** |" in section
+    assert section.count("validations, from `runs/x/tuned/metrics.jsonl`") == 1  # one table: only model 0 has a run
+    page = render_html(results)
+    table = page.split("<h2>Training validations</h2>")[1].split("</table>")[0]
+    assert table.count("<tr class=kept>") == 1 and '<td class="n best">0.90x</td>' in table
+    assert '<td class="n">0.20x</td>' in table
+
+
+def test_validation_table_without_on_topic_or_for_a_last_checkpoint():
+    from gemma_mlx.scoring.report_validations import validation_table
+
+    plain = [{k: v for k, v in row.items() if k != "on_topic_rate"} for row in VALIDATIONS]
+    header, rows, kept = validation_table({**CURVE, "validations": plain})
+    assert "on topic" not in header and len(rows[0]) == len(header)
+    # compare was given the run's last/: the chart marks nothing, the table names the run's choice
+    _, rows, kept = validation_table({**CURVE, "kept_epoch": None, "validations": VALIDATIONS})
+    assert rows[kept][-1].startswith("kept by the run")
+    # an older summary without greedy replies: dashes, not invented numbers
+    _, rows, _ = validation_table({**CURVE, "validations": [{"epoch": 1.0, "step": 2, "loss": 3.4, "kept": True}, "junk"]})
+    assert rows == [["1", "2", "3.4000", "-", "-", "-", "-", "kept"]]
+
+
+def test_no_table_without_one_in_the_run():
+    results = make_results()
+    assert "Training validations" not in render_markdown(results) and "Training validations" not in render_html(results)

@@ -94,8 +94,10 @@ def read_persona(persona: Path | None) -> dict:
 def read_loss_curve(metrics_file: Path, kept: bool = True) -> dict | None:
     """Train/valid (epoch, loss) points from a training run's metrics.jsonl (bad lines are skipped),
     the clean greedy endings at each validation (the count that picks the kept adapters), and, when
-    `kept` (the model is the run's kept adapters, not its last/), the kept epoch from summary.json."""
-    curve = {"source": str(metrics_file), "train": [], "valid": [], "clean": [], "clean_of": None, "kept_epoch": None}
+    `kept` (the model is the run's kept adapters, not its last/), the kept epoch from summary.json;
+    also summary.json's per-validation table (`validations`, shown by the report) when the run wrote one."""
+    curve = {"source": str(metrics_file), "train": [], "valid": [], "clean": [], "clean_of": None, "kept_epoch": None,
+             "validations": []}
     for line in metrics_file.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
@@ -110,6 +112,8 @@ def read_loss_curve(metrics_file: Path, kept: bool = True) -> dict | None:
     try:
         summary = json.loads((metrics_file.parent / "summary.json").read_text())
         curve["kept_epoch"] = float(summary["best_epoch"]) if kept and summary.get("best_epoch") is not None else None
+        table = summary.get("validations")
+        curve["validations"] = [row for row in table if isinstance(row, dict)] if isinstance(table, list) else []
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return curve if curve["train"] or curve["valid"] else None

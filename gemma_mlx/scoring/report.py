@@ -20,6 +20,7 @@ from ..manifest import write_json
 from ..persona import phrase_pattern
 from ..text import fold_apostrophes, plural
 from ..plot import clean_axis, kept_label, line_chart
+from .report_validations import validations_html, validations_markdown, validations_note
 
 FORMAT = "gemma-mlx-compare/1"
 # the normal endings (every family's turn end and <eos>); any other stop token is shown
@@ -383,6 +384,7 @@ def render_markdown(results: dict) -> str:
             "|" + "---|" + "---:|" * (len(header) - 1)]
     out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
     out += ["", "Bold: the best value in its row."] if best_columns(results) else []
+    out += validations_markdown(results)
     for prompt in results["prompts"]:
         out += ["", f"## {prompt['index'] + 1}. {_md_cell(prompt['text'])}"]
         for model, reply in _replies_for(results, prompt["index"]):
@@ -514,6 +516,11 @@ def render_html(results: dict) -> str:
             out.append(f"<figure>{loss_svg(m['loss_curve'], m['name'], y_range)}<figcaption>"
                        f"<code>{e(m['loss_curve']['source'])}</code></figcaption></figure>")
         out.append("</div>")
+        tables = [(m, validations_html(m["loss_curve"])) for m in curves]
+        if any(table for _, table in tables):
+            out.append("<h2>Training validations</h2>")
+            out += [f"<h3>{e(m['name'])}</h3>{table}" for m, table in tables if table]
+            out.append(f'<p class="note">{validations_note()}</p>')
     else:
         out.append('<p class="note">No training run found for these models (a converted base model has none).</p>')
     out.append(f'<p class="note">Versions: {e(", ".join(f"{k} {v}" for k, v in results["versions"].items()))}. '

@@ -161,14 +161,72 @@ def choose(logits: mx.array, samplers: list) -> mx.array:
     return tokens
 
 
+def _screened(batch, processors: list, samplers: list):
+    """The model's GreedyHead (fast_argmax) when every row can use it: greedy, with at most the repetition
+    penalty (a positive one) as processor."""
+    from mlx_lm.sample_utils import greedy_sampler
+
+    from .fast_argmax import greedy_head
+
+    if not all(s is greedy_sampler for s in samplers):
+        return None
+    if not all(not p or (len(p) == 1 and isinstance(p[0], RepetitionPenalty) and p[0].penalty > 0) for p in processors):
+        return None
+    return greedy_head(batch.model)
+
+
+def _screened_tokens(head, hidden: mx.array, inputs: mx.array, known: list[list[int]], processors: list):
+    """The greedy tokens through the screen, the repetition penalty applied to the exact candidate logits
+    with penalize_rows' own arithmetic; None where the screen cannot prove them."""
+    rows = [e for e, p in enumerate(processors) if p]
+    current = inputs.tolist()
+    recent = {e: known[e][max(0, len(known[e]) - processors[e][0].context_size + 1):]
+              if processors[e][0].context_size > 1 else [] for e in rows}
+    penalised = {e: (set(recent[e]) | {current[e]}, processors[e][0].penalty) for e in rows}
+
+    def exact_penalty(exact: mx.array, columns) -> mx.array:
+        if not rows:
+            return exact
+        column = {int(t): c for c, t in enumerate(columns)}
+        inputs_at = mx.array([column.get(t, 0) for t in current], dtype=mx.int32)
+        return penalize_rows(exact, inputs_at, rows, [[column[t] for t in recent[e]] for e in rows],
+                             [processors[e][0] for e in rows])
+
+    return head.argmax(hidden, penalised, exact_penalty)
+
+
 def _lean_step(batch):
     """One decode step of every row: mlx-lm's GenerationBatch._step, less what no one reads."""
     batch._current_tokens = batch._next_tokens
     batch._current_logprobs = batch._next_logprobs
     inputs = batch._current_tokens
-    logits = batch.model(inputs[:, None], cache=batch.prompt_cache)[:, -1, :]
-
     processors = batch.logits_processors or [[] for _ in batch.uids]
+    samplers = [batch.fallback_sampler if s is None else s for s in (batch.samplers or [None] * len(batch.uids))]
+    head = _screened(batch, processors, samplers)
+    tokens = None
+    if head is not None:
+        hidden = head.hidden(inputs[:, None], batch.prompt_cache)
+        tokens = _screened_tokens(head, hidden, inputs, batch.tokens, processors)
+    if tokens is None:
+        if head is None:
+            logits = batch.model(inputs[:, None], cache=batch.prompt_cache)[:, -1, :]
+        else:  # the screen could not prove a row: the full logits of the hidden states already made
+            logits = head.logits(hidden)
+        tokens, contexts = _tokens_from_logits(batch, logits, inputs, processors, samplers)
+    else:
+        contexts = []
+    batch._next_tokens = tokens
+    batch._next_logprobs = [None] * len(batch.uids)
+    mx.async_eval(tokens, contexts)
+    mx.eval(inputs)
+    inputs = inputs.tolist()
+    for known, token in zip(batch.tokens, inputs):
+        known.append(token)
+    return inputs, batch._current_logprobs
+
+
+def _tokens_from_logits(batch, logits: mx.array, inputs: mx.array, processors: list, samplers: list):
+    """The next tokens from the full logits: the batched penalty, the other processors row by row, choose()."""
     batched = [e for e, p in enumerate(processors) if p and isinstance(p[0], RepetitionPenalty)]
     if batched:
         logits = penalize_rows(logits, inputs, batched, [batch.tokens[e] for e in batched],
@@ -186,17 +244,7 @@ def _lean_step(batch):
                 row = processor(context, row)
             rows.append(row)
         logits[mx.array([e for e, _ in rest])] = mx.concatenate(rows, axis=0)
-
-    samplers = [batch.fallback_sampler if s is None else s for s in (batch.samplers or [None] * len(batch.uids))]
-    tokens = choose(logits, samplers)
-    batch._next_tokens = tokens
-    batch._next_logprobs = [None] * len(batch.uids)
-    mx.async_eval(tokens, contexts)
-    mx.eval(inputs)
-    inputs = inputs.tolist()
-    for known, token in zip(batch.tokens, inputs):
-        known.append(token)
-    return inputs, batch._current_logprobs
+    return choose(logits, samplers), contexts
 
 
 def _generation_batch_class():

@@ -1,0 +1,194 @@
+"""The greedy token without the full float32 output layer: a half-precision screen, then exact logits.
+
+On a CPU, a batch-16 decode step of the 270M spends more time in the output layer (262,144 x 640
+float32 weights, 670 MB read per step) than in the whole transformer. A greedy row needs only the
+largest logit, so this module finds it in two passes:
+
+1. a float16 copy of the output weights gives approximate logits a_j for every token
+   (torch's half-precision matmul on the CPU: about a quarter of the float32 time; MLX's own
+   quantized and half-precision matmuls are 5-10x *slower* than float32 on a CPU);
+2. a rigorous per-row bound beta >= |e_j - a_j|, where e_j is the float32 logit the plain path
+   computes, rules out every token whose a_j is below a threshold T; the float32 logits of the
+   few remaining tokens (and of every token the repetition penalty touches) are computed exactly,
+   with MLX, from the same hidden state; the penalty is applied to them with the plain arithmetic.
+
+The bound, for hidden state h (float32) and its float16 rounding h16, W_j and W16_j likewise:
+|e_j - a_j| <= ||h - h16|| ||W_j|| + ||h16|| ||W_j - W16_j||   (the roundings of the inputs)
+             + gamma (||h|| ||W_j|| + ||h16|| ||W16_j||)        (float32 sums of K terms, any order)
+             + u16 |a_j|                                        (the result rounded to float16)
+with gamma = K u32 / (1 - K u32), taken at the largest norms over all tokens. It assumes the half
+matmul adds in float32 and rounds once at the end; a check at start-up (on real rows of the
+weights) turns the screen off where that does not hold.
+
+A row's argmax is then exact: with m the row's best a_j and p its penalty, the top token's final
+logit is at least low = pen(m - beta) (pen: the largest drop the penalty can cause), so a token
+with a_j < T = low - beta has e_j < low, is not penalised, and cannot win. Each row is checked
+(best exact logit >= T + beta) and, should that ever fail, or the candidates be too many, the step
+falls back to the full float32 logits. Ties go to the lowest token id, as in the plain argmax.
+
+Switch: GEMMA_MLX_FAST_ARGMAX=0 turns it off, =1 turns it on wherever it can run (a float32
+output layer as an embedding or a bias-free linear, torch importable); unset, it is on
+for vocabularies of 32k tokens or more on the CPU. GEMMA_MLX_PLAIN_DECODE=1 turns off every
+decode shortcut, this one included. On Metal it is off by default: a float16 copy read by MLX's
+own kernels would be the way there, and it has not been measured.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import mlx.core as mx
+import numpy as np
+
+SWITCH_ENV = "GEMMA_MLX_FAST_ARGMAX"
+AUTO_VOCAB = 32768  # the screen pays for itself on big output layers only
+MAX_CANDIDATES = 4096  # more distinct candidate tokens than this in a step: the full logits instead
+U32, U16 = 2.0**-24, 2.0**-11
+_HEADS: dict[int, tuple] = {}  # id(model) -> (a weak reference to it, its GreedyHead or None)
+
+
+def switch() -> str:
+    """'on', 'off' or 'auto', from GEMMA_MLX_FAST_ARGMAX."""
+    value = os.environ.get(SWITCH_ENV, "").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    return "on" if value in ("1", "on", "true", "yes") else "auto"
+
+
+def penalty_floor(x: np.ndarray, penalty: np.ndarray) -> np.ndarray:
+    """The least a logit x can become under the repetition penalty (divided when positive, multiplied
+    when negative; penalty 1: unchanged)."""
+    return np.minimum(x, np.where(x < 0, x * penalty, x / penalty))
+
+
+class GreedyHead:
+    """A model split into its hidden states and its output layer, with the float16 screen."""
+
+    def __init__(self, model, inner, weight: mx.array):
+        import torch  # (gemma_mlx/__init__ sets OMP_WAIT_POLICY=PASSIVE: spinning threads halved the gain)
+
+        self.model, self.inner, self.weight = model, inner, weight
+        self.torch = torch
+        full = np.asarray(weight)
+        self.half = torch.from_numpy(full).to(torch.float16)
+        norms = np.zeros(3)  # the largest ||W_j||, ||W_j - W16_j||, ||W16_j|| over all tokens
+        for start in range(0, full.shape[0], 16384):
+            part = full[start:start + 16384].astype(np.float64)
+            rounded = self.half[start:start + 16384].to(torch.float64).numpy()
+            norms = np.maximum(norms, [np.linalg.norm(part, axis=1).max(), np.linalg.norm(part - rounded, axis=1).max(),
+                                       np.linalg.norm(rounded, axis=1).max()])
+        self.w_norm, self.w_diff, self.w16_norm = norms
+        self.gamma = full.shape[1] * U32 / (1 - full.shape[1] * U32)
+
+    # ----- the two halves of the model's forward pass ---------------------------------------------
+    def hidden(self, inputs: mx.array, cache) -> mx.array:
+        return self.inner(inputs, cache)[:, -1, :]
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        return hidden @ self.weight.T
+
+    # ----- the screen -----------------------------------------------------------------------------
+    def screen(self, hidden: mx.array):
+        """Approximate logits [B, V] (float16, torch) and the bound beta [B] (float64) on their error."""
+        torch = self.torch
+        h = np.asarray(hidden.astype(mx.float32)).astype(np.float32)
+        h16 = torch.from_numpy(h).to(torch.float16)
+        approx = torch.nn.functional.linear(h16, self.half)
+        h64, r64 = h.astype(np.float64), h16.to(torch.float64).numpy()
+        h_norm, r_norm, dh = (np.linalg.norm(v, axis=1) for v in (h64, r64, h64 - r64))
+        largest = torch.maximum(approx.max(dim=1).values.abs(), approx.min(dim=1).values.abs()).to(torch.float64).numpy()
+        beta = (dh * self.w_norm + r_norm * self.w_diff + self.gamma * (h_norm * self.w_norm + r_norm * self.w16_norm)
+                + U16 * largest / (1 - U16))
+        return approx, beta * 1.01 + 1e-6
+
+    def argmax(self, hidden: mx.array, penalised: dict[int, tuple[list[int], float]], exact_penalty):
+        """Every row's greedy token [B] (mx.int32), or None when the screen cannot prove it (full logits then).
+
+        penalised: row -> (the tokens its repetition penalty touches, its penalty). exact_penalty(E, columns)
+        applies the penalty to exact logits E [B, U] whose column c is token columns[c], as the plain step would.
+        """
+        torch = self.torch
+        approx, beta = self.screen(hidden)
+        rows = approx.shape[0]
+        best = approx.max(dim=1).values.to(torch.float64).numpy()
+        penalty = np.array([penalised.get(b, ((), 1.0))[1] for b in range(rows)], dtype=np.float64)
+        threshold = penalty_floor(best - beta, penalty) - beta
+        # compared in float32, the threshold rounded down: a token left out has a_j < T still
+        below = np.nextafter(threshold.astype(np.float32), np.float32(-np.inf))
+        chosen = approx.to(torch.float32) >= torch.from_numpy(below)[:, None]
+        candidates = set(torch.nonzero(chosen)[:, 1].tolist())
+        for tokens, _ in penalised.values():
+            candidates.update(tokens)
+        if len(candidates) > MAX_CANDIDATES:
+            return None
+        columns = np.array(sorted(candidates), dtype=np.int32)
+        exact = hidden @ self.weight[mx.array(columns)].T
+        exact = exact_penalty(exact, columns)
+        pick = mx.argmax(exact, axis=-1)
+        top = np.asarray(mx.take_along_axis(exact, pick[:, None], axis=1)[:, 0].astype(mx.float32)).astype(np.float64)
+        if not np.all(top >= threshold + beta):
+            return None
+        return mx.array(columns)[pick]
+
+
+def _parts(model):
+    """(inner model, output weight) when model(x) is exactly inner(x) @ weight.T, else None."""
+    import mlx.nn as nn
+
+    inner = getattr(model, "model", None)
+    if inner is None or not callable(inner):
+        return None
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        if type(head) is not nn.Linear or "bias" in head:
+            return None
+        return inner, head.weight
+    embed = getattr(inner, "embed_tokens", None)
+    if type(embed) is not nn.Embedding:
+        return None
+    return inner, embed.weight
+
+
+def _proved(head: GreedyHead) -> bool:
+    """The split gives the model's own logits, bit for bit, and the screen's error stays within its bound
+    (checked on a few probe rows of one token, as decode steps have)."""
+    probe = mx.array([[t % head.weight.shape[0]] for t in (2, 10, 100, 1000)])  # rows of one token, as in a step
+    for rows in (probe[:1], probe):
+        if not mx.array_equal(head.model(rows)[:, -1, :], head.logits(head.inner(rows)[:, -1, :])).item():
+            return False
+    hidden = head.inner(probe)[:, -1, :]
+    for scale in (1.0, 0.01, 30.0):
+        h = hidden * scale
+        approx, beta = head.screen(h)
+        exact = np.asarray(head.logits(h)).astype(np.float64)
+        if not np.all(np.abs(exact - approx.to(head.torch.float64).numpy()) <= beta[:, None]):
+            return False
+    return True
+
+
+def _forget(key: int) -> None:
+    if _HEADS is not None:  # None while the interpreter shuts down
+        _HEADS.pop(key, None)
+
+
+def greedy_head(model) -> GreedyHead | None:
+    """The model's GreedyHead where the switch and the model allow one (made once per model), else None."""
+    mode = switch()
+    if mode == "off":
+        return None
+    known = _HEADS.get(id(model))
+    if known is not None and known[0]() is model:
+        return known[1]
+    head = None
+    parts = _parts(model)
+    if parts is not None and parts[1].dtype == mx.float32 and parts[1].ndim == 2:
+        big = parts[1].shape[0] >= AUTO_VOCAB and mx.default_device().type == mx.cpu
+        if mode == "on" or big:
+            try:
+                head = GreedyHead(model, *parts)
+                head = head if _proved(head) else None
+            except ImportError:  # no torch: the plain output layer
+                head = None
+    _HEADS[id(model)] = (weakref.ref(model, lambda _, key=id(model): _forget(key)), head)
+    return head

@@ -1,0 +1,93 @@
+"""The float16 screen (fast_argmax) gives the plain step's greedy tokens, with and without the repetition penalty."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gemma_mlx import decode_step, fast_argmax
+from gemma_mlx.config import GenerationSettings as G
+from gemma_mlx.generate import generate_replies
+from tests.test_generate import PROMPTS, lively  # noqa: F401  (lively is a fixture)
+
+MANY = [f"{p} ({i})" if i else p for i in range(6) for p in PROMPTS]  # 30 prompts
+
+
+def screened_steps(monkeypatch) -> list:
+    """Record every screened step's outcome (True: proved; False: fell back to the full logits)."""
+    outcomes, real = [], fast_argmax.GreedyHead.argmax
+
+    def recording(self, *args):
+        tokens = real(self, *args)
+        outcomes.append(tokens is not None)
+        return tokens
+
+    monkeypatch.setattr(fast_argmax.GreedyHead, "argmax", recording)
+    return outcomes
+
+
+def replies(loaded, prompts, settings, monkeypatch, mode: str):
+    monkeypatch.delenv(decode_step.PLAIN_ENV, raising=False)
+    monkeypatch.setenv(fast_argmax.SWITCH_ENV, "0")
+    if mode == "plain":
+        monkeypatch.setenv(decode_step.PLAIN_ENV, "1")
+    elif mode == "screen":
+        monkeypatch.setenv(fast_argmax.SWITCH_ENV, "1")
+    return [(r.text, r.tokens, r.finish_reason, r.stop_token) for r in generate_replies(loaded, prompts, settings)]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.1, 1.5, 0.8])
+def test_the_screen_gives_the_plain_replies(lively, monkeypatch, penalty):
+    """30 prompts, 24 tokens each: the screened step, the lean step without it and mlx-lm's own step all agree,
+    and the screen really decided (nearly) every step."""
+    settings = G(max_tokens=24, repetition_penalty=penalty)
+    outcomes = screened_steps(monkeypatch)
+    screened = replies(lively, MANY, settings, monkeypatch, "screen")
+    assert len(outcomes) >= 20 and sum(outcomes) >= 0.9 * len(outcomes)
+    assert screened == replies(lively, MANY, settings, monkeypatch, "plain")
+    assert screened == replies(lively, MANY, settings, monkeypatch, "lean")
+    assert len({text for text, *_ in screened}) > len(PROMPTS)  # the prompts led to different replies
+
+
+def test_rows_the_screen_cannot_take_use_the_full_logits(lively, monkeypatch):
+    """A sampled row or another processor in the batch: no screening; too many candidates: the full logits.
+    The replies stay the plain ones either way."""
+    mixed = [G(max_tokens=12), G(max_tokens=12, temperature=0.8, seed=3), G(max_tokens=12, no_repeat_ngram=2),
+             G(max_tokens=12), G(max_tokens=12, repetition_penalty=1.0)]
+    outcomes = screened_steps(monkeypatch)
+    assert replies(lively, PROMPTS, mixed, monkeypatch, "screen") == replies(lively, PROMPTS, mixed, monkeypatch, "plain")
+    assert outcomes == []
+    monkeypatch.setattr(fast_argmax, "MAX_CANDIDATES", 0)
+    settings = G(max_tokens=12)
+    assert replies(lively, PROMPTS, settings, monkeypatch, "screen") == replies(lively, PROMPTS, settings, monkeypatch,
+                                                                                 "plain")
+    assert outcomes and not any(outcomes)
+
+
+def test_the_bound_holds_and_the_candidates_logits_are_the_full_ones(lively, monkeypatch):
+    """On hidden states of real prompts (and scaled ones): |exact - approx| <= beta for every token, and a
+    candidate's exact logit is bit for bit the full layer's."""
+    monkeypatch.setenv(fast_argmax.SWITCH_ENV, "1")
+    head = fast_argmax.greedy_head(lively.model)
+    assert head is not None and fast_argmax.greedy_head(lively.model) is head  # made once per model
+    ids = mx.array([lively.tokenizer.encode(" ".join(MANY))[:40]])
+    hidden = head.inner(ids).reshape(-1, head.weight.shape[1])
+    for scale in (1.0, 0.1, 10.0):
+        h = hidden * scale
+        approx, beta = head.screen(h)
+        full = head.logits(h)
+        error = np.abs(np.asarray(full).astype(np.float64) - approx.double().numpy())
+        assert np.all(error <= beta[:, None]) and np.all(beta < 1.0)
+        columns = mx.array(sorted({3, 17, 250, head.weight.shape[0] - 1}))
+        assert mx.array_equal(h @ head.weight[columns].T, full[:, columns]).item()
+
+
+def test_the_switch(lively, monkeypatch):
+    monkeypatch.setenv(fast_argmax.SWITCH_ENV, "0")
+    assert fast_argmax.switch() == "off" and fast_argmax.greedy_head(lively.model) is None
+    monkeypatch.delenv(fast_argmax.SWITCH_ENV)
+    assert fast_argmax.switch() == "auto"
+    if lively.model.args.vocab_size < fast_argmax.AUTO_VOCAB:  # a tiny vocabulary: not worth it unless asked
+        fast_argmax._HEADS.clear()
+        assert fast_argmax.greedy_head(lively.model) is None
+    floor = fast_argmax.penalty_floor(np.array([10.0, -10.0, 10.0]), np.array([2.0, 2.0, 0.5]))
+    assert floor.tolist() == [5.0, -20.0, 10.0]

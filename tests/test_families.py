@@ -124,8 +124,12 @@ def test_family_of_tokenizer():
     assert family_of_tokenizer(build_tokenizer(vocab_size=400, special_tokens=GEMMA4_SPECIAL_TOKENS)) is GEMMA4
 
 
-def test_training_turn_ids_are_every_familys():
-    """The training code (trainee, validation) counts turn ends by the default family's ids; a family
-    with other ids must make that code ask it first."""
-    for family in FAMILIES:
-        assert family.turn_token_ids == chat_format.TURN_TOKEN_IDS and family.eos_id == chat_format.EOS_ID, family.name
+def test_training_asks_the_models_family():
+    """The training code takes turn-token ids and the reply end from the model's family (sft.py passes it
+    to trainee.prepare; tests/test_family_training.py shows it), never chat_format's default-family names."""
+    defaults = {name for name in vars(chat_format) if name.isupper()}
+    for path in sorted((PACKAGE / "training").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("chat_format"):
+                used = {alias.name for alias in node.names} & defaults
+                assert not used, f"{path.name} imports the default family's {sorted(used)} from chat_format"

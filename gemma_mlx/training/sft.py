@@ -21,7 +21,7 @@ from .setup import RunSetup
 from .trainee import estimate_memory, loss_fn, loss_weights, prepare, resolve_num_layers, validation_sums
 from ..backend import machine_memory
 from ..text import plural, word_count
-from ..chat_format import END_OF_TURN_ID
+from ..families import DEFAULT, Family, family_of_tokenizer
 from ..distributed import sum_numbers, world
 from ..errors import TrainingError
 
@@ -56,11 +56,11 @@ def tokenize_split(tokenizer, examples, setup: RunSetup, say) -> list[batching.S
     return [s for s in sequences if s.trained_tokens > 0]
 
 
-def _arrays(batch: batching.Batch, end_of_turn_weight: float = 1.0):
+def _arrays(batch: batching.Batch, end_of_turn_weight: float = 1.0, end_id: int = DEFAULT.turn_end_id):
     arrays = (mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.targets))
     if end_of_turn_weight == 1.0:
         return arrays
-    return (*arrays, mx.array(loss_weights(batch.targets, end_of_turn_weight)))
+    return (*arrays, mx.array(loss_weights(batch.targets, end_of_turn_weight, end_id)))
 
 
 def evaluate(trainee, sequences, batch_size: int, unused_ids: list[int] = ()) -> dict:
@@ -80,7 +80,7 @@ def evaluate(trainee, sequences, batch_size: int, unused_ids: list[int] = ()) ->
         if number % here.size != here.rank:
             continue
         batch = batching.make_batch(sequences, indices)
-        ends = mx.array(np.nonzero(batch.targets == END_OF_TURN_ID)[0].astype(np.int32))
+        ends = mx.array(np.nonzero(batch.targets == trainee.end_id)[0].astype(np.int32))  # the family's turn end
         sums = validation_sums(trainee, *_arrays(batch), ends, unused)
         for key, value in sums.items():
             totals[key] += value.item() if isinstance(value, mx.array) else value
@@ -126,8 +126,9 @@ class SupervisedObjective:
     name = "supervised"
 
     def __init__(self, setup: RunSetup, train_seqs, valid_seqs, valid_prompts, unused_ids,
-                 reply_words: dict | None = None):
+                 reply_words: dict | None = None, family: Family = DEFAULT):
         self.setup, self.train_seqs, self.valid_seqs = setup, train_seqs, valid_seqs
+        self.family = family  # the model's: its turn end is the reply end the loss weighs and validation measures
         self.valid_prompts, self.unused_ids = valid_prompts, unused_ids
         # mean words of the training replies (the persona's length) and of the answered validation prompts' replies
         self.train_reply_words = (reply_words or {}).get("train")
@@ -153,11 +154,11 @@ class SupervisedObjective:
 
     def normalizer(self, batch: batching.Batch) -> float:
         if self.weight != 1.0:
-            return float(loss_weights(batch.targets, self.weight).sum())
+            return float(loss_weights(batch.targets, self.weight, self.family.turn_end_id).sum())
         return float(batch.trained_tokens)
 
     def arrays(self, batch: batching.Batch):
-        return _arrays(batch, self.weight)
+        return _arrays(batch, self.weight, self.family.turn_end_id)
 
     # ----- validation -----------------------------------------------------------------------
     def validate(self, trainee) -> tuple[dict, int, float, str]:
@@ -167,9 +168,7 @@ class SupervisedObjective:
                   "end_unused_mass": result["end_unused_mass"]}
         mark = ""
         if result["end_p"] is not None:
-            from ..flavour import family_of_dir
-
-            turn_end = family_of_dir(self.setup.model_dir).turn_end  # <end_of_turn>, or Gemma 4's <turn|>
+            turn_end = self.family.turn_end  # <end_of_turn>, or Gemma 4's <turn|>
             mark = (f", reply ends: p({turn_end}) {result['end_p']:.3f}, top-1 {result['end_top1']:.0%}, "
                     f"<unusedN> {result['end_unused_mass']:.4f}")
         return fields, result["tokens"], result["seconds"], mark
@@ -217,6 +216,7 @@ def supervised_parts(setup: RunSetup, say) -> Parts:
     if not splits.train:
         raise TrainingError(f"{setup.data} has no training examples. Add examples, or check the path.")
     lm, tokenizer = models.load(setup.model_dir)
+    family = family_of_tokenizer(tokenizer)  # the family the data is rendered in (batching): its turn rows train
     train_seqs = tokenize_split(tokenizer, splits.train, setup, say)
     valid_seqs = tokenize_split(tokenizer, splits.valid, setup, say)
     # the conversations up to their last reply: what validation generation answers
@@ -227,10 +227,10 @@ def supervised_parts(setup: RunSetup, say) -> Parts:
         raise TrainingError(f"None of the training examples in {setup.data} has reply tokens to learn from "
                             f"within train.max_seq_length ({setup.train.max_seq_length} tokens). Raise it, or check the data.")
     objective = SupervisedObjective(setup, train_seqs, valid_seqs, valid_prompts, unused_token_ids(setup.model_dir),
-                                    reply_words)
+                                    reply_words, family)
     mx.random.seed(setup.train.seed)  # LoRA initialisation
     turn_init = setup.lora.turn_token_init if setup.flavour == "pt" else "keep"  # an -it row is trained already
-    trainee = prepare(lm, setup.lora, setup.turn_tokens, setup.train.grad_checkpoint, turn_init)
+    trainee = prepare(lm, setup.lora, setup.turn_tokens, setup.train.grad_checkpoint, turn_init, family)
     return Parts(trainee, tokenizer, objective, resolve_num_layers(setup.lora, lm))
 
 

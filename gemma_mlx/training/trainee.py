@@ -23,8 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..chat_format import EOS_ID, END_OF_TURN_ID, TURN_TOKEN_IDS
 from ..errors import TrainingError
+from ..families import DEFAULT, Family
 from .chunked_loss import CHUNK_ROWS, chunked_cross_entropy, output_matrix
 from .fast_gelu import use_fast_gelu
 
@@ -32,14 +32,16 @@ from .fast_gelu import use_fast_gelu
 class Trainee(nn.Module):
     """The language model plus the optional trainable turn-token rows, as one trainable tree."""
 
-    def __init__(self, lm: nn.Module, turn_ids: tuple[int, ...] = (), init: str = "keep"):
+    def __init__(self, lm: nn.Module, turn_ids: tuple[int, ...] = (), init: str = "keep", family: Family = DEFAULT):
         super().__init__()
         self.lm = lm
         self.turn_ids = tuple(turn_ids)  # a tuple is not a parameter
+        # the model's family's reply end (<end_of_turn>, Gemma 4's <turn|>): what validation measures
+        self.end_id, self.eos_id = family.turn_end_id, family.eos_id
         if self.turn_ids:
-            # "eos": <end_of_turn> starts as a copy of <eos>, which the base model already predicts where
+            # "eos": the turn end starts as a copy of <eos>, which the base model already predicts where
             # a text ends; its own row is still where initialisation left it (next to the <unusedN> rows)
-            start = [EOS_ID if init == "eos" and t == END_OF_TURN_ID else t for t in self.turn_ids]
+            start = [self.eos_id if init == "eos" and t == self.end_id else t for t in self.turn_ids]
             # embed() de-quantizes rows of a quantized table too
             self.turn_rows = lm.model.embed_tokens(mx.array(start)).astype(mx.float32)
 
@@ -135,11 +137,12 @@ def loss_fn(trainee: Trainee, inputs: mx.array, positions: mx.array, targets: mx
     return losses.sum() / normalizer, mx.array(count)
 
 
-def loss_weights(targets, end_of_turn_weight: float):
-    """Per-position loss weights: `end_of_turn_weight` where the target ends a reply, 1 elsewhere (numpy)."""
+def loss_weights(targets, end_of_turn_weight: float, end_id: int = DEFAULT.turn_end_id):
+    """Per-position loss weights: `end_of_turn_weight` where the target ends a reply (`end_id`, the
+    family's turn end), 1 elsewhere (numpy)."""
     import numpy as np
 
-    return np.where(targets == END_OF_TURN_ID, np.float32(end_of_turn_weight), np.float32(1.0)).astype(np.float32)
+    return np.where(targets == end_id, np.float32(end_of_turn_weight), np.float32(1.0)).astype(np.float32)
 
 
 def validation_sums(trainee: Trainee, inputs: mx.array, positions: mx.array, targets: mx.array,
@@ -157,8 +160,8 @@ def validation_sums(trainee: Trainee, inputs: mx.array, positions: mx.array, tar
         # full logits for the few reply ends only (about one per example), not for all N positions
         at_end = trainee.output_logits(hidden[ends]).astype(mx.float32)  # [E, V]
         logprobs = at_end - mx.logsumexp(at_end, axis=-1, keepdims=True)
-        sums["end_p"] = mx.exp(logprobs[:, END_OF_TURN_ID]).sum()
-        sums["end_top1"] = (mx.argmax(at_end, axis=-1) == END_OF_TURN_ID).sum()
+        sums["end_p"] = mx.exp(logprobs[:, trainee.end_id]).sum()
+        sums["end_top1"] = (mx.argmax(at_end, axis=-1) == trainee.end_id).sum()
         sums["end_unused_mass"] = mx.exp(logprobs[:, unused]).sum() if unused.size else mx.array(0.0)
     sums["ends"] = ends.size
     return sums
@@ -199,10 +202,11 @@ def _checkpoint_layer(layer: nn.Module) -> None:
 
 
 def prepare(lm: nn.Module, lora, train_turn_tokens: bool, grad_checkpoint: bool = False,
-            turn_init: str = "keep") -> Trainee:
+            turn_init: str = "keep", family: Family = DEFAULT) -> Trainee:
     """Freeze the model, add LoRA/DoRA layers (or unfreeze layers for full), wrap it for training.
 
     `turn_init` is "eos" or "keep" (only ever "eos" for a base model, whose turn rows are untrained).
+    `family` is the model's (families.py): its turn-token ids are the rows a base model trains.
     """
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -227,7 +231,7 @@ def prepare(lm: nn.Module, lora, train_turn_tokens: bool, grad_checkpoint: bool 
     if grad_checkpoint:
         for layer in lm.layers[-num_layers:] if not train_turn_tokens else lm.layers:
             _checkpoint_layer(layer)
-    return Trainee(lm, TURN_TOKEN_IDS if train_turn_tokens else (), init=turn_init)
+    return Trainee(lm, family.turn_token_ids if train_turn_tokens else (), init=turn_init, family=family)
 
 
 def count_parameters(tree) -> int:

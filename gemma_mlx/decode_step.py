@@ -166,8 +166,10 @@ def _screened(batch, processors: list, samplers: list):
     penalty (a positive one) as processor."""
     from mlx_lm.sample_utils import greedy_sampler
 
-    from .fast_argmax import greedy_head
+    from .fast_argmax import AUTO_ROWS, greedy_head, switch
 
+    if switch() == "auto" and len(samplers) < AUTO_ROWS:  # one chat reply: not worth the screen's start-up
+        return None
     if not all(s is greedy_sampler for s in samplers):
         return None
     if not all(not p or (len(p) == 1 and isinstance(p[0], RepetitionPenalty) and p[0].penalty > 0) for p in processors):

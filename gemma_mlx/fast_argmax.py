@@ -17,8 +17,8 @@ The bound, for hidden state h (float32) and its float16 rounding h16, W_j and W1
              + gamma (||h|| ||W_j|| + ||h16|| ||W16_j||)        (float32 sums of K terms, any order)
              + u16 |a_j|                                        (the result rounded to float16)
 with gamma = K u32 / (1 - K u32), taken at the largest norms over all tokens. It assumes the half
-matmul adds in float32 and rounds once at the end; a check at start-up (on real rows of the
-weights) turns the screen off where that does not hold.
+matmul adds in float32 and rounds once at the end; a check at start-up (the bound against the
+float32 logits of probe hidden states) turns the screen off where that visibly does not hold.
 
 A row's argmax is then exact: with m the row's best a_j and p its penalty, the top token's final
 logit is at least low = pen(m - beta) (pen: the largest drop the penalty can cause), so a token
@@ -27,10 +27,11 @@ with a_j < T = low - beta has e_j < low, is not penalised, and cannot win. Each 
 falls back to the full float32 logits. Ties go to the lowest token id, as in the plain argmax.
 
 Switch: GEMMA_MLX_FAST_ARGMAX=0 turns it off, =1 turns it on wherever it can run (a float32
-output layer as an embedding or a bias-free linear, torch importable); unset, it is on
-for vocabularies of 32k tokens or more on the CPU. GEMMA_MLX_PLAIN_DECODE=1 turns off every
-decode shortcut, this one included. On Metal it is off by default: a float16 copy read by MLX's
-own kernels would be the way there, and it has not been measured.
+output layer as an embedding or a bias-free linear, torch importable); unset, it is on for
+vocabularies of 32k tokens or more on the CPU, in steps of 4 rows or more (one chat reply would
+not win back the start-up). GEMMA_MLX_PLAIN_DECODE=1 turns off every decode shortcut, this one
+included. On Metal it is off by default: a float16 copy read by MLX's own GPU kernels would be
+the way there, and it has not been measured.
 """
 
 from __future__ import annotations
@@ -42,10 +43,13 @@ import mlx.core as mx
 import numpy as np
 
 SWITCH_ENV = "GEMMA_MLX_FAST_ARGMAX"
-AUTO_VOCAB = 32768  # the screen pays for itself on big output layers only
+AUTO_VOCAB = 32768  # the screen pays for itself on big output layers only,
+AUTO_ROWS = 4  # and on batches: its start-up (a float16 copy, the norms, the check) takes seconds
 MAX_CANDIDATES = 4096  # more distinct candidate tokens than this in a step: the full logits instead
 U32, U16 = 2.0**-24, 2.0**-11
-_HEADS: dict[int, tuple] = {}  # id(model) -> (a weak reference to it, its GreedyHead or None)
+# id(model) -> (weak references to it and to its output weight, its GreedyHead or None). A new weight
+# (validation during training puts new turn-token rows in) makes a new head.
+_HEADS: dict[int, tuple] = {}
 
 
 def switch() -> str:
@@ -65,10 +69,10 @@ def penalty_floor(x: np.ndarray, penalty: np.ndarray) -> np.ndarray:
 class GreedyHead:
     """A model split into its hidden states and its output layer, with the float16 screen."""
 
-    def __init__(self, model, inner, weight: mx.array):
+    def __init__(self, inner, weight: mx.array):
         import torch  # (gemma_mlx/__init__ sets OMP_WAIT_POLICY=PASSIVE: spinning threads halved the gain)
 
-        self.model, self.inner, self.weight = model, inner, weight
+        self.inner, self.weight = inner, weight  # never the model itself: the cache holds a head, not a model
         self.torch = torch
         full = np.asarray(weight)
         self.half = torch.from_numpy(full).to(torch.float16)
@@ -83,7 +87,7 @@ class GreedyHead:
 
     # ----- the two halves of the model's forward pass ---------------------------------------------
     def hidden(self, inputs: mx.array, cache) -> mx.array:
-        return self.inner(inputs, cache)[:, -1, :]
+        return self.inner(inputs, cache=cache)[:, -1, :]
 
     def logits(self, hidden: mx.array) -> mx.array:
         return hidden @ self.weight.T
@@ -150,12 +154,12 @@ def _parts(model):
     return inner, embed.weight
 
 
-def _proved(head: GreedyHead) -> bool:
+def _proved(model, head: GreedyHead) -> bool:
     """The split gives the model's own logits, bit for bit, and the screen's error stays within its bound
     (checked on a few probe rows of one token, as decode steps have)."""
     probe = mx.array([[t % head.weight.shape[0]] for t in (2, 10, 100, 1000)])  # rows of one token, as in a step
     for rows in (probe[:1], probe):
-        if not mx.array_equal(head.model(rows)[:, -1, :], head.logits(head.inner(rows)[:, -1, :])).item():
+        if not mx.array_equal(model(rows)[:, -1, :], head.logits(head.inner(rows)[:, -1, :])).item():
             return False
     hidden = head.inner(probe)[:, -1, :]
     for scale in (1.0, 0.01, 30.0):
@@ -173,22 +177,24 @@ def _forget(key: int) -> None:
 
 
 def greedy_head(model) -> GreedyHead | None:
-    """The model's GreedyHead where the switch and the model allow one (made once per model), else None."""
-    mode = switch()
-    if mode == "off":
+    """The model's GreedyHead where the switch and the model allow one (made once per model and output
+    weight), else None."""
+    if switch() == "off":
         return None
-    known = _HEADS.get(id(model))
-    if known is not None and known[0]() is model:
-        return known[1]
-    head = None
     parts = _parts(model)
-    if parts is not None and parts[1].dtype == mx.float32 and parts[1].ndim == 2:
-        big = parts[1].shape[0] >= AUTO_VOCAB and mx.default_device().type == mx.cpu
-        if mode == "on" or big:
+    weight = None if parts is None else parts[1]
+    known = _HEADS.get(id(model))
+    if known is not None and known[0]() is model and known[1]() is weight:
+        return known[2]
+    head = None
+    if weight is not None and weight.dtype == mx.float32 and weight.ndim == 2:
+        big = weight.shape[0] >= AUTO_VOCAB and mx.default_device().type == mx.cpu
+        if switch() == "on" or big:
             try:
-                head = GreedyHead(model, *parts)
-                head = head if _proved(head) else None
+                head = GreedyHead(*parts)
+                head = head if _proved(model, head) else None
             except ImportError:  # no torch: the plain output layer
                 head = None
-    _HEADS[id(model)] = (weakref.ref(model, lambda _, key=id(model): _forget(key)), head)
+    _HEADS[id(model)] = (weakref.ref(model, lambda _, key=id(model): _forget(key)),
+                         weakref.ref(weight) if weight is not None else (lambda: None), head)
     return head

@@ -91,3 +91,39 @@ def test_the_switch(lively, monkeypatch):
         assert fast_argmax.greedy_head(lively.model) is None
     floor = fast_argmax.penalty_floor(np.array([10.0, -10.0, 10.0]), np.array([2.0, 2.0, 0.5]))
     assert floor.tolist() == [5.0, -20.0, 10.0]
+
+
+def test_by_default_the_screen_takes_batches_of_a_big_vocabulary_only(lively, monkeypatch):
+    """Unset switch: a batch of 5 greedy rows is screened once the vocabulary counts as big; one chat reply
+    (a batch of 1) is not, as the screen's start-up would cost more than it saves."""
+    from gemma_mlx.generate import stream_reply
+
+    monkeypatch.delenv(fast_argmax.SWITCH_ENV, raising=False)
+    monkeypatch.delenv(decode_step.PLAIN_ENV, raising=False)
+    monkeypatch.setattr(fast_argmax, "AUTO_VOCAB", 16)
+    fast_argmax._HEADS.clear()
+    outcomes = screened_steps(monkeypatch)
+    stream_reply(lively, [{"role": "user", "content": PROMPTS[0]}], G(max_tokens=8))
+    assert outcomes == []
+    generate_replies(lively, PROMPTS, G(max_tokens=8))
+    assert outcomes and all(outcomes)
+    fast_argmax._HEADS.clear()
+
+
+def test_a_new_output_weight_makes_a_new_screen(lively, monkeypatch):
+    """Validation during training puts new turn-token rows into the embedding (a new weight array): the screen's
+    float16 copy must follow, or its bound would be about the old weights."""
+    from gemma_mlx.adapters import set_embedding_rows
+
+    monkeypatch.setenv(fast_argmax.SWITCH_ENV, "1")
+    model = lively.model
+    first = fast_argmax.greedy_head(model)
+    saved = model.model.embed_tokens.weight
+    try:
+        set_embedding_rows(model, [5], saved[7:8] * 3)
+        second = fast_argmax.greedy_head(model)
+        assert second is not first and second.weight is model.model.embed_tokens.weight
+        assert fast_argmax.greedy_head(model) is second
+        assert (second.half[5].float().numpy() == first.half[7].float().numpy() * 3).mean() > 0.9
+    finally:
+        model.model.embed_tokens.weight = saved

@@ -386,6 +386,14 @@ def _convert_into(output: StageOutput, source: Source, checkpoint: Path | None, 
                      "keeping its language model only (the vision and audio towers are left out)")
             original, checkpoint = checkpoint, tmp / "text"
             extra["language_model"] = write_language_model(original, checkpoint, source_config, family)
+        else:
+            from .formats.language_model import stage_with_mlx_keys
+
+            filled = stage_with_mlx_keys(checkpoint, tmp / "text")  # a transformers 5 Gemma 4 text config
+            if filled:
+                checkpoint, extra["config_keys_filled"] = tmp / "text", filled
+                progress(f"{source.spec}: its config.json keeps {', '.join(filled)} per layer only; "
+                         "read from there for mlx-lm (the checkpoint itself is not changed)")
         staged = tmp / "mlx"  # mlx_lm.convert insists on creating its own directory
         damaged = "The checkpoint's files may be cut short by an interrupted download or copy: fetch or copy them again."
         with backend.quiet_mlx_lm(), loading_errors(checkpoint, damaged):  # no [INFO] lines; stdout for results
@@ -397,7 +405,7 @@ def _convert_into(output: StageOutput, source: Source, checkpoint: Path | None, 
                 q_bits=settings["quantize_bits"],
                 q_group_size=settings["group_size"],
             )
-        if source.gguf_path is not None or "language_model" in extra:
+        if source.gguf_path is not None or "language_model" in extra or "config_keys_filled" in extra:
             shutil.rmtree(checkpoint)
         for item in staged.iterdir():
             item.rename(tmp / item.name)

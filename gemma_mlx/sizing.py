@@ -17,11 +17,9 @@ QUANT_GROUP = 64  # MLX's default group: a float scale and bias per 64 weights
 
 def text_part(config: dict) -> dict:
     """The language model's config: a multimodal config's text_config filled in, else the config itself."""
-    if not is_multimodal(config):
-        return config
-    from .formats.language_model import text_config
+    from .formats.language_model import mlx_keys, text_config
 
-    return text_config(config, family_of_config(config))
+    return text_config(config, family_of_config(config)) if is_multimodal(config) else mlx_keys(config)
 
 
 def _layer_types(text: dict) -> list[str]:
@@ -33,17 +31,22 @@ def _layer_types(text: dict) -> list[str]:
 
 
 def _layers(text: dict) -> list[dict]:
-    """Per layer: head size, whether it has its own keys/values, MLP width (what the parameters hang on)."""
+    """Per layer: head size, whether it has its own keys/values (how many heads, and whether the keys are
+    also the values: no value projection), MLP width (what the parameters hang on)."""
     layers = text["num_hidden_layers"]
     first_shared = layers - int(text.get("num_kv_shared_layers") or 0)
     head_dim = int(text.get("head_dim") or 256)
     wide_head = int(text.get("global_head_dim") or head_dim)
+    kv_heads = int(text.get("num_key_value_heads") or 1)
     found = []
     for i, kind in enumerate(_layer_types(text)):
         shared = i >= first_shared
+        keys_are_values = bool(text.get("attention_k_eq_v")) and kind == "full_attention"  # Gemma 4 26B/31B
         found.append({
             "head": wide_head if kind == "full_attention" else head_dim,
             "own_kv": not shared,
+            "kv_heads": int(text.get("num_global_key_value_heads") or kv_heads) if keys_are_values else kv_heads,
+            "kv_projections": 1 if keys_are_values else 2,
             "intermediate": text["intermediate_size"] * (2 if text.get("use_double_wide_mlp") and shared else 1),
         })
     return found
@@ -53,12 +56,12 @@ def parameter_count(config: dict) -> dict:
     """Parameters by part: embedding, per-layer embeddings (Gemma 4's PLE), transformer layers, output layer."""
     text = text_part(config)
     hidden, vocab = text["hidden_size"], text["vocab_size"]
-    heads, kv_heads = text.get("num_attention_heads", 4), text.get("num_key_value_heads", 1)
+    heads = text.get("num_attention_heads", 4)
     ple = int(text.get("hidden_size_per_layer_input") or 0)  # Gemma 4's per-layer inputs; absent in Gemma 3
     layers = 0
     for layer in _layers(text):
         layers += 2 * hidden * heads * layer["head"]  # q and o
-        layers += 2 * hidden * kv_heads * layer["head"] if layer["own_kv"] else 0
+        layers += layer["kv_projections"] * hidden * layer["kv_heads"] * layer["head"] if layer["own_kv"] else 0
         layers += 3 * hidden * layer["intermediate"]
         layers += 2 * hidden * ple  # the per-layer input gate and projection
     count = text["num_hidden_layers"]
@@ -72,13 +75,13 @@ def lora_parameters(config: dict, rank: int = 8, num_layers: int = 16) -> int:
     """LoRA parameters on every linear layer of the last `num_layers` layers (mlx-lm's default keys):
     q, k, v, o, gate, up, down, and Gemma 4's per-layer input gate and projection."""
     text = text_part(config)
-    hidden, heads, kv_heads = text["hidden_size"], text.get("num_attention_heads", 4), text.get("num_key_value_heads", 1)
+    hidden, heads = text["hidden_size"], text.get("num_attention_heads", 4)
     ple = int(text.get("hidden_size_per_layer_input") or 0)
     total = 0
     for layer in _layers(text)[-num_layers:]:
         projections = [(hidden, heads * layer["head"]), (heads * layer["head"], hidden)] + [(hidden, ple)] * (2 if ple else 0)
         if layer["own_kv"]:
-            projections += [(hidden, kv_heads * layer["head"])] * 2
+            projections += [(hidden, layer["kv_heads"] * layer["head"])] * layer["kv_projections"]
         projections += [(hidden, layer["intermediate"])] * 2 + [(layer["intermediate"], hidden)]
         total += sum(rank * (a + b) for a, b in projections)
     return total

@@ -435,11 +435,13 @@ def _gemma4_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
             f"{p}.post_per_layer_input_norm.weight": norm(hidden),
         })
         if i < first_shared:  # KV-shared layers have no key/value projections of their own
-            weights.update({
-                f"{p}.self_attn.k_proj.weight": dense(kv_heads * head, hidden),
-                f"{p}.self_attn.v_proj.weight": dense(kv_heads * head, hidden),
-                f"{p}.self_attn.k_norm.weight": norm(head),
-            })
+            # keys are the values in the full-attention layers of a k-eq-v model (26B/31B): no v_proj there
+            keys_are_values = config.get("attention_k_eq_v") and kind == "full_attention"
+            kv = (config.get("num_global_key_value_heads") or kv_heads) if keys_are_values else kv_heads
+            weights[f"{p}.self_attn.k_proj.weight"] = dense(kv * head, hidden)
+            if not keys_are_values:
+                weights[f"{p}.self_attn.v_proj.weight"] = dense(kv * head, hidden)
+            weights[f"{p}.self_attn.k_norm.weight"] = norm(head)
     return weights
 
 

@@ -41,13 +41,61 @@ def text_config(config: dict, family: Family) -> dict:
     for key in _TOP_LEVEL:
         if key in config and config[key] is not None:
             full.setdefault(key, config[key])
-    if "global_head_dim" in sparse:  # Gemma 4: mlx-lm reads this key; transformers 5 folds it into per_layer_config
-        full["global_head_dim"] = sparse["global_head_dim"]
+    full = mlx_keys(full)
     layer_types = full.get("layer_types") or []
     if "sliding_window_pattern" not in full and "full_attention" in layer_types:
         full["sliding_window_pattern"] = layer_types.index("full_attention") + 1  # what mlx-lm's gemma3_text reads
     full.update(model_type=family.text_model_type, architectures=[family.causal_lm_architecture])
     return dict(sorted(full.items()))
+
+
+# mlx-lm's name for a key that transformers 5 keeps only as a per-layer override of the full-attention layers
+_FULL_ATTENTION_KEYS = {"head_dim": "global_head_dim", "num_key_value_heads": "num_global_key_value_heads"}
+
+
+def _full_attention_override(text: dict) -> dict:
+    """The per-layer override (transformers 5's `per_layer_config`) of the first full-attention layer, or {}."""
+    overrides = text.get("per_layer_config") or {}
+    for index, kind in enumerate(text.get("layer_types") or []):
+        if kind == "full_attention":
+            return dict(overrides.get(str(index)) or overrides.get(index) or {})
+    return {}
+
+
+def mlx_keys(text: dict) -> dict:
+    """A text config with the keys mlx-lm reads that transformers 5 writes only per layer.
+
+    transformers 5 turns a Gemma 4 config's `global_head_dim` (the wider head of the full-attention
+    layers) and `num_global_key_value_heads` (their key/value heads when keys are the values, as in
+    26B/31B) into overrides of those layers under `per_layer_config`, and saves no top-level key.
+    mlx-lm reads only the top-level keys and, without them, takes its own defaults (512, none): a
+    checkpoint whose wide head is not 512 would not load, and a keys-are-values one would load wrong.
+    Keys already present are kept; a config without per-layer overrides comes back unchanged.
+    """
+    override = _full_attention_override(text)
+    missing = {ours: override[theirs] for theirs, ours in _FULL_ATTENTION_KEYS.items()
+               if theirs in override and ours not in text}
+    return {**text, **missing} if missing else text
+
+
+def stage_with_mlx_keys(checkpoint: Path, out: Path) -> list[str]:
+    """When a text checkpoint's config.json lacks keys mlx-lm needs (mlx_keys), make `out` a view of it
+    (links to its files, a completed config.json) for mlx-lm to read; return the keys filled in.
+
+    Nothing is staged when nothing is missing (an empty list); the checkpoint itself is never written.
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    config = json.loads((checkpoint / "config.json").read_text())
+    completed = mlx_keys(config)
+    filled = sorted(set(completed) - set(config))
+    if not filled:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    for item in checkpoint.iterdir():
+        if item.is_file() and item.name != "config.json":
+            (out / item.name).symlink_to(item.resolve())
+    (out / "config.json").write_text(json.dumps(completed, indent=2) + "\n")
+    return filled
 
 
 def text_weight_name(name: str, tied: bool) -> str | None:

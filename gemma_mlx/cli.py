@@ -145,13 +145,15 @@ def info():
               help="Say the model is a base (pt) or instruction-tuned (it) one. Default: read from its weights.")
 @click.option("--force", is_flag=True, help="Replace an existing output that was made differently.")
 def convert(checkpoints, out, dtype, quantize_bits, group_size, revision, flavour, force):
-    """Convert Gemma 3 checkpoints to MLX, ready for training and comparison.
+    """Convert Gemma 3 and Gemma 4 checkpoints to MLX, ready for training and comparison.
 
-    CHECKPOINTS are short names (gemma-3-270m, gemma-3-270m-it, gemma-3-1b-pt, gemma-3-1b-it),
-    hub ids (owner/name), local Hugging Face checkpoint directories, or Gemma 3 GGUF files
-    (llama.cpp, LM Studio, Ollama). Each converted model gets the Gemma turn template and stops on
-    <end_of_turn>; whether it is a base or an instruction-tuned model is read from its weights and
-    printed with the evidence. Re-running with the same inputs does nothing.
+    CHECKPOINTS are short names (gemma-3-270m, gemma-3-270m-it, gemma-3-1b-pt, gemma-3-1b-it,
+    gemma-4-e2b, gemma-4-e2b-it, ...), hub ids (owner/name), local Hugging Face checkpoint
+    directories, or Gemma 3 GGUF files (llama.cpp, LM Studio, Ollama). A multimodal checkpoint
+    (Gemma 3 4B and up, Gemma 4) keeps its language model only. Each converted model gets its
+    family's turn template and stops on its turn end (<end_of_turn>; Gemma 4: <turn|>); whether it
+    is a base or an instruction-tuned model is read from its weights and printed with the evidence.
+    Re-running with the same inputs does nothing.
 
     \b
     Examples:

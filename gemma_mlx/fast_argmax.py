@@ -15,7 +15,7 @@ largest logit, so this module finds it in two passes:
 The bound, for hidden state h (float32) and its float16 rounding h16, W_j and W16_j likewise:
 |e_j - a_j| <= ||h - h16|| ||W_j|| + ||h16|| ||W_j - W16_j||   (the roundings of the inputs)
              + gamma (||h|| ||W_j|| + ||h16|| ||W16_j||)        (float32 sums of K terms, any order)
-             + u16 |a_j|                                        (the result rounded to float16)
+             + u16 |a_j|, |a_j| <= ||h16|| ||W16_j|| (1 + gamma)  (the result rounded to float16)
 with gamma = K u32 / (1 - K u32), taken at the largest norms over all tokens. It assumes the half
 matmul adds in float32 and rounds once at the end; a check at start-up (the bound against the
 float32 logits of probe hidden states) turns the screen off where that visibly does not hold.
@@ -47,7 +47,7 @@ AUTO_VOCAB = 32768  # the screen pays for itself on big output layers only,
 AUTO_ROWS = 4  # and on batches: its start-up (a float16 copy, the norms, the check) takes seconds
 MAX_CANDIDATES = 4096  # more distinct candidate tokens than this in a step: the full logits instead
 U32, U16 = 2.0**-24, 2.0**-11
-# id(model) -> (weak references to it and to its output weight, its GreedyHead or None). A new weight
+# (id(model), switch) -> (weak references to it and to its output weight, its GreedyHead or None). A new weight
 # (validation during training puts new turn-token rows in) makes a new head.
 _HEADS: dict[int, tuple] = {}
 
@@ -101,7 +101,7 @@ class GreedyHead:
         approx = torch.nn.functional.linear(h16, self.half)
         h64, r64 = h.astype(np.float64), h16.to(torch.float64).numpy()
         h_norm, r_norm, dh = (np.linalg.norm(v, axis=1) for v in (h64, r64, h64 - r64))
-        largest = torch.maximum(approx.max(dim=1).values.abs(), approx.min(dim=1).values.abs()).to(torch.float64).numpy()
+        largest = r_norm * self.w16_norm * (1 + self.gamma)  # >= |a_j|, without another pass over approx
         beta = (dh * self.w_norm + r_norm * self.w_diff + self.gamma * (h_norm * self.w_norm + r_norm * self.w16_norm)
                 + U16 * largest / (1 - U16))
         return approx, beta * 1.01 + 1e-6
@@ -118,9 +118,10 @@ class GreedyHead:
         best = approx.max(dim=1).values.to(torch.float64).numpy()
         penalty = np.array([penalised.get(b, ((), 1.0))[1] for b in range(rows)], dtype=np.float64)
         threshold = penalty_floor(best - beta, penalty) - beta
-        # compared in float32, the threshold rounded down: a token left out has a_j < T still
-        below = np.nextafter(threshold.astype(np.float32), np.float32(-np.inf))
-        chosen = approx.to(torch.float32) >= torch.from_numpy(below)[:, None]
+        # compared in float16, the threshold rounded down: a token left out has a_j < T still
+        below = threshold.astype(np.float16)
+        below = np.where(below.astype(np.float64) > threshold, np.nextafter(below, np.float16(-np.inf)), below)
+        chosen = approx >= torch.from_numpy(below)[:, None]
         candidates = set(torch.nonzero(chosen)[:, 1].tolist())
         for tokens, _ in penalised.values():
             candidates.update(tokens)
@@ -171,7 +172,7 @@ def _proved(model, head: GreedyHead) -> bool:
     return True
 
 
-def _forget(key: int) -> None:
+def _forget(key: tuple) -> None:
     if _HEADS is not None:  # None while the interpreter shuts down
         _HEADS.pop(key, None)
 
@@ -183,7 +184,8 @@ def greedy_head(model) -> GreedyHead | None:
         return None
     parts = _parts(model)
     weight = None if parts is None else parts[1]
-    known = _HEADS.get(id(model))
+    key = (id(model), switch())  # auto may say no where on says yes
+    known = _HEADS.get(key)
     if known is not None and known[0]() is model and known[1]() is weight:
         return known[2]
     head = None
@@ -195,6 +197,6 @@ def greedy_head(model) -> GreedyHead | None:
                 head = head if _proved(model, head) else None
             except ImportError:  # no torch: the plain output layer
                 head = None
-    _HEADS[id(model)] = (weakref.ref(model, lambda _, key=id(model): _forget(key)),
+    _HEADS[key] = (weakref.ref(model, lambda _, key=key: _forget(key)),
                          weakref.ref(weight) if weight is not None else (lambda: None), head)
     return head

@@ -54,6 +54,7 @@ class ArenaSetup:
     settings: GenerationSettings = field(default_factory=GenerationSettings)  # the run's, else compare's defaults
     conversations: Path | None = None  # default: conversations.jsonl beside the votes
     best_of: int = 1  # every reply the best of this many samples (serving/best_of.py)
+    on_topic_model: str | None = None  # a base model that scores each reply's on-topic badge (check_on_topic_model)
 
     def __post_init__(self):
         if self.conversations is None:
@@ -135,6 +136,15 @@ def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = 
     return ArenaSetup(models, votes_file, run_dir, _prompt_sets(files), reports, settings)
 
 
+def check_on_topic_model(spec: str) -> str:
+    """The on-topic model checked before anything loads (a missing or incomplete model dir fails here, not
+    at the first reply); the spec to load it with, in the engine thread, when the first turn is scored."""
+    from .model_ref import resolve
+
+    resolve(spec)
+    return str(spec)
+
+
 def check_votes_file(path: Path, progress: Progress = quiet) -> None:
     """Before serving: the votes file is a file, a cut-off last line is moved aside (and reported),
     and any other damage is an error naming its line, not a failure on the first vote."""
@@ -179,7 +189,7 @@ def serve_arena(setup: ArenaSetup, host: str = "127.0.0.1", port: int = 8765, pr
     check_port_free(host, port)  # before minutes of model loading, not after
     engine = Engine(setup.models, progress)
     try:
-        app = make_app(setup, engine, hosts, on_signal=engine.stop)
+        app = make_app(setup, engine, hosts, on_signal=engine.stop, progress=progress)
         shown = f"[{host}]" if ":" in host else host
         progress(f"arena: {len(setup.models)} models, votes in {setup.votes}; open http://{shown}:{port}/ (Ctrl-C stops)")
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=STOP_SECONDS)

@@ -6,7 +6,9 @@ CLI with `input()` and stdout. Commands: /retry, /undo, /system, /save, /reset, 
 Best of N (`--best-of N`, `/settings best_of=N`): each reply is N rows decoded in one batch, and the
 one scoring/best_of.py picks is shown whole once the batch ends (N replies cannot be streamed as
 one). The persona's length comes from the training run that made the adapters; the on-topic term
-only with `--on-topic-model` (a second model in memory, so it is not loaded by default).
+only with `--on-topic-model` (a second model in memory, so it is not loaded by default). With that
+model every kept reply ends with "[on topic]" or "[off topic]" (scoring/ontopic.py's rule: does it
+answer the message?); best of N scores its N candidates in one call and shows the kept one's.
 Ctrl-D or Ctrl-C at the prompt leave; Ctrl-C while a reply is being written stops that reply.
 
 Only replies that came out whole go into the history the model sees next turn: a reply stopped by
@@ -28,6 +30,7 @@ from .config import LARGEST_INT, GenerationSettings, apply_text_overrides, check
 from .errors import GemmaMlxError
 from .generate import LoadedModel, check_context, generate_replies, load_model, prompt_rows, stream_reply
 from .scoring.best_of import candidate_settings, persona_words, pick_reply
+from .scoring.ontopic import is_on_topic
 from .text import is_loop
 
 USER_PROMPT = "you> "
@@ -206,15 +209,23 @@ def _answer(loaded, conversation: Conversation, text: str, settings: GenerationS
     except _LoopFound:
         write(" [loop: stopped here and left out of the conversation; /retry for another reply]\n")
         return
-    _keep(conversation, text, reply, write)
+    score = best.scorer([(text, reply.text)])[0] if best is not None and best.scorer and not is_loop(reply.text) else None
+    _keep(conversation, text, reply, write, on_topic_tag(best, score, text, reply.text))
 
 
-def _keep(conversation: Conversation, text: str, reply, write: Write) -> None:
-    """Flag the shown reply's end and keep the exchange, unless the reply loops."""
+def on_topic_tag(best: BestOf | None, score: float | None, message: str, reply: str) -> str:
+    """" [on topic]" or " [off topic]" after a reply when an on-topic model scores them, else nothing."""
+    if best is None or best.scorer is None:
+        return ""
+    return " [on topic]" if is_on_topic(score, message, reply) else " [off topic]"
+
+
+def _keep(conversation: Conversation, text: str, reply, write: Write, topic: str = "") -> None:
+    """Flag the shown reply's end (and whether it is on topic) and keep the exchange, unless the reply loops."""
     if is_loop(reply.text):  # a loop only the final, stripped text shows
         write(" [loop: left out of the conversation; /retry for another reply]\n")
         return
-    write(f" [cut at {reply.tokens} tokens]\n" if reply.cut else "\n")
+    write(topic + (f" [cut at {reply.tokens} tokens]\n" if reply.cut else "\n"))
     conversation.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
     conversation.pending = None
 
@@ -235,9 +246,10 @@ def _answer_best(loaded, conversation: Conversation, text: str, seeded: Generati
     except KeyboardInterrupt:
         write("[stopped; left out of the conversation, /retry for another reply]\n")
         return
-    reply = replies[pick_reply(replies, text, best.target_words, scores)]
+    kept = pick_reply(replies, text, best.target_words, scores)
+    reply = replies[kept]
     write(reply.text)
-    _keep(conversation, text, reply, write)
+    _keep(conversation, text, reply, write, on_topic_tag(best, scores[kept] if scores else None, text, reply.text))
 
 
 def _command(line: str, loaded, conversation: Conversation, settings: GenerationSettings, write: Write,
@@ -366,6 +378,8 @@ def run_chat(
     best = BestOf(n, persona_words(loaded), on_topic_scorer(on_topic_model, say) if on_topic_model else None)
     if n > 1:
         say(best.cost())
+    if best.scorer:
+        say("every reply ends with [on topic] or [off topic]: whether it answers the message, by the on-topic model")
     say(f"chatting with {loaded.name} ({describe_settings(settings, n)}). {HELP}")
     return chat_loop(loaded, settings, read_line=read_line, write=write, system=system, labels=labels, best_of=best)
 

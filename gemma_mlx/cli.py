@@ -638,8 +638,9 @@ def prefs(model, data, out, samples, split, persona, max_tokens, seed, no_on_top
                    "nearest the persona's length (from the adapters' training run); N rows of work per reply, shown "
                    "whole, not streamed. /settings best_of=N changes it.")
 @click.option("--on-topic-model", metavar="BASE_DIR",
-              help="With --best-of: also rank by whether a reply answers the message, scored by this un-tuned base "
-                   "model (a second model in memory). Without it best-of skips the on-topic term.")
+              help="Mark every reply [on topic] or [off topic] (does it answer the message?), scored by this "
+                   "un-tuned base model (a second model in memory); with --best-of also rank by that score. Without "
+                   "it best-of skips the on-topic term.")
 @generation_options
 def chat(model, adapter_path, system, model_option=None, best_of=1, on_topic_model=None, **generation):
     """Chat with MODEL in the terminal, with the same turn format and stop rules as compare.
@@ -691,8 +692,13 @@ def chat(model, adapter_path, system, model_option=None, best_of=1, on_topic_mod
               help="With --export-preferences: replace that file if it exists (never the votes file).")
 @click.option("--best-of", default=1, show_default=True, type=click.IntRange(1, 16),
               help="Every reply is the best of this many samples (N rows in the engine per reply, shown whole when "
-                   "all have ended): a clean ending without a loop, then the persona's length. No on-topic term.")
-def arena(models, run_dir, votes, host, port, allow_hosts, export_preferences, force, best_of=1):
+                   "all have ended): a clean ending without a loop, then the persona's length, then (with "
+                   "--on-topic-model) the on-topic score.")
+@click.option("--on-topic-model", metavar="BASE_DIR",
+              help="Score every reply for whether it answers the message with this un-tuned base model (loaded on "
+                   "the first reply; a served model given the same way is reused): an 'on topic' or 'off topic' badge "
+                   "per reply, all replies of a turn scored in one batch.")
+def arena(models, run_dir, votes, host, port, allow_hosts, export_preferences, force, best_of=1, on_topic_model=None):
     """A local web page: every model answers the same prompt in its own column, streamed; or two
     anonymous models answer as A and B, you vote (keys 1-4), then see their names. Votes become
     Bradley-Terry ratings with 95% intervals and export as a preference dataset.
@@ -713,6 +719,11 @@ def arena(models, run_dir, votes, host, port, allow_hosts, export_preferences, f
         click.echo(f"{count} preference pairs from {setup.votes} -> {export_preferences}")
         return
     setup.best_of = best_of
+    if on_topic_model:
+        from .arena import check_on_topic_model
+
+        setup.on_topic_model = check_on_topic_model(on_topic_model)
+        echo_progress(f"arena: every reply gets an on-topic badge, scored by {on_topic_model}")
     if best_of > 1:
         echo_progress(f"arena: every reply is the best of {best_of} samples ({best_of} rows in the engine per reply)")
     serve_arena(setup, host=host, port=port, progress=echo_progress, allow_hosts=allow_hosts)

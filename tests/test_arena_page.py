@@ -251,3 +251,43 @@ def test_best_of_n_says_it_samples_and_a_blind_battle_shows_nothing_of_the_choic
         expect(page.locator("#blind .badge", has_text="best of 3")).to_have_count(2, timeout=WAIT)
         context.close()
         assert errors == []
+
+
+def test_on_topic_badges_in_both_modes(browser, tmp_path, monkeypatch):
+    """arena --on-topic-model: every reply gets an "on topic" or "off topic" badge once the turn has ended, in a
+    blind battle too (it is about the reply's text, like its words), and the page says what the badge means."""
+    from types import SimpleNamespace
+
+    from playwright.sync_api import expect
+
+    import gemma_mlx.scoring.ontopic as ontopic
+
+    monkeypatch.setattr(ontopic, "on_topic_scores",  # alpha's replies answer, beta's do not
+                        lambda model, tokenizer, pairs: [1.0 if reply.startswith("alpha") else -1.0 for _, reply in pairs])
+    engine = ScriptedEngine()
+    engine.models = {"alpha": SimpleNamespace(model=None, tokenizer=None, manifest={}, adapter_dir=None)}
+    setup = ArenaSetup(models={"alpha": "alpha", "beta": "beta"}, votes=tmp_path / "votes.jsonl", on_topic_model="alpha")
+    with serving(make_app(setup, engine, allowed_hosts_for("127.0.0.1"))) as url:
+        context = browser.new_context(viewport={"width": 1100, "height": 800})
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url)
+        page.locator("#model-picks input").first.wait_for()
+        expect(page.locator("#best-of-note")).to_contain_text("marked on or off topic")
+        page.fill("#prompt", "Hi")
+        page.press("#prompt", "Enter")
+        expect(page.locator("#side-columns .badge", has_text="off topic")).to_have_count(1, timeout=WAIT)
+        expect(page.locator("#side-columns .badge", has_text="on topic")).to_have_count(1)
+        expect(page.locator("#side-columns .badge.off")).to_have_count(1)
+
+        page.click("button[data-tab=blind]")
+        page.fill("#prompt", "Hi")
+        page.press("#prompt", "Enter")
+        for side in "AB":
+            finished(page, f"#col-{side}", 1)
+        expect(page.locator("#blind .badge.off")).to_have_count(1, timeout=WAIT)  # before the vote
+        expect(page.locator("#blind .badge", has_text="on topic")).to_have_count(1)
+        assert "stopped by" not in page.inner_text("#blind") and page.inner_text("#col-A .name") == ""
+        context.close()
+        assert errors == []

@@ -85,7 +85,21 @@ async def _json(request, what: str, shape: str = "{}") -> dict:
     return values
 
 
-def make_app(setup, engine, allowed_hosts: set[str] | None = None, on_signal: Callable[[], None] | None = None):
+def on_topic_scorer(setup, engine, progress: Callable[[str], None]):
+    """The scorer of the on-topic badge (serving/best_of.TopicScorer) when the arena was given an on-topic
+    model, else None. A served model given by the same spec is the scorer as it is (not loaded twice)."""
+    spec = getattr(setup, "on_topic_model", None)
+    if not spec:
+        return None
+    from .best_of import TopicScorer
+
+    served = next((name for name, given in setup.models.items() if given == spec), None)
+    load = (lambda _spec: engine.models[served]) if served is not None else None
+    return TopicScorer(spec, progress, load)
+
+
+def make_app(setup, engine, allowed_hosts: set[str] | None = None, on_signal: Callable[[], None] | None = None,
+             progress: Callable[[str], None] = lambda _: None):
     """The Starlette app for an arena.ArenaSetup and a serving.engine.Engine (or anything with its submit
     and cancel).
 
@@ -101,10 +115,11 @@ def make_app(setup, engine, allowed_hosts: set[str] | None = None, on_signal: Ca
     from .ratings import CHOICES, append_vote, leaderboard, preference_rows, read_votes
 
     best_of = getattr(setup, "best_of", 1)
-    if best_of > 1:  # every reply is the best of n (serving/best_of.py); the engine's interface is unchanged
+    scorer = on_topic_scorer(setup, engine, progress)
+    if best_of > 1 or scorer is not None:  # best of n and the on-topic badge (serving/best_of.py); the engine's interface is unchanged
         from .best_of import BestOfEngine
 
-        engine = BestOfEngine(engine, best_of)
+        engine = BestOfEngine(engine, best_of, scorer, progress)
     live = Conversations()
     names = list(setup.models)
     saved_file = setup.conversations
@@ -138,7 +153,8 @@ def make_app(setup, engine, allowed_hosts: set[str] | None = None, on_signal: Ca
         defaults = setup.settings
         return JSONResponse({"models": names, "prompt_sets": setup.prompt_sets, "reports": setup.reports,
                              "settings": {k: getattr(defaults, k) for k in SETTING_KEYS},
-                             "blind": len(names) >= 2, "best_of": best_of, "votes_file": str(setup.votes),
+                             "blind": len(names) >= 2, "best_of": best_of, "on_topic": scorer is not None,
+                             "votes_file": str(setup.votes),
                              "conversations_file": str(saved_file)})
 
     @_answering

@@ -286,6 +286,11 @@ async function start() {
     $("#best-of-note").textContent = `Every reply is the best of ${info.best_of} samples, shown once all have ended.`;
     $("#best-of-note").hidden = false;
   }
+  if (info.on_topic) { // a badge about each reply's text, scored once every reply of the turn has ended
+    $("#best-of-note").textContent += (info.best_of > 1 ? " " : "") +
+      "Each reply is marked on or off topic (does it answer the message?) once the turn's replies have all ended.";
+    $("#best-of-note").hidden = false;
+  }
   const picks = $("#model-picks");
   for (const model of info.models) {
     const label = document.createElement("label");

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataError, GemmaMlxError
 from ..manifest import now_iso
-from .streams import ReplyStream
+from .streams import ReplyStream, hidden_reply
 
 MAX_TURNS = 50  # user turns in one conversation
 MAX_CONVERSATIONS = 1000  # kept in memory; the oldest is forgotten (a late vote on it is refused)
@@ -44,8 +44,10 @@ class Side:
         messages = list(self.messages)
         if self.stream is not None and self.stream.reply is not None:
             messages.append(_assistant(self.stream.reply))
-        if hidden:
-            messages = [{k: v for k, v in m.items() if k != "reply"} for m in messages]
+        if hidden:  # a reply's on-topic flag is about its text, like its words: kept (streams.hidden_reply)
+            messages = [{**{k: v for k, v in m.items() if k != "reply"},
+                         **({"reply": _hidden(m["reply"])} if "on_topic" in m.get("reply", {}) else {})}
+                        for m in messages]
         return messages
 
     def running(self) -> bool:
@@ -59,6 +61,10 @@ class Side:
         """The conversation the model reads: the system prompt, then this side's turns."""
         head = [{"role": "system", "content": system}] if system else []
         return head + [{"role": m["role"], "content": m["content"]} for m in self.messages]
+
+
+def _hidden(reply: dict) -> dict:
+    return {k: v for k, v in hidden_reply(reply).items() if k != "text"}  # the text is the message's content
 
 
 def _assistant(reply: dict) -> dict:
@@ -143,11 +149,16 @@ class Conversation:
         self.settings = asdict(settings)
         started = []
         try:
-            for key in keys:
-                side = self.sides[key]
-                stream = ReplyStream(hidden=self.hidden)
-                stream.handle = engine.submit(side.model, side.prompt(self.system), settings, stream.on_event)
-                side.stream = stream
+            streams = {key: ReplyStream(hidden=self.hidden) for key in keys}
+            requests = [(self.sides[key].model, self.sides[key].prompt(self.system), settings, streams[key].on_event)
+                        for key in keys]
+            # the turn's replies together where the engine takes them so (best of N, the on-topic score)
+            submit_turn = getattr(engine, "submit_turn", None)
+            handles = submit_turn(requests) if submit_turn else None
+            for i, key in enumerate(keys):
+                stream = streams[key]
+                stream.handle = handles[i] if handles else engine.submit(*requests[i])
+                self.sides[key].stream = stream
                 started.append(stream)
         except GemmaMlxError:
             for stream in started:

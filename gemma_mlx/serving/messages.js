@@ -10,10 +10,13 @@ function showError(message) {
   box.hidden = !message;
 }
 
-// A blind reply before the vote carries its words only: its stop token or length could name its model.
+// A blind reply before the vote carries its words and on-topic flag only (both about the text itself):
+// its stop token or length could name its model.
 function badges(box, reply) {
   box.textContent = "";
   const tags = [`${reply.words} word${reply.words === 1 ? "" : "s"}`];
+  if (reply.on_topic === true) tags.push("on topic");
+  else if (reply.on_topic === false) tags.push("off topic");
   if (!reply.hidden) {
     if (reply.finish_reason === "stopped") tags.push("stopped by you");
     else if (reply.cut) tags.push(`cut at ${reply.tokens} tokens`);
@@ -24,7 +27,7 @@ function badges(box, reply) {
   }
   for (const tag of tags) {
     const span = document.createElement("span");
-    span.className = "badge" + (tag.startsWith("cut") ? " cut" : tag === "loop" ? " loop" : "");
+    span.className = "badge" + (tag.startsWith("cut") ? " cut" : tag === "loop" ? " loop" : tag === "off topic" ? " off" : "");
     span.textContent = tag;
     box.appendChild(span);
   }

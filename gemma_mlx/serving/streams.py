@@ -13,10 +13,19 @@ def reply_json(reply) -> dict:
 
     flags = reply_flags(reply.text, reply.finish_reason, markers=[], out_of_character=[])
     kept = getattr(reply, "best_of", None)  # serving/best_of.py: {"n", "kept"} when sampled n times
+    on_topic = getattr(reply, "on_topic", None)  # serving/best_of.py, with an on-topic model: answers the message
     return {"text": reply.text, "tokens": reply.tokens, "finish_reason": reply.finish_reason,
             "stop_token": reply.stop_token, "seconds": reply.seconds,
             **{key: flags[key] for key in ("words", "cut", "empty", "mid_sentence", "loop")},
-            **({"best_of": kept} if isinstance(kept, dict) else {})}
+            **({"best_of": kept} if isinstance(kept, dict) else {}),
+            **({"on_topic": on_topic} if isinstance(on_topic, bool) else {})}
+
+
+def hidden_reply(reply: dict) -> dict:
+    """What a blind battle shows of a reply before the vote: its text and what is about the text alone
+    (words, on topic), nothing that could tell which model wrote it (stop token, tokens, cut, best of)."""
+    shown = {"text": reply["text"], "words": reply["words"], "hidden": True}
+    return {**shown, "on_topic": reply["on_topic"]} if "on_topic" in reply else shown
 
 
 def _sse(kind: str, data: dict) -> str:
@@ -32,8 +41,8 @@ class ReplyStream:
     be another loop than the one that asked for the reply (a battle is started by one request and
     read by two others).
 
-    A hidden reply (a blind battle before its vote) reaches the page as its text and word count
-    only: its stop token, token count or cut could tell which model wrote it.
+    A hidden reply (a blind battle before its vote) reaches the page as its text, word count and
+    on-topic flag only (hidden_reply): its stop token, token count or cut could tell which model wrote it.
     """
 
     def __init__(self, hidden: bool = False):
@@ -77,7 +86,7 @@ class ReplyStream:
     def shown(self) -> dict:
         """What the page may see of the finished reply now."""
         if self.hidden:
-            return {"text": self.reply["text"], "words": self.reply["words"], "hidden": True}
+            return hidden_reply(self.reply)
         return self.reply
 
     async def events(self):

@@ -49,6 +49,11 @@ class Family:
     # other formats
     gguf_architecture: str | None = None  # llama.cpp's name; None: no GGUF import or export for this family
     short_names: dict = field(default_factory=dict)  # short name -> hub id
+    # what a model card says: the hub's tag and licence id, and the licence sentence
+    hub_tag: str = ""
+    licence_id: str = "gemma"
+    licence: str = ("The weights derive from Google's Gemma and are subject to the Gemma Terms of Use "
+                    "(https://ai.google.dev/gemma/terms) and its Prohibited Use Policy.")
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -126,6 +131,9 @@ GEMMA3 = Family(
     # the hub's base 270M is plain "gemma-3-270m"
     base_name=re.compile(r"(-pt|-base)(-|$)|^gemma-3-\d+m$", re.IGNORECASE),
     gguf_architecture="gemma3",
+    hub_tag="gemma3",
+    licence=("The weights derive from Google's Gemma 3 and are subject to the Gemma Terms of Use "
+             "(https://ai.google.dev/gemma/terms) and its Prohibited Use Policy."),
     short_names={
         "gemma-3-270m": "google/gemma-3-270m",
         "gemma-3-270m-pt": "google/gemma-3-270m",
@@ -156,6 +164,10 @@ GEMMA4 = Family(
     # the hub's base models are plain "gemma-4-E2B" etc.
     base_name=re.compile(r"(-pt|-base)(-|$)|^gemma-4-(e\d+b|\d+b(-a\d+b)?)$", re.IGNORECASE),
     gguf_architecture=None,
+    hub_tag="gemma4",
+    licence_id="apache-2.0",
+    licence=("The weights derive from Google's Gemma 4, released under the Apache License 2.0 "
+             "(https://www.apache.org/licenses/LICENSE-2.0)."),
     short_names={
         "gemma-4-e2b": "google/gemma-4-E2B",
         "gemma-4-e2b-pt": "google/gemma-4-E2B",

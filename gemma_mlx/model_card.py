@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .families import DEFAULT, Family, family_of_config
+from .flavour import family_of_dir
 from .manifest import read_manifest
-
-LICENCE = ("The weights derive from Google's Gemma 3 and are subject to the Gemma Terms of Use "
-           "(https://ai.google.dev/gemma/terms) and its Prohibited Use Policy.")
 
 
 def run_records(model_dir: Path, adapter_dir: Path | None = None) -> dict:
@@ -132,12 +131,13 @@ def scorecard_lines(records: dict) -> list[str]:
             f"- persona markers: {_pct(card.get('persona_marker_rate'))}"]
 
 
-def _front_matter(base_manifest: dict, library: str, fine_tuned: bool) -> list[str]:
+def _front_matter(base_manifest: dict, library: str, fine_tuned: bool, family: Family = DEFAULT) -> list[str]:
     """Hugging Face's card metadata, so the hub shows the licence, the base model and the library."""
     source = base_manifest.get("source")
     hub_id = source.get("hub_id") if isinstance(source, dict) else None
-    tags = "[gemma3, lora, persona, gemma-mlx]" if fine_tuned else "[gemma3, gemma-mlx]"
-    lines = ["---", "license: gemma", f"library_name: {library}", "pipeline_tag: text-generation", f"tags: {tags}"]
+    tags = f"[{family.hub_tag}, lora, persona, gemma-mlx]" if fine_tuned else f"[{family.hub_tag}, gemma-mlx]"
+    lines = ["---", f"license: {family.licence_id}", f"library_name: {library}", "pipeline_tag: text-generation",
+             f"tags: {tags}"]
     if hub_id:
         lines.append(f"base_model: {hub_id}")
     return lines + ["---", ""]
@@ -151,14 +151,16 @@ def card_text(name: str, model_dir: Path, records: dict, intro: str, run_it: lis
     the hub's library_name (mlx, transformers, gguf).
     """
     model_dir = Path(model_dir)
-    front = _front_matter(base_manifest_of(model_dir, records), library, fine_tuned=bool(records.get("train")))
+    base_manifest = base_manifest_of(model_dir, records)
+    family = family_of_config({"model_type": base_manifest.get("model_type")})  # what convert recorded
+    front = _front_matter(base_manifest, library, fine_tuned=bool(records.get("train")), family=family)
     lines = [*front, f"# {name}", "", intro, "",
              "## Made from", "", *made_from_lines(model_dir, records, fallback or str(model_dir)), "",
              *scorecard_lines(records), "",
              "## Run it", "", f"```{language}", *run_it, "```", ""]
     if decoding:
         lines += [decoding, ""]
-    lines += ["## Licence", "", LICENCE, ""]
+    lines += ["## Licence", "", family.licence, ""]
     return "\n".join(lines)
 
 
@@ -167,8 +169,9 @@ def fused_card(out: Path, name: str, base: Path, adapter_dir: Path, train_manife
     records: dict = {"base_manifest": read_manifest(Path(base)) or {}}
     if train_manifest:
         records["train"] = train_manifest
-    intro = ("A Gemma 3 model fused by gemma-mlx: LoRA adapters (and, for a base model, the trained turn-token "
-             "rows) baked into the base, in MLX format. A reply ends with `<end_of_turn>`.")
+    family = family_of_dir(Path(base))
+    intro = (f"A {family.title} model fused by gemma-mlx: LoRA adapters (and, for a base model, the trained turn-token "
+             f"rows) baked into the base, in MLX format. A reply ends with `{family.turn_end}`.")
     run_it = [f"gemma-mlx chat {out}", f'mlx_lm.generate --model {out} --prompt "Hello!"', f"mlx_lm.server --model {out}"]
     return card_text(name, Path(out), records, intro, run_it, library="mlx", fallback=str(adapter_dir))
 
@@ -178,8 +181,10 @@ def hf_card(model_dir: Path, out: Path, dtype: str) -> str:
     model_dir = Path(model_dir)
     records = run_records(model_dir)
     name = (read_manifest(model_dir) or {}).get("name") or model_dir.name
-    intro = (f"A Gemma 3 model exported by gemma-mlx for Hugging Face transformers (Gemma3ForCausalLM, {dtype} "
-             "safetensors). Its generation config stops on `<end_of_turn>` and its tokenizer carries the turn template.")
+    family = family_of_dir(model_dir)
+    intro = (f"A {family.title} model exported by gemma-mlx for Hugging Face transformers ({family.causal_lm_architecture}, "
+             f"{dtype} safetensors). Its generation config stops on `{family.turn_end}` and its tokenizer carries the "
+             "turn template.")
     run_it = ["from transformers import AutoModelForCausalLM, AutoTokenizer",
               f'tokenizer = AutoTokenizer.from_pretrained("{out}")',
               f'model = AutoModelForCausalLM.from_pretrained("{out}")',

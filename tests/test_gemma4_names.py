@@ -48,3 +48,19 @@ def test_gemma4_base_is_told_by_its_weights(tmp_path):
     evidence = json.loads((tmp_path / "mlx" / "manifest.json").read_text())["flavour_evidence"]
     assert evidence["decided_by"] == "weights" and evidence["end_of_turn_cosine"] > 0.9
     assert evidence["turn_end"] == GEMMA4.turn_end
+
+
+def test_model_cards_name_the_models_family(tmp_path):
+    """A fused or exported Gemma 4's card says Gemma 4, its transformers class and its turn end, not Gemma 3's."""
+    from gemma_mlx.convert import convert_checkpoint
+    from gemma_mlx.model_card import fused_card, hf_card
+
+    hf = write_tiny_gemma4_checkpoint(tmp_path / "tiny-gemma-4-it", "it", seed=2)
+    model_dir = convert_checkpoint(str(hf), out=tmp_path / "mlx", dtype="float32").path
+    cards = [fused_card(tmp_path / "fused", "bluey", model_dir, tmp_path / "adapters", None),
+             hf_card(model_dir, tmp_path / "hf-out", "float32")]
+    for card in cards:
+        assert "A Gemma 4 model" in card and f"`{GEMMA4.turn_end}`" in card, card
+        assert "Gemma 3" not in card and "<end_of_turn>" not in card and "Gemma Terms of Use" not in card
+        assert "license: apache-2.0" in card and "tags: [gemma4, gemma-mlx]" in card  # Gemma 4 is Apache 2.0
+    assert GEMMA4.causal_lm_architecture in cards[1]

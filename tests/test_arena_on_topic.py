@@ -164,3 +164,45 @@ def test_cli_arena_on_topic_model(tmp_path, converted_models, monkeypatch):
                                        "--on-topic-model", str(tmp_path / "nowhere")])
     assert missing.exit_code != 0 and "nowhere" in missing.output and "Traceback" not in missing.output
     assert seen == {"on_topic_model": base}  # refused before serving
+
+
+def test_scoring_runs_in_the_thread_that_ends_the_turn_even_when_replies_end_at_once():
+    """MLX belongs to the engine thread: a turn whose replies all end before submit_turn returns is still
+    scored there (by the last reply's "done"), never in the request's thread."""
+    import queue
+
+    from gemma_mlx.config import GenerationSettings
+    from gemma_mlx.serving.best_of import BestOfEngine
+
+    class InstantEngine:
+        """Each reply ends in the engine thread before submit returns."""
+
+        def __init__(self):
+            self.jobs = queue.Queue()
+            self.thread = threading.Thread(target=self._main, name="engine", daemon=True)
+            self.thread.start()
+
+        def _main(self):
+            while True:
+                on_event, ended = self.jobs.get()
+                on_event("done", SimpleNamespace(text=PERSONA, tokens=20, finish_reason="stop", seconds=0.0,
+                                                 stop_token="<end_of_turn>"))
+                ended.set()
+
+        def submit(self, model, messages, settings, on_event):
+            ended = threading.Event()
+            self.jobs.put((on_event, ended))
+            ended.wait()
+            return 1
+
+    threads, heard = [], []
+
+    def scorer(pairs):
+        threads.append((threading.current_thread().name, len(pairs)))
+        return [HIGH] * len(pairs)
+
+    engine = BestOfEngine(InstantEngine(), 1, scorer)
+    messages = [{"role": "user", "content": "Hi"}]
+    engine.submit_turn([("alpha", messages, GenerationSettings(), lambda kind, reply: heard.append(reply)),
+                        ("beta", messages, GenerationSettings(), lambda kind, reply: heard.append(reply))])
+    assert threads == [("engine", 2)] and [reply.on_topic for reply in heard] == [True, True]

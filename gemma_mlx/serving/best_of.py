@@ -100,11 +100,13 @@ class _Turn:
     candidates have ended; with one, every group waits for the others, and all their candidates are
     scored in one call."""
 
-    def __init__(self, scorer: Scorer | None, progress: Callable[[str], None]):
+    def __init__(self, scorer: Scorer | None, progress: Callable[[str], None], expected: int):
         self.scorer, self.progress = scorer, progress
         self.groups: list[_Group] = []
         self.lock = threading.Lock()
-        self.sealed = False  # every group of the turn was submitted
+        # known before the first submit, so the last group to end (in the engine thread) is the one that
+        # scores, never the request's thread
+        self.expected = expected
         self.dropped = False  # a submit failed: no one listens
         self.done = 0
 
@@ -115,15 +117,7 @@ class _Turn:
             return
         with self.lock:
             self.done += 1
-            last = self.sealed and self.done == len(self.groups) and not self.dropped
-        if last:
-            self.finish()
-
-    def seal(self) -> None:
-        """All groups are in; if they have all ended already (a fast engine), finish now."""
-        with self.lock:
-            self.sealed = True
-            last = self.scorer is not None and self.done == len(self.groups) and not self.dropped
+            last = self.done == self.expected and not self.dropped
         if last:
             self.finish()
 
@@ -177,7 +171,7 @@ class BestOfEngine:
         raised, so the caller can put its conversation back as it was."""
         from ..scoring.best_of import candidate_settings
 
-        turn = _Turn(self.scorer, self.progress)
+        turn = _Turn(self.scorer, self.progress, len(requests))
         handles = []
         try:
             for model, messages, settings, on_event in requests:
@@ -196,7 +190,6 @@ class BestOfEngine:
             raise
         while len(self._groups) > 4096:  # forget the oldest; their replies ended long ago
             self._groups.pop(next(iter(self._groups)))
-        turn.seal()
         return handles
 
     def cancel(self, handle: int) -> None:

@@ -39,9 +39,13 @@ class Family:
     turn_start_id: int
     turn_end_id: int
     other_special: tuple[str, ...]  # further control tokens that must never be printed as reply text
+    # control tokens at their ids in the real vocabulary, below the turn tokens (what tiny tokenizers mirror)
+    control_tokens: dict[int, str]
     # the turn format
     system_role: str  # "fold": the system text opens the first user turn; "native": a system turn of its own
     model_role: str = "model"  # what an assistant turn is called inside the turn tokens
+    unk: str = "<unk>"
+    mask: str = "<mask>"
     thinking_tokens: tuple[str, ...] = ()  # tokens that open a thinking channel (never shown: a reply ends there)
     # base vs instruct from the weights: a base model's turn-end row sits with the never-used rows
     unused_token: re.Pattern = field(default=re.compile(r"^<unused\d+>$"))
@@ -127,6 +131,7 @@ GEMMA3 = Family(
     bos="<bos>", eos="<eos>", pad="<pad>", turn_start="<start_of_turn>", turn_end="<end_of_turn>",
     bos_id=2, eos_id=1, pad_id=0, unk_id=3, turn_start_id=105, turn_end_id=106,
     other_special=("<unk>", "<mask>", "[multimodal]", "<start_of_image>", "<end_of_image>", "<image_soft_token>"),
+    control_tokens={4: "<mask>", 5: "[multimodal]"},
     system_role="fold",
     # the hub's base 270M is plain "gemma-3-270m"
     base_name=re.compile(r"(-pt|-base)(-|$)|^gemma-3-\d+m$", re.IGNORECASE),
@@ -159,6 +164,9 @@ GEMMA4 = Family(
     other_special=("<unk>", "<mask>", "<|think|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>",
                    "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>',
                    "<|image>", "<image|>", "<|image|>", "<|audio>", "<audio|>", "<|audio|>"),
+    control_tokens={4: "<mask>", 46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>", 49: "<tool_call|>",
+                    50: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>", 100: "<|channel>",
+                    101: "<channel|>"},
     system_role="native",
     thinking_tokens=("<|think|>", "<|channel>"),
     # the hub's base models are plain "gemma-4-E2B" etc.

@@ -24,7 +24,7 @@ from .families import GEMMA3, GEMMA4, Family
 
 def _special_tokens(family: Family, named: dict[int, str], last: int) -> list[str]:
     """Tokens 0..last at the family's ids: the named ones, <unusedN> in every other slot."""
-    fixed = {family.pad_id: family.pad, family.eos_id: family.eos, family.bos_id: family.bos, family.unk_id: "<unk>",
+    fixed = {family.pad_id: family.pad, family.eos_id: family.eos, family.bos_id: family.bos, family.unk_id: family.unk,
              family.turn_start_id: family.turn_start, family.turn_end_id: family.turn_end, **named}
     tokens, unused = [], 0
     for token_id in range(last + 1):
@@ -37,14 +37,9 @@ def _special_tokens(family: Family, named: dict[int, str], last: int) -> list[st
 
 
 # Ids 0..106 mirror Gemma 3: pad, eos, bos, unk, mask, [multimodal], <unused0..98>, turn tokens.
-SPECIAL_TOKENS = _special_tokens(GEMMA3, {4: "<mask>", 5: "[multimodal]"}, GEMMA3.turn_end_id)
+SPECIAL_TOKENS = _special_tokens(GEMMA3, GEMMA3.control_tokens, GEMMA3.turn_end_id)
 # Ids 0..106 mirror Gemma 4: its tool, thinking and channel tokens at their ids; <unusedN> between.
-GEMMA4_SPECIAL_TOKENS = _special_tokens(
-    GEMMA4,
-    {4: "<mask>", 46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>",
-     51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>", 100: "<|channel>", 101: "<channel|>"},
-    GEMMA4.turn_end_id,
-)
+GEMMA4_SPECIAL_TOKENS = _special_tokens(GEMMA4, GEMMA4.control_tokens, GEMMA4.turn_end_id)
 
 TINY_SHAPE = dict(
     hidden_size=64,
@@ -93,7 +88,7 @@ def build_tokenizer(corpus: str | None = None, vocab_size: int = TINY_SHAPE["voc
 
     corpus = tokenizer_corpus() if corpus is None else corpus
     special_tokens = SPECIAL_TOKENS if special_tokens is None else special_tokens
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer = Tokenizer(models.BPE(unk_token=GEMMA3.unk))  # every family's <unk>
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -232,7 +227,7 @@ def _write_tokenizer_files(out_dir: Path, family: Family, flavour: str, vocab_si
         "bos_token": family.bos,
         "eos_token": family.turn_end if flavour == "it" else family.eos,
         "pad_token": family.pad,
-        "unk_token": "<unk>",
+        "unk_token": family.unk,
         "add_bos_token": True,
         "add_eos_token": False,
         "model_max_length": 32768,

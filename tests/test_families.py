@@ -20,6 +20,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gemma_mlx"
 FAMILY_MODULE = PACKAGE / "families.py"
 MODEL_TYPES = {t for f in FAMILIES for t in f.model_types}
 TURN_STRINGS = {s for f in FAMILIES for s in (f.turn_start, f.turn_end)}
+# every family's special and control token spellings (<eos>, <unk>, <|channel>, ...)
+SPECIAL_STRINGS = {s for f in FAMILIES for s in (*f.special_names, *f.control_tokens.values(), f.unk, f.mask)}
+TURN_IDS = {i for f in FAMILIES for i in f.turn_token_ids}  # 105, 106: ids no other code has a reason to write
 TOKEN_ID_KEYS = {"bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "eot_token_id"}
 
 
@@ -40,7 +43,8 @@ def _is_template(text: str) -> bool:
 
 
 def gemma_facts_in(path: Path) -> list[str]:
-    """Model-type strings, turn templates and Gemma token ids written into one module's code."""
+    """Model-type strings, special-token spellings, turn templates and Gemma token ids written into one
+    module's code (docstrings aside)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     docs = _docstrings(tree)
     found = []
@@ -48,9 +52,9 @@ def gemma_facts_in(path: Path) -> list[str]:
         where = f"{path.relative_to(PACKAGE.parent)}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.Constant) and id(node) not in docs:
             value = node.value
-            if isinstance(value, str) and (value in MODEL_TYPES or value in TURN_STRINGS or _is_template(value)):
+            if isinstance(value, str) and (value in MODEL_TYPES or value in SPECIAL_STRINGS or _is_template(value)):
                 found.append(f"{where}: {value!r}")
-            if isinstance(value, int) and not isinstance(value, bool) and value in (105, 106):
+            if isinstance(value, int) and not isinstance(value, bool) and value in TURN_IDS:
                 found.append(f"{where}: token id {value}")
         pairs = []
         if isinstance(node, ast.Dict):
@@ -74,13 +78,13 @@ def test_no_gemma_fact_outside_the_family_module():
 
 def test_the_checker_finds_what_it_looks_for(tmp_path):
     planted = PACKAGE / "_planted_for_test.py"
-    planted.write_text('X = {"model_type": "gemma3_text", "eos_token_id": 1}\nY = 106\nZ = "<start_of_turn>user\\n"\n'
-                       'def f(w):\n    w.add_bos_token_id(2)\n')
+    planted.write_text('X = {"model_type": "gemma3_text", "eos_token_id": 1}\nY = [1, 105]\nZ = "<start_of_turn>user\\n"\n'
+                       'def f(w):\n    w.add_bos_token_id(2)\n    return {98: "<|think|>", "unk": "<unk>", "t": "gemma4"}\n')
     try:
         hits = gemma_facts_in(planted)
     finally:
         planted.unlink()
-    assert len(hits) == 5, hits
+    assert len(hits) == 8, hits
 
 
 def test_gemma3_format_is_unchanged():

@@ -220,8 +220,8 @@ def tokenizer_from_metadata(reader):
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, vocab[bos])])
     special = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
-    if "<mask>" in vocab:
-        special["mask_token"] = "<mask>"
+    if FAMILY.mask in vocab:
+        special["mask_token"] = FAMILY.mask
     return PreTrainedTokenizerFast(tokenizer_object=backend, **{k: v for k, v in special.items() if v})
 
 

@@ -206,3 +206,37 @@ def test_scoring_runs_in_the_thread_that_ends_the_turn_even_when_replies_end_at_
     engine.submit_turn([("alpha", messages, GenerationSettings(), lambda kind, reply: heard.append(reply)),
                         ("beta", messages, GenerationSettings(), lambda kind, reply: heard.append(reply))])
     assert threads == [("engine", 2)] and [reply.on_topic for reply in heard] == [True, True]
+
+
+def test_the_real_engine_scores_in_its_own_thread(tmp_path, converted_models, monkeypatch):
+    """The arena's engine over the tiny -it model, the un-served tiny -pt base as the on-topic model: the base
+    is loaded and run in the engine thread, and the badge is ontopic's rule on its score."""
+    from starlette.testclient import TestClient
+
+    from gemma_mlx.arena import arena_setup
+    from gemma_mlx.models import load_model
+    from gemma_mlx.serving.engine import Engine
+
+    real, threads = ontopic.on_topic_scores, []
+
+    def watched(model, tokenizer, pairs):
+        threads.append(threading.current_thread().name)
+        return real(model, tokenizer, pairs)
+
+    monkeypatch.setattr(ontopic, "on_topic_scores", watched)
+    setup = arena_setup([str(converted_models["it"])], votes=tmp_path / "votes.jsonl")
+    setup.on_topic_model = str(converted_models["pt"])
+    (name,) = setup.models
+    engine = Engine(setup.models)
+    try:
+        client = TestClient(make_app(setup, engine, {"testserver"}))
+        chat = client.post("/api/chat", json={"models": [name], "prompt": "Tell me a story",
+                                              "max_tokens": 6}).json()
+        assert "id" in chat, chat
+        done = side_events(client, chat["id"], name)[-1][1]
+    finally:
+        engine.close()
+    assert threads == ["gemma-mlx-engine"]
+    base = load_model(converted_models["pt"])
+    (score,) = real(base.model, base.tokenizer, [("Tell me a story", done["text"])])
+    assert done["on_topic"] == is_on_topic(score, "Tell me a story", done["text"])

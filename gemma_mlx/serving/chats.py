@@ -46,7 +46,7 @@ class Side:
             messages.append(_assistant(self.stream.reply))
         if hidden:  # a reply's on-topic flag is about its text, like its words: kept (streams.hidden_reply)
             messages = [{**{k: v for k, v in m.items() if k != "reply"},
-                         **({"reply": _hidden(m["reply"])} if "on_topic" in m.get("reply", {}) else {})}
+                         **({"reply": _hidden(m["reply"])} if "on_topic" in (m.get("reply") or {}) else {})}
                         for m in messages]
         return messages
 

@@ -95,8 +95,9 @@ def training_memory(config: dict, dtype: str = "float32", bits: int | None = Non
     Weights (float, or `bits` plus a scale and bias per group); LoRA weights with their gradient
     and two Adam moments; activations kept for the backward pass (a base model trains its turn
     rows, so the backward reaches every layer); the float32 logits of the trained positions, in
-    vocabulary chunks where the chunked loss applies (a plain float output layer) and whole where
-    it does not (a quantized output layer, or Gemma 4's capped logits).
+    vocabulary chunks where the chunked loss applies (a plain or quantized output layer) and whole where
+    it does not (Gemma 4's capped logits). A quantized output layer is chunked too (de-quantized chunk
+    by chunk).
     """
     text = text_part(config)
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
@@ -111,7 +112,7 @@ def training_memory(config: dict, dtype: str = "float32", bits: int | None = Non
                  for layer in layers]
     backward = len(layers) if base else adapted
     activations = max(per_layer) * backward
-    chunked = not bits and not text.get("final_logit_softcapping")
+    chunked = not text.get("final_logit_softcapping")
     columns = min(text["vocab_size"], CHUNK_ROWS) if chunked else text["vocab_size"]
     logits = batch * trained_per_example * columns * 4 * 3
     parts = {"weights": int(weights), "trainable": trainable, "activations": activations, "logits": logits}

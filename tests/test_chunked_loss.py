@@ -87,14 +87,40 @@ def test_validation_numbers_are_unchanged(converted_models, monkeypatch):
         assert chunked[key] == pytest.approx(plain[key], rel=1e-6), key
 
 
-def test_quantized_or_forced_output_layers_use_the_full_logits(converted_models, monkeypatch):
+def test_forced_output_layers_use_the_full_logits(converted_models, monkeypatch):
     trainee, _ = prepared(converted_models["it"], turn_rows=False)
     assert tuning.output_matrix(trainee.lm) is trainee.embed.weight
     monkeypatch.setenv(chunked_loss.FULL_LOGITS_ENV, "1")
     assert tuning.output_matrix(trainee.lm) is None
-    monkeypatch.delenv(chunked_loss.FULL_LOGITS_ENV)
-    nn.quantize(trainee.lm.model, group_size=32, bits=4, class_predicate=lambda _, m: isinstance(m, nn.Embedding))
-    assert tuning.output_matrix(trainee.lm) is None
     hidden = mx.random.normal((4, trainee.lm.args.hidden_size))
     losses, lse = tuning.token_losses(trainee, hidden, mx.array([1, 2, 3, 4]))
     assert lse is None and losses.shape == (4,)
+
+
+@pytest.mark.parametrize("flavour", ["pt", "it"])
+def test_a_quantized_output_layer_is_chunked_with_the_full_logits_loss_and_gradients(converted_models, monkeypatch,
+                                                                                    flavour):
+    """A 4-bit base (QLoRA): the chunked loss de-quantizes one chunk of rows at a time and gives what the full
+    logits through the quantized layer give, turn-token rows included."""
+    trainee, tokenizer = prepared(converted_models[flavour], turn_rows=flavour == "pt")
+    nn.quantize(trainee.lm.model, group_size=32, bits=4, class_predicate=lambda _, m: isinstance(m, nn.Embedding))
+    matrix = tuning.output_matrix(trainee.lm)
+    assert isinstance(matrix, chunked_loss.QuantizedRows) and matrix.shape == (trainee.lm.args.vocab_size,
+                                                                              trainee.lm.args.hidden_size)
+    sequences = [batching.tokenize_example(tokenizer, e) for e in examples(3, seed=5)]
+    batch = batching.make_batch(sequences, [0, 1, 2])
+    arrays = (mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.targets),
+              mx.array(tuning.loss_weights(batch.targets, 5.0)))
+    loss_and_grad = nn.value_and_grad(trainee, tuning.loss_fn)
+
+    def compute():
+        (loss, _), grads = loss_and_grad(trainee, *arrays)
+        mx.eval(loss, grads)
+        return loss.item(), dict(tree_flatten(grads))
+
+    (plain_loss, plain), (loss, chunked) = both_paths(monkeypatch, compute)
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    assert chunked.keys() == plain.keys() and ("turn_rows" in plain) == (flavour == "pt")
+    for name, grad in plain.items():
+        np.testing.assert_allclose(np.array(chunked[name]), np.array(grad), rtol=1e-4,
+                                   atol=1e-4 * float(mx.abs(grad).max()), err_msg=name)

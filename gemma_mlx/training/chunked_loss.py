@@ -35,15 +35,38 @@ def full_logits_forced() -> bool:
     return os.environ.get(FULL_LOGITS_ENV, "") not in ("", "0")
 
 
-def output_matrix(lm: nn.Module) -> mx.array | None:
-    """The plain [V, H] output matrix when the chunked loss can use it, else None (use full logits).
+class QuantizedRows:
+    """A quantized output matrix read like a plain [V, H] one: a slice or a gather gives float rows.
 
-    None for a quantized output layer (a 4-bit base), one with a bias or softcapped logits, one
-    that trains (the chunked backward gives no gradient to the matrix), or when forced by the env.
+    A 4-bit base (QLoRA) quantizes the tied embedding too. Its full logits through a quantized
+    matmul are [N, V] float32 again (most of a small model's training memory) and, on a CPU, slow;
+    de-quantizing one chunk of rows at a time lets the chunked loss run on it as on a float matrix,
+    with the same memory bound (one chunk of float rows lives at a time).
+    """
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self.shape = (layer.weight.shape[0], layer.weight.shape[1] * 32 // layer.bits)
+
+    def __getitem__(self, index) -> mx.array:
+        layer, biases = self.layer, self.layer.get("biases")
+        return mx.dequantize(layer.weight[index], scales=layer.scales[index],
+                             biases=biases[index] if biases is not None else None,
+                             group_size=layer.group_size, bits=layer.bits, mode=getattr(layer, "mode", "affine"))
+
+
+def output_matrix(lm: nn.Module) -> mx.array | QuantizedRows | None:
+    """The [V, H] output matrix when the chunked loss can use it, else None (use full logits).
+
+    A quantized output layer comes as QuantizedRows (de-quantized chunk by chunk). None for one
+    with a bias or softcapped logits, one that trains (the chunked backward gives no gradient to
+    the matrix), or when forced by the env.
     """
     if full_logits_forced() or getattr(lm.args, "final_logit_softcapping", None):
         return None
     layer = lm["lm_head"] if "lm_head" in lm else lm.model.embed_tokens
+    if type(layer) in (nn.QuantizedLinear, nn.QuantizedEmbedding) and "bias" not in layer:
+        return QuantizedRows(layer)
     plain = type(layer) is nn.Linear if "lm_head" in lm else type(layer) is nn.Embedding
     if not plain or "bias" in layer or "weight" in layer.trainable_parameters():
         return None

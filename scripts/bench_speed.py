@@ -16,6 +16,8 @@ Side by side on this machine, each part in its own process (so its peak memory i
   format): mlx-lm's batch_generate (its default batch sizes) against gemma-mlx's generate_replies,
   one model in one process, alternating; both stop on the same tokens, and every reply must be
   identical. Then once more with the repetition penalty 1.1 (compare's default) on both sides.
+  gemma-mlx runs as configured (its float16 screen of the output layer on when torch is there;
+  GEMMA_MLX_FAST_ARGMAX=0 for the full logits, GEMMA_MLX_PLAIN_DECODE=1 for mlx-lm's own step).
 - this machine's float32 matmul rate (the best 2048x2048 matmul, before and after), and the share
   of it that each trainer's steps reach, counting the useful FLOPs of the epoch.
 
@@ -134,7 +136,10 @@ def part_decode(args) -> dict:
                         "ours_tok_s": n_ours / t_ours, "identical": same, "tokens": [n_theirs, n_ours],
                         "seconds": [t_theirs, t_ours]})
         mx.clear_cache()
-    return {"decode": results}
+    from gemma_mlx import fast_argmax
+
+    screen = fast_argmax.greedy_head(loaded.model) is not None
+    return {"decode": results, "argmax": "float16 screen + exact candidates (fast_argmax)" if screen else "full logits"}
 
 
 class _redirect:
@@ -208,13 +213,19 @@ def report(results: dict, args, flops: float) -> None:
                 f"{ours['peak_gb']:.2f} GB | {ours['peak_gb'] / old['peak_gb']:.2f}x | <= 0.6x |")
     shares = [f"{flops / figures['step_seconds'] / peak:.0%}" for figures in (base, ours)]
     rows.append(f"| share of the matmul rate in the steps | {shares[0]} | {shares[1]} | | >= 50% |")
+    print("\n".join(rows + decode_rows(results, args)))
+
+
+def decode_rows(results: dict, args) -> list[str]:
+    """The decode part's table rows."""
+    rows = []
     for d in results["decode"]["decode"]:
         label = f"greedy decode, {d['prompts']} prompts x {args.tokens} tokens, tok/s" + (
             f", repetition penalty {d['penalty']}" if d["penalty"] != 1.0 else "")
         target = ">= 2x" if d["prompts"] == args.prompts[0] and d["penalty"] == 1.0 else ""
         rows.append(f"| {label} (identical replies: {d['identical']}/{d['prompts']}) | {d['mlx_lm_tok_s']:.1f} | "
                     f"{d['ours_tok_s']:.1f} | {d['ours_tok_s'] / d['mlx_lm_tok_s']:.2f}x | {target} |")
-    print("\n".join(rows))
+    return rows
 
 
 def main() -> None:
@@ -253,6 +264,10 @@ def main() -> None:
         results["peak-after"] = run_part("peak", args, root)
         flops = epoch_flops(args.model, data)
     print(f"load at the end: {os.getloadavg()[0]:.1f}")
+    if args.only == "decode":
+        print(f"gemma-mlx's greedy argmax: {results['decode']['argmax']}")
+        print("\n".join(["| work | mlx-lm | gemma-mlx | ratio | target |", "|---|---|---|---|---|"]
+                        + decode_rows(results, args)))
     if args.only:
         return
     report(results, args, flops)

@@ -197,6 +197,8 @@ def greedy_head(model) -> GreedyHead | None:
                 head = head if _proved(model, head) else None
             except ImportError:  # no torch: the plain output layer
                 head = None
+            except Exception:  # a model whose parts do not split as expected: the plain output layer
+                head = None
     _HEADS[key] = (weakref.ref(model, lambda _, key=key: _forget(key)),
                          weakref.ref(weight) if weight is not None else (lambda: None), head)
     return head

@@ -16,7 +16,6 @@ base: fuse, compare and chat read it like any other run's adapters.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from functools import partial
@@ -29,25 +28,10 @@ from . import batching
 from .pairs import Pair, load_pair_splits
 from .setup import RunSetup
 from .sft import VALIDATION_PROMPTS, Parts, memory_lines
-from .trainee import estimate_memory, prepare, resolve_num_layers, token_losses, trained_hidden
+from .trainee import adapters_off, estimate_memory, prepare, resolve_num_layers, token_losses, trained_hidden
 from ..adapters import ADAPTERS_FILE, CONFIG_FILE, adapter_config, read_turn_tokens, save_adapters
 from ..distributed import sum_numbers, world
 from ..errors import TrainingError
-
-
-# ----- the reference model: the same network, new adapters off -------------------------------------
-@contextlib.contextmanager
-def adapters_off(module):
-    """Switch every LoRA layer under `module` off (scale 0) for a while: the network it started as."""
-    layers = [m for _, m in module.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
-    scales = [m.scale for m in layers]
-    for m in layers:
-        m.scale = 0.0
-    try:
-        yield
-    finally:
-        for m, scale in zip(layers, scales):
-            m.scale = scale
 
 
 # ----- the loss --------------------------------------------------------------------------------------

@@ -93,6 +93,23 @@ def turn_rows_in_model(trainee: Trainee):
             head.weight = head_weight
 
 
+@contextlib.contextmanager
+def adapters_off(module):
+    """Switch every LoRA layer under `module` off (scale 0) for a while: the network it started as.
+
+    DPO's reference model and validation's on-topic scorer are this: the same weights, no second copy.
+    """
+    layers = [m for _, m in module.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
+    scales = [m.scale for m in layers]
+    for m in layers:
+        m.scale = 0.0
+    try:
+        yield
+    finally:
+        for m, scale in zip(layers, scales):
+            m.scale = scale
+
+
 def trained_hidden(trainee: Trainee, inputs: mx.array, positions: mx.array) -> mx.array:
     """Final hidden states [N, H] at the trained positions only (flat indices into B*L)."""
     embeddings = trainee.input_embeddings(inputs) if trainee.turn_ids else None

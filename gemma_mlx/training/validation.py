@@ -6,37 +6,21 @@ these can. The numbers go into the validation's metrics record (the `gen_*` keys
 selection.checkpoint_score, into `best_by: score`.
 
 The on-topic term needs an un-tuned base model to score with (scoring/ontopic.py's measure). A LoRA
-trainee has one inside it: the same model with every LoRA layer's scale at 0 (`lora_off`). The
+trainee has one inside it: the same model with every LoRA layer's scale at 0 (`trainee.adapters_off`). The
 scorer itself comes from outside (the CLI and `run` pass scoring/best_of.on_topic_flags), since a
 training module may not import a later stage.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 from ..distributed import sum_numbers
 from ..selection import checkpoint_score
-from .trainee import turn_rows_in_model
+from .trainee import adapters_off, turn_rows_in_model
 
 # (model, tokenizer, [(message, reply)]) -> [on topic?]: scoring/best_of.on_topic_flags
 OnTopic = Callable[[object, object, list[tuple[str, str]]], list[bool]]
-
-
-@contextlib.contextmanager
-def lora_off(model):
-    """The base model for a while: every LoRA layer's scale set to 0 (its output is then the frozen
-    layer's alone), and put back afterwards."""
-    layers = [m for _, m in model.named_modules() if type(m).__name__ in ("LoRALinear", "LoRASwitchLinear", "LoRAEmbedding")]
-    scales = [layer.scale for layer in layers]
-    for layer in layers:
-        layer.scale = 0.0
-    try:
-        yield
-    finally:
-        for layer, scale in zip(layers, scales):
-            layer.scale = scale
 
 
 def measures_on_topic(setup, on_topic: OnTopic | None) -> bool:
@@ -66,7 +50,7 @@ def greedy_validation(run, on_topic: OnTopic | None = None) -> dict:
             plain = GenerationSettings(max_tokens=tokens, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
             replies = generate_replies(loaded, prompts, plain) if prompts else []
         if topical and replies:
-            with lora_off(run.trainee.lm):
+            with adapters_off(run.trainee.lm):
                 flags = on_topic(run.trainee.lm, run.tokenizer, [(r.prompt, r.text) for r in replies])
     finally:
         run.trainee.train()

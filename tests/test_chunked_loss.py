@@ -47,25 +47,34 @@ def both_paths(monkeypatch, compute):
     return plain, compute()
 
 
-@pytest.mark.parametrize("flavour", ["pt", "it"])
-def test_chunked_loss_and_gradients_equal_the_full_logits(converted_models, monkeypatch, flavour):
-    trainee, tokenizer = prepared(converted_models[flavour], turn_rows=flavour == "pt")
-    assert (tuning.output_matrix(trainee.lm) is not None) and trainee.lm.args.vocab_size > 4 * CHUNK
-    sequences = [batching.tokenize_example(tokenizer, e) for e in examples(3)]
+def batch_arrays(tokenizer, seed: int):
+    """A 3-example batch as the loss takes it (inputs, positions, targets, weights), and its token ids."""
+    sequences = [batching.tokenize_example(tokenizer, e) for e in examples(3, seed=seed)]
     batch = batching.make_batch(sequences, [0, 1, 2])
-    arrays = (mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.targets),
-              mx.array(tuning.loss_weights(batch.targets, 5.0)))
-    assert {START_OF_TURN_ID, END_OF_TURN_ID} <= set(batch.inputs.ravel().tolist())
+    return (mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.targets),
+            mx.array(tuning.loss_weights(batch.targets, 5.0))), set(batch.inputs.ravel().tolist())
+
+
+def loss_and_gradients(trainee, arrays):
+    """A function giving the loss and the gradients by name, on whichever path the environment picks."""
     loss_and_grad = nn.value_and_grad(trainee, tuning.loss_fn)
-    table = trainee.embed.weight
-    before = np.array(table)
 
     def compute():
         (loss, _), grads = loss_and_grad(trainee, *arrays)
         mx.eval(loss, grads)
         return loss.item(), dict(tree_flatten(grads))
 
-    (plain_loss, plain), (loss, chunked) = both_paths(monkeypatch, compute)
+    return compute
+
+
+@pytest.mark.parametrize("flavour", ["pt", "it"])
+def test_chunked_loss_and_gradients_equal_the_full_logits(converted_models, monkeypatch, flavour):
+    trainee, tokenizer = prepared(converted_models[flavour], turn_rows=flavour == "pt")
+    assert (tuning.output_matrix(trainee.lm) is not None) and trainee.lm.args.vocab_size > 4 * CHUNK
+    arrays, token_ids = batch_arrays(tokenizer, seed=0)
+    assert {START_OF_TURN_ID, END_OF_TURN_ID} <= token_ids
+    before = np.array(trainee.embed.weight)
+    (plain_loss, plain), (loss, chunked) = both_paths(monkeypatch, loss_and_gradients(trainee, arrays))
     assert loss == pytest.approx(plain_loss, rel=1e-5)
     assert chunked.keys() == plain.keys()
     names = set(plain)
@@ -107,18 +116,8 @@ def test_a_quantized_output_layer_is_chunked_with_the_full_logits_loss_and_gradi
     matrix = tuning.output_matrix(trainee.lm)
     assert isinstance(matrix, chunked_loss.QuantizedRows) and matrix.shape == (trainee.lm.args.vocab_size,
                                                                               trainee.lm.args.hidden_size)
-    sequences = [batching.tokenize_example(tokenizer, e) for e in examples(3, seed=5)]
-    batch = batching.make_batch(sequences, [0, 1, 2])
-    arrays = (mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.targets),
-              mx.array(tuning.loss_weights(batch.targets, 5.0)))
-    loss_and_grad = nn.value_and_grad(trainee, tuning.loss_fn)
-
-    def compute():
-        (loss, _), grads = loss_and_grad(trainee, *arrays)
-        mx.eval(loss, grads)
-        return loss.item(), dict(tree_flatten(grads))
-
-    (plain_loss, plain), (loss, chunked) = both_paths(monkeypatch, compute)
+    arrays, _ = batch_arrays(tokenizer, seed=5)
+    (plain_loss, plain), (loss, chunked) = both_paths(monkeypatch, loss_and_gradients(trainee, arrays))
     assert loss == pytest.approx(plain_loss, rel=1e-5)
     assert chunked.keys() == plain.keys() and ("turn_rows" in plain) == (flavour == "pt")
     for name, grad in plain.items():

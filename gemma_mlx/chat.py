@@ -11,6 +11,11 @@ model every kept reply ends with "[on topic]" or "[off topic]" (scoring/ontopic.
 answer the message?); best of N scores its N candidates in one call and shows the kept one's.
 Ctrl-D or Ctrl-C at the prompt leave; Ctrl-C while a reply is being written stops that reply.
 
+Thinking (`--thinking`, `/settings thinking=on`; Gemma 4 only): the model is asked to think first, and
+its thought is shown on a line of its own, marked "thinking: ", before the answer. A thought is never
+kept in the history: only the answer is. With thinking off a thought the model writes anyway is not
+shown at all.
+
 Only replies that came out whole go into the history the model sees next turn: a reply stopped by
 Ctrl-C or by a loop is shown as far as it got and then left out, so one bad turn cannot teach the
 rest of the conversation to loop. A message that cannot be answered (too long for the model, a line
@@ -28,18 +33,21 @@ from typing import Callable
 
 from .config import LARGEST_INT, GenerationSettings, apply_text_overrides, check_settings
 from .errors import GemmaMlxError
-from .generate import LoadedModel, check_context, generate_replies, load_model, prompt_rows, stream_reply
+from .generate import (LoadedModel, check_context, generate_replies, load_model, no_thinking_message, prompt_rows,
+                       stream_reply)
 from .scoring.best_of import candidate_settings, persona_words, pick_reply
 from .scoring.ontopic import is_on_topic
 from .text import is_loop
 
 USER_PROMPT = "you> "
 MODEL_PROMPT = "model> "
+THOUGHT_MARK = "thinking: "  # opens the line that shows a thought (thinking on), apart from the answer
 HELP = (
     "Commands: /retry (a new reply to your last message), /undo (drop the last exchange), /system TEXT "
     "(set the system prompt; /system alone clears it), /save PATH (the conversation as JSONL; /save --force "
     "PATH replaces a file), /reset (forget the conversation), /settings (show), /settings key=value ... "
-    "(change, e.g. /settings temperature=0.7 max_tokens=128; best_of=4 keeps the best of 4 replies), /help, /quit. Ctrl-D or Ctrl-C leaves."
+    "(change, e.g. /settings temperature=0.7 max_tokens=128; best_of=4 keeps the best of 4 replies; thinking=on lets "
+    "a Gemma 4 model think first and shows its thought), /help, /quit. Ctrl-D or Ctrl-C leaves."
 )
 MAX_BEST_OF = 16  # as compare's --best-of
 NOT_UTF8 = "(that line is not UTF-8 text, so it was skipped; the conversation is kept)"
@@ -65,10 +73,23 @@ def write_stdout(text: str) -> None:
     print(text, end="", flush=True)
 
 
-def describe_settings(settings: GenerationSettings, best_of: int = 1) -> str:
+def describe_settings(settings: GenerationSettings, best_of: int = 1, thinking: bool = False) -> str:
     values = dataclasses.asdict(settings)
     values.pop("samples")  # chat writes one reply per turn
-    return " ".join(f"{key}={value}" for key, value in values.items()) + f" best_of={best_of}"
+    return (" ".join(f"{key}={value}" for key, value in values.items()) + f" best_of={best_of}"
+            + f" thinking={'on' if thinking else 'off'}")
+
+
+def parse_thinking(loaded, value: str) -> bool:
+    """/settings thinking=on|off; on is refused for a model whose family has no thinking."""
+    from .families import family_of_tokenizer
+
+    switch = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}.get(value.lower())
+    if switch is None:
+        raise GemmaMlxError(f"thinking must be on or off, not '{value}'. Example: /settings thinking=on")
+    if switch and not family_of_tokenizer(loaded.tokenizer).thinks:
+        raise GemmaMlxError(no_thinking_message(loaded.tokenizer))
+    return switch
 
 
 @dataclass
@@ -126,6 +147,7 @@ class Conversation:
     turns: list[dict] = field(default_factory=list)  # user/assistant pairs, whole replies only
     pending: str | None = None  # the last message sent whose reply was stopped, looped or refused
     attempt: int = 0  # tries at the same message: /retry varies the sampling seed with it
+    thinking: bool = False  # the model thinks before it answers (its thought shown, never kept here)
 
     def messages(self, *extra: dict) -> list[dict]:
         start = [{"role": "system", "content": self.system}] if self.system else []
@@ -176,7 +198,8 @@ def _save_command(conversation: Conversation, rest: str) -> str:
 
 def _check_fits(loaded: LoadedModel, conversation: Conversation, settings: GenerationSettings) -> None:
     """The context check of generation, made now: a reply limit the model cannot hold is refused at /settings."""
-    check_context(loaded, prompt_rows(loaded.tokenizer, [conversation.messages({"role": "user", "content": ""})], settings))
+    check_context(loaded, prompt_rows(loaded.tokenizer, [conversation.messages({"role": "user", "content": ""})], settings,
+                                      conversation.thinking))
 
 
 def _answer(loaded, conversation: Conversation, text: str, settings: GenerationSettings, write: Write, labels: bool,
@@ -191,14 +214,26 @@ def _answer(loaded, conversation: Conversation, text: str, settings: GenerationS
         _answer_best(loaded, conversation, text, seeded, write, best)
         return
 
+    thought = {"open": False}  # a thought line is being written
+
+    def think(piece: str) -> None:
+        write(piece if thought["open"] else THOUGHT_MARK + piece)
+        thought["open"] = True
+
     def show(piece: str) -> None:
+        if thought["open"]:
+            thought["open"] = False
+            write("\n")
         shown.append(piece)
         write(piece)
         if is_loop("".join(shown)):
             raise _LoopFound
 
     try:
-        reply = stream_reply(loaded, conversation.messages({"role": "user", "content": text}), seeded, on_text=show)
+        reply = stream_reply(loaded, conversation.messages({"role": "user", "content": text}), seeded, on_text=show,
+                             thinking=conversation.thinking, on_thought=think if conversation.thinking else None)
+        if thought["open"]:  # a reply that only thought
+            write("\n")
     except GemmaMlxError as error:  # e.g. longer than the model can read: refuse this message only
         conversation.pending = None
         write(("\n" if shown else "") + f"{error} That message was not sent; the conversation is kept.\n")
@@ -237,7 +272,7 @@ def _answer_best(loaded, conversation: Conversation, text: str, seeded: Generati
     messages = conversation.messages({"role": "user", "content": text})
     variants = [dataclasses.replace(v, samples=1) for v in candidate_settings(seeded, best.n)]
     try:
-        replies = generate_replies(loaded, [messages] * best.n, variants)
+        replies = generate_replies(loaded, [messages] * best.n, variants, thinking=conversation.thinking)
         scores = best.scorer([(text, r.text) for r in replies]) if best.scorer else None
     except GemmaMlxError as error:  # e.g. longer than the model can read: refuse this message only
         conversation.pending = None
@@ -248,7 +283,7 @@ def _answer_best(loaded, conversation: Conversation, text: str, seeded: Generati
         return
     kept = pick_reply(replies, text, best.target_words, scores)
     reply = replies[kept]
-    write(reply.text)
+    write((f"{THOUGHT_MARK}{reply.thought}\n" if conversation.thinking and reply.thought else "") + reply.text)
     _keep(conversation, text, reply, write, on_topic_tag(best, scores[kept] if scores else None, text, reply.text))
 
 
@@ -277,20 +312,22 @@ def _command(line: str, loaded, conversation: Conversation, settings: Generation
     elif command == "/settings":
         words = rest.split()
         best_words = [w.partition("=")[2] for w in words if w.startswith("best_of=")]
+        think_words = [w.partition("=")[2] for w in words if w.startswith("thinking=")]
         try:
             n = parse_best_of(best_words[-1]) if best_words else best.n
-            others = [w for w in words if not w.startswith("best_of=")]
+            thinking = parse_thinking(loaded, think_words[-1]) if think_words else conversation.thinking
+            others = [w for w in words if not w.startswith(("best_of=", "thinking="))]
             changed = change_settings(settings, others) if others else settings
-            _check_fits(loaded, conversation, changed)
+            _check_fits(loaded, dataclasses.replace(conversation, thinking=thinking), changed)
         except GemmaMlxError as error:
             write(f"{error} Settings unchanged.\n")
             return settings
-        settings = changed
+        settings, conversation.thinking = changed, thinking
         if n != best.n:
             best.n = n
             if n > 1:
                 write(f"({best.cost()})\n")
-        write(f"settings: {describe_settings(settings, best.n)}\n")
+        write(f"settings: {describe_settings(settings, best.n, conversation.thinking)}\n")
     elif command == "/help":
         write(HELP + "\n")
     else:
@@ -318,15 +355,17 @@ def chat_loop(
     system: str | None = None,
     labels: bool = True,
     best_of: BestOf | None = None,
+    thinking: bool = False,
 ) -> list[dict]:
     """Run the conversation until /quit, Ctrl-D or Ctrl-C; return its kept messages (for tests and callers).
 
     `labels` False leaves out the "model> " label (piped use: one reply a line on stdout). `best_of`:
-    keep the best of N replies (BestOf; /settings best_of=N changes N).
+    keep the best of N replies (BestOf; /settings best_of=N changes N). `thinking`: the model thinks
+    first and its thought is shown (a family without thinking is refused).
     """
     check_settings(settings)
     best = best_of or BestOf()
-    conversation = Conversation(system=system)
+    conversation = Conversation(system=system, thinking=thinking and parse_thinking(loaded, "on"))
     while True:
         try:
             line = read_line(USER_PROMPT)
@@ -364,8 +403,9 @@ def run_chat(
     labels: bool = True,
     best_of: int = 1,
     on_topic_model: str | None = None,
+    thinking: bool = False,
 ) -> list[dict]:
-    """Load a model (dir, fused dir, or BASE::ADAPTERS) and chat with it.
+    """Load a model (dir, fused dir, or BASE::ADAPTERS) and chat with it (thinking: see chat_loop).
 
     best_of: keep the best of that many replies; on_topic_model: a base model that scores whether a
     candidate answers the message (loaded once, beside the chat model), else that term is skipped.
@@ -375,13 +415,16 @@ def run_chat(
     say = progress or (lambda _: None)
     say(f"loading {spec}" + (f" with adapters {adapter_path}" if adapter_path else ""))
     loaded = load_model(spec, adapter_path)
+    if thinking:
+        parse_thinking(loaded, "on")  # refused before anything else loads
     best = BestOf(n, persona_words(loaded), on_topic_scorer(on_topic_model, say) if on_topic_model else None)
     if n > 1:
         say(best.cost())
     if best.scorer:
         say("every reply ends with [on topic] or [off topic]: whether it answers the message, by the on-topic model")
-    say(f"chatting with {loaded.name} ({describe_settings(settings, n)}). {HELP}")
-    return chat_loop(loaded, settings, read_line=read_line, write=write, system=system, labels=labels, best_of=best)
+    say(f"chatting with {loaded.name} ({describe_settings(settings, n, thinking)}). {HELP}")
+    return chat_loop(loaded, settings, read_line=read_line, write=write, system=system, labels=labels, best_of=best,
+                     thinking=thinking)
 
 
 def on_topic_scorer(spec: str, say: Callable[[str], None]):

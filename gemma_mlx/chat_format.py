@@ -38,9 +38,23 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(hf.encode(text, add_special_tokens=False))
 
 
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Ids of a conversation ending in an open model turn, ready for generation (the tokenizer's family)."""
-    return encode(tokenizer, render(messages, add_generation_prompt=True, family=family_of_tokenizer(tokenizer)))
+def prompt_ids(tokenizer, messages: list[dict], thinking: bool = False) -> list[int]:
+    """Ids of a conversation ending in an open model turn, ready for generation (the tokenizer's family).
+
+    thinking: turn the model's thinking on (a family without thinking raises ValueError)."""
+    family = family_of_tokenizer(tokenizer)
+    return encode(tokenizer, family.render(messages, add_generation_prompt=True, thinking=thinking))
+
+
+def thought_channel_ids(tokenizer) -> tuple[int, int] | None:
+    """The ids that open and close a thought channel in this tokenizer's family, or None (no thinking)."""
+    family = family_of_tokenizer(tokenizer)
+    if not family.channel_open:
+        return None
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    vocab = hf.get_vocab()
+    ids = vocab.get(family.channel_open), vocab.get(family.channel_close)
+    return None if None in ids else (int(ids[0]), int(ids[1]))
 
 
 def reply_end_token_ids(tokenizer) -> set[int]:
@@ -48,7 +62,8 @@ def reply_end_token_ids(tokenizer) -> set[int]:
 
     A fine-tuned base model spreads "end of turn" probability over all the never-trained tokens
     (see docs/DESIGN.md), so stopping only on <eos> and the turn end lets it ramble to the token
-    limit. A thinking channel opener is special too, so no thinking is ever shown as a reply.
+    limit. The thought channel's own tokens are the exception: a thought is not the end of a reply
+    (decoding.Driver keeps it apart from the reply's text and goes on to the answer).
     """
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
     family = family_of_tokenizer(tokenizer)
@@ -60,7 +75,7 @@ def reply_end_token_ids(tokenizer) -> set[int]:
     for token, token_id in hf.get_vocab().items():
         if token in names or family.unused_token.match(token):
             ids.add(int(token_id))
-    return ids
+    return ids - set(thought_channel_ids(tokenizer) or ())
 
 
 SPECIAL_NAMES = set().union(*(f.special_names for f in FAMILIES))

@@ -641,8 +641,12 @@ def prefs(model, data, out, samples, split, persona, max_tokens, seed, no_on_top
               help="Mark every reply [on topic] or [off topic] (does it answer the message?), scored by this "
                    "un-tuned base model (a second model in memory); with --best-of also rank by that score. Without "
                    "it best-of skips the on-topic term.")
+@click.option("--thinking", is_flag=True,
+              help="Let the model think before it answers, and show its thought marked 'thinking:' (never kept "
+                   "in the conversation). Gemma 4 only; /settings thinking=on|off switches it.")
 @generation_options
-def chat(model, adapter_path, system, model_option=None, best_of=1, on_topic_model=None, **generation):
+def chat(model, adapter_path, system, model_option=None, best_of=1, on_topic_model=None, thinking=False,
+         **generation):
     """Chat with MODEL in the terminal, with the same turn format and stop rules as compare.
 
     MODEL is a converted or fused model dir, a name converted earlier (outputs/models/NAME), or
@@ -671,7 +675,7 @@ def chat(model, adapter_path, system, model_option=None, best_of=1, on_topic_mod
     interactive = sys.stdin.isatty()  # piped: the prompts and labels stay off stdout, replies only
     run_chat(model, adapter_path, GenerationSettings(**generation), system=system, progress=echo_progress,
              read_line=input if interactive else read_piped_line, labels=interactive, best_of=best_of,
-             on_topic_model=on_topic_model)
+             on_topic_model=on_topic_model, thinking=thinking)
 
 
 @cli.command(short_help="Chat with models side by side and rate them blind, in the browser.")

@@ -46,7 +46,11 @@ class Family:
     model_role: str = "model"  # what an assistant turn is called inside the turn tokens
     unk: str = "<unk>"
     mask: str = "<mask>"
-    thinking_tokens: tuple[str, ...] = ()  # tokens that open a thinking channel (never shown: a reply ends there)
+    # thinking: the system-prompt token that turns it on, and the channel a thought is written in
+    # (<|channel>thought\n...<channel|>); None where the family has no thinking
+    think: str | None = None
+    channel_open: str | None = None
+    channel_close: str | None = None
     # base vs instruct from the weights: a base model's turn-end row sits with the never-used rows
     unused_token: re.Pattern = field(default=re.compile(r"^<unused\d+>$"))
     base_name: re.Pattern = field(default=re.compile(r"(-pt|-base)(-|$)", re.IGNORECASE))
@@ -81,17 +85,46 @@ class Family:
     def role(self, message: dict) -> str:
         return self.model_role if message["role"] == "assistant" else message["role"]
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The turn text of a conversation, with a leading <bos> (tokenize it without adding another)."""
+    @property
+    def thinks(self) -> bool:
+        return self.think is not None
+
+    def without_thoughts(self, text: str) -> str:
+        """A past model turn as it is fed back: every thought channel left out, as the family's own template does."""
+        if not self.channel_open:
+            return text
+        kept = []
+        for part in text.split(self.channel_close):
+            kept.append(part.split(self.channel_open)[0] if self.channel_open in part else part)
+        return "".join(kept)
+
+    def _thinking_system(self, messages: list[dict]) -> list[dict]:
+        """Thinking on: the conversation opens with a system turn (an empty one is made), which the think
+        token will open. Gemma 4's own template turns thinking on the same way."""
+        if not self.thinks or self.system_role != "native":
+            raise ValueError(f"{self.title} models have no thinking")
+        return messages if messages and messages[0]["role"] == "system" else [{"role": "system", "content": ""}, *messages]
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, thinking: bool = False) -> str:
+        """The turn text of a conversation, with a leading <bos> (tokenize it without adding another).
+
+        thinking: the model may think before it answers (families that can; see _thinking_system)."""
         parts, system = [self.bos], ""
-        for message in messages:
+        if thinking:
+            messages = self._thinking_system(messages)
+        for index, message in enumerate(messages):
+            content = message["content"].strip()
+            if message["role"] == "assistant":
+                content = self.without_thoughts(content).strip()
+            if thinking and index == 0:
+                content = f"{self.think}\n{content}"
             if message["role"] == "system" and self.system_role == "fold":
                 system = message["content"] + "\n\n"
                 continue
             prefix = system if message["role"] == "user" else ""
             if message["role"] == "user":
                 system = ""
-            parts.append(f"{self.turn_start}{self.role(message)}\n{prefix}{message['content'].strip()}{self.turn_end}\n")
+            parts.append(f"{self.turn_start}{self.role(message)}\n{prefix}{content}{self.turn_end}\n")
         if add_generation_prompt:
             parts.append(f"{self.turn_start}{self.model_role}\n")
         return "".join(parts)
@@ -168,7 +201,7 @@ GEMMA4 = Family(
                     50: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>", 100: "<|channel>",
                     101: "<channel|>"},
     system_role="native",
-    thinking_tokens=("<|think|>", "<|channel>"),
+    think="<|think|>", channel_open="<|channel>", channel_close="<channel|>",
     # the hub's base models are plain "gemma-4-E2B" etc.
     base_name=re.compile(r"(-pt|-base)(-|$)|^gemma-4-(e\d+b|\d+b(-a\d+b)?)$", re.IGNORECASE),
     gguf_architecture=None,

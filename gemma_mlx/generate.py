@@ -3,7 +3,9 @@
 Every prompt is rendered with the one turn format (chat_format), for -pt and -it alike. A reply is
 the *first* model turn only: generation stops on <eos>, <end_of_turn> and on any other special or
 <unusedN> token (a fine-tuned base model ends its turn with those, see docs/DESIGN.md), the stop token is
-never part of the text, and `Reply.stop_token` names it. A reply that reaches max_tokens is reported
+never part of the text, and `Reply.stop_token` names it. A thought channel (Gemma 4) does not end a
+reply: its text is kept apart in `Reply.thought`, never in `Reply.text`, and decoding goes on to the
+answer; `thinking` turns the model's thinking on where its family has it. A reply that reaches max_tokens is reported
 with finish_reason "length" (a cut reply), never silently shown as complete.
 
 All prompts x samples of a call go through one mlx-lm BatchGenerator, each row with its own sampler,
@@ -21,7 +23,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable
 
-from .chat_format import prompt_ids, reply_end_token_ids
+from .chat_format import prompt_ids, reply_end_token_ids, thought_channel_ids
 from .models import LoadedModel, load_model  # noqa: F401  (load_model: the documented import path)
 from .config import GenerationSettings, check_settings
 from .errors import ConfigError, GemmaMlxError
@@ -48,6 +50,7 @@ class Reply:
     seconds: float  # wall time from the start of the batch until this reply was done (prefill included)
     tokens_per_second: float  # generated tokens (stop token included) / seconds
     settings: dict  # the GenerationSettings this row used
+    thought: str = ""  # what the model wrote in thought channels, never part of `text` ("" when none)
 
     @property
     def cut(self) -> bool:
@@ -202,12 +205,15 @@ def _settings_per_prompt(settings, count: int) -> list[GenerationSettings]:
     return per_prompt
 
 
-def prompt_rows(tokenizer, prompts, settings) -> list[Row]:
-    """One row per prompt x sample, in the order replies are returned."""
+def prompt_rows(tokenizer, prompts, settings, thinking: bool = False) -> list[Row]:
+    """One row per prompt x sample, in the order replies are returned (thinking: turned on in every prompt)."""
     rows = []
     for index, (prompt, row_settings) in enumerate(zip(prompts, _settings_per_prompt(settings, len(prompts)))):
         messages = _as_messages(prompt, index)
-        ids = prompt_ids(tokenizer, messages)
+        try:
+            ids = prompt_ids(tokenizer, messages, thinking)
+        except ValueError:
+            raise GemmaMlxError(no_thinking_message(tokenizer)) from None
         for sample in range(row_settings.samples):
             rows.append(Row(index, sample, messages[-1]["content"], ids, row_settings))
     return rows
@@ -263,9 +269,23 @@ def insert_rows(generator, loaded: LoadedModel, rows: list[Row]) -> list[int]:
     )
 
 
-def finished_reply(tokenizer, row: Row, tokens: list[int], reason: str, stop_id: int | None, seconds: float) -> Reply:
-    """The Reply of a finished row: its text without the stop token, and why and when it ended."""
-    generated = len(tokens) + (stop_id is not None)
+def no_thinking_message(tokenizer) -> str:
+    from .families import family_of_tokenizer
+
+    title = family_of_tokenizer(tokenizer).title
+    return (f"{title} models have no thinking: their turn format has no way to turn it on and they write no "
+            "thought channel. Leave thinking off for this model (drop --thinking, or /settings thinking=off); "
+            "a Gemma 4 model can think.")
+
+
+def finished_reply(tokenizer, row: Row, tokens: list[int], reason: str, stop_id: int | None, seconds: float,
+                   thought: list[int] = ()) -> Reply:
+    """The Reply of a finished row: its text without the stop token or any thought, and why and when it ended.
+
+    A row that only thought until the token limit has empty text and is cut."""
+    from .decoding import thought_without_name
+
+    generated = len(tokens) + len(thought) + (stop_id is not None)
     return Reply(
         prompt_index=row.prompt_index,
         sample_index=row.sample_index,
@@ -277,21 +297,25 @@ def finished_reply(tokenizer, row: Row, tokens: list[int], reason: str, stop_id:
         seconds=round(seconds, 4),
         tokens_per_second=round(generated / seconds, 2) if seconds > 0 else 0.0,
         settings=dataclasses.asdict(row.settings),
+        thought=thought_without_name(tokenizer.decode(list(thought))) if thought else "",
     )
 
 
 def _run_rows(loaded: LoadedModel, rows: list[Row], progress: Progress | None = None,
-              on_text: Callable[[str], None] | None = None) -> list[Reply]:
+              on_text: Callable[[str], None] | None = None,
+              on_thought: Callable[[str], None] | None = None) -> list[Reply]:
     """Decode all rows in one BatchGenerator (through a decoding.Driver) and turn them into Replies.
 
-    on_text, for one row (chat), hears the reply's text piece by piece as it is made.
+    on_text, for one row (chat), hears the reply's text piece by piece as it is made; on_thought the
+    text of its thought channels.
     """
     check_context(loaded, rows)
     from .decode_step import rows_that_fit
     from .decoding import Driver
 
     generator = new_generator(loaded, rows_that_fit(loaded.model, rows, DEFAULT_ROWS, MAX_BATCH_ROWS))
-    driver = Driver(generator, loaded.tokenizer, text=on_text is not None)
+    driver = Driver(generator, loaded.tokenizer, text=on_text is not None or on_thought is not None,
+                    channel=thought_channel_ids(loaded.tokenizer))
     try:
         driver.track(insert_rows(generator, loaded, rows), list(range(len(rows))))
         replies: dict[int, Reply] = {}
@@ -305,12 +329,14 @@ def _run_rows(loaded: LoadedModel, rows: list[Row], progress: Progress | None = 
                          f"({made / (now - started):.0f} tokens/s)")
             for event in events:
                 made += event.stop_id is None
+                if event.thought and on_thought is not None:
+                    on_thought(event.thought)
                 if event.piece and on_text is not None:
                     on_text(event.piece)
                 if event.finish_reason is not None:
                     i = event.stream.tag
                     replies[i] = finished_reply(loaded.tokenizer, rows[i], event.stream.tokens, event.finish_reason,
-                                                event.stop_id, event.seconds)
+                                                event.stop_id, event.seconds, event.stream.thought)
                     # a line per quarter of the batch: enough to see it move, not a wall of text
                     done = len(replies)
                     if progress is not None and (done == len(rows) or done % max(1, len(rows) // 4) == 0):
@@ -325,6 +351,7 @@ def generate_replies(
     prompts: list[str] | list[list[dict]],
     settings: GenerationSettings | list[GenerationSettings] = GenerationSettings(),
     progress: Progress | None = None,
+    thinking: bool = False,
 ) -> list[Reply]:
     """Replies to every prompt (a string is one user turn; or a list of chat turns), `samples` each.
 
@@ -334,7 +361,7 @@ def generate_replies(
     """
     if not prompts:
         return []
-    rows = prompt_rows(loaded.tokenizer, list(prompts), settings)
+    rows = prompt_rows(loaded.tokenizer, list(prompts), settings, thinking)
     if progress is not None:
         progress(f"{loaded.name}: generating {len(rows)} replies ({len(prompts)} prompts) in one batch")
     return _run_rows(loaded, rows, progress)
@@ -345,11 +372,14 @@ def stream_reply(
     messages: list[dict],
     settings: GenerationSettings = GenerationSettings(),
     on_text: Callable[[str], None] | None = None,
+    thinking: bool = False,
+    on_thought: Callable[[str], None] | None = None,
 ) -> Reply:
-    """One reply to a conversation, with its text handed to `on_text` piece by piece (for chat).
+    """One reply to a conversation, with its text handed to `on_text` piece by piece (for chat), and
+    its thought's text to `on_thought`.
 
     Same engine, format and stop rules as generate_replies; `samples` is ignored (one reply).
     """
     settings = dataclasses.replace(settings, samples=1)
-    rows = prompt_rows(loaded.tokenizer, [messages], settings)
-    return _run_rows(loaded, rows, on_text=on_text)[0]
+    rows = prompt_rows(loaded.tokenizer, [messages], settings, thinking)
+    return _run_rows(loaded, rows, on_text=on_text, on_thought=on_thought)[0]

@@ -72,8 +72,10 @@ def test_gemma4_turn_format_and_stops(gemma4):
     text = tokenizer.decode(ids)
     assert text.startswith("<bos><|turn>system\nBe Bluey.<turn|>\n<|turn>user\nhi<turn|>\n<|turn>model\n"), text
     ends = reply_end_token_ids(tokenizer)
-    thinking = [tokenizer.convert_tokens_to_ids(t) for t in GEMMA4.thinking_tokens]
-    assert {GEMMA4.eos_id, GEMMA4.turn_end_id, *thinking} <= ends  # a thinking channel is never shown as a reply
+    think, channel_open, channel_close = (tokenizer.convert_tokens_to_ids(t)
+                                          for t in (GEMMA4.think, GEMMA4.channel_open, GEMMA4.channel_close))
+    assert {GEMMA4.eos_id, GEMMA4.turn_end_id, think} <= ends  # the thinking switch is never a reply's word
+    assert not {channel_open, channel_close} & ends  # a thought channel is no end: the answer follows it
     assert GEMMA4.bos_id in ends and not {500, 600, 700} & ends  # ordinary words go on
 
 

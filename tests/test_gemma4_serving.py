@@ -1,5 +1,6 @@
 """A Gemma 4 model in the arena's engine: a system prompt goes in as its own turn, a reply stops on
-<turn|>, and a thinking channel is never shown (the reply ends where <|channel> would open it).
+<turn|> (and on the thinking switch <|think|>, which has no place in a reply); thought channels are
+tested in tests/test_gemma4_thinking.py.
 
 The tiny model's replies are random, so the tests push one token to the top of every step (a large
 logit bias on the loaded model) and check what the engine makes of it.
@@ -80,9 +81,9 @@ def test_an_ordinary_word_does_not_end_the_reply(engine):
     assert done["tokens"] == SETTINGS.max_tokens and done["text"].strip()
 
 
-@pytest.mark.parametrize("token", [GEMMA4.turn_end, *GEMMA4.thinking_tokens])
-def test_the_turn_end_and_a_thinking_channel_end_the_reply_unseen(engine, token):
+@pytest.mark.parametrize("token", [GEMMA4.turn_end, GEMMA4.think])
+def test_the_turn_end_and_the_thinking_switch_end_the_reply_unseen(engine, token):
     token_id = engine.models["gemma4"].tokenizer.convert_tokens_to_ids(token)
     done = reply(engine, token_id)
     assert done["finish_reason"] == "stop" and done["stop_token"] == token
-    assert done["text"] == ""  # nothing of the turn end or of a thought is shown
+    assert done["text"] == ""  # nothing of the turn end or of the switch is shown

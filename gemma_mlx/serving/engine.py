@@ -6,7 +6,8 @@ model, driven by a decoding.Driver (the one compare and chat use, with its incre
 detokenizer), and steps each in turn, inserting new requests into the running batch, so eight concurrent
 requests to one model are decoded together instead of waiting in line. Prompts, stop rules and
 sampling are the generation engine's own (generate.py), so a reply here is the reply compare or
-chat would give with the same settings.
+chat would give with the same settings. A thought channel (Gemma 4) is never shown: its text goes to
+no "text" event and no reply text, and the reply goes on to the answer.
 
 Bounded: the engine is one thread, however many requests come, and it holds at most MAX_REQUESTS
 replies (waiting or being written); one more is refused with EngineBusy instead of queueing without
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ..chat_format import thought_channel_ids
 from ..config import GenerationSettings
 from ..decoding import Driver
 from ..errors import GemmaMlxError
@@ -198,7 +200,8 @@ class Engine:
         try:
             (row,) = prompt_rows(loaded.tokenizer, [request.messages], [request.settings])
             if request.model not in generators:
-                generators[request.model] = Driver(new_generator(loaded), loaded.tokenizer, text=True)
+                generators[request.model] = Driver(new_generator(loaded), loaded.tokenizer, text=True,
+                                                   channel=thought_channel_ids(loaded.tokenizer))
             driver = generators[request.model]
             (uid,) = insert_rows(driver.generator, loaded, [row])
         except Exception as error:  # a prompt beyond the context, a malformed conversation
@@ -219,7 +222,8 @@ class Engine:
                 if piece:
                     _tell(state.on_event, "text", piece)
                 _tell(state.on_event, "done", finished_reply(self.models[name].tokenizer, state.row, stream.tokens,
-                                                             CANCELLED, None, time.perf_counter() - stream.started))
+                                                             CANCELLED, None, time.perf_counter() - stream.started,
+                                                             stream.thought))
                 return
 
     def _step(self, name: str, driver: Driver, rows: dict[int, _Live]) -> None:
@@ -231,7 +235,8 @@ class Engine:
                 _tell(state.on_event, "text", event.piece)
             if event.finish_reason is not None:
                 reply: Reply = finished_reply(self.models[name].tokenizer, state.row, event.stream.tokens,
-                                              event.finish_reason, event.stop_id, event.seconds)
+                                              event.finish_reason, event.stop_id, event.seconds,
+                                              event.stream.thought)
                 _tell(state.on_event, "done", reply)
                 del rows[event.uid]
 

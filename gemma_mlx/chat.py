@@ -25,12 +25,10 @@ that is not UTF-8) is refused on its own line and the conversation goes on.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
+from .chat_save import save_command, save_conversation  # noqa: F401  (save_conversation: its documented import path)
 from .config import LARGEST_INT, GenerationSettings, apply_text_overrides, check_settings
 from .errors import GemmaMlxError
 from .generate import (LoadedModel, check_context, generate_replies, load_model, no_thinking_message, prompt_rows,
@@ -76,8 +74,8 @@ def write_stdout(text: str) -> None:
 def describe_settings(settings: GenerationSettings, best_of: int = 1, thinking: bool = False) -> str:
     values = dataclasses.asdict(settings)
     values.pop("samples")  # chat writes one reply per turn
-    return (" ".join(f"{key}={value}" for key, value in values.items()) + f" best_of={best_of}"
-            + f" thinking={'on' if thinking else 'off'}")
+    return " ".join(f"{key}={value}" for key, value in values.items()) + f" best_of={best_of}" + (
+        " thinking=on" if thinking else "")  # off, the default, goes unsaid
 
 
 def parse_thinking(loaded, value: str) -> bool:
@@ -158,44 +156,6 @@ class _LoopFound(Exception):
     """Raised from the text callback to end a reply as soon as it goes round in circles."""
 
 
-def save_conversation(path: Path, messages: list[dict], force: bool = False) -> Path:
-    """Write one JSONL line {"messages": [...]}, the shape of the persona data (`gemma-mlx data check` reads it).
-
-    An existing file is kept unless `force`; the file appears whole or not at all (temp file, rename).
-    """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise GemmaMlxError(f"{path} is a folder. Give a file name, e.g. /save {path / 'chat.jsonl'}")
-    if path.exists() and not force:
-        raise GemmaMlxError(f"{path} already exists and was left as it is. /save --force {path} replaces it.")
-    if not path.parent.is_dir():
-        raise GemmaMlxError(f"The folder {path.parent} does not exist. Create it or save somewhere else.")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps({"messages": messages}, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise GemmaMlxError(f"Could not write {path}: {error.strerror or error}. Nothing was saved.") from None
-    return path
-
-
-def _save_command(conversation: Conversation, rest: str) -> str:
-    words = rest.split()
-    force = "--force" in words[:1] + words[-1:]
-    target = " ".join(w for i, w in enumerate(words) if not (w == "--force" and i in (0, len(words) - 1)))
-    if not target:
-        return "Give a file name: /save chat.jsonl"
-    if not conversation.turns:
-        return "Nothing to save yet: no exchange has been kept."
-    try:
-        path = save_conversation(Path(target), conversation.messages(), force)
-    except GemmaMlxError as error:
-        return str(error)
-    count = len(conversation.turns) // 2
-    return f"(saved {count} exchange{'' if count == 1 else 's'} to {path})"
-
-
 def _check_fits(loaded: LoadedModel, conversation: Conversation, settings: GenerationSettings) -> None:
     """The context check of generation, made now: a reply limit the model cannot hold is refused at /settings."""
     check_context(loaded, prompt_rows(loaded.tokenizer, [conversation.messages({"role": "user", "content": ""})], settings,
@@ -230,8 +190,9 @@ def _answer(loaded, conversation: Conversation, text: str, settings: GenerationS
             raise _LoopFound
 
     try:
+        thinking = {"thinking": True, "on_thought": think} if conversation.thinking else {}
         reply = stream_reply(loaded, conversation.messages({"role": "user", "content": text}), seeded, on_text=show,
-                             thinking=conversation.thinking, on_thought=think if conversation.thinking else None)
+                             **thinking)
         if thought["open"]:  # a reply that only thought
             write("\n")
     except GemmaMlxError as error:  # e.g. longer than the model can read: refuse this message only
@@ -272,7 +233,8 @@ def _answer_best(loaded, conversation: Conversation, text: str, seeded: Generati
     messages = conversation.messages({"role": "user", "content": text})
     variants = [dataclasses.replace(v, samples=1) for v in candidate_settings(seeded, best.n)]
     try:
-        replies = generate_replies(loaded, [messages] * best.n, variants, thinking=conversation.thinking)
+        replies = generate_replies(loaded, [messages] * best.n, variants, **({"thinking": True} if conversation.thinking
+                                                                             else {}))
         scores = best.scorer([(text, r.text) for r in replies]) if best.scorer else None
     except GemmaMlxError as error:  # e.g. longer than the model can read: refuse this message only
         conversation.pending = None
@@ -308,7 +270,7 @@ def _command(line: str, loaded, conversation: Conversation, settings: Generation
         conversation.system = rest or None
         write(f"(system prompt set: {rest!r})\n" if rest else "(system prompt cleared)\n")
     elif command == "/save":
-        write(_save_command(conversation, rest) + "\n")
+        write(save_command(conversation, rest) + "\n")
     elif command == "/settings":
         words = rest.split()
         best_words = [w.partition("=")[2] for w in words if w.startswith("best_of=")]

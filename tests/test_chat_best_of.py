@@ -17,7 +17,7 @@ from .test_chat import Lines
 
 LOOP = "a big house with " * 8
 SHORT = "Yes."
-PERSONA = "I reckon we should build a fort out of the couch cushions and then play in it all day long."  # 19 words
+PERSONA = "I reckon we should build a fort out of the couch cushions and then play in it all day long."  # 20 words
 OTHER = "My dad says the best forts have a secret door, a flag and a lookout for the grannies."  # 18 words
 
 

@@ -35,12 +35,34 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def split_spec(spec: str | Path) -> tuple[str, str | None]:
-    """(model part, adapter part or None) of a model spec: `DIR`, or `BASE_DIR::ADAPTER_DIR`.
+    """(model part, adapter part or None) of a model spec: `DIR`, `BASE_DIR::ADAPTER_DIR`, or `ADAPTER_DIR`.
 
-    The one place the separator is read; model_ref.resolve turns the parts into checked dirs.
+    The one place the separator is read; model_ref.resolve turns the parts into checked dirs. A
+    train output dir alone (adapters, no config.json) stands for its recorded base with those
+    adapters, so every command takes what `train` printed as it takes a fused model.
     """
     model, separator, adapters = str(spec).partition(ADAPTER_SEPARATOR)
+    if not separator:
+        base = recorded_base(Path(model).expanduser())
+        if base is not None:
+            return base, model
     return model, (adapters if separator else None)
+
+
+def recorded_base(directory: Path) -> str | None:
+    """The base model an adapter dir was trained on (its run manifest, else adapter_config's "model"); None
+    when `directory` is not an adapter dir (a model dir, or nothing there)."""
+    if not (directory / "adapters.safetensors").is_file() or (directory / "config.json").is_file():
+        return None
+    base = (train_manifest_of(directory) or {}).get("base_model")
+    if base is None and (directory / "adapter_config.json").is_file():
+        base = read_json(directory / "adapter_config.json", "the adapter config").get("model")
+    if not base:
+        raise CheckpointError(
+            f"{directory} holds LoRA adapters but records no base model (no run manifest, no \"model\" in "
+            "adapter_config.json). Name the base too: BASE_DIR::ADAPTER_DIR."
+        )
+    return str(base)
 
 
 def model_dir_path(spec: str | Path) -> Path:

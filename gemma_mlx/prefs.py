@@ -101,20 +101,6 @@ def training_prompts(data, split: str, seed: int):
     return prompts, (sum(replies) / len(replies) if replies else None)
 
 
-def model_spec(model: str) -> str:
-    """A train output dir (adapters) becomes BASE::ADAPTERS, as compare and chat read it."""
-    from .adapters import ADAPTERS_FILE
-    from .models import ADAPTER_SEPARATOR, train_manifest_of
-
-    path = Path(model).expanduser()
-    if ADAPTER_SEPARATOR not in str(model) and (path / ADAPTERS_FILE).is_file():
-        base = (train_manifest_of(path) or {}).get("base_model")
-        if base is None:
-            base = json.loads((path / "adapter_config.json").read_text()).get("model")
-        return f"{base}{ADAPTER_SEPARATOR}{path}"
-    return str(model)
-
-
 def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | None = None, split: str = "train",
                max_tokens: int = 256, seed: int = 0, on_topic: bool = True, force: bool = False,
                progress: Progress = quiet) -> PrefsResult:
@@ -134,7 +120,7 @@ def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | No
     prompts, target = training_prompts(data, split, seed)
     persona_path = Path(persona) if persona else (Path(data) / "persona.yaml" if Path(data).is_dir() else None)
     markers = load_persona(persona_path).markers if persona_path and persona_path.is_file() else []
-    spec = model_spec(model)
+    spec = str(model)  # a train output dir stands for BASE::ADAPTERS (models.split_spec)
     loaded = load_model(spec)
     settings = GenerationSettings(max_tokens=max_tokens, samples=samples, seed=seed, **SAMPLING)
     progress(f"prefs: {len(prompts)} prompts x {samples} samples from {loaded.name} "

@@ -133,3 +133,15 @@ def test_compare_and_train_record_the_refs_identity_and_name(trained, tmp_path):
     assert [m["stage"] for m in shown] == ["base+adapters", "convert"]
     assert shown[0]["path"] == str(base) and shown[0]["adapter_path"] == str(adapters)
     assert result.results["on_topic"]["model"] == str(base)
+
+
+def test_a_train_output_dir_alone_stands_for_its_base_with_those_adapters(trained, tmp_path):
+    """What `train` prints is a spec every command takes: compare, chat and the arena read it as BASE::ADAPTERS."""
+    base, adapters = trained
+    alone, named = resolve(adapters), resolve(f"{base}::{adapters}")
+    assert (alone.dir, alone.adapters, alone.label) == (named.dir, named.adapters, named.label)
+    assert alone.identity == named.identity and alone.stage == "base+adapters"
+    assert resolve(adapters / "last").adapters == adapters / "last"  # last/ reads the run's manifest one level up
+    orphan = _fake_adapters(tmp_path / "orphan")  # no manifest, no "model" in its config
+    with pytest.raises(CheckpointError, match="records no base model.*BASE_DIR::ADAPTER_DIR"):
+        resolve(orphan)

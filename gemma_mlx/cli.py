@@ -546,7 +546,10 @@ def compare(models, model_options, prompt_files, prompt_texts, persona, training
               help="DPO on preference pairs (the arena's export or votes.jsonl, gemma-mlx prefs, TRL's prompt/chosen/"
                    "rejected JSONL); --model is then the fine-tuned persona (its adapter dir or fused model).")
 @click.option("--beta", type=float, help="With --preferences: how far DPO may move from the persona (default 0.1).")
-def train(model, data, config_path, out, run_name, resume, force, no_memory_check, preferences, beta, **options):
+@click.option("--chosen-weight", type=float,
+              help="With --preferences: weight of the chosen replies' own loss added to DPO's (default 0: plain DPO).")
+def train(model, data, config_path, out, run_name, resume, force, no_memory_check, preferences, beta, chosen_weight,
+          **options):
     """LoRA-fine-tune a converted model on a persona dataset, in epochs.
 
     Every example trains every epoch, in length-bucketed batches; by default the loss counts reply
@@ -584,6 +587,7 @@ def train(model, data, config_path, out, run_name, resume, force, no_memory_chec
             continue
         overrides[f"lora.{key}" if key in lora_keys else f"train.{key}"] = value
     overrides["preferences.beta"] = beta
+    overrides["preferences.chosen_weight"] = chosen_weight
     result = train_with_config(model, data, config_path, overrides, out=out, run_name=run_name,
                                resume=resume, force=force, progress=echo_progress, memory_check=not no_memory_check,
                                preferences=preferences, on_topic=on_topic_flags)

@@ -98,6 +98,8 @@ class PreferenceSettings:
     beta: float = 0.1  # how far DPO may move from the fine-tuned model (higher: stays closer)
     learning_rate: float = 1.0e-5  # peak learning rate of the preference stage
     epochs: int = 2  # passes over the pairs
+    # weight of the chosen replies' own per-token loss added to DPO's (0: plain DPO); keeps them likely
+    chosen_weight: float = 0.0
 
 
 @dataclass
@@ -166,6 +168,7 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "preferences.beta": (lambda v: v > 0, "above 0"),
     "preferences.learning_rate": (lambda v: v > 0, "above 0"),
     "preferences.epochs": (lambda v: v >= 1, "at least 1"),
+    "preferences.chosen_weight": (lambda v: v >= 0, "0 or more"),
     "generation.max_tokens": (lambda v: v >= 1, "at least 1"),
     "generation.min_new_tokens": (lambda v: v >= 0, "0 or more"),
     "generation.temperature": (lambda v: v >= 0, "0 (greedy) or more"),

@@ -61,6 +61,10 @@ def test_the_loss_matches_a_numpy_reference_dpo_loss(converted_models):
     expected = np.mean(-np.log(1.0 / (1.0 + np.exp(-margins))))
     assert count.item() == 2
     assert loss.item() == pytest.approx(expected, rel=1e-4)
+    # with the chosen replies' own loss added: their mean per-token negative log-prob, weighted
+    chosen_tokens = np.array([sum(1 for j in range(1, len(s.ids)) if s.trained[j]) for s in sequences[0::2]])
+    with_nll, _ = dpo.dpo_loss(trainee, *arrays, beta=beta, chosen_weight=0.5)
+    assert with_nll.item() == pytest.approx(expected + 0.5 * np.mean(-policy[:, 0] / chosen_tokens), rel=1e-4)
     # the reference is the same network with the new adapters off: the model before prepare()
     with dpo.adapters_off(trainee):
         off = [numpy_logp(trainee.lm, s.ids, s.trained) for s in sequences]

@@ -51,10 +51,20 @@ def dpo_losses(policy: mx.array, reference: mx.array, beta: float):
     return mx.logaddexp(mx.zeros_like(margins), -margins), margins  # -log sigmoid(margin), stable
 
 
-def dpo_loss(trainee, inputs, positions, targets, segments, reference, beta: float = 0.1, normalizer=None):
-    """The summed DPO loss of this batch's pairs over `normalizer` (the global batch's pair count), and the count."""
+def dpo_loss(trainee, inputs, positions, targets, segments, reference, beta: float = 0.1, chosen_weight: float = 0.0,
+             normalizer=None):
+    """The summed DPO loss of this batch's pairs over `normalizer` (the global batch's pair count), and the count.
+
+    `chosen_weight` adds that much of each chosen reply's own mean per-token loss (the supervised loss)
+    to its pair's DPO loss. Plain DPO only asks that the chosen reply gain on the rejected one, and
+    may get there by making both unlikely: the replies drift (longer, looping). The extra term keeps
+    the chosen replies likely (the "DPO + NLL" objective of iterative reasoning preference optimization).
+    """
     policy = sequence_logps(trainee, inputs, positions, targets, segments).reshape(-1, 2)
     losses, _ = dpo_losses(policy, reference, beta)
+    if chosen_weight:
+        chosen_tokens = mx.maximum(segments.sum(axis=1).reshape(-1, 2)[:, 0], 1)
+        losses = losses - chosen_weight * policy[:, 0] / chosen_tokens
     count = losses.shape[0]
     return losses.sum() / (normalizer or count), mx.array(count)
 
@@ -115,13 +125,13 @@ class PreferenceObjective:
 
     name = "dpo"
 
-    def __init__(self, setup: RunSetup, beta: float, train, valid, train_seqs, valid_seqs):
+    def __init__(self, setup: RunSetup, beta: float, train, valid, train_seqs, valid_seqs, chosen_weight: float = 0.0):
         self.setup, self.beta = setup, beta
         self.train_pairs, self.valid_pairs = train, valid
         self.train_seqs, self.valid_seqs = train_seqs, valid_seqs
         self.lengths = [max(len(train_seqs[2 * i]), len(train_seqs[2 * i + 1])) for i in range(len(train))]
         self.valid_prompts = _unique_prompts(valid)[:VALIDATION_PROMPTS]
-        self.loss = partial(dpo_loss, beta=beta)
+        self.loss = partial(dpo_loss, beta=beta, chosen_weight=chosen_weight)  # validation reports plain DPO's loss
         self.reference = {"train": None, "valid": None}  # [P, 2] log-probs under the starting model
 
     @property
@@ -306,7 +316,7 @@ def preference_parts(setup: RunSetup, say) -> Parts:
     mx.random.seed(setup.train.seed)  # LoRA initialisation
     trainee = prepare(lm, lora, False, setup.train.grad_checkpoint)
     num_layers = resolve_num_layers(lora, lm)
-    objective = PreferenceObjective(setup, prefs.beta, train_pairs, valid_pairs, train_seqs, valid_seqs)
+    objective = PreferenceObjective(setup, prefs.beta, train_pairs, valid_pairs, train_seqs, valid_seqs, prefs.chosen_weight)
     say(f"reference log-probs of {len(train_pairs) + len(valid_pairs)} pairs (the starting model, new adapters off)")
     objective.compute_reference(trainee)
     save_dir, load_flat = combined_adapter_io(setup, start, num_layers) if start else (None, None)

@@ -547,7 +547,7 @@ def compare(models, model_options, prompt_files, prompt_texts, persona, training
                    "rejected JSONL); --model is then the fine-tuned persona (its adapter dir or fused model).")
 @click.option("--beta", type=float, help="With --preferences: how far DPO may move from the persona (default 0.1).")
 @click.option("--chosen-weight", type=float,
-              help="With --preferences: weight of the chosen replies' own loss added to DPO's (default 0: plain DPO).")
+              help="With --preferences: weight of the chosen replies' own loss added to DPO's (default 1; 0: plain DPO).")
 def train(model, data, config_path, out, run_name, resume, force, no_memory_check, preferences, beta, chosen_weight,
           **options):
     """LoRA-fine-tune a converted model on a persona dataset, in epochs.

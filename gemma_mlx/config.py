@@ -98,8 +98,9 @@ class PreferenceSettings:
     beta: float = 0.1  # how far DPO may move from the fine-tuned model (higher: stays closer)
     learning_rate: float = 1.0e-5  # peak learning rate of the preference stage
     epochs: int = 2  # passes over the pairs
-    # weight of the chosen replies' own per-token loss added to DPO's (0: plain DPO); keeps them likely
-    chosen_weight: float = 0.0
+    # weight of the chosen replies' own per-token loss added to DPO's (0: plain DPO); keeps them likely. 1.0: on
+    # the real 270M, plain DPO lost clean endings (100% -> 88%) and overshot the length (1.66x); with 1.0 (README)
+    chosen_weight: float = 1.0
 
 
 @dataclass

@@ -1,9 +1,7 @@
 """`gemma-mlx arena --best-of N` through the arena's API: every side's reply is the best of N engine replies,
 the candidates are not streamed, Stop ends all of them, and a blind battle shows nothing of the choice."""
 
-import itertools
 import json
-import threading
 from types import SimpleNamespace
 
 from click.testing import CliRunner
@@ -12,6 +10,7 @@ from gemma_mlx.arena import ArenaSetup, make_app
 from gemma_mlx.cli import cli
 from gemma_mlx.serving.engine import EngineBusy
 
+from .test_arena_chat import ScriptedEngine
 from .test_arena_safety import sse_events
 
 LOOP = "a big house with " * 8
@@ -19,45 +18,25 @@ SHORT = "Yes."
 PERSONA = "I reckon we should build a fort out of the couch cushions and then play in it all day long."  # 20 words
 
 
-class SeededEngine:
-    """The engine's interface; a candidate's text follows its seed: scripts[seed] = (text, finish_reason).
-    A message with "slow" writes "tick " until cancelled. busy_after: refuse the submit after that many."""
+class SeededEngine(ScriptedEngine):
+    """ScriptedEngine whose candidate's text follows its seed: scripts[seed] = (text, finish_reason); `asked`
+    keeps (model, settings). busy_after: refuse the submit after that many."""
 
     def __init__(self, scripts, busy_after=None, models=None):
+        super().__init__()
         self.scripts, self.busy_after = scripts, busy_after
-        self.asked, self.cancelled = [], []
         self.models = models or {}
-        self._handles = itertools.count(1)
-        self._cancel = {}
 
     def submit(self, model, messages, settings, on_event):
         if self.busy_after is not None and len(self.asked) >= self.busy_after:
             raise EngineBusy("The arena is writing 64 replies already; try again when one has finished.")
-        handle = next(self._handles)
-        self.asked.append((model, settings))
-        self._cancel[handle] = threading.Event()
-        text, reason = self.scripts[settings.seed]
-        slow = "slow" in messages[-1]["content"]
-        threading.Thread(target=self._write, args=(model, text, reason, slow, handle, on_event), daemon=True).start()
-        return handle
+        return super().submit(model, messages, settings, on_event)
 
-    def cancel(self, handle):
-        self.cancelled.append(handle)
-        self._cancel[handle].set()
+    def record(self, model, messages, settings):
+        return model, settings
 
-    def _write(self, model, text, reason, slow, handle, on_event):
-        stopped = self._cancel[handle]
-        if slow:
-            text = ""
-            while not stopped.wait(0.02) and len(text) < 20000:
-                text += "tick "
-                on_event("text", "tick ")
-            text, reason = text.strip(), "stopped"
-        else:
-            for start in range(0, len(text), 7):
-                on_event("text", text[start:start + 7])
-        on_event("done", SimpleNamespace(text=text, tokens=len(text.split()), finish_reason=reason, seconds=0.01,
-                                         stop_token="<end_of_turn>" if reason == "stop" else None))
+    def script(self, model, last, settings):
+        return self.scripts[settings.seed]
 
 
 def client_for(tmp_path, engine, best_of=3, models=("alpha", "beta")):

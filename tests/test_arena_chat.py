@@ -36,18 +36,27 @@ class ScriptedEngine:
 
     def submit(self, model, messages, settings, on_event):
         handle = next(self._handles)
-        self.asked.append((model, [dict(m) for m in messages]))
+        self.asked.append(self.record(model, messages, settings))
         self._cancel[handle] = threading.Event()
         last = messages[-1]["content"]
-        text = "x" * 200 if "long" in last else f"{model} answers {last} (reply {len(self.asked)})."
-        threading.Thread(target=self._write, args=(model, text, "slow" in last, handle, on_event), daemon=True).start()
+        text, reason = self.script(model, last, settings)
+        threading.Thread(target=self._write, args=(model, text, reason, "slow" in last, handle, on_event),
+                         daemon=True).start()
         return handle
+
+    def record(self, model, messages, settings):
+        """What `asked` keeps of a submit."""
+        return model, [dict(m) for m in messages]
+
+    def script(self, model, last, settings):
+        """(text, finish reason) of a reply that is not "slow"."""
+        return ("x" * 200 if "long" in last else f"{model} answers {last} (reply {len(self.asked)})."), "stop"
 
     def cancel(self, handle):
         self.cancelled.append(handle)
         self._cancel[handle].set()
 
-    def _write(self, model, text, slow, handle, on_event):
+    def _write(self, model, text, reason, slow, handle, on_event):
         stopped = self._cancel[handle]
         if slow:
             text = ""
@@ -58,9 +67,9 @@ class ScriptedEngine:
         else:
             for start in range(0, len(text), 7):
                 on_event("text", text[start:start + 7])
-        reason = "stopped" if stopped.is_set() else "stop"
+        reason = "stopped" if stopped.is_set() else reason
         on_event("done", SimpleNamespace(text=text, tokens=len(text.split()), finish_reason=reason, seconds=0.01,
-                                         stop_token=None if reason == "stopped" else self.stop_tokens.get(model, "<end_of_turn>")))
+                                         stop_token=self.stop_tokens.get(model, "<end_of_turn>") if reason == "stop" else None))
 
 
 def scripted_client(tmp_path, engine=None, models=("alpha", "beta")):

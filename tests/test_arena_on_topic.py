@@ -24,14 +24,8 @@ HIGH, LOW = ON_TOPIC_THRESHOLD + 0.5, ON_TOPIC_THRESHOLD - 0.5
 class SidedEngine(SeededEngine):
     """SeededEngine whose script follows the model too: scripts[(model, seed)] = (text, finish_reason)."""
 
-    def submit(self, model, messages, settings, on_event):
-        handle = next(self._handles)
-        self.asked.append((model, settings))
-        self._cancel[handle] = threading.Event()
-        text, reason = self.scripts[(model, settings.seed)]
-        slow = "slow" in messages[-1]["content"]
-        threading.Thread(target=self._write, args=(model, text, reason, slow, handle, on_event), daemon=True).start()
-        return handle
+    def script(self, model, last, settings):
+        return self.scripts[(model, settings.seed)]
 
 
 def served(**extra):

@@ -2,6 +2,7 @@
 with a system prompt, Enter and Shift+Enter, Stop, Regenerate, Copy, long words, blind badges hidden
 until the vote, N for the next battle, saved conversations reopened, and reports in a new tab."""
 
+import contextlib
 import json
 import shutil
 
@@ -43,18 +44,24 @@ def arena(tmp_path):
         yield url, engine, setup
 
 
-@pytest.fixture
-def page(browser, arena):
-    context = browser.new_context(viewport={"width": 1100, "height": 800},
-                                  permissions=["clipboard-read", "clipboard-write"])
+@contextlib.contextmanager
+def open_page(browser, url, **context_options):
+    """The arena's page in a fresh browser context, loaded; no script error may happen while it is open."""
+    context = browser.new_context(viewport={"width": 1100, "height": 800}, **context_options)
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(arena[0])
+    page.goto(url)
     page.locator("#model-picks input").first.wait_for()
     yield page
     context.close()
     assert errors == []
+
+
+@pytest.fixture
+def page(browser, arena):
+    with open_page(browser, arena[0], permissions=["clipboard-read", "clipboard-write"]) as page:
+        yield page
 
 
 def finished(page, column, count):
@@ -217,13 +224,7 @@ def test_best_of_n_says_it_samples_and_a_blind_battle_shows_nothing_of_the_choic
 
     engine = ScriptedEngine()
     setup = ArenaSetup(models={"alpha": "alpha", "beta": "beta"}, votes=tmp_path / "votes.jsonl", best_of=3)
-    with serving(make_app(setup, engine, allowed_hosts_for("127.0.0.1"))) as url:
-        context = browser.new_context(viewport={"width": 1100, "height": 800})
-        page = context.new_page()
-        errors = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(url)
-        page.locator("#model-picks input").first.wait_for()
+    with serving(make_app(setup, engine, allowed_hosts_for("127.0.0.1"))) as url, open_page(browser, url) as page:
         expect(page.locator("#best-of-note")).to_have_text("Every reply is the best of 3 samples, shown once all have "
                                                            "ended.")
         page.fill("#prompt", "slow story")
@@ -249,8 +250,6 @@ def test_best_of_n_says_it_samples_and_a_blind_battle_shows_nothing_of_the_choic
         expect(page.locator("#votes button[data-choice=A]")).to_be_enabled(timeout=WAIT)
         page.keyboard.press("1")
         expect(page.locator("#blind .badge", has_text="best of 3")).to_have_count(2, timeout=WAIT)
-        context.close()
-        assert errors == []
 
 
 def test_on_topic_badges_in_both_modes(browser, tmp_path, monkeypatch):
@@ -267,13 +266,7 @@ def test_on_topic_badges_in_both_modes(browser, tmp_path, monkeypatch):
     engine = ScriptedEngine()
     engine.models = {"alpha": SimpleNamespace(model=None, tokenizer=None, manifest={}, adapter_dir=None)}
     setup = ArenaSetup(models={"alpha": "alpha", "beta": "beta"}, votes=tmp_path / "votes.jsonl", on_topic_model="alpha")
-    with serving(make_app(setup, engine, allowed_hosts_for("127.0.0.1"))) as url:
-        context = browser.new_context(viewport={"width": 1100, "height": 800})
-        page = context.new_page()
-        errors = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(url)
-        page.locator("#model-picks input").first.wait_for()
+    with serving(make_app(setup, engine, allowed_hosts_for("127.0.0.1"))) as url, open_page(browser, url) as page:
         expect(page.locator("#best-of-note")).to_contain_text("marked on or off topic")
         page.fill("#prompt", "Hi")
         page.press("#prompt", "Enter")
@@ -289,5 +282,3 @@ def test_on_topic_badges_in_both_modes(browser, tmp_path, monkeypatch):
         expect(page.locator("#blind .badge.off")).to_have_count(1, timeout=WAIT)  # before the vote
         expect(page.locator("#blind .badge", has_text="on topic")).to_have_count(1)
         assert "stopped by" not in page.inner_text("#blind") and page.inner_text("#col-A .name") == ""
-        context.close()
-        assert errors == []

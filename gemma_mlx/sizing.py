@@ -96,8 +96,8 @@ def training_memory(config: dict, dtype: str = "float32", bits: int | None = Non
     and two Adam moments; activations kept for the backward pass (a base model trains its turn
     rows, so the backward reaches every layer); the float32 logits of the trained positions, in
     vocabulary chunks where the chunked loss applies (a plain or quantized output layer) and whole where
-    it does not (Gemma 4's capped logits). A quantized output layer is chunked too (de-quantized chunk
-    by chunk).
+    it does not (Gemma 4's capped logits). A quantized output layer is chunked too (quantized matmuls
+    on one chunk of packed rows at a time).
     """
     text = text_part(config)
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]

@@ -109,15 +109,21 @@ def test_forced_output_layers_use_the_full_logits(converted_models, monkeypatch)
 @pytest.mark.parametrize("flavour", ["pt", "it"])
 def test_a_quantized_output_layer_is_chunked_with_the_full_logits_loss_and_gradients(converted_models, monkeypatch,
                                                                                     flavour):
-    """A 4-bit base (QLoRA): the chunked loss de-quantizes one chunk of rows at a time and gives what the full
-    logits through the quantized layer give, turn-token rows included."""
+    """A 4-bit base (QLoRA): the chunked loss multiplies by one chunk of packed rows at a time and gives what the
+    full logits through the quantized layer give, turn-token rows included. It never de-quantizes more rows than
+    the batch's targets (a chunk de-quantized to float rows made a whole float copy of the table: the backends
+    allocate every queued chunk before the first is done)."""
     trainee, tokenizer = prepared(converted_models[flavour], turn_rows=flavour == "pt")
     nn.quantize(trainee.lm.model, group_size=32, bits=4, class_predicate=lambda _, m: isinstance(m, nn.Embedding))
     matrix = tuning.output_matrix(trainee.lm)
     assert isinstance(matrix, chunked_loss.QuantizedRows) and matrix.shape == (trainee.lm.args.vocab_size,
                                                                               trainee.lm.args.hidden_size)
     arrays, _ = batch_arrays(tokenizer, seed=5)
+    dequantized = []
+    real_dequantize = mx.dequantize
+    monkeypatch.setattr(mx, "dequantize", lambda w, *a, **k: dequantized.append(w.shape[0]) or real_dequantize(w, *a, **k))
     (plain_loss, plain), (loss, chunked) = both_paths(monkeypatch, loss_and_gradients(trainee, arrays))
+    assert dequantized and max(dequantized) <= arrays[2].size < CHUNK  # gathers of target rows only
     assert loss == pytest.approx(plain_loss, rel=1e-5)
     assert chunked.keys() == plain.keys() and ("turn_rows" in plain) == (flavour == "pt")
     for name, grad in plain.items():

@@ -36,29 +36,43 @@ def full_logits_forced() -> bool:
 
 
 class QuantizedRows:
-    """A quantized output matrix read like a plain [V, H] one: a slice or a gather gives float rows.
+    """A quantized output matrix read like a plain [V, H] one, chunk by chunk, never de-quantized whole.
 
-    A 4-bit base (QLoRA) quantizes the tied embedding too. Its full logits through a quantized
-    matmul are [N, V] float32 again (most of a small model's training memory) and, on a CPU, slow;
-    de-quantizing one chunk of rows at a time lets the chunked loss run on it as on a float matrix,
-    with the same memory bound (one chunk of float rows lives at a time).
+    A 4-bit base (QLoRA) quantizes the tied embedding too. A chunk's logits and its softmax-weighted
+    rows are quantized matmuls on that chunk's slice of the packed weights. De-quantizing each chunk
+    to float rows instead held every chunk at once: the backends allocate an op's output when they
+    queue it, and the chunks queue before the first is done (a whole float copy of the table, 0.67
+    GB for the 270M, 2.7 GB for a 4B). A slice or a gather (`matrix[targets]`) gives float rows.
     """
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
         self.shape = (layer.weight.shape[0], layer.weight.shape[1] * 32 // layer.bits)
 
-    def __getitem__(self, index) -> mx.array:
+    def _packed(self, index):
         layer, biases = self.layer, self.layer.get("biases")
-        return mx.dequantize(layer.weight[index], scales=layer.scales[index],
-                             biases=biases[index] if biases is not None else None,
-                             group_size=layer.group_size, bits=layer.bits, mode=getattr(layer, "mode", "affine"))
+        return (layer.weight[index], layer.scales[index], biases[index] if biases is not None else None)
+
+    def _options(self) -> dict:
+        return {"group_size": self.layer.group_size, "bits": self.layer.bits, "mode": getattr(self.layer, "mode", "affine")}
+
+    def __getitem__(self, index) -> mx.array:
+        weight, scales, biases = self._packed(index)
+        return mx.dequantize(weight, scales=scales, biases=biases, **self._options())
+
+    def times_rows(self, x: mx.array, start: int, stop: int) -> mx.array:
+        """x [N, H] @ rows[start:stop].T: [N, C]."""
+        return mx.quantized_matmul(x, *self._packed(slice(start, stop)), transpose=True, **self._options())
+
+    def weigh_rows(self, p: mx.array, start: int, stop: int) -> mx.array:
+        """p [N, C] @ rows[start:stop]: [N, H]."""
+        return mx.quantized_matmul(p, *self._packed(slice(start, stop)), transpose=False, **self._options())
 
 
 def output_matrix(lm: nn.Module) -> mx.array | QuantizedRows | None:
     """The [V, H] output matrix when the chunked loss can use it, else None (use full logits).
 
-    A quantized output layer comes as QuantizedRows (de-quantized chunk by chunk). None for one
+    A quantized output layer comes as QuantizedRows (quantized matmuls chunk by chunk). None for one
     with a bias or softcapped logits, one that trains (the chunked backward gives no gradient to
     the matrix), or when forced by the env.
     """
@@ -73,10 +87,15 @@ def output_matrix(lm: nn.Module) -> mx.array | QuantizedRows | None:
     return layer.weight
 
 
+def _turns_in(start: int, stop: int, turn_ids: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(k, column within the chunk) of each turn token whose row falls in rows start:stop."""
+    return [(k, t - start) for k, t in enumerate(turn_ids) if start <= t < stop]
+
+
 def _chunk(weight: mx.array, start: int, stop: int, turn_ids: tuple[int, ...], turn_rows: mx.array | None):
-    """Rows start:stop of the output matrix, with the trainable turn-token rows in place of their own."""
+    """Rows start:stop of a float output matrix, with the trainable turn-token rows in place of their own."""
     rows = weight[start:stop]
-    inside = [(k, t - start) for k, t in enumerate(turn_ids) if start <= t < stop]
+    inside = _turns_in(start, stop, turn_ids)
     if inside:
         rows[mx.array([local for _, local in inside])] = turn_rows[mx.array([k for k, _ in inside])].astype(rows.dtype)
     return rows
@@ -88,9 +107,28 @@ def _bounds(vocab: int, chunk: int | None) -> list[tuple[int, int]]:
 
 
 def _logits(hidden, weight, start, stop, turn_ids, turn_rows):
-    """Float32 logits [N, C] of one chunk, and that chunk's (spliced) rows [C, H]."""
-    rows = _chunk(weight, start, stop, turn_ids, turn_rows)
-    return (hidden @ rows.T).astype(mx.float32), rows
+    """Float32 logits [N, C] of one chunk, turn columns from `turn_rows`, and a function giving p [N, C] @ those rows."""
+    if not isinstance(weight, QuantizedRows):
+        rows = _chunk(weight, start, stop, turn_ids, turn_rows)
+        return (hidden @ rows.T).astype(mx.float32), lambda p: p @ rows
+    logits = weight.times_rows(hidden, start, stop)
+    inside = _turns_in(start, stop, turn_ids)
+    if not inside:
+        return logits.astype(mx.float32), lambda p: weight.weigh_rows(p, start, stop)
+    columns, own = mx.array([local for _, local in inside]), turn_rows[mx.array([k for k, _ in inside])].astype(hidden.dtype)
+    logits[:, columns] = hidden @ own.T
+
+    def weigh(p):  # the packed rows for every column but the turn tokens', whose rows are the trainable ones
+        return weight.weigh_rows(_zero_columns(p, columns), start, stop) + p[:, columns] @ own
+
+    return logits.astype(mx.float32), weigh
+
+
+def _zero_columns(p: mx.array, columns: mx.array) -> mx.array:
+    """p with the given columns set to 0 (a new array; p itself is left alone)."""
+    mask = mx.ones((p.shape[1],), dtype=p.dtype)
+    mask[columns] = 0
+    return p * mask
 
 
 def chunked_logsumexp(hidden: mx.array, weight: mx.array, turn_ids: tuple[int, ...] = (),
@@ -125,12 +163,12 @@ def logsumexp_with_gradient(hidden: mx.array, weight: mx.array, turn_ids: tuple[
         toward = mx.zeros(h.shape, dtype=mx.float32)  # running sum of exp(logit - peak) * row [N, H]
         turn_logits = [None] * len(turn_ids)
         for start, stop in bounds:
-            logits, rows = _logits(h, weight, start, stop, turn_ids, rows_t)
+            logits, weigh = _logits(h, weight, start, stop, turn_ids, rows_t)
             new_peak = mx.maximum(peak, logits.max(axis=-1))
             rescale = mx.exp(peak - new_peak)
             scaled = mx.exp(logits - new_peak[:, None])  # [N, C]
             total = total * rescale + scaled.sum(axis=-1)
-            toward = toward * rescale[:, None] + (scaled.astype(h.dtype) @ rows).astype(mx.float32)
+            toward = toward * rescale[:, None] + weigh(scaled.astype(h.dtype)).astype(mx.float32)
             peak = new_peak
             for k, token in enumerate(turn_ids):
                 if start <= token < stop:

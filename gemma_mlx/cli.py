@@ -121,6 +121,11 @@ def cli():
     """
 
 
+
+def best_of_option(text: str):
+    """compare's, chat's and the arena's --best-of N (1-16), each with its own help text."""
+    return click.option("--best-of", default=1, show_default=True, type=click.IntRange(1, 16), help=text)
+
 @cli.command(short_help="Show the MLX backend, device, BLAS and dtype.")
 def info():
     """Show the version, MLX backend, device, BLAS and dtype policy in effect.
@@ -463,10 +468,9 @@ def data_split(path, out, seed, valid_fraction, test_fraction, force):
 @click.option("--out", type=click.Path(path_type=Path), help="Report directory. Default: outputs/compare/<timestamp>/.")
 @generation_options
 @click.option("--samples", default=1, show_default=True, help="Replies per prompt.")
-@click.option("--best-of", default=1, show_default=True, type=click.IntRange(1, 16),
-              help="Answer each prompt N times in the same batch (the first with the settings given, the others "
-              "sampled) and keep the reply that ends cleanly, does not loop, fits the persona's length and is "
-              "most on topic. Costs N rows per prompt.")
+@best_of_option("Answer each prompt N times in the same batch (the first with the settings given, the others "
+                "sampled) and keep the reply that ends cleanly, does not loop, fits the persona's length and is "
+                "most on topic. Costs N rows per prompt.")
 @click.option("--on-topic-model", help="The base model that scores whether replies answer their prompt. Default: "
               "a compared un-tuned model, or the base of BASE::ADAPTERS or of a fused model.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory that holds a different comparison (or anything else).")
@@ -637,10 +641,9 @@ def prefs(model, data, out, samples, split, persona, max_tokens, seed, no_on_top
               help="LoRA adapter dir to apply on top of MODEL (same as MODEL::ADAPTERS; --adapter-path as in mlx-lm).")
 @click.option("--system", "--system-prompt", "system",
               help="A system message, folded into the first user turn as Gemma 3 does (--system-prompt as in mlx-lm).")
-@click.option("--best-of", default=1, show_default=True, type=click.IntRange(1, 16),
-              help="Sample this many replies in one batch and show the one that ends cleanly, does not loop and is "
-                   "nearest the persona's length (from the adapters' training run); N rows of work per reply, shown "
-                   "whole, not streamed. /settings best_of=N changes it.")
+@best_of_option("Sample this many replies in one batch and show the one that ends cleanly, does not loop and is "
+                "nearest the persona's length (from the adapters' training run); N rows of work per reply, shown "
+                "whole, not streamed. /settings best_of=N changes it.")
 @click.option("--on-topic-model", metavar="BASE_DIR",
               help="Mark every reply [on topic] or [off topic] (does it answer the message?), scored by this "
                    "un-tuned base model (a second model in memory); with --best-of also rank by that score. Without "
@@ -698,10 +701,9 @@ def chat(model, adapter_path, system, model_option=None, best_of=1, on_topic_mod
               help="Do not serve: write the decided votes as {prompt, chosen, rejected} JSONL to this file.")
 @click.option("--force", is_flag=True,
               help="With --export-preferences: replace that file if it exists (never the votes file).")
-@click.option("--best-of", default=1, show_default=True, type=click.IntRange(1, 16),
-              help="Every reply is the best of this many samples (N rows in the engine per reply, shown whole when "
-                   "all have ended): a clean ending without a loop, then the persona's length, then (with "
-                   "--on-topic-model) the on-topic score.")
+@best_of_option("Every reply is the best of this many samples (N rows in the engine per reply, shown whole when "
+                "all have ended): a clean ending without a loop, then the persona's length, then (with "
+                "--on-topic-model) the on-topic score.")
 @click.option("--on-topic-model", metavar="BASE_DIR",
               help="Score every reply for whether it answers the message with this un-tuned base model (loaded on "
                    "the first reply; a served model given the same way is reused): an 'on topic' or 'off topic' badge "

@@ -121,10 +121,10 @@ def cli():
     """
 
 
-
 def best_of_option(text: str):
     """compare's, chat's and the arena's --best-of N (1-16), each with its own help text."""
     return click.option("--best-of", default=1, show_default=True, type=click.IntRange(1, 16), help=text)
+
 
 @cli.command(short_help="Show the MLX backend, device, BLAS and dtype.")
 def info():

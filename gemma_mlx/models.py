@@ -52,11 +52,13 @@ def split_spec(spec: str | Path) -> tuple[str, str | None]:
 def recorded_base(directory: Path) -> str | None:
     """The base model an adapter dir was trained on (its run manifest, else adapter_config's "model"); None
     when `directory` is not an adapter dir (a model dir, or nothing there)."""
-    if not (directory / "adapters.safetensors").is_file() or (directory / "config.json").is_file():
+    from .adapters import ADAPTERS_FILE, CONFIG_FILE
+
+    if not (directory / ADAPTERS_FILE).is_file() or (directory / "config.json").is_file():
         return None
     base = (train_manifest_of(directory) or {}).get("base_model")
-    if base is None and (directory / "adapter_config.json").is_file():
-        base = read_json(directory / "adapter_config.json", "the adapter config").get("model")
+    if base is None and (directory / CONFIG_FILE).is_file():  # checked in full (read_adapter_config) when it loads
+        base = read_json(directory / CONFIG_FILE, "the adapter config").get("model")
     if not base:
         raise CheckpointError(
             f"{directory} holds LoRA adapters but records no base model (no run manifest, no \"model\" in "

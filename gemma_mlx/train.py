@@ -102,11 +102,9 @@ def plan_run(model, data, out, lora, train, run_name) -> RunSetup:
 def plan_preference_run(model, pairs, out, lora, train, preferences, run_name) -> RunSetup:
     """A DPO run (training/dpo.py): from a fine-tuned persona, an adapter dir or a fused model, on pairs."""
     import dataclasses
-    import json
 
-    from .adapters import CONFIG_FILE
     from .errors import DataError
-    from .models import train_manifest_of
+    from .models import recorded_base
     from .training.pairs import pairs_hash
 
     for settings in (lora, train, preferences):
@@ -114,9 +112,7 @@ def plan_preference_run(model, pairs, out, lora, train, preferences, run_name) -
     start = Path(model).expanduser()
     adapters = start.resolve() if (start / ADAPTERS_FILE).is_file() else None
     if adapters is not None:  # train's output (or its last/): its base is recorded
-        recorded = (train_manifest_of(adapters) or {}).get("base_model")
-        recorded = recorded or json.loads((adapters / CONFIG_FILE).read_text()).get("model")
-        model_dir = resolve_model_dir(recorded).resolve()
+        model_dir = resolve_model_dir(recorded_base(adapters)).resolve()
     else:
         model_dir = resolve_model_dir(model).resolve()
     pairs = Path(pairs).expanduser()

@@ -378,3 +378,16 @@ def test_no_shipped_prompt_overlaps_the_training_prompts():
     assert stats["prompt_overlap"] == []
     assert len(read_prompts(REPO / "data" / "prompts" / "everyday.txt")) >= 16
     assert "Explain quantum physics" in read_prompts(REPO / "data" / "prompts" / "personality.txt")
+
+
+@pytest.mark.parametrize("persona, prompt_files", [
+    ("bluey", ["prompts/comparison.txt", "prompts/personality.txt", "prompts/everyday.txt"]),
+    ("shipcat", ["shipcat/prompts.txt"]),
+])
+def test_shipped_held_out_prompts_are_not_in_their_training_data(persona, prompt_files):
+    from gemma_mlx.data import overlap_findings
+
+    examples = load_examples(REPO / "data" / persona)
+    files = [REPO / "data" / name for name in prompt_files]
+    assert sum(len(read_prompts(f)) for f in files) >= 20  # the held-out sets of the recipe study
+    assert overlap_findings(examples, files) == []

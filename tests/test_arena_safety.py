@@ -246,6 +246,7 @@ def test_the_engine_holds_a_bounded_number_of_replies_and_stop_ends_them(convert
 
 # ---------------------------------------------------------------------------- Ctrl-C, with streams open
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_stops_the_server_within_5_seconds_with_streams_open(converted_models, tmp_path, signum):
     port = free_port()

@@ -53,6 +53,7 @@ def chat_data(tmp_path_factory):
     return write_chat_data(tmp_path_factory.mktemp("dist-data") / "chat.jsonl", count=22)  # 18 train: batches of 3
 
 
+@pytest.mark.pipeline
 def test_two_ranks_train_like_one_process(converted_models, chat_data, tmp_path):
     model = converted_models["pt"]  # a base model: turn-token rows train too
     one = launch(1, ["train", "--model", str(model), "--data", str(chat_data), "--out", str(tmp_path / "one"), *COMMON],
@@ -95,6 +96,7 @@ print("status", world().rank, result.status, flush=True)
 """
 
 
+@pytest.mark.pipeline
 def test_a_rank_that_fails_stops_the_others_and_the_run_resumes(converted_models, tmp_path):
     chat_data = write_chat_data(tmp_path / "chat.jsonl", count=12)  # 10 train: 4 steps of up to 3 an epoch
     script = tmp_path / "fail.py"

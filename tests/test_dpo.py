@@ -172,6 +172,7 @@ def test_votes_cast_in_the_arena_train_a_model_whose_margin_rises(converted_mode
     assert summary["objective"] == "dpo" and summary["train_examples"] == len(pairs)
 
 
+@pytest.mark.pipeline
 def test_a_preferences_stage_puts_the_dpo_model_in_the_comparison_and_the_arena(tmp_path):
     from gemma_mlx.arena import arena_setup
     from gemma_mlx.config import apply_overrides

@@ -212,6 +212,7 @@ def test_the_exported_page_answers_in_chromium_as_the_fused_model_does(trained, 
         shutdown()
 
 
+@pytest.mark.pipeline
 def test_run_exports_each_fused_model(tmp_path, isolated_outputs):
     """`export: [gguf, web]` in the experiment YAML: each fused model is exported after the comparison."""
     gguf_file = write_tiny_gguf(tmp_path / "tiny-gemma-3-pt.gguf", flavour="pt", seed=5)

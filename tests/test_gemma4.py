@@ -99,6 +99,7 @@ def test_tiny_family_option_builds_the_gemma4_pair(isolated_outputs):
     assert sorted(p.name for p in models.iterdir()) == ["tiny-gemma-4-it", "tiny-gemma-4-pt"]
 
 
+@pytest.mark.pipeline
 def test_gemma4_pair_runs_the_whole_experiment(isolated_outputs, tmp_path):
     """`run` on the tiny Gemma 4 pair (as --tiny --tiny-family gemma-4 makes it, with fewer prompts):
     convert, data, train (the base's turn rows too), fuse, compare; then chat and --export-hf."""

@@ -104,6 +104,7 @@ def _source_copy(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.pipeline
 def test_the_wheel_runs_tiny_from_an_empty_directory(tmp_path):
     """Build the wheel, install it alone into a fresh venv (the dependencies are this venv's, read
     through a .pth file, so nothing is downloaded), and run the pipeline where there is no checkout."""

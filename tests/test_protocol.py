@@ -120,6 +120,7 @@ def _env():
     return {**os.environ, "MLX_DISABLE_COMPILE": "1", "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.mark.pipeline
 def test_sigkill_during_training_loses_at_most_one_validation(converted_models, chat_data, tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen(_train_command(converted_models["it"], chat_data, out), env=_env(),
@@ -140,6 +141,7 @@ def test_sigkill_during_training_loses_at_most_one_validation(converted_models, 
     assert summary["steps"] == 3 * summary["steps_per_epoch"]
 
 
+@pytest.mark.pipeline
 def test_sigterm_saves_like_ctrl_c(converted_models, chat_data, tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen(_train_command(converted_models["it"], chat_data, out), env=_env(),

@@ -56,6 +56,7 @@ def stage_statuses(run_dir: Path) -> dict:
     return {record["stage"]: record["status"] for record in manifest["stages"]}
 
 
+@pytest.mark.pipeline
 def test_demo_runs_every_stage_and_writes_everything(in_demo_outputs, finished_tiny_run):
     result = finished_tiny_run[2]
     run_dir = in_demo_outputs / "runs" / "tiny"
@@ -82,6 +83,7 @@ def test_demo_runs_every_stage_and_writes_everything(in_demo_outputs, finished_t
     assert f"Report: {run_dir / 'compare' / 'report.html'}" in result.stdout
 
 
+@pytest.mark.pipeline
 def test_second_run_skips_every_stage(in_demo_outputs):
     run_dir = in_demo_outputs / "runs" / "tiny"
     weights = run_dir / "tiny-gemma-3-pt" / "adapters.safetensors"
@@ -92,6 +94,7 @@ def test_second_run_skips_every_stage(in_demo_outputs):
     assert weights.stat().st_mtime_ns == before
 
 
+@pytest.mark.pipeline
 def test_changed_training_setting_reruns_only_what_it_affects(in_demo_outputs):
     run_dir = in_demo_outputs / "runs" / "tiny"
     result = run_cli("--tiny", "--epochs", "1")
@@ -101,6 +104,7 @@ def test_changed_training_setting_reruns_only_what_it_affects(in_demo_outputs):
     assert summary["epochs"] == 1
 
 
+@pytest.mark.pipeline
 def test_only_compare_reuses_earlier_stages(in_demo_outputs):
     run_dir = in_demo_outputs / "runs" / "tiny"
     result = run_cli("--tiny", "--epochs", "1", "--only", "compare", "--max-tokens", "8")
@@ -111,6 +115,7 @@ def test_only_compare_reuses_earlier_stages(in_demo_outputs):
     assert results["settings"]["max_tokens"] == 8
 
 
+@pytest.mark.pipeline
 def test_interrupted_training_resumes(in_demo_outputs, monkeypatch):
     from gemma_mlx.training.loop import TrainingCallback
 
@@ -211,6 +216,7 @@ def test_not_enough_disk_is_said_before_any_work(tmp_path, isolated_outputs, mon
     assert not (isolated_outputs / "runs" / "nodisk").exists()
 
 
+@pytest.mark.pipeline
 def test_deleted_adapters_are_trained_again_not_trusted(in_demo_outputs):
     run_dir = in_demo_outputs / "runs" / "tiny"
     (run_dir / "tiny-gemma-3-pt" / "adapters.safetensors").unlink()
@@ -221,6 +227,7 @@ def test_deleted_adapters_are_trained_again_not_trusted(in_demo_outputs):
     assert stage_statuses(run_dir)["train"] == "ran"
 
 
+@pytest.mark.pipeline
 def test_redo_makes_an_up_to_date_stage_again(in_demo_outputs):
     run_dir = in_demo_outputs / "runs" / "tiny"
     fused = run_dir / "tiny-gemma-3-it" / "fused" / "model.safetensors"
@@ -240,6 +247,7 @@ def test_only_convert_on_a_new_experiment_stops_there(isolated_outputs):
     assert not (run_dir / "data").exists() and "Report:" not in result.output
 
 
+@pytest.mark.pipeline
 def test_the_arena_serves_a_finished_run_its_models_and_only_its_files(in_demo_outputs):
     from starlette.testclient import TestClient
 
@@ -271,6 +279,7 @@ def test_the_arena_serves_a_finished_run_its_models_and_only_its_files(in_demo_o
     assert client.get("/reports/manifest.json").status_code == 200  # inside the run: fine
 
 
+@pytest.mark.pipeline
 def test_the_arena_refuses_a_directory_that_is_not_a_run(in_demo_outputs):
     result = CliRunner().invoke(cli, ["arena", "--run", str(in_demo_outputs / "runs")])
     assert result.exit_code == 1 and "is not an experiment run" in result.output

@@ -287,7 +287,7 @@ def test_best_adapters_are_kept_apart_from_the_last(converted_models, tmp_path):
     write_chat_data(data / "valid.jsonl", count=4, seed=4, words=OTHER_WORDS)
     result = train_model(converted_models["it"], data, out=tmp_path / "run", lora=LoraSettings(num_layers=-1, rank=8),
                          train=TrainSettings(epochs=8, learning_rate=5e-3, lr_schedule="constant",
-                                             early_stopping_patience=1, best_by="loss"))
+                                             early_stopping_patience=1, best_by="loss", val_generation_tokens=0))
     summary, out = result.summary, result.out_dir
     assert summary["best_epoch"] < summary["epochs_completed"]  # validation got worse after the best epoch
     assert summary["stopped_early"] and summary["epochs_completed"] < 8

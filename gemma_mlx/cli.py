@@ -528,9 +528,9 @@ def compare(models, model_options, prompt_files, prompt_texts, persona, training
 @click.option("--val-generation-tokens", type=int,
               help="Each validation answers up to 16 validation prompts greedily with this many tokens (0: off).")
 @click.option("--best-by", type=click.Choice(["stops", "score", "loss"]),
-              help="Keep as best: most clean greedy endings (stops), clean endings x length fidelity x on topic "
-                   "(score: the greedy replies' words against the validation replies' own; on topic scored with the "
-                   "LoRA off) or the lowest validation loss.")
+              help="Keep as best: clean endings x length fidelity x on topic (score, the default: the greedy "
+                   "replies' words against the validation replies' own; on topic scored with the LoRA off), the "
+                   "most clean greedy endings (stops) or the lowest validation loss.")
 @click.option("--seed", type=int, help="Data order, LoRA initialisation and dropout.")
 @click.option("--fine-tune-type", type=click.Choice(["lora", "dora", "full"]), help="LoRA, DoRA or full fine-tuning.")
 @click.option("--rank", type=int, help="LoRA rank r.")
@@ -558,9 +558,9 @@ def train(model, data, config_path, out, run_name, resume, force, no_memory_chec
 
     Every example trains every epoch, in length-bucketed batches; by default the loss counts reply
     tokens only. Each validation also answers validation prompts greedily; the adapters kept in the
-    output directory are those with the most clean endings (stopped by themselves, no loop; the later
-    validation on a tie); --best-by score also weighs how near their length is to the validation
-    replies' and how many answer their message, and --best-by loss keeps the lowest validation loss.
+    output directory score best on clean endings (stopped by themselves, no loop) times how near their
+    length is to the validation replies' times how many answer their message (the later validation on
+    a tie); --best-by stops keeps the most clean endings alone, --best-by loss the lowest validation loss.
     The final ones go to last/, with metrics.jsonl, summary.json, loss.svg and manifest.json. The adapters use mlx-lm's
     layout, but a base (-pt) model's trained turn-token rows live beside them, which `mlx_lm generate
     --adapter-path` does not load: its replies then do not stop. Fuse first (`gemma-mlx fuse`) and give

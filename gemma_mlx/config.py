@@ -69,9 +69,9 @@ class TrainSettings:
     # at each validation, answer up to 16 validation prompts greedily with at most this many tokens
     # and count clean endings (stopped by itself, no loop); 0: off
     val_generation_tokens: int = 160
-    # which validation keeps the "best" adapters: stops = most clean endings (later wins a tie);
-    # score = clean endings x length fidelity x on topic (selection.checkpoint_score); loss = lowest validation loss
-    best_by: str = "stops"  # stops | score | loss
+    # which validation keeps the "best" adapters: score = clean endings x length fidelity x on topic
+    # (selection.checkpoint_score); stops = most clean endings (later wins a tie); loss = lowest validation loss
+    best_by: str = "score"  # score | stops | loss
 
 
 @dataclass

@@ -75,7 +75,7 @@ def test_run_writes_mlx_lm_adapters_metrics_summary_and_manifest(pt_run, convert
     assert [m["epoch"] for m in valid] == [1.0, 2.0, 3.0, 4.0]
     assert valid[-1]["loss"] < valid[0]["loss"]
     best = next(m for m in valid if m["step"] == summary["best_step"])
-    assert summary["best_val_loss"] == best["loss"] and summary["best_by"] == "stops"
+    assert summary["best_val_loss"] == best["loss"] and summary["best_by"] == "score"  # the default
     assert all(m["tokens_per_second"] > 0 and m["peak_memory_gb"] > 0 for m in read_metrics(out))
     assert "<svg" in (out / "loss.svg").read_text() and "validation loss" in (out / "loss.svg").read_text()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -121,7 +121,7 @@ def test_turn_rows_change_alone_and_end_of_turn_beats_unused_tokens(pt_run, conv
     assert probs[END_OF_TURN_ID].item() > max(probs[i].item() for i in unused)
 
 
-def test_validation_measures_reply_endings_and_keeps_the_cleanest(pt_run):
+def test_validation_measures_reply_endings_and_keeps_the_best_scored(pt_run):
     out = pt_run[0].out_dir
     valid = [m for m in read_metrics(out) if m["split"] == "valid"]
     for m in valid:
@@ -131,9 +131,9 @@ def test_validation_measures_reply_endings_and_keeps_the_cleanest(pt_run):
     # the base model learns to end its turn: p(<end_of_turn>) at the reply ends rises, <unusedN> mass falls
     assert valid[-1]["end_p"] > valid[0]["end_p"]
     assert valid[-1]["end_unused_mass"] < valid[0]["end_unused_mass"]
-    # "best" = most clean greedy endings, the later validation on a tie
-    top = max(m["gen_clean_rate"] for m in valid)
-    assert pt_run[0].summary["best_step"] == max(m["step"] for m in valid if m["gen_clean_rate"] == top)
+    # "best" by default = the highest score (clean endings x length fidelity), the later validation on a tie
+    top = max(m["gen_score"] for m in valid)
+    assert pt_run[0].summary["best_step"] == max(m["step"] for m in valid if m["gen_score"] == top)
     assert any("greedy replies:" in line for line in pt_run[1])
 
 

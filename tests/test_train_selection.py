@@ -146,7 +146,7 @@ def test_on_topic_joins_the_score_scored_with_the_lora_off(converted_models, dat
     # best_by stops never runs the scorer
     seen.clear()
     train_model(converted_models["pt"], data_file, out=tmp_path / "stops", lora=LORA, on_topic=on_topic,
-                train=TrainSettings(epochs=1, learning_rate=2e-3, val_generation_tokens=16))
+                train=TrainSettings(epochs=1, learning_rate=2e-3, val_generation_tokens=16, best_by="stops"))
     assert seen == []
 
 

@@ -6,7 +6,9 @@ For each set it trains BASE_DIR with `gemma-mlx train --config data/experiment-2
 options after `--` (the recipe), then compares the un-tuned base and the persona greedily on held-out
 prompts, and the persona again with `--best-of 4`. It prints one table row per set: clean endings,
 loops, words against the set's training replies, the persona-marker rate against the base's, on topic
-(greedy and best of 4) and the kept epoch. A finished step is not run again (delete its folder to redo).
+(greedy and best of 4) and the kept epoch. Run again, it picks up where it stopped: `train --resume`
+continues an interrupted run and does nothing for a finished one with the same settings (another recipe in
+the same --out is refused: use another --out), and a comparison with the same inputs is not made again.
 
 The three sets (issue 19):
 - bluey: the shipped Bluey data, replies of 11-148 words; held out: data/prompts (25 prompts);
@@ -37,31 +39,36 @@ def uniform_set(out: Path) -> Path:
     return folder
 
 
-def datasets(out: Path) -> dict[str, tuple[Path, list[Path]]]:
-    return {"bluey": (ROOT / "data" / "bluey", BLUEY_PROMPTS),
-            "uniform": (uniform_set(out), BLUEY_PROMPTS),
-            "shipcat": (ROOT / "data" / "shipcat", [ROOT / "data" / "shipcat" / "prompts.txt"])}
+SETS = ("bluey", "uniform", "shipcat")
+
+
+def dataset(name: str, out: Path) -> tuple[Path, list[Path]]:
+    """A set's folder and its held-out prompt files (the uniform set is written under `out` first)."""
+    if name == "bluey":
+        return ROOT / "data" / "bluey", BLUEY_PROMPTS
+    if name == "uniform":
+        return uniform_set(out), BLUEY_PROMPTS
+    return ROOT / "data" / "shipcat", [ROOT / "data" / "shipcat" / "prompts.txt"]
 
 
 def gemma_mlx(*args: str, log: Path) -> None:
+    """One gemma-mlx command, its progress written to `log` (minutes to an hour each on a CPU)."""
     command = [sys.executable, "-m", "gemma_mlx.cli", *args]
-    print("$ gemma-mlx " + " ".join(args[:3]) + " ...", flush=True)
+    print(f"$ gemma-mlx {' '.join(args[:3])} ... (progress: {log})", flush=True)
     with open(log, "w") as handle:
         if subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
-            sys.exit(f"failed; see {log}")
+            sys.exit(f"gemma-mlx {args[0]} failed; the last lines of {log} say why")
 
 
 def study_one(base: Path, name: str, data: Path, prompts: list[Path], out: Path, recipe: list[str]) -> dict:
     run, greedy, best = out / name, out / f"{name}-greedy", out / f"{name}-best4"
     shared = [arg for p in prompts for arg in ("--prompts", str(p))]
     shared += ["--persona", str(data / "persona.yaml"), "--training-data", str(data)]
-    if not (run / "summary.json").is_file():
-        gemma_mlx("train", "--model", str(base), "--data", str(data), "--config", str(ROOT / "data" / "experiment-270m.yaml"),
-                  "--out", str(run), "--force", *recipe, log=out / f"{name}.train.log")
-    if not (greedy / "comparison.json").is_file():
-        gemma_mlx("compare", str(base), str(run), *shared, "--out", str(greedy), "--force", log=out / f"{name}-greedy.log")
-    if not (best / "comparison.json").is_file():
-        gemma_mlx("compare", str(run), *shared, "--best-of", "4", "--out", str(best), "--force", log=out / f"{name}-best4.log")
+    gemma_mlx("train", "--model", str(base), "--data", str(data), "--config", str(ROOT / "data" / "experiment-270m.yaml"),
+              "--out", str(run), "--resume", *recipe, log=out / f"{name}.train.log")
+    # --force replaces a comparison whose inputs changed (the run trained again); the same inputs are a no-op
+    gemma_mlx("compare", str(base), str(run), *shared, "--out", str(greedy), "--force", log=out / f"{name}-greedy.log")
+    gemma_mlx("compare", str(run), *shared, "--best-of", "4", "--out", str(best), "--force", log=out / f"{name}-best4.log")
     return row(name, run, greedy, best)
 
 
@@ -79,10 +86,13 @@ def row(name: str, run: Path, greedy: Path, best: Path) -> dict:
             "kept_epoch": summary.get("best_epoch"), "train_seconds": summary.get("train_seconds")}
 
 
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| set | clean | loops | words / training | markers (base) | on topic | best of 4 | kept epoch |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['set']} | {pct(r['clean'])} | {pct(r['loops'])} | {r['words_vs_training']:.2f}x | "
                      f"{pct(r['markers'])} ({pct(r['markers_base'])}) | {pct(r['on_topic'])} | {pct(r['on_topic_best4'])} | "
@@ -98,9 +108,12 @@ def main() -> None:
     argv = sys.argv[1:]
     ours, recipe = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = parser.parse_args(ours)  # what follows -- goes to `gemma-mlx train` as it is: the recipe
+    names = args.sets.split(",")
+    unknown = sorted(set(names) - set(SETS))
+    if unknown:
+        parser.error(f"--sets names {', '.join(unknown)}; the sets are {', '.join(SETS)} (comma-separated)")
     args.out.mkdir(parents=True, exist_ok=True)
-    known = datasets(args.out)
-    rows = [study_one(args.base, name, *known[name], args.out, recipe) for name in args.sets.split(",")]
+    rows = [study_one(args.base, name, *dataset(name, args.out), args.out, recipe) for name in names]
     (args.out / "study.json").write_text(json.dumps(rows, indent=2))
     print(table(rows))
 

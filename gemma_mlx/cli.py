@@ -552,8 +552,10 @@ def compare(models, model_options, prompt_files, prompt_texts, persona, training
 @click.option("--beta", type=float, help="With --preferences: how far DPO may move from the persona (default 0.1).")
 @click.option("--chosen-weight", type=float,
               help="With --preferences: weight of the chosen replies' own loss added to DPO's (default 1; 0: plain DPO).")
+@click.option("--per-token-reward/--summed-reward", "per_token_reward", default=None,
+              help="With --preferences: DPO's reward is the mean log-ratio per reply token, or the sum (DPO's original).")
 def train(model, data, config_path, out, run_name, resume, force, no_memory_check, preferences, beta, chosen_weight,
-          **options):
+          per_token_reward, **options):
     """LoRA-fine-tune a converted model on a persona dataset, in epochs.
 
     Every example trains every epoch, in length-bucketed batches; by default the loss counts reply
@@ -592,6 +594,7 @@ def train(model, data, config_path, out, run_name, resume, force, no_memory_chec
         overrides[f"lora.{key}" if key in lora_keys else f"train.{key}"] = value
     overrides["preferences.beta"] = beta
     overrides["preferences.chosen_weight"] = chosen_weight
+    overrides["preferences.per_token_reward"] = per_token_reward
     result = train_with_config(model, data, config_path, overrides, out=out, run_name=run_name,
                                resume=resume, force=force, progress=echo_progress, memory_check=not no_memory_check,
                                preferences=preferences, on_topic=on_topic_flags)

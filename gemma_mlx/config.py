@@ -101,6 +101,9 @@ class PreferenceSettings:
     # weight of the chosen replies' own per-token loss added to DPO's (0: plain DPO); keeps them likely. 1.0: on
     # the real 270M, plain DPO lost clean endings (100% -> 88%) and overshot the length (1.66x); with 1.0 (README)
     chosen_weight: float = 1.0
+    # DPO's reward per reply: the mean log-ratio per token (true) or the sum (false, the original DPO). A summed
+    # reward grows with length; on pairs whose chosen reply is the longer one it ranks new pairs by length
+    per_token_reward: bool = False
 
 
 @dataclass

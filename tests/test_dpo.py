@@ -65,6 +65,13 @@ def test_the_loss_matches_a_numpy_reference_dpo_loss(converted_models):
     chosen_tokens = np.array([sum(1 for j in range(1, len(s.ids)) if s.trained[j]) for s in sequences[0::2]])
     with_nll, _ = dpo.dpo_loss(trainee, *arrays, beta=beta, chosen_weight=0.5)
     assert with_nll.item() == pytest.approx(expected + 0.5 * np.mean(-policy[:, 0] / chosen_tokens), rel=1e-4)
+    # the per-token reward: each reply's log-ratio over its own trained tokens
+    tokens = np.array([sum(1 for j in range(1, len(s.ids)) if s.trained[j]) for s in sequences]).reshape(2, 2)
+    assert tokens[:, 0].tolist() != tokens[:, 1].tolist()  # replies of different lengths, so the two rewards differ
+    per_token_margins = beta * ((policy - reference) / tokens) @ np.array([1.0, -1.0])
+    per_token, _ = dpo.dpo_loss(trainee, *arrays, beta=beta, per_token=True)
+    assert per_token.item() == pytest.approx(np.mean(np.logaddexp(0, -per_token_margins)), rel=1e-4)
+    assert per_token.item() != pytest.approx(expected, rel=1e-2)
     # the reference is the same network with the new adapters off: the model before prepare()
     with dpo.adapters_off(trainee):
         off = [numpy_logp(trainee.lm, s.ids, s.trained) for s in sequences]

@@ -44,15 +44,26 @@ def sequence_logps(trainee, inputs, positions, targets, segments, gradient: bool
     return -(segments @ losses)
 
 
-def dpo_losses(policy: mx.array, reference: mx.array, beta: float):
-    """Per-pair DPO losses and margins from log-probs [P, 2] (column 0 chosen, 1 rejected)."""
-    rewards = beta * (policy - reference)
+def dpo_losses(policy: mx.array, reference: mx.array, beta: float, tokens: mx.array | None = None):
+    """Per-pair DPO losses and margins from log-probs [P, 2] (column 0 chosen, 1 rejected).
+
+    With `tokens` [P, 2] (each reply's trained tokens) the reward is the mean log-ratio per token
+    instead of the sum: a summed reward grows with a reply's length, so on pairs whose chosen reply
+    is the longer one it ranks new pairs by how long they are more than by what they say.
+    """
+    ratios = policy - reference
+    rewards = beta * (ratios / tokens if tokens is not None else ratios)
     margins = rewards[:, 0] - rewards[:, 1]
     return mx.logaddexp(mx.zeros_like(margins), -margins), margins  # -log sigmoid(margin), stable
 
 
+def row_tokens(segments) -> mx.array:
+    """Trained tokens [P, 2] of each pair's chosen and rejected reply (at least 1)."""
+    return mx.maximum(segments.sum(axis=1).reshape(-1, 2), 1)
+
+
 def dpo_loss(trainee, inputs, positions, targets, segments, reference, beta: float = 0.1, chosen_weight: float = 0.0,
-             normalizer=None):
+             per_token: bool = False, normalizer=None):
     """The summed DPO loss of this batch's pairs over `normalizer` (the global batch's pair count), and the count.
 
     `chosen_weight` adds that much of each chosen reply's own mean per-token loss (the supervised loss)
@@ -61,10 +72,10 @@ def dpo_loss(trainee, inputs, positions, targets, segments, reference, beta: flo
     the chosen replies likely (the "DPO + NLL" objective of iterative reasoning preference optimization).
     """
     policy = sequence_logps(trainee, inputs, positions, targets, segments).reshape(-1, 2)
-    losses, _ = dpo_losses(policy, reference, beta)
+    tokens = row_tokens(segments)
+    losses, _ = dpo_losses(policy, reference, beta, tokens if per_token else None)
     if chosen_weight:
-        chosen_tokens = mx.maximum(segments.sum(axis=1).reshape(-1, 2)[:, 0], 1)
-        losses = losses - chosen_weight * policy[:, 0] / chosen_tokens
+        losses = losses - chosen_weight * policy[:, 0] / tokens[:, 0]
     count = losses.shape[0]
     return losses.sum() / (normalizer or count), mx.array(count)
 
@@ -125,13 +136,14 @@ class PreferenceObjective:
 
     name = "dpo"
 
-    def __init__(self, setup: RunSetup, beta: float, train, valid, train_seqs, valid_seqs, chosen_weight: float = 0.0):
-        self.setup, self.beta = setup, beta
+    def __init__(self, setup: RunSetup, beta: float, train, valid, train_seqs, valid_seqs, chosen_weight: float = 0.0,
+                 per_token: bool = False):
+        self.setup, self.beta, self.per_token = setup, beta, per_token
         self.train_pairs, self.valid_pairs = train, valid
         self.train_seqs, self.valid_seqs = train_seqs, valid_seqs
         self.lengths = [max(len(train_seqs[2 * i]), len(train_seqs[2 * i + 1])) for i in range(len(train))]
         self.valid_prompts = _unique_prompts(valid)[:VALIDATION_PROMPTS]
-        self.loss = partial(dpo_loss, beta=beta, chosen_weight=chosen_weight)  # validation reports plain DPO's loss
+        self.loss = partial(dpo_loss, beta=beta, chosen_weight=chosen_weight, per_token=per_token)
         self.reference = {"train": None, "valid": None}  # [P, 2] log-probs under the starting model
 
     @property
@@ -185,8 +197,10 @@ class PreferenceObjective:
         batch_size = self.setup.train.batch_size
         for start in range(0, len(mine), batch_size):
             batch = make_pair_batch(self.valid_seqs, mine[start:start + batch_size])
-            policy = sequence_logps(trainee, *self._plain_arrays(batch), gradient=False).reshape(-1, 2)
-            losses, margins = dpo_losses(policy, self.reference["valid"][mx.array(batch.pairs)], self.beta)
+            arrays = self._plain_arrays(batch)
+            policy = sequence_logps(trainee, *arrays, gradient=False).reshape(-1, 2)
+            tokens = row_tokens(arrays[3]) if self.per_token else None  # the reward the objective trains
+            losses, margins = dpo_losses(policy, self.reference["valid"][mx.array(batch.pairs)], self.beta, tokens)
             totals["loss"] += losses.sum().item()
             totals["correct"] += (margins > 0).sum().item()
             totals["margin"] += margins.sum().item()
@@ -316,7 +330,8 @@ def preference_parts(setup: RunSetup, say) -> Parts:
     mx.random.seed(setup.train.seed)  # LoRA initialisation
     trainee = prepare(lm, lora, False, setup.train.grad_checkpoint)
     num_layers = resolve_num_layers(lora, lm)
-    objective = PreferenceObjective(setup, prefs.beta, train_pairs, valid_pairs, train_seqs, valid_seqs, prefs.chosen_weight)
+    objective = PreferenceObjective(setup, prefs.beta, train_pairs, valid_pairs, train_seqs, valid_seqs, prefs.chosen_weight,
+                                    prefs.per_token_reward)
     say(f"reference log-probs of {len(train_pairs) + len(valid_pairs)} pairs (the starting model, new adapters off)")
     objective.compute_reference(trainee)
     save_dir, load_flat = combined_adapter_io(setup, start, num_layers) if start else (None, None)

@@ -549,11 +549,11 @@ def compare(models, model_options, prompt_files, prompt_texts, persona, training
 @click.option("--preferences", type=click.Path(path_type=Path),
               help="DPO on preference pairs (the arena's export or votes.jsonl, gemma-mlx prefs, TRL's prompt/chosen/"
                    "rejected JSONL); --model is then the fine-tuned persona (its adapter dir or fused model).")
-@click.option("--beta", type=float, help="With --preferences: how far DPO may move from the persona (default 0.1).")
+@click.option("--beta", type=float, help="With --preferences: how far DPO may move from the persona (default 2).")
 @click.option("--chosen-weight", type=float,
-              help="With --preferences: weight of the chosen replies' own loss added to DPO's (default 1; 0: plain DPO).")
+              help="With --preferences: weight of the chosen replies' own loss added to DPO's (default 2; 0: plain DPO).")
 @click.option("--per-token-reward/--summed-reward", "per_token_reward", default=None,
-              help="With --preferences: DPO's reward is the mean log-ratio per reply token, or the sum (DPO's original).")
+              help="With --preferences: DPO's reward is the mean log-ratio per reply token (the default), or the sum (DPO's original).")
 def train(model, data, config_path, out, run_name, resume, force, no_memory_check, preferences, beta, chosen_weight,
           per_token_reward, **options):
     """LoRA-fine-tune a converted model on a persona dataset, in epochs.

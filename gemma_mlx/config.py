@@ -95,15 +95,16 @@ class PreferenceSettings:
     # preference pairs for a DPO stage after fine-tuning (the arena's export, its votes.jsonl, gemma-mlx
     # prefs' output or any TRL prompt/chosen/rejected JSONL); empty: no preference stage
     data: str = ""
-    beta: float = 0.1  # how far DPO may move from the fine-tuned model (higher: stays closer)
+    beta: float = 2.0  # how far DPO may move from the fine-tuned model (higher: stays closer); per-token scale
     learning_rate: float = 1.0e-5  # peak learning rate of the preference stage
-    epochs: int = 2  # passes over the pairs
-    # weight of the chosen replies' own per-token loss added to DPO's (0: plain DPO); keeps them likely. 1.0: on
-    # the real 270M, plain DPO lost clean endings (100% -> 88%) and overshot the length (1.66x); with 1.0 (README)
-    chosen_weight: float = 1.0
+    epochs: int = 1  # passes over the pairs
+    # weight of the chosen replies' own per-token loss added to DPO's (0: plain DPO); keeps them likely. On the real
+    # 270M plain DPO lost clean endings (100% -> 88%) and overshot the length (1.66x) (README)
+    chosen_weight: float = 2.0
     # DPO's reward per reply: the mean log-ratio per token (true) or the sum (false, the original DPO). A summed
-    # reward grows with length; on pairs whose chosen reply is the longer one it ranks new pairs by length
-    per_token_reward: bool = False
+    # reward grows with length; on pairs whose chosen reply is the longer one it ranks new pairs by length.
+    # Measured on the real 270M (README): held-out reward accuracy 0.56 -> 0.75, 24/25 -> 25/25 clean endings
+    per_token_reward: bool = True
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 For a prompt x with a preferred reply y+ and a rejected one y-, DPO raises
     log sigmoid(beta * ((log pi(y+|x) - log ref(y+|x)) - (log pi(y-|x) - log ref(y-|x))))
-where pi is the model being trained and ref the model it started from. Here ref is the same
+where pi is the model being trained and ref the model it started from (by default each log-ratio
+is divided by its reply's token count, `per_token_reward`: the summed one ranks pairs by length). Here ref is the same
 network with the new LoRA layers switched off (`adapters_off`: their scale set to 0 for a while),
 so it costs no second copy of the model, and its log-probs are computed once per pair before
 the first step (they never change).
@@ -143,7 +144,8 @@ class PreferenceObjective:
         self.train_seqs, self.valid_seqs = train_seqs, valid_seqs
         self.lengths = [max(len(train_seqs[2 * i]), len(train_seqs[2 * i + 1])) for i in range(len(train))]
         self.valid_prompts = _unique_prompts(valid)[:VALIDATION_PROMPTS]
-        self.loss = partial(dpo_loss, beta=beta, chosen_weight=chosen_weight, per_token=per_token)
+        self.loss = partial(dpo_loss, beta=beta, chosen_weight=chosen_weight, per_token=per_token)  # training's
+        # validation (validate) reports the DPO loss alone, comparable across chosen weights
         self.reference = {"train": None, "valid": None}  # [P, 2] log-probs under the starting model
 
     @property

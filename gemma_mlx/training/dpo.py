@@ -3,8 +3,9 @@
 For a prompt x with a preferred reply y+ and a rejected one y-, DPO raises
     log sigmoid(beta * ((log pi(y+|x) - log ref(y+|x)) - (log pi(y-|x) - log ref(y-|x))))
 where pi is the model being trained and ref the model it started from (by default each log-ratio
-is divided by its reply's token count, `per_token_reward`: the summed one ranks pairs by length). Here ref is the same
-network with the new LoRA layers switched off (`adapters_off`: their scale set to 0 for a while),
+is divided by its reply's token count, `per_token_reward`: the summed one ranks pairs by length).
+Here ref is the same network with the new LoRA layers switched off (`adapters_off`: their scale
+set to 0 for a while),
 so it costs no second copy of the model, and its log-probs are computed once per pair before
 the first step (they never change).
 

@@ -5,9 +5,8 @@ For a prompt x with a preferred reply y+ and a rejected one y-, DPO raises
 where pi is the model being trained and ref the model it started from (by default each log-ratio
 is divided by its reply's token count, `per_token_reward`: the summed one ranks pairs by length).
 Here ref is the same network with the new LoRA layers switched off (`adapters_off`: their scale
-set to 0 for a while),
-so it costs no second copy of the model, and its log-probs are computed once per pair before
-the first step (they never change).
+set to 0 for a while), so it costs no second copy of the model, and its log-probs are computed
+once per pair before the first step (they never change).
 
 The run starts from a fine-tuned persona: a fused model, or an adapter directory. Adapters are
 fused into the weights in memory first, so every LoRA layer in the network is a new one; what is
@@ -145,8 +144,8 @@ class PreferenceObjective:
         self.train_seqs, self.valid_seqs = train_seqs, valid_seqs
         self.lengths = [max(len(train_seqs[2 * i]), len(train_seqs[2 * i + 1])) for i in range(len(train))]
         self.valid_prompts = _unique_prompts(valid)[:VALIDATION_PROMPTS]
-        self.loss = partial(dpo_loss, beta=beta, chosen_weight=chosen_weight, per_token=per_token)  # training's
-        # validation (validate) reports the DPO loss alone, comparable across chosen weights
+        # the training loss; validate() reports the DPO loss alone, comparable across chosen weights
+        self.loss = partial(dpo_loss, beta=beta, chosen_weight=chosen_weight, per_token=per_token)
         self.reference = {"train": None, "valid": None}  # [P, 2] log-probs under the starting model
 
     @property
@@ -200,9 +199,9 @@ class PreferenceObjective:
         batch_size = self.setup.train.batch_size
         for start in range(0, len(mine), batch_size):
             batch = make_pair_batch(self.valid_seqs, mine[start:start + batch_size])
-            arrays = self._plain_arrays(batch)
-            policy = sequence_logps(trainee, *arrays, gradient=False).reshape(-1, 2)
-            tokens = row_tokens(arrays[3]) if self.per_token else None  # the reward the objective trains
+            inputs, positions, targets, segments = self._plain_arrays(batch)
+            policy = sequence_logps(trainee, inputs, positions, targets, segments, gradient=False).reshape(-1, 2)
+            tokens = row_tokens(segments) if self.per_token else None  # the reward the objective trains
             losses, margins = dpo_losses(policy, self.reference["valid"][mx.array(batch.pairs)], self.beta, tokens)
             totals["loss"] += losses.sum().item()
             totals["correct"] += (margins > 0).sum().item()

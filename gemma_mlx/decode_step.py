@@ -27,6 +27,8 @@ import os
 
 import mlx.core as mx
 
+from . import fast_exp
+
 PLAIN_ENV = "GEMMA_MLX_PLAIN_DECODE"
 MEMORY_SHARE = 0.5  # of the machine's memory, for the decoding rows' caches and logits (rows_that_fit)
 # what LeanGenerationBatch._step reads and writes on mlx-lm's GenerationBatch
@@ -149,10 +151,10 @@ def choose(logits: mx.array, samplers: list) -> mx.array:
     if all(s is greedy_sampler for s in samplers):
         return mx.argmax(logits, axis=-1)
     if all(s is samplers[0] for s in samplers):
-        return samplers[0](logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        return samplers[0](logits - fast_exp.logsumexp(logits, axis=-1, keepdims=True))
     sampled = [e for e, s in enumerate(samplers) if s is not greedy_sampler]
     part = logits[mx.array(sampled)] if len(sampled) < len(samplers) else logits
-    logprobs = part - mx.logsumexp(part, axis=-1, keepdims=True)
+    logprobs = part - fast_exp.logsumexp(part, axis=-1, keepdims=True)
     picks = mx.concatenate([samplers[e](logprobs[k:k + 1]) for k, e in enumerate(sampled)], axis=0)
     if len(sampled) == len(samplers):
         return picks

@@ -95,6 +95,8 @@ def tail_logprobs(model, rows: list[list[int]], tails: list[int]) -> list[float]
     """
     import mlx.core as mx
 
+    from .. import fast_exp
+
     hidden_of, head = _output_layer(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     totals = [0.0] * len(rows)
@@ -116,7 +118,7 @@ def tail_logprobs(model, rows: list[list[int]], tails: list[int]) -> list[float]
             logits = head(picked[chunk:chunk + HEAD_CHUNK]).astype(mx.float32)
             target = mx.array(targets[chunk:chunk + HEAD_CHUNK])
             chosen = mx.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
-            scores.append(chosen - mx.logsumexp(logits, axis=-1))
+            scores.append(chosen - fast_exp.logsumexp(logits, axis=-1))
         per_position = mx.concatenate(scores).tolist()
         for r, row_index in enumerate(where_row):
             totals[group[row_index]] += per_position[r]

@@ -24,6 +24,8 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import fast_exp
+
 # Rows of the output matrix per chunk: 16 chunks for Gemma 3; at 600 trained positions a float32
 # chunk of logits is about 40 MB (and a few live at once) instead of 630 MB for the full logits.
 CHUNK_ROWS = 16384
@@ -138,9 +140,9 @@ def chunked_logsumexp(hidden: mx.array, weight: mx.array, turn_ids: tuple[int, .
     Columns `turn_ids` of the logits come from `turn_rows` [T, H] instead of the matrix. No gradient
     (validation); `logsumexp_with_gradient` is the training twin. `chunk` defaults to CHUNK_ROWS.
     """
-    parts = [mx.logsumexp(_logits(hidden, weight, start, stop, turn_ids, turn_rows)[0], axis=-1)
+    parts = [fast_exp.logsumexp(_logits(hidden, weight, start, stop, turn_ids, turn_rows)[0], axis=-1)
              for start, stop in _bounds(weight.shape[0], chunk)]
-    return mx.logsumexp(mx.stack(parts), axis=0)
+    return fast_exp.logsumexp(mx.stack(parts), axis=0)
 
 
 def logsumexp_with_gradient(hidden: mx.array, weight: mx.array, turn_ids: tuple[int, ...] = (),
@@ -166,7 +168,7 @@ def logsumexp_with_gradient(hidden: mx.array, weight: mx.array, turn_ids: tuple[
             logits, weigh = _logits(h, weight, start, stop, turn_ids, rows_t)
             new_peak = mx.maximum(peak, logits.max(axis=-1))
             rescale = mx.exp(peak - new_peak)
-            scaled = mx.exp(logits - new_peak[:, None])  # [N, C]
+            scaled = fast_exp.exp(logits - new_peak[:, None])  # [N, C]: most of the step's non-matmul time
             total = total * rescale + scaled.sum(axis=-1)
             toward = toward * rescale[:, None] + weigh(scaled.astype(h.dtype)).astype(mx.float32)
             peak = new_peak

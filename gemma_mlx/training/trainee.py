@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .. import fast_exp
 from ..errors import TrainingError
 from ..families import DEFAULT, Family
 from .chunked_loss import CHUNK_ROWS, chunked_cross_entropy, output_matrix
@@ -176,7 +177,7 @@ def validation_sums(trainee: Trainee, inputs: mx.array, positions: mx.array, tar
     if ends.size:
         # full logits for the few reply ends only (about one per example), not for all N positions
         at_end = trainee.output_logits(hidden[ends]).astype(mx.float32)  # [E, V]
-        logprobs = at_end - mx.logsumexp(at_end, axis=-1, keepdims=True)
+        logprobs = at_end - fast_exp.logsumexp(at_end, axis=-1, keepdims=True)
         sums["end_p"] = mx.exp(logprobs[:, trainee.end_id]).sum()
         sums["end_top1"] = (mx.argmax(at_end, axis=-1) == trainee.end_id).sum()
         sums["end_unused_mass"] = mx.exp(logprobs[:, unused]).sum() if unused.size else mx.array(0.0)

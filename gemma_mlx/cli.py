@@ -554,8 +554,10 @@ def compare(models, model_options, prompt_files, prompt_texts, persona, training
               help="With --preferences: weight of the chosen replies' own loss added to DPO's (default 2; 0: plain DPO).")
 @click.option("--per-token-reward/--summed-reward", "per_token_reward", default=None,
               help="With --preferences: DPO's reward is the mean log-ratio per reply token (the default), or the sum (DPO's original).")
+@click.option("--objective", type=click.Choice(["dpo", "orpo"]),
+              help="With --preferences: DPO (default), or ORPO: no reference model, --beta weighs its odds-ratio term.")
 def train(model, data, config_path, out, run_name, resume, force, no_memory_check, preferences, beta, chosen_weight,
-          per_token_reward, **options):
+          per_token_reward, objective, **options):
     """LoRA-fine-tune a converted model on a persona dataset, in epochs.
 
     Every example trains every epoch, in length-bucketed batches; by default the loss counts reply
@@ -595,6 +597,7 @@ def train(model, data, config_path, out, run_name, resume, force, no_memory_chec
     overrides["preferences.beta"] = beta
     overrides["preferences.chosen_weight"] = chosen_weight
     overrides["preferences.per_token_reward"] = per_token_reward
+    overrides["preferences.objective"] = objective
     result = train_with_config(model, data, config_path, overrides, out=out, run_name=run_name,
                                resume=resume, force=force, progress=echo_progress, memory_check=not no_memory_check,
                                preferences=preferences, on_topic=on_topic_flags)

@@ -105,6 +105,9 @@ class PreferenceSettings:
     # reward grows with length; on pairs whose chosen reply is the longer one it ranks new pairs by length.
     # Measured on the real 270M (README): held-out reward accuracy 0.56 -> 0.75, 24/25 -> 25/25 clean endings
     per_token_reward: bool = True
+    # dpo, or orpo: no reference model; the chosen replies' loss plus beta x an odds-ratio term (beta is ORPO's
+    # lambda there; chosen_weight and per_token_reward do not apply)
+    objective: str = "dpo"
 
 
 @dataclass
@@ -174,6 +177,7 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "preferences.learning_rate": (lambda v: v > 0, "above 0"),
     "preferences.epochs": (lambda v: v >= 1, "at least 1"),
     "preferences.chosen_weight": (lambda v: v >= 0, "0 or more"),
+    "preferences.objective": (lambda v: v in ("dpo", "orpo"), "dpo or orpo"),
     "generation.max_tokens": (lambda v: v >= 1, "at least 1"),
     "generation.min_new_tokens": (lambda v: v >= 0, "0 or more"),
     "generation.temperature": (lambda v: v >= 0, "0 (greedy) or more"),

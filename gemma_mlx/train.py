@@ -293,7 +293,7 @@ def finish_run(setup: RunSetup, summary: dict) -> dict:
         "data": str(setup.data.resolve()),
         "data_sha256": setup.data_sha256,
         "settings": {"lora": to_dict(setup.lora), "train": to_dict(setup.train), "turn_tokens": setup.turn_tokens},
-        "objective": "dpo" if setup.preferences else "supervised",
+        "objective": setup.preferences.objective if setup.preferences else "supervised",
         "summary": summary,
         "created": now_iso(),
         "versions": versions(),

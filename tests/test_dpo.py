@@ -80,6 +80,33 @@ def test_the_loss_matches_a_numpy_reference_dpo_loss(converted_models):
     assert off != pytest.approx(policy.reshape(-1).tolist(), rel=1e-4)
 
 
+def numpy_orpo(policy: np.ndarray, tokens: np.ndarray, beta: float) -> float:
+    """ORPO's loss from summed log-probs and token counts [P, 2], in float64 numpy."""
+    mean = policy / tokens
+    log_odds = mean - np.log1p(-np.exp(mean))
+    ratios = log_odds[:, 0] - log_odds[:, 1]
+    return float(np.mean(-mean[:, 0] + beta * np.logaddexp(0, -ratios)))
+
+
+def test_the_orpo_loss_matches_a_numpy_reference_and_needs_no_reference_model(converted_models):
+    lm, tokenizer = models.load(converted_models["it"])
+    trainee = tuning.prepare(lm, LORA, False)
+    pairs = [Pair([{"role": "user", "content": "Hi there"}], "Hello friend, let's play!", "Go away now.", "t:1"),
+             Pair([{"role": "user", "content": "What is for tea?"}], "Sausages!", "I do not know what tea is.", "t:2")]
+    _, sequences = dpo.tokenize_pairs(tokenizer, pairs, 512, print)
+    batch = dpo.make_pair_batch(sequences, [0, 1])
+    arrays = [mx.array(batch.rows.inputs), mx.array(batch.rows.positions), mx.array(batch.rows.targets),
+              mx.array(batch.segments)]
+    policy = np.array([numpy_logp(trainee.lm, s.ids, s.trained) for s in sequences]).reshape(2, 2)
+    tokens = np.array([sum(1 for j in range(1, len(s.ids)) if s.trained[j]) for s in sequences]).reshape(2, 2)
+    for beta in (0.1, 1.0):
+        for reference in (np.zeros((2, 2)), np.full((2, 2), -99.0)):  # ORPO never reads a reference
+            loss, count = dpo.dpo_loss(trainee, *arrays, mx.array(reference, dtype=mx.float32), beta=beta, orpo=True,
+                                       chosen_weight=5.0, per_token=False)  # neither applies to ORPO
+            assert count.item() == 2 and loss.item() == pytest.approx(numpy_orpo(policy, tokens, beta), rel=1e-4)
+    assert numpy_orpo(policy, tokens, 1.0) != pytest.approx(numpy_orpo(policy, tokens, 0.1), rel=1e-2)
+
+
 def test_pairs_come_in_every_shape_and_a_bad_one_names_its_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     lines = [
@@ -253,3 +280,34 @@ def test_dpo_from_a_fused_persona_and_the_dpo_adapters_fuse_like_any_others(pers
     after_dir = fuse_model(result.out_dir, out=tmp_path / "dpo-fused").out_dir
     after = pair_logps(*models.load(after_dir), pair_list)
     assert (after[:, 0] - after[:, 1]).mean() > (before[:, 0] - before[:, 1]).mean() + 0.5
+
+
+def test_orpo_from_a_persona_raises_the_odds_of_the_chosen_replies_without_a_reference_pass(converted_models, persona,
+                                                                                           tmp_path):
+    base = converted_models["pt"]
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps({"prompt": p, "chosen": "Hooray, let's play a game!",
+                                              "rejected": "I am a computer program."}) + "\n" for p in PROMPTS))
+    out = tmp_path / "orpo"
+    result = CliRunner().invoke(cli, ["train", "--model", str(persona), "--preferences", str(pairs_file), "--out", str(out),
+                                      "--objective", "orpo", "--beta", "0.5", "--epochs", "3", "--lr", "5e-3",
+                                      "--batch-size", "2", "--val-generation-tokens", "0"])
+    assert result.exit_code == 0, result.output
+    assert "reference log-probs" not in result.output
+    assert json.loads((out / "manifest.json").read_text())["objective"] == "orpo"
+    assert json.loads((out / "summary.json").read_text())["objective"] == "orpo"
+
+    pairs = read_pairs(pairs_file)
+    _, sequences = dpo.tokenize_pairs(models.load(base)[1], pairs, 512, print)
+    tokens = np.array([s.trained_tokens for s in sequences]).reshape(-1, 2)
+
+    def log_odds_margin(adapters) -> float:
+        mean = pair_logps(*models.load(base, adapters), pairs) / tokens
+        log_odds = mean - np.log1p(-np.exp(mean))
+        return float((log_odds[:, 0] - log_odds[:, 1]).mean())
+
+    before, after = log_odds_margin(persona), log_odds_margin(out)
+    assert after > before + 0.5, (before, after)
+    bad = CliRunner().invoke(cli, ["train", "--model", str(persona), "--preferences", str(pairs_file),
+                                   "--out", str(tmp_path / "bad"), "--objective", "ipo"])
+    assert bad.exit_code == 2 and "'ipo' is not one of 'dpo', 'orpo'" in bad.output

@@ -324,16 +324,18 @@ def _train(config: ExperimentConfig, models: dict, data_dir: Path, run_dir: Path
 
 def _preferences(config: ExperimentConfig, adapters: dict, run_dir: Path, progress: Progress,
                  remake: bool) -> tuple[str, dict]:
-    """DPO on `preferences.data` from each fine-tuned persona, to <run>/<checkpoint>-dpo/ (fused and compared too)."""
+    """DPO (or ORPO) on `preferences.data` from each fine-tuned persona, to <run>/<checkpoint>-dpo/ (-orpo/), fused
+    and compared too."""
     trained, summaries, statuses = {}, {}, []
     for name, adapter_dir in adapters.items():
         progress(f"preferences: {name}")
-        result = train.train_model(adapter_dir, config.preferences.data, out=run_dir / f"{name}-dpo", lora=config.lora,
+        stage = f"{name}-{config.preferences.objective}"
+        result = train.train_model(adapter_dir, config.preferences.data, out=run_dir / stage, lora=config.lora,
                                    train=config.train, run_name=config.name, resume=True, force=True, progress=progress,
                                    resume_hint="run the same command again to continue", remake=remake,
                                    preferences=config.preferences)
-        trained[f"{name}-dpo"] = str(result.out_dir)
-        summaries[f"{name}-dpo"] = result.summary
+        trained[stage] = str(result.out_dir)
+        summaries[stage] = result.summary
         statuses.append(result.status)
         if result.status == "interrupted":
             break
@@ -523,10 +525,11 @@ def summary_rows(details: dict) -> list[dict]:
     summaries = details["train"].get("summaries", {})
     scorecards = details["compare"].get("scorecards", {})
     fused = details["fuse"].get("fused", {})
-    summaries = {**summaries, **details.get("preferences", {}).get("summaries", {})}  # <name>-dpo: the DPO runs
+    summaries = {**summaries, **details.get("preferences", {}).get("summaries", {})}  # <name>-dpo/-orpo: preference runs
     rows = []
     for name, base_dir in details["convert"]["models"].items():
-        for model_dir, tuned in ((fused.get(name), name), (fused.get(f"{name}-dpo"), f"{name}-dpo"), (base_dir, None)):
+        tuned_names = (name, f"{name}-dpo", f"{name}-orpo")
+        for model_dir, tuned in (*((fused.get(t), t) for t in tuned_names), (base_dir, None)):
             card = scorecards.get(str(Path(model_dir).resolve())) if model_dir else None
             if card is None:
                 continue

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .adapters import ADAPTERS_FILE, damaged_safetensors, remove_unfinished_saves
-from .models import resolve_model_dir
+from .models import ADAPTER_SEPARATOR, resolve_model_dir
 from .model_ref import fingerprint
 from .config import NAME, LoraSettings, PreferenceSettings, TrainSettings, check_settings, to_dict
-from .errors import ConfigError, DamagedFileError, OutputExistsError, TrainingError
+from .errors import CheckpointError, ConfigError, DamagedFileError, OutputExistsError, TrainingError
 from .training.setup import OPTIMIZER_FILE, RESUME_FILE, RunSetup, read_metrics
 from .state import ResumeState, as_dict, load_state_file
 
@@ -100,7 +100,7 @@ def plan_run(model, data, out, lora, train, run_name) -> RunSetup:
 
 
 def plan_preference_run(model, pairs, out, lora, train, preferences, run_name) -> RunSetup:
-    """A DPO run (training/dpo.py): from a fine-tuned persona, an adapter dir or a fused model, on pairs."""
+    """A DPO or ORPO run (training/dpo.py): from a fine-tuned persona, an adapter dir or a fused model, on pairs."""
     import dataclasses
 
     from .errors import DataError
@@ -109,9 +109,15 @@ def plan_preference_run(model, pairs, out, lora, train, preferences, run_name) -
 
     for settings in (lora, train, preferences):
         check_settings(settings)
-    start = Path(model).expanduser()
+    base_spec, separator, adapter_spec = str(model).partition(ADAPTER_SEPARATOR)
+    start = Path(adapter_spec if separator else model).expanduser()
     adapters = start.resolve() if (start / ADAPTERS_FILE).is_file() else None
-    if adapters is not None:  # train's output (or its last/): its base is recorded
+    if separator and adapters is None:
+        raise CheckpointError(f"{start} holds no LoRA adapters ({ADAPTERS_FILE}); after {ADAPTER_SEPARATOR} give "
+                              "train's output directory (or its last/).")
+    if separator:  # BASE_DIR::ADAPTER_DIR: the base as given
+        model_dir = resolve_model_dir(base_spec).resolve()
+    elif adapters is not None:  # train's output (or its last/): its base is recorded
         model_dir = resolve_model_dir(recorded_base(adapters)).resolve()
     else:
         model_dir = resolve_model_dir(model).resolve()
@@ -123,7 +129,8 @@ def plan_preference_run(model, pairs, out, lora, train, preferences, run_name) -
     train = dataclasses.replace(train, learning_rate=preferences.learning_rate, epochs=preferences.epochs)
     if not out and (not NAME.match(str(run_name)) or run_name in (".", "..")):
         raise ConfigError(f"The run name {run_name!r} is not a plain directory name; choose another, or give --out.")
-    default = adapters.with_name(adapters.name + "-dpo") if adapters else outputs_root() / "runs" / run_name / (model_dir.name + "-dpo")
+    suffix = f"-{preferences.objective}"  # -dpo or -orpo
+    default = adapters.with_name(adapters.name + suffix) if adapters else outputs_root() / "runs" / run_name / (model_dir.name + suffix)
     out = Path(out).expanduser() if out else default
     sha = pairs_hash(pairs)
     identity = {"base_model": str(model_dir), "base_id": _base_id(model_dir, manifest), "data_sha256": sha,

@@ -308,6 +308,15 @@ def test_orpo_from_a_persona_raises_the_odds_of_the_chosen_replies_without_a_ref
 
     before, after = log_odds_margin(persona), log_odds_margin(out)
     assert after > before + 0.5, (before, after)
+    spec = CliRunner().invoke(cli, ["train", "--model", f"{base}::{persona}", "--preferences", str(pairs_file),
+                                    "--objective", "orpo", "--beta", "0.5", "--epochs", "3", "--lr", "5e-3",
+                                    "--batch-size", "2", "--val-generation-tokens", "0", "--out", str(tmp_path / "spec")])
+    assert spec.exit_code == 0, spec.output  # BASE::ADAPTERS names the same persona: the same run
+    same = [mx.load(str(d / "adapters.safetensors")) for d in (out, tmp_path / "spec")]
+    assert all(np.allclose(np.array(same[0][k]), np.array(same[1][k]), atol=1e-6) for k in same[0])
+    not_adapters = CliRunner().invoke(cli, ["train", "--model", f"{base}::{tmp_path}", "--preferences", str(pairs_file),
+                                            "--out", str(tmp_path / "none")])
+    assert not_adapters.exit_code == 1 and "holds no LoRA adapters" in not_adapters.output
     bad = CliRunner().invoke(cli, ["train", "--model", str(persona), "--preferences", str(pairs_file),
                                    "--out", str(tmp_path / "bad"), "--objective", "ipo"])
     assert bad.exit_code == 2 and "'ipo' is not one of 'dpo', 'orpo'" in bad.output

@@ -79,9 +79,14 @@ def test_several_forward_passes_and_head_chunks_give_the_same_scores(tiny, monke
     whole = ontopic.on_topic_scores(tiny.model, tiny.tokenizer, PAIRS)
     monkeypatch.setattr(ontopic, "MAX_ROWS", 3)
     monkeypatch.setattr(ontopic, "HEAD_CHUNK", 5)
-    split = ontopic.on_topic_scores(tiny.model, tiny.tokenizer, PAIRS)
+    monkeypatch.setattr(ontopic, "PROGRESS_SECONDS", 0.0)
+    lines = []
+    split = ontopic.on_topic_scores(tiny.model, tiny.tokenizer, PAIRS, lines.append)
     assert [s is None for s in split] == [s is None for s in whole]
     assert [s for s in split if s is not None] == pytest.approx([s for s in whole if s is not None], abs=1e-5)
+    rows = 2 * sum(1 for message, reply in PAIRS if message.strip() and reply.strip())
+    assert lines and lines[0].startswith(f"on topic: 3/{rows} rows scored in ")  # progress between the passes
+    assert all(f"/{rows} rows" in line for line in lines) and len(lines) == (rows - 1) // 3
 
 
 def test_threshold_and_rate():

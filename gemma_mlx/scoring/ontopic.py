@@ -37,6 +37,7 @@ ON_TOPIC_THRESHOLD = 0.25
 REPLY_PREFIX, QUESTION_PREFIX = "Answer: ", "Question:"
 MAX_ROWS = 32  # sequences per forward pass (rows sorted by length, so each pass pads little)
 HEAD_CHUNK = 256  # message positions per slice of the [positions, vocabulary] output layer
+PROGRESS_SECONDS = 15.0  # a progress line at least this often while many replies are scored
 MAX_REPLY_TOKENS = 96  # a longer reply is cut from the end: its opening says what it is about
 ECHO_MIN_WORDS, ECHO_SHARE = 3, 0.6  # see echoes()
 
@@ -88,11 +89,14 @@ def _output_layer(model):
     return inner, lambda hidden: mx.tanh(project(hidden) / cap) * cap
 
 
-def tail_logprobs(model, rows: list[list[int]], tails: list[int]) -> list[float]:
+def tail_logprobs(model, rows: list[list[int]], tails: list[int], progress=None) -> list[float]:
     """Sum of log p(token | everything before it) over the last `tails[i]` tokens of each row.
 
     Rows run in padded forward passes of up to MAX_ROWS, sorted by length to waste little on pads.
+    `progress` (a callable taking a line) hears how far it got at least every PROGRESS_SECONDS.
     """
+    import time
+
     import mlx.core as mx
 
     from .. import fast_exp
@@ -100,6 +104,7 @@ def tail_logprobs(model, rows: list[list[int]], tails: list[int]) -> list[float]
     hidden_of, head = _output_layer(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     totals = [0.0] * len(rows)
+    started = last_said = time.perf_counter()
     for start in range(0, len(order), MAX_ROWS):
         group = order[start:start + MAX_ROWS]
         padded = pad_rows([rows[i] for i in group])
@@ -122,10 +127,14 @@ def tail_logprobs(model, rows: list[list[int]], tails: list[int]) -> list[float]
         per_position = mx.concatenate(scores).tolist()
         for r, row_index in enumerate(where_row):
             totals[group[row_index]] += per_position[r]
+        now = time.perf_counter()
+        if progress is not None and now - last_said >= PROGRESS_SECONDS and start + MAX_ROWS < len(order):
+            progress(f"on topic: {start + len(group)}/{len(rows)} rows scored in {now - started:.0f}s")
+            last_said = now
     return totals
 
 
-def on_topic_scores(model, tokenizer, pairs: list[tuple[str, str]]) -> list[float | None]:
+def on_topic_scores(model, tokenizer, pairs: list[tuple[str, str]], progress=None) -> list[float | None]:
     """The on-topic score of each (message, reply) pair under `model` (the base); None for an empty reply.
 
     All pairs' rows (two per pair) are scored together in padded batches: one call, not one per pair.
@@ -136,7 +145,7 @@ def on_topic_scores(model, tokenizer, pairs: list[tuple[str, str]]) -> list[floa
     built = [pair_rows(tokenizer, *pairs[i]) for i in scored]
     rows = [b.conditional for b in built] + [b.unconditional for b in built]
     tails = [b.message_tokens for b in built] * 2
-    logprobs = tail_logprobs(model, rows, tails)
+    logprobs = tail_logprobs(model, rows, tails, progress)
     result: list[float | None] = [None] * len(pairs)
     for k, i in enumerate(scored):
         result[i] = (logprobs[k] - logprobs[k + len(built)]) / built[k].message_tokens
@@ -211,7 +220,7 @@ def score_reply_lists(ref: ModelRef, reply_lists: list[list], progress=None) -> 
     pairs = [(r.prompt, r.text) for replies in reply_lists for r in replies]
     started = time.perf_counter()
     loaded = ref.load()
-    scores = on_topic_scores(loaded.model, loaded.tokenizer, pairs)
+    scores = on_topic_scores(loaded.model, loaded.tokenizer, pairs, progress)
     if progress is not None:
         progress(f"on topic: {len(pairs)} replies scored by {loaded.name} in {time.perf_counter() - started:.1f}s")
     del loaded

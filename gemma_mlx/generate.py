@@ -74,7 +74,7 @@ def nucleus(logprobs, top_p: float, top_k: int = 0, candidates: int = NUCLEUS_CA
     [1, n], found among the row's `candidates` most likely tokens; None when the nucleus is wider than those.
 
     Why: mlx-lm's apply_top_p sorts the whole vocabulary, about 37 ms per row per token on Gemma's 262,144
-    tokens here; a partial selection of the top few hundred costs a tenth of that, and a nucleus of p=0.95
+    tokens here; a partial selection of the top thousand costs about a tenth of that, and a nucleus of p=0.95
     from a fine-tuned persona is a few dozen tokens. The rule is mlx-lm's: a token stays while the mass of
     the tokens above it is below top_p (the row's log-probs are normalised, so the total mass is 1), and
     every token as likely as the last one kept stays too.

@@ -8,7 +8,7 @@ With `objective: orpo` (odds-ratio preference optimization) there is no referenc
 the chosen reply's mean per-token negative log-likelihood plus beta times
     -log sigmoid(log odds(y+|x) - log odds(y-|x)),  odds(y|x) = P / (1 - P),
 P being the reply's mean per-token probability exp(mean log pi). The run then skips the reference
-pass (about half the stage's time on the real 270M).
+pass (about a third of the DPO stage's time on the real 270M).
 
 For DPO, ref is the same network with the new LoRA layers switched off (`adapters_off`: their scale
 set to 0 for a while), so it costs no second copy of the model, and its log-probs are computed
@@ -168,7 +168,7 @@ class PreferenceObjective:
         self.train_seqs, self.valid_seqs = train_seqs, valid_seqs
         self.lengths = [max(len(train_seqs[2 * i]), len(train_seqs[2 * i + 1])) for i in range(len(train))]
         self.valid_prompts = _unique_prompts(valid)[:VALIDATION_PROMPTS]
-        # the training loss; validate() reports the DPO loss alone, comparable across chosen weights
+        # the training loss; validate() reports DPO's loss alone (comparable across chosen weights), or ORPO's whole
         self.loss = partial(dpo_loss, beta=beta, chosen_weight=chosen_weight, per_token=per_token, orpo=orpo)
         # [P, 2] log-probs under the starting model (DPO); ORPO reads none, so zeros stand in
         self.reference = {"train": mx.zeros((len(train), 2)), "valid": mx.zeros((len(valid), 2))}

@@ -92,10 +92,13 @@ def nucleus(logprobs, top_p: float, top_k: int = 0, candidates: int = NUCLEUS_CA
     ids, values = mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
     probs = mx.exp(values.astype(mx.float32))
     mass_above = mx.cumsum(probs, axis=-1, inclusive=False)
-    if width < vocab and (mass_above[0, -1] + probs[0, -1]).item() < top_p:
+    last = (mass_above < top_p).sum() - 1  # the last token inside the nucleus
+    threshold = mx.take(values[0], last)
+    # one sync per row and step (this runs for every sampled row at every token): the mass, the count kept
+    total, kept = mx.stack([mass_above[0, -1] + probs[0, -1], (values >= threshold).sum().astype(mx.float32)]).tolist()
+    if width < vocab and total < top_p:
         return None  # the nucleus reaches past the candidates
-    threshold = values[0, int((mass_above < top_p).sum().item()) - 1]
-    kept = int((values >= threshold).sum().item())
+    kept = int(kept)
     if top_k:
         kept = min(kept, top_k)
     return ids[:, :kept], values[:, :kept]

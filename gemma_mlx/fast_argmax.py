@@ -4,18 +4,23 @@ On a CPU, a batch-16 decode step of the 270M spends more time in the output laye
 float32 weights, 670 MB read per step) than in the whole transformer. A greedy row needs only the
 largest logit, so this module finds it in two passes:
 
-1. a float16 copy of the output weights gives approximate logits a_j for every token
-   (torch's half-precision matmul on the CPU: about a quarter of the float32 time; MLX's own
-   quantized and half-precision matmuls are 5-10x *slower* than float32 on a CPU);
+1. a half-precision copy of the output weights gives approximate logits a_j for every token
+   (torch's half-precision matmul on the CPU; MLX's own quantized and half-precision matmuls are
+   5-10x *slower* than float32 on a CPU). The format is float16 or bfloat16, whichever this CPU
+   multiplies faster (measured once, fastest_format): float16 took a quarter of float32's time on
+   one of our machines and 2.3x it on another (no FP16 arithmetic), where bfloat16 took a third.
+   bfloat16's coarser rounding (2^-8 against 2^-11) widens the bound, so more candidates pass;
+   they are still a few hundred at most of 262,144;
 2. a rigorous per-row bound beta >= |e_j - a_j|, where e_j is the float32 logit the plain path
    computes, rules out every token whose a_j is below a threshold T; the float32 logits of the
    few remaining tokens (and of every token the repetition penalty touches) are computed exactly,
    with MLX, from the same hidden state; the penalty is applied to them with the plain arithmetic.
 
-The bound, for hidden state h (float32) and its float16 rounding h16, W_j and W16_j likewise:
+The bound, for hidden state h (float32) and its half rounding h16, W_j and W16_j likewise (u16 is the
+half format's unit roundoff):
 |e_j - a_j| <= ||h - h16|| ||W_j|| + ||h16|| ||W_j - W16_j||   (the roundings of the inputs)
              + gamma (||h|| ||W_j|| + ||h16|| ||W16_j||)        (float32 sums of K terms, any order)
-             + u16 |a_j|, |a_j| <= ||h16|| ||W16_j|| (1 + gamma)  (the result rounded to float16)
+             + u16 |a_j|, |a_j| <= ||h16|| ||W16_j|| (1 + gamma)  (the result rounded to half)
 with gamma = K u32 / (1 - K u32), taken at the largest norms over all tokens. It assumes the half
 matmul adds in float32 and rounds once at the end; a check at start-up (the bound against the
 float32 logits of probe hidden states) turns the screen off where that visibly does not hold.
@@ -46,9 +51,12 @@ SWITCH_ENV = "GEMMA_MLX_FAST_ARGMAX"
 AUTO_VOCAB = 32768  # the screen pays for itself on big output layers only,
 AUTO_ROWS = 4  # and on batches: its start-up (a float16 copy, the norms, the check) takes seconds
 MAX_CANDIDATES = 4096  # more distinct candidate tokens than this in a step: the full logits instead
-U32, U16 = 2.0**-24, 2.0**-11
-# (id(model), switch) -> (weak references to it and to its output weight, its GreedyHead or None). A new weight
-# (validation during training puts new turn-token rows in) makes a new head.
+SMALL_PRODUCT = 2**21  # candidates' rows x columns x width at least this: past OpenBLAS's small-matrix path
+U32 = 2.0**-24
+UNIT = {"float16": 2.0**-11, "bfloat16": 2.0**-8}  # the unit roundoff of each half format
+FORMAT_ENV = "GEMMA_MLX_SCREEN_FORMAT"  # float16 or bfloat16; unset: the faster on this machine (fastest_format)
+# (id(model), switch, asked format) -> (weak references to it and to its output weight, its GreedyHead or None).
+# A new weight (validation during training puts new turn-token rows in) makes a new head.
 _HEADS: dict[int, tuple] = {}
 
 
@@ -60,6 +68,47 @@ def switch() -> str:
     return "on" if value in ("1", "on", "true", "yes") else "auto"
 
 
+def format_from_env() -> str | None:
+    """The half format GEMMA_MLX_SCREEN_FORMAT asks for, or None (unset: measure)."""
+    value = os.environ.get(FORMAT_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in UNIT:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{FORMAT_ENV}={value!r}: use one of {', '.join(UNIT)} (or unset it to use the faster "
+                          "on this machine).")
+    return value
+
+
+def fastest_format(weight: np.ndarray) -> str:
+    """float16 or bfloat16, whichever multiplies a batch of 16 rows by (a slice of) the output layer faster
+    on this CPU. Which one wins depends on the chip: one CPU here ran float16 at a quarter of float32's
+    time, another (AVX512-BF16, no FP16 arithmetic) at 2.3x float32's, while bfloat16 took a third.
+    float16's tighter rounding keeps it unless bfloat16 is clearly (1.5x) faster."""
+    import time
+
+    import torch
+
+    part = torch.from_numpy(np.ascontiguousarray(weight[:32768]))
+    rows = part[:16].clone()
+    seconds = {}
+    for name in UNIT:
+        w, h = part.to(getattr(torch, name)), rows.to(getattr(torch, name))
+        torch.nn.functional.linear(h, w)  # warm-up
+        started = time.perf_counter()
+        for _ in range(3):
+            torch.nn.functional.linear(h, w)
+        seconds[name] = time.perf_counter() - started
+    return pick_format(seconds)
+
+
+def pick_format(seconds: dict[str, float]) -> str:
+    """The half format to screen with, given each one's time: float16 unless bfloat16 is 1.5x faster or more
+    (float16's bound is 8x tighter, so fewer candidates pass)."""
+    return "bfloat16" if seconds["bfloat16"] * 1.5 <= seconds["float16"] else "float16"
+
+
 def penalty_floor(x: np.ndarray, penalty: np.ndarray) -> np.ndarray:
     """The least a logit x can become under the repetition penalty (divided when positive, multiplied
     when negative; penalty 1: unchanged)."""
@@ -67,15 +116,19 @@ def penalty_floor(x: np.ndarray, penalty: np.ndarray) -> np.ndarray:
 
 
 class GreedyHead:
-    """A model split into its hidden states and its output layer, with the float16 screen."""
+    """A model split into its hidden states and its output layer, with the half-precision screen
+    (`half`: float16 or bfloat16; None: GEMMA_MLX_SCREEN_FORMAT, else the faster here)."""
 
-    def __init__(self, inner, weight: mx.array):
+    def __init__(self, inner, weight: mx.array, half: str | None = None):
         import torch  # (gemma_mlx/__init__ sets OMP_WAIT_POLICY=PASSIVE: spinning threads halved the gain)
 
         self.inner, self.weight = inner, weight  # never the model itself: the cache holds a head, not a model
         self.torch = torch
         full = np.asarray(weight)
-        self.half = torch.from_numpy(full).to(torch.float16)
+        self.format = half or format_from_env() or fastest_format(full)
+        self.half_dtype = getattr(torch, self.format)
+        self.unit = UNIT[self.format]
+        self.half = torch.from_numpy(full).to(self.half_dtype)
         norms = np.zeros(3)  # the largest ||W_j||, ||W_j - W16_j||, ||W16_j|| over all tokens
         for start in range(0, full.shape[0], 16384):
             part = full[start:start + 16384].astype(np.float64)
@@ -92,18 +145,35 @@ class GreedyHead:
     def logits(self, hidden: mx.array) -> mx.array:
         return hidden @ self.weight.T
 
+    def exact_logits(self, hidden: mx.array, candidates: set[int]) -> tuple[mx.array, np.ndarray]:
+        """The float32 logits [B, C] of the candidate tokens, bit for bit the full layer's, and their ids [C].
+
+        A small product goes down another path in OpenBLAS (its small-matrix kernel, on AVX-512 CPUs,
+        for rows x columns x width below about a million), which adds in another order: a few candidates
+        alone would get logits a rounding step away from the full layer's. So the candidates are padded
+        with the lowest other token ids up to a product of SMALL_PRODUCT (an extra candidate's exact
+        logit can only confirm the argmax, never change it). _proved checks this at start-up.
+        """
+        rows, width = hidden.shape[0], self.weight.shape[1]
+        need = min(self.weight.shape[0], -(-SMALL_PRODUCT // (rows * width)))
+        if len(candidates) < need:
+            extra = (t for t in range(self.weight.shape[0]) if t not in candidates)
+            candidates = candidates | {next(extra) for _ in range(need - len(candidates))}
+        columns = np.array(sorted(candidates), dtype=np.int32)
+        return hidden @ self.weight[mx.array(columns)].T, columns
+
     # ----- the screen -----------------------------------------------------------------------------
     def screen(self, hidden: mx.array):
-        """Approximate logits [B, V] (float16, torch) and the bound beta [B] (float64) on their error."""
+        """Approximate logits [B, V] (half precision, torch) and the bound beta [B] (float64) on their error."""
         torch = self.torch
         h = np.asarray(hidden.astype(mx.float32)).astype(np.float32)
-        h16 = torch.from_numpy(h).to(torch.float16)
+        h16 = torch.from_numpy(h).to(self.half_dtype)
         approx = torch.nn.functional.linear(h16, self.half)
         h64, r64 = h.astype(np.float64), h16.to(torch.float64).numpy()
         h_norm, r_norm, dh = (np.linalg.norm(v, axis=1) for v in (h64, r64, h64 - r64))
         largest = r_norm * self.w16_norm * (1 + self.gamma)  # >= |a_j|, without another pass over approx
         beta = (dh * self.w_norm + r_norm * self.w_diff + self.gamma * (h_norm * self.w_norm + r_norm * self.w16_norm)
-                + U16 * largest / (1 - U16))
+                + self.unit * largest / (1 - self.unit))
         return approx, beta * 1.01 + 1e-6
 
     def argmax(self, hidden: mx.array, penalised: dict[int, tuple[list[int], float]], exact_penalty):
@@ -118,17 +188,17 @@ class GreedyHead:
         best = approx.max(dim=1).values.to(torch.float64).numpy()
         penalty = np.array([penalised.get(b, ((), 1.0))[1] for b in range(rows)], dtype=np.float64)
         threshold = penalty_floor(best - beta, penalty) - beta
-        # compared in float16, the threshold rounded down: a token left out has a_j < T still
-        below = threshold.astype(np.float16)
-        below = np.where(below.astype(np.float64) > threshold, np.nextafter(below, np.float16(-np.inf)), below)
+        # compared in float32 (exact for either half format), the threshold rounded down: a token left out has
+        # a_j < T still
+        below = threshold.astype(np.float32)
+        below = np.where(below.astype(np.float64) > threshold, np.nextafter(below, np.float32(-np.inf)), below)
         chosen = approx >= torch.from_numpy(below)[:, None]
         candidates = set(torch.nonzero(chosen)[:, 1].tolist())
         for tokens, _ in penalised.values():
             candidates.update(tokens)
         if len(candidates) > MAX_CANDIDATES:
             return None
-        columns = np.array(sorted(candidates), dtype=np.int32)
-        exact = hidden @ self.weight[mx.array(columns)].T
+        exact, columns = self.exact_logits(hidden, candidates)
         exact = exact_penalty(exact, columns)
         pick = mx.argmax(exact, axis=-1)
         top = np.asarray(mx.take_along_axis(exact, pick[:, None], axis=1)[:, 0].astype(mx.float32)).astype(np.float64)
@@ -156,8 +226,9 @@ def _parts(model):
 
 
 def _proved(model, head: GreedyHead) -> bool:
-    """The split gives the model's own logits, bit for bit, and the screen's error stays within its bound
-    (checked on a few probe rows of one token, as decode steps have)."""
+    """The split gives the model's own logits, bit for bit, the screen's error stays within its bound, and
+    candidates' exact logits are the full layer's bit for bit (checked on a few probe rows of one token, as
+    decode steps have)."""
     probe = mx.array([[t % head.weight.shape[0]] for t in (2, 10, 100, 1000)])  # rows of one token, as in a step
     for rows in (probe[:1], probe):
         if not mx.array_equal(model(rows)[:, -1, :], head.logits(head.inner(rows)[:, -1, :])).item():
@@ -166,9 +237,14 @@ def _proved(model, head: GreedyHead) -> bool:
     for scale in (1.0, 0.01, 30.0):
         h = hidden * scale
         approx, beta = head.screen(h)
-        exact = np.asarray(head.logits(h)).astype(np.float64)
+        full = head.logits(h)
+        exact = np.asarray(full).astype(np.float64)
         if not np.all(np.abs(exact - approx.to(head.torch.float64).numpy()) <= beta[:, None]):
             return False
+        for rows in (slice(0, 1), slice(0, 4)):  # a few candidates, padded: the full layer's bits
+            candidates, columns = head.exact_logits(h[rows], {1, 1000 % head.weight.shape[0]})
+            if not mx.array_equal(candidates, full[rows][:, mx.array(columns)]).item():
+                return False
     return True
 
 
@@ -184,7 +260,7 @@ def greedy_head(model) -> GreedyHead | None:
         return None
     parts = _parts(model)
     weight = None if parts is None else parts[1]
-    key = (id(model), switch())  # auto may say no where on says yes
+    key = (id(model), switch(), format_from_env())  # auto may say no where on says yes
     known = _HEADS.get(key)
     if known is not None and known[0]() is model and known[1]() is weight:
         return known[2]
@@ -192,8 +268,9 @@ def greedy_head(model) -> GreedyHead | None:
     if weight is not None and weight.dtype == mx.float32 and weight.ndim == 2:
         big = weight.shape[0] >= AUTO_VOCAB and mx.default_device().type == mx.cpu
         if switch() == "on" or big:
+            half = format_from_env()  # a misspelt format is the user's to fix, not a silent fallback
             try:
-                head = GreedyHead(*parts)
+                head = GreedyHead(*parts, half=half)
                 head = head if _proved(model, head) else None
             except ImportError:  # no torch: the plain output layer
                 head = None

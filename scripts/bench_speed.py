@@ -138,8 +138,8 @@ def part_decode(args) -> dict:
         mx.clear_cache()
     from gemma_mlx import fast_argmax
 
-    screen = fast_argmax.greedy_head(loaded.model) is not None
-    return {"decode": results, "argmax": "float16 screen + exact candidates (fast_argmax)" if screen else "full logits"}
+    head = fast_argmax.greedy_head(loaded.model)
+    return {"decode": results, "argmax": f"{head.format} screen + exact candidates (fast_argmax)" if head else "full logits"}
 
 
 class _redirect:

@@ -35,10 +35,12 @@ def replies(loaded, prompts, settings, monkeypatch, mode: str):
     return [(r.text, r.tokens, r.finish_reason, r.stop_token) for r in generate_replies(loaded, prompts, settings)]
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.1, 1.5, 0.8])
-def test_the_screen_gives_the_plain_replies(lively, monkeypatch, penalty):
-    """30 prompts, 24 tokens each: the screened step, the lean step without it and mlx-lm's own step all agree,
-    and the screen really decided (nearly) every step."""
+@pytest.mark.parametrize("penalty,half", [(1.0, "float16"), (1.1, "float16"), (1.5, "float16"), (0.8, "float16"),
+                                          (1.0, "bfloat16"), (1.1, "bfloat16")])
+def test_the_screen_gives_the_plain_replies(lively, monkeypatch, penalty, half):
+    """30 prompts, 24 tokens each: the screened step (either half format), the lean step without it and mlx-lm's
+    own step all agree, and the screen really decided (nearly) every step."""
+    monkeypatch.setenv(fast_argmax.FORMAT_ENV, half)
     settings = G(max_tokens=24, repetition_penalty=penalty)
     outcomes = screened_steps(monkeypatch)
     screened = replies(lively, MANY, settings, monkeypatch, "screen")
@@ -63,12 +65,15 @@ def test_rows_the_screen_cannot_take_use_the_full_logits(lively, monkeypatch):
     assert outcomes and not any(outcomes)
 
 
-def test_the_bound_holds_and_the_candidates_logits_are_the_full_ones(lively, monkeypatch):
-    """On hidden states of real prompts (and scaled ones): |exact - approx| <= beta for every token, and a
-    candidate's exact logit is bit for bit the full layer's."""
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_the_bound_holds_and_the_candidates_logits_are_the_full_ones(lively, monkeypatch, half):
+    """On hidden states of real prompts (and scaled ones): |exact - approx| <= beta for every token, in either
+    half format, and a candidate's exact logit is bit for bit the full layer's."""
     monkeypatch.setenv(fast_argmax.SWITCH_ENV, "1")
+    monkeypatch.setenv(fast_argmax.FORMAT_ENV, half)
     head = fast_argmax.greedy_head(lively.model)
     assert head is not None and fast_argmax.greedy_head(lively.model) is head  # made once per model
+    assert head.format == half and head.half.dtype == getattr(head.torch, half)
     ids = mx.array([lively.tokenizer.encode(" ".join(MANY))[:40]])
     hidden = head.inner(ids).reshape(-1, head.weight.shape[1])
     for scale in (1.0, 0.1, 10.0):
@@ -76,9 +81,13 @@ def test_the_bound_holds_and_the_candidates_logits_are_the_full_ones(lively, mon
         approx, beta = head.screen(h)
         full = head.logits(h)
         error = np.abs(np.asarray(full).astype(np.float64) - approx.double().numpy())
-        assert np.all(error <= beta[:, None]) and np.all(beta < 1.0)
-        columns = mx.array(sorted({3, 17, 250, head.weight.shape[0] - 1}))
-        assert mx.array_equal(h @ head.weight[columns].T, full[:, columns]).item()
+        assert np.all(error <= beta[:, None]) and np.all(beta < (1.0 if half == "float16" else 8.0))
+        assert error.max() > 0  # the half copy really is approximate (else the bound is untested)
+        asked = {3, 17, 250, head.weight.shape[0] - 1}
+        for rows in (slice(0, 1), slice(0, 4), slice(None)):
+            exact, columns = head.exact_logits(h[rows], asked)
+            assert asked <= set(columns.tolist()) and sorted(set(columns.tolist())) == columns.tolist()
+            assert mx.array_equal(exact, full[rows][:, mx.array(columns)]).item()
 
 
 def test_the_switch(lively, monkeypatch):
@@ -127,3 +136,21 @@ def test_a_new_output_weight_makes_a_new_screen(lively, monkeypatch):
         assert (second.half[5].float().numpy() == first.half[7].float().numpy() * 3).mean() > 0.9
     finally:
         model.model.embed_tokens.weight = saved
+
+
+def test_the_format_is_the_faster_or_the_one_asked_for(lively, monkeypatch):
+    """Unset: whichever half format multiplies faster here (bfloat16 only when clearly faster); set: that one;
+    misspelt: a ConfigError that names the variable and the choices, not a silent fallback to full logits."""
+    from gemma_mlx.errors import ConfigError
+
+    weight = np.asarray(lively.model.model.embed_tokens.weight)
+    assert fast_argmax.fastest_format(weight) in fast_argmax.UNIT
+    assert fast_argmax.pick_format({"float16": 0.226, "bfloat16": 0.037}) == "bfloat16"  # an AVX512-BF16 CPU
+    assert fast_argmax.pick_format({"float16": 0.025, "bfloat16": 0.037}) == "float16"  # one with FP16 arithmetic
+    assert fast_argmax.pick_format({"float16": 0.050, "bfloat16": 0.040}) == "float16"  # not clearly faster
+    monkeypatch.setenv(fast_argmax.FORMAT_ENV, "BFloat16")
+    assert fast_argmax.format_from_env() == "bfloat16"
+    monkeypatch.setenv(fast_argmax.SWITCH_ENV, "1")
+    monkeypatch.setenv(fast_argmax.FORMAT_ENV, "half")
+    with pytest.raises(ConfigError, match="GEMMA_MLX_SCREEN_FORMAT='half'.*float16, bfloat16"):
+        fast_argmax.greedy_head(lively.model)

@@ -34,9 +34,10 @@ falls back to the full float32 logits. Ties go to the lowest token id, as in the
 Switch: GEMMA_MLX_FAST_ARGMAX=0 turns it off, =1 turns it on wherever it can run (a float32
 output layer as an embedding or a bias-free linear, torch importable); unset, it is on for
 vocabularies of 32k tokens or more on the CPU, in steps of 4 rows or more (one chat reply would
-not win back the start-up). GEMMA_MLX_PLAIN_DECODE=1 turns off every decode shortcut, this one
-included. On Metal it is off by default: a float16 copy read by MLX's own GPU kernels would be
-the way there, and it has not been measured.
+not win back the start-up). GEMMA_MLX_SCREEN_FORMAT=float16 or bfloat16 forces the half format.
+GEMMA_MLX_PLAIN_DECODE=1 turns off every decode shortcut, this one included. On Metal it is off by
+default: a float16 copy read by MLX's own GPU kernels would be the way there, and it has not been
+measured.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import numpy as np
 
 SWITCH_ENV = "GEMMA_MLX_FAST_ARGMAX"
 AUTO_VOCAB = 32768  # the screen pays for itself on big output layers only,
-AUTO_ROWS = 4  # and on batches: its start-up (a float16 copy, the norms, the check) takes seconds
+AUTO_ROWS = 4  # and on batches: its start-up (a half copy, the norms, the check) takes seconds
 MAX_CANDIDATES = 4096  # more distinct candidate tokens than this in a step: the full logits instead
 SMALL_PRODUCT = 2**21  # candidates' rows x columns x width at least this: past OpenBLAS's small-matrix path
 U32 = 2.0**-24
@@ -83,9 +84,9 @@ def format_from_env() -> str | None:
 
 def fastest_format(weight: np.ndarray) -> str:
     """float16 or bfloat16, whichever multiplies a batch of 16 rows by (a slice of) the output layer faster
-    on this CPU. Which one wins depends on the chip: one CPU here ran float16 at a quarter of float32's
-    time, another (AVX512-BF16, no FP16 arithmetic) at 2.3x float32's, while bfloat16 took a third.
-    float16's tighter rounding keeps it unless bfloat16 is clearly (1.5x) faster."""
+    on this CPU (the rule: pick_format). Which one wins depends on the chip: one of our machines ran
+    float16 at a quarter of float32's time, another (AVX512-BF16, no FP16 arithmetic) at 2.3x
+    float32's, while bfloat16 took a third."""
     import time
 
     import torch

@@ -217,9 +217,9 @@ def report(results: dict, args, flops: float) -> None:
 
 
 def decode_rows(results: dict, args) -> list[str]:
-    """The decode part's table rows."""
+    """The decode part's table rows (none when decoding was not run)."""
     rows = []
-    for d in results["decode"]["decode"]:
+    for d in results.get("decode", {}).get("decode", []):
         label = f"greedy decode, {d['prompts']} prompts x {args.tokens} tokens, tok/s" + (
             f", repetition penalty {d['penalty']}" if d["penalty"] != 1.0 else "")
         target = ">= 2x" if d["prompts"] == args.prompts[0] and d["penalty"] == 1.0 else ""
@@ -268,9 +268,8 @@ def main() -> None:
         print(f"gemma-mlx's greedy argmax: {results['decode']['argmax']}")
         print("\n".join(["| work | mlx-lm | gemma-mlx | ratio | target |", "|---|---|---|---|---|"]
                         + decode_rows(results, args)))
-    if args.only:
-        return
-    report(results, args, flops)
+    else:
+        report(results, args, flops)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def penalty_floor(x: np.ndarray, penalty: np.ndarray) -> np.ndarray:
 
 class GreedyHead:
     """A model split into its hidden states and its output layer, with the half-precision screen
-    (`half`: float16 or bfloat16; None: GEMMA_MLX_SCREEN_FORMAT, else the faster here)."""
+    (`half`: float16 or bfloat16; None: the faster on this machine)."""
 
     def __init__(self, inner, weight: mx.array, half: str | None = None):
         import torch  # (gemma_mlx/__init__ sets OMP_WAIT_POLICY=PASSIVE: spinning threads halved the gain)
@@ -126,10 +126,9 @@ class GreedyHead:
         self.inner, self.weight = inner, weight  # never the model itself: the cache holds a head, not a model
         self.torch = torch
         full = np.asarray(weight)
-        self.format = half or format_from_env() or fastest_format(full)
-        self.half_dtype = getattr(torch, self.format)
+        self.format = half or fastest_format(full)
         self.unit = UNIT[self.format]
-        self.half = torch.from_numpy(full).to(self.half_dtype)
+        self.half = torch.from_numpy(full).to(getattr(torch, self.format))
         norms = np.zeros(3)  # the largest ||W_j||, ||W_j - W16_j||, ||W16_j|| over all tokens
         for start in range(0, full.shape[0], 16384):
             part = full[start:start + 16384].astype(np.float64)
@@ -168,7 +167,7 @@ class GreedyHead:
         """Approximate logits [B, V] (half precision, torch) and the bound beta [B] (float64) on their error."""
         torch = self.torch
         h = np.asarray(hidden.astype(mx.float32)).astype(np.float32)
-        h16 = torch.from_numpy(h).to(self.half_dtype)
+        h16 = torch.from_numpy(h).to(self.half.dtype)
         approx = torch.nn.functional.linear(h16, self.half)
         h64, r64 = h.astype(np.float64), h16.to(torch.float64).numpy()
         h_norm, r_norm, dh = (np.linalg.norm(v, axis=1) for v in (h64, r64, h64 - r64))

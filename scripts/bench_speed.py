@@ -14,10 +14,11 @@ Side by side on this machine, each part in its own process (so its peak memory i
   OpenBLAS preload as gemma-mlx's (its CLI alone would use MLX's reference BLAS, 30x slower).
 - greedy decoding of 16 and 64 prompts (the conversations' first user turns in the Gemma turn
   format): mlx-lm's batch_generate (its default batch sizes) against gemma-mlx's generate_replies,
-  one model in one process, alternating; both stop on the same tokens, and every reply must be
-  identical. Then once more with the repetition penalty 1.1 (compare's default) on both sides.
-  gemma-mlx runs as configured (its float16 screen of the output layer on when torch is there;
-  GEMMA_MLX_FAST_ARGMAX=0 for the full logits, GEMMA_MLX_PLAIN_DECODE=1 for mlx-lm's own step).
+  in one process, alternating, each on its own copy of the model as it loads one (gemma-mlx's
+  MLPs take the multiply-add GELU on the CPU); both stop on the same tokens, and every reply must
+  be identical. Then once more with the repetition penalty 1.1 (compare's default) on both sides.
+  gemma-mlx runs as configured (its half-precision screen of the output layer on when torch is there;
+  GEMMA_MLX_FAST_ARGMAX=0 for the full logits, GEMMA_MLX_PLAIN_DECODE=1 for mlx-lm's own step and GELU).
 - this machine's float32 matmul rate (the best 2048x2048 matmul, before and after), and the share
   of it that each trainer's steps reach, counting the useful FLOPs of the epoch.
 
@@ -103,7 +104,10 @@ def part_decode(args) -> dict:
     from gemma_mlx.config import GenerationSettings
     from gemma_mlx.generate import end_token_ids, generate_replies, load_model
 
+    from mlx_lm import load as mlx_lm_load
+
     loaded = load_model(args.model)
+    theirs_model = mlx_lm_load(str(args.model))[0]  # as mlx-lm runs it (our load_model changes the CPU's GELU)
     theirs_tokenizer = load_tokenizer(Path(args.model))
     theirs_tokenizer.eos_token_ids = sorted(end_token_ids(loaded.tokenizer))  # the same stop tokens on both sides
     prompts = [json.loads(line)["messages"][0]["content"] for line in DATA.read_text().splitlines()]
@@ -114,7 +118,7 @@ def part_decode(args) -> dict:
         ids = [prompt_ids(loaded.tokenizer, [{"role": "user", "content": p}]) for p in prompts[:count]]
         extra = {"logits_processors": make_logits_processors(repetition_penalty=penalty)} if penalty != 1.0 else {}
         started = time.perf_counter()
-        out = batch_generate(loaded.model, theirs_tokenizer, ids, max_tokens=args.tokens, return_token_ids=True, **extra)
+        out = batch_generate(theirs_model, theirs_tokenizer, ids, max_tokens=args.tokens, return_token_ids=True, **extra)
         seconds = time.perf_counter() - started
         return seconds, [theirs_tokenizer.decode(t).strip() for t in out.token_ids], sum(len(t) for t in out.token_ids)
 

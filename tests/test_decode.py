@@ -157,3 +157,19 @@ def test_the_driver_streams_text_without_decoding_the_whole_reply_at_every_step(
     assert reply.tokens == 40 and reply.finish_reason == "length" and len(pieces) > 5
     assert "".join(pieces) == reply.text
     assert whole and len(whole) <= 2 and set(whole) == {40}  # the driver's check at the end, and the Reply's text
+
+
+def test_models_load_with_the_multiply_add_gelu_on_the_cpu_and_give_the_same_logits(lively, monkeypatch):
+    from gemma_mlx.models import load_model
+
+    monkeypatch.setenv(decode_step.PLAIN_ENV, "1")
+    plain = load_model(lively.path)
+    monkeypatch.delenv(decode_step.PLAIN_ENV)
+    fast = load_model(lively.path)
+    assert {type(layer.mlp).__name__ for layer in fast.model.layers} == {"FastGeluMLP"}
+    assert {type(layer.mlp).__name__ for layer in plain.model.layers} == {"MLP"}
+    ids = mx.array([prompt_ids(fast.tokenizer, [{"role": "user", "content": p}])[:12] for p in PROMPTS[:3]])
+    ours, theirs = fast.model(ids), plain.model(ids)
+    scale = mx.abs(theirs).max().item()
+    assert 0 < mx.abs(ours - theirs).max().item() <= 1e-5 * scale  # the same function, rounded another way
+    assert mx.array_equal(ours.argmax(axis=-1), theirs.argmax(axis=-1))

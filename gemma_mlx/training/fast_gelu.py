@@ -1,11 +1,12 @@
-"""Gemma's tanh-GELU for training on the CPU, built from multiply-adds only.
+"""Gemma's tanh-GELU on the CPU from multiply-adds only: training, and decoding there.
 
 MLX's CPU `tanh` costs ~15 ns per element (about 100x a multiply), so in a gemma-3-270m LoRA
 step the MLP activation and its gradient took about half the time, more than the matmuls.
 Here tanh is a rational function x*P(x^2)/Q(x^2) fitted for this project on [-9, 9] (max
 error 3.5e-7, float32's own rounding level; beyond 9 tanh is 1 in float32), and the backward
-pass is written out so it needs no transcendental either. Used only while training: the saved
-adapters run on mlx-lm's own `gelu_approx` with no measurable difference.
+pass is written out so it needs no transcendental either. Training always uses it; on the CPU,
+models loaded for generation do too (models.fast_activation: 16 ms -> 2 ms of a 16-row decode
+step of the 270M). Saved adapters and fused weights are the same either way.
 """
 
 from __future__ import annotations

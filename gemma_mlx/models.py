@@ -232,7 +232,7 @@ def display_name(model_dir: Path, adapter_dir: Path | None = None, manifest: dic
 
 
 def fast_activation(model) -> int:
-    """On the CPU, give the model's MLPs the tanh-GELU without a tanh (training/fast_gelu.py); how many.
+    """On the CPU, give the model's MLPs the tanh-GELU without a tanh (fast_gelu.py); how many.
 
     MLX's CPU tanh is scalar and slow: in a 16-row decode step of the 270M, mlx-lm's GELU took
     16 ms of the transformer's 81-89 ms, the multiply-add form 2 ms. It is the same function to
@@ -243,7 +243,7 @@ def fast_activation(model) -> int:
     import mlx.core as mx
 
     from .decode_step import plain_forced
-    from .training.fast_gelu import use_fast_gelu
+    from .fast_gelu import use_fast_gelu
 
     if mx.default_device().type != mx.cpu or plain_forced():
         return 0

@@ -339,7 +339,7 @@ def test_cli_trains_with_config_and_stops_cleanly_on_nan(converted_models, data_
 def test_fast_gelu_matches_mlx_gelu_approx_and_its_gradient():
     import mlx.nn as nn
 
-    from gemma_mlx.training.fast_gelu import gelu_approx
+    from gemma_mlx.fast_gelu import gelu_approx
 
     x = mx.linspace(-30, 30, 60001)
     assert mx.abs(gelu_approx(x) - nn.gelu_approx(x)).max().item() < 5e-6

@@ -27,7 +27,7 @@ from .. import fast_exp
 from ..errors import TrainingError
 from ..families import DEFAULT, Family
 from .chunked_loss import CHUNK_ROWS, chunked_cross_entropy, output_matrix
-from .fast_gelu import use_fast_gelu
+from ..fast_gelu import use_fast_gelu
 
 
 class Trainee(nn.Module):

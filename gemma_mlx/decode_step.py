@@ -16,7 +16,8 @@ tokens, so its step (LeanGenerationBatch) does less:
 It is installed by giving the generator's (persistent) generation batch this subclass: its state
 and the rest of its code stay mlx-lm's. A new row's first token still comes from mlx-lm's own step.
 Where mlx-lm's internals are not the ones this was written against (another version), or where
-GEMMA_MLX_PLAIN_DECODE=1 is set, the generator is left as mlx-lm made it.
+GEMMA_MLX_PLAIN_DECODE=1 is set, the generator is left as mlx-lm made it (and models.load_model leaves
+the model's GELU mlx-lm's).
 
 rows_that_fit sizes the batch: every row at once, unless their KV caches would not fit in memory.
 """

@@ -97,14 +97,13 @@ def our_command(args, root: Path, out: Path) -> list[str]:
 
 def part_decode(args) -> dict:
     import mlx.core as mx
+    from mlx_lm import load as mlx_lm_load
     from mlx_lm.generate import batch_generate
     from mlx_lm.utils import load_tokenizer
 
     from gemma_mlx.chat_format import prompt_ids
     from gemma_mlx.config import GenerationSettings
     from gemma_mlx.generate import end_token_ids, generate_replies, load_model
-
-    from mlx_lm import load as mlx_lm_load
 
     loaded = load_model(args.model)
     theirs_model = mlx_lm_load(str(args.model))[0]  # as mlx-lm runs it (our load_model changes the CPU's GELU)

@@ -44,3 +44,31 @@ def test_the_twin_keeps_shapes_norms_scales_and_files_and_loads(converted_models
     assert (tmp_path / "twin" / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
     loaded = load_model(tmp_path / "twin")
     assert loaded.model.model.embed_tokens.weight.shape == original["model.embed_tokens.weight"].shape
+
+
+def test_the_twin_is_marked_and_nothing_is_overwritten(converted_models, tmp_path):
+    import pytest
+
+    twin_script = _script()
+    source = converted_models["pt"]
+    packed = tmp_path / "twin.npz"
+    twin_script.pack(source, packed, small=1000)
+    with pytest.raises(SystemExit, match="not overwritten"):
+        twin_script.pack(source, packed)
+    with pytest.raises(SystemExit, match="no \\*.safetensors"):
+        twin_script.pack(tmp_path, tmp_path / "other.npz")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not empty"):
+        twin_script.build(packed, taken)
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(SystemExit, match="random_twin.py pack"):
+        twin_script.build(tmp_path / "junk.npz", tmp_path / "out")
+    twin_script.build(packed, tmp_path / "twin")
+    manifest = json.loads((tmp_path / "twin" / "manifest.json").read_text())
+    original = json.loads((source / "manifest.json").read_text())
+    assert manifest["random_twin"] is True and manifest["name"].endswith("-random-twin")
+    assert "files" not in manifest and "source_id" not in manifest and manifest["flavour"] == original["flavour"]
+    assert not (tmp_path / "twin.partial").exists()

@@ -17,6 +17,9 @@ Side by side on this machine, each part in its own process (so its peak memory i
   in one process, alternating, each on its own copy of the model as it loads one (gemma-mlx's
   MLPs take the multiply-add GELU on the CPU); both stop on the same tokens, and every reply must
   be identical. Then once more with the repetition penalty 1.1 (compare's default) on both sides.
+  Each setting runs --repeats pairs (default 3), back to back and in alternating order; the table
+  shows the median pair's figures and the range of the ratios (one pair of 8-second runs moved by
+  up to 15% on a shared machine).
   gemma-mlx runs as configured (its half-precision screen of the output layer on when torch is there;
   GEMMA_MLX_FAST_ARGMAX=0 for the full logits, GEMMA_MLX_PLAIN_DECODE=1 for mlx-lm's own step and GELU).
 - this machine's float32 matmul rate (the best 2048x2048 matmul, before and after), and the share
@@ -129,16 +132,22 @@ def part_decode(args) -> dict:
         return seconds, [r.text for r in replies], sum(r.tokens for r in replies)
 
     mlx_lm_side(4, 1.0), our_side(4, 1.0)  # warm-up: kernels, allocations
-    results = []
+    results, pairs = [], 0
     for count, penalty in [(args.prompts[0], 1.0), (args.prompts[1], 1.0), (args.prompts[0], 1.1)]:
-        order = (mlx_lm_side, our_side) if len(results) % 2 == 0 else (our_side, mlx_lm_side)
-        timed = {side.__name__: side(count, penalty) for side in order}
-        (t_theirs, text_theirs, n_theirs), (t_ours, text_ours, n_ours) = timed["mlx_lm_side"], timed["our_side"]
-        same = sum(a == b for a, b in zip(text_theirs, text_ours))
-        results.append({"prompts": count, "penalty": penalty, "mlx_lm_tok_s": n_theirs / t_theirs,
-                        "ours_tok_s": n_ours / t_ours, "identical": same, "tokens": [n_theirs, n_ours],
-                        "seconds": [t_theirs, t_ours]})
-        mx.clear_cache()
+        runs = []
+        for _ in range(args.repeats):  # back-to-back pairs, the order alternating: the load's drift cancels out
+            order = (mlx_lm_side, our_side) if pairs % 2 == 0 else (our_side, mlx_lm_side)
+            pairs += 1
+            timed = {side.__name__: side(count, penalty) for side in order}
+            (t_theirs, text_theirs, n_theirs), (t_ours, text_ours, n_ours) = timed["mlx_lm_side"], timed["our_side"]
+            runs.append({"mlx_lm_tok_s": n_theirs / t_theirs, "ours_tok_s": n_ours / t_ours,
+                         "identical": sum(a == b for a, b in zip(text_theirs, text_ours)), "tokens": [n_theirs, n_ours]})
+            mx.clear_cache()
+        ratios = sorted(r["ours_tok_s"] / r["mlx_lm_tok_s"] for r in runs)
+        middle = sorted(runs, key=lambda r: r["ours_tok_s"] / r["mlx_lm_tok_s"])[len(runs) // 2]
+        results.append({"prompts": count, "penalty": penalty, "mlx_lm_tok_s": middle["mlx_lm_tok_s"],
+                        "ours_tok_s": middle["ours_tok_s"], "ratios": ratios,
+                        "identical": min(r["identical"] for r in runs), "runs": runs})
     from gemma_mlx import fast_argmax
 
     head = fast_argmax.greedy_head(loaded.model)
@@ -169,6 +178,7 @@ def run_part(part: str, args, root: Path) -> dict:
     """One part in its own process; its figures (the last line it prints, or gemma-mlx's summary.json)."""
     command = [sys.executable, __file__, "--part", part, "--root", str(root), "--model", str(args.model),
                "--examples", str(args.examples), "--tokens", str(args.tokens), "--num-layers", str(args.num_layers),
+               "--repeats", str(args.repeats),
                "--prompts", *(str(p) for p in args.prompts)]
     env = dict(os.environ)
     env.pop("MLX_DISABLE_COMPILE", None)
@@ -226,8 +236,9 @@ def decode_rows(results: dict, args) -> list[str]:
         label = f"greedy decode, {d['prompts']} prompts x {args.tokens} tokens, tok/s" + (
             f", repetition penalty {d['penalty']}" if d["penalty"] != 1.0 else "")
         target = ">= 2x" if d["prompts"] == args.prompts[0] and d["penalty"] == 1.0 else ""
+        spread = f" ({d['ratios'][0]:.2f}-{d['ratios'][-1]:.2f}x in {len(d['ratios'])} pairs)" if len(d["ratios"]) > 1 else ""
         rows.append(f"| {label} (identical replies: {d['identical']}/{d['prompts']}) | {d['mlx_lm_tok_s']:.1f} | "
-                    f"{d['ours_tok_s']:.1f} | {d['ours_tok_s'] / d['mlx_lm_tok_s']:.2f}x | {target} |")
+                    f"{d['ours_tok_s']:.1f} | {d['ours_tok_s'] / d['mlx_lm_tok_s']:.2f}x{spread} | {target} |")
     return rows
 
 
@@ -238,6 +249,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, help="training examples, a multiple of 4 (default 132)")
     parser.add_argument("--tokens", type=int, help="max tokens per greedy reply (default 64)")
     parser.add_argument("--prompts", type=int, nargs=2, help="the two decode batch sizes (default 16 64)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="decode pairs per setting; the table shows the median pair and the range (default 3)")
     parser.add_argument("--num-layers", type=int, default=LAYERS, help=argparse.SUPPRESS)  # a tiny model has fewer
     parser.add_argument("--only", choices=["train", "decode"], help="run one half")
     parser.add_argument("--part", help=argparse.SUPPRESS)

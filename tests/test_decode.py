@@ -64,7 +64,7 @@ def count_logsumexp(monkeypatch) -> list:
     return calls
 
 
-def test_greedy_rows_are_never_normalised_after_their_first_token(lively, monkeypatch):
+def test_greedy_rows_are_never_normalised(lively, monkeypatch):
     monkeypatch.setenv(decode_step.PLAIN_ENV, "1")
     calls = count_logsumexp(monkeypatch)
     generate_replies(lively, PROMPTS[:3], G(max_tokens=12))
@@ -72,18 +72,22 @@ def test_greedy_rows_are_never_normalised_after_their_first_token(lively, monkey
     monkeypatch.delenv(decode_step.PLAIN_ENV)
     calls.clear()
     generate_replies(lively, PROMPTS[:3], G(max_tokens=12))
-    assert len(calls) == 1  # the rows' first token, from mlx-lm's step when they join
+    assert calls == []  # not even for the rows' first token, made as they join the decoding batch
 
     calls.clear()  # one sampled row among greedy ones: only that row is normalised
     generate_replies(lively, PROMPTS[:3], [G(max_tokens=12), G(max_tokens=12, temperature=0.8), G(max_tokens=12)])
-    # each step computes the token after the one it hands out: 12 lean steps after the first
-    assert len(calls) == 1 + 12 and all(shape[0] == 1 for shape in calls[1:])
+    # each step computes the token after the one it hands out: the first token, then 12 steps
+    assert len(calls) == 1 + 12 and all(shape[0] == 1 for shape in calls)
 
 
 def test_generator_gets_the_lean_step_unless_plain_is_asked(lively, monkeypatch):
-    assert type(new_generator(lively)._generation_batch) is decode_step.LeanGenerationBatch
+    generator = new_generator(lively)
+    assert type(generator._generation_batch) is decode_step.LeanGenerationBatch
+    assert type(generator._prompt_batch) is decode_step.LeanPromptBatch
     monkeypatch.setenv(decode_step.PLAIN_ENV, "1")
-    assert type(new_generator(lively)._generation_batch) is not decode_step.LeanGenerationBatch
+    generator = new_generator(lively)
+    assert type(generator._generation_batch) is not decode_step.LeanGenerationBatch
+    assert type(generator._prompt_batch) is not decode_step.LeanPromptBatch
 
 
 def test_batched_penalty_equals_mlx_lms_processor_row_by_row():
@@ -173,3 +177,36 @@ def test_models_load_with_the_multiply_add_gelu_on_the_cpu_and_give_the_same_log
     scale = mx.abs(theirs).max().item()
     assert 0 < mx.abs(ours - theirs).max().item() <= 1e-5 * scale  # the same function, rounded another way
     assert mx.array_equal(ours.argmax(axis=-1), theirs.argmax(axis=-1))
+
+
+def test_narrowing_projections_of_a_batch_use_a_transposed_copy_with_the_same_bits(lively, monkeypatch):
+    """fast_linear: o_proj and down_proj of a batch multiply by a contiguous [in, out] copy (about twice as
+    fast with OpenBLAS), bit for bit the product of the weight transposed; a small batch keeps the original
+    product (the small-matrix kernel adds in another order), and the weight stays the one parameter."""
+    import mlx.nn as nn
+
+    from gemma_mlx.fast_linear import use_transposed_copies
+    from gemma_mlx.models import load_model
+
+    for width, out in ((2048, 640), (1024, 640)):  # the 270M's down_proj and o_proj
+        plain = nn.Linear(width, out, bias=False)
+        fast = nn.Linear(width, out, bias=False)
+        fast.weight = plain.weight
+        holder = nn.Module()
+        holder.proj = fast
+        assert use_transposed_copies(holder) == 1 and set(dict(fast.parameters())) == {"weight"}
+        for rows in (1, 3, 16, 64):
+            x = mx.random.normal((rows, width), key=mx.random.key(rows))
+            assert mx.array_equal(fast(x), plain(x)).item(), (width, rows)
+        assert isinstance(fast._weight_t, mx.array) and fast._weight_t.shape == (width, out)  # used from 4 rows
+    narrow_up = nn.Linear(640, 2048, bias=False)  # widening projections keep mlx-lm's product
+    holder = nn.Module()
+    holder.proj = narrow_up
+    assert use_transposed_copies(holder) == 0 and type(narrow_up) is nn.Linear
+
+    loaded = load_model(lively.path)
+    layer = loaded.model.layers[0]
+    assert type(layer.mlp.down_proj).__name__ == "BatchedLinear"  # 128 -> 64 in the tiny model
+    assert type(layer.mlp.up_proj) is nn.Linear and type(layer.self_attn.o_proj) is nn.Linear  # 64 -> 128, 64 -> 64
+    monkeypatch.setenv(decode_step.PLAIN_ENV, "1")
+    assert type(load_model(lively.path).model.layers[0].mlp.down_proj) is nn.Linear

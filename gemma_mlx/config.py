@@ -72,6 +72,9 @@ class TrainSettings:
     # which validation keeps the "best" adapters: score = clean endings x length fidelity x on topic
     # (selection.checkpoint_score); stops = most clean endings (later wins a tie); loss = lowest validation loss
     best_by: str = "score"  # score | stops | loss
+    # after training, shift the kept adapters' reply-end logit (folded into the turn-end row) so that greedy
+    # replies to the validation prompts are as long as the validation replies (training/calibration.py)
+    calibrate_length: bool = True
 
 
 @dataclass
@@ -173,6 +176,7 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "train.end_of_turn_weight": (lambda v: v > 0, "above 0"),
     "train.val_generation_tokens": (lambda v: v >= 0, "0 (off) or more"),
     "train.best_by": (lambda v: v in ("stops", "score", "loss"), "stops, score or loss"),
+    "train.calibrate_length": (lambda v: isinstance(v, bool), "true or false"),
     "preferences.beta": (lambda v: v > 0, "above 0"),
     "preferences.learning_rate": (lambda v: v > 0, "above 0"),
     "preferences.epochs": (lambda v: v >= 1, "at least 1"),

@@ -382,6 +382,9 @@ def _train(setup: RunSetup, resume: bool, force: bool, remake: bool, progress: P
         return TrainResult(setup.work, summary, status)
     if not here.main:
         return TrainResult(setup.out, summary, status)
+    calibration = calibrate_length(setup, summary, say)
+    if calibration is not None:
+        summary["length_calibration"] = calibration
     summary["finished"] = now_iso()
     summary["run_seconds"] = round(time.time() - started, 2)
     summary["ranks"] = here.size
@@ -397,6 +400,31 @@ def _train(setup: RunSetup, resume: bool, force: bool, remake: bool, progress: P
         say(f"done: kept the adapters of epoch {summary['best_epoch']:g} ({why}; validation loss "
             f"{summary['best_val_loss']:.4f}); adapters in {setup.out}, the final ones in {setup.out / 'last'}")
     return TrainResult(setup.out, summary, status)
+
+
+def calibrate_length(setup: RunSetup, summary: dict, say: Progress) -> dict | None:
+    """Shift the kept adapters' reply-end logit so that greedy validation replies are as long as the training
+    replies (training/calibration.py); what was done, or None where it does not apply (turned off, a preference
+    run, no validation replies or no validation generation, the final adapters kept for want of validation)."""
+    train = setup.train
+    if (not train.calibrate_length or setup.preferences is not None or not train.val_generation_tokens
+            or summary.get("best_score") is None or not summary.get("train_reply_words")):
+        return None
+    from .examples import load_splits
+    from .training.calibration import calibrate_adapters
+    from .training.sft import VALIDATION_PROMPTS
+
+    splits = load_splits(setup.data, seed=train.seed)
+    conversations = [e.messages for e in splits.valid if e.messages][:VALIDATION_PROMPTS]
+    # aimed at the persona's length, the training replies' mean words (what compare holds replies against): 16
+    # validation replies alone are a noisy target (on Bluey's they averaged 59 words, the 133 training replies 52)
+    done = calibrate_adapters(setup.model_dir, setup.work, conversations, summary["train_reply_words"],
+                              train.val_generation_tokens, say)
+    if done is not None:
+        say(f"length calibration: reply-end logit shifted by {done['shift']:+.2f}: greedy validation replies "
+            f"{done['words_before']:.1f} -> {done['words_after']:.1f} words (the training replies' "
+            f"{done['target_words']:.1f}), clean {done['clean_before']} -> {done['clean_after']} of {done['replies']}")
+    return done
 
 
 def _decide(setup: RunSetup, resume: bool, force: bool, remake: bool, say: Progress) -> dict:

@@ -12,6 +12,8 @@ from gemma_mlx.cli import cli
 from gemma_mlx.families import GEMMA3, GEMMA4
 from gemma_mlx.tiny import write_tiny_checkpoint, write_tiny_gemma4_pair, write_tiny_multimodal_checkpoint
 
+from .test_run import assert_only_the_calibrated_end_row
+
 PROMPT_IDS = [2, 105, 300, 400, 500, 106, 600, 10, 20, 30, 700, 105, 41]
 
 
@@ -117,7 +119,7 @@ def test_gemma4_pair_runs_the_whole_experiment(isolated_outputs, tmp_path):
         ("convert", "ran"), ("data", "ran"), ("train", "ran"), ("fuse", "ran"), ("compare", "ran")], result
     base_adapters = run_dir / "tiny-gemma-4-pt"
     assert (base_adapters / "turn_tokens.safetensors").is_file()  # the base's <|turn>/<turn|> rows were trained
-    assert not (run_dir / "tiny-gemma-4-it" / "turn_tokens.safetensors").exists()
+    assert_only_the_calibrated_end_row(run_dir / "tiny-gemma-4-it", GEMMA4.turn_end_id)
     replies = [json.loads(line) for line in (run_dir / "compare" / "replies.jsonl").read_text().splitlines()]
     assert len({r["model"] for r in replies}) == 4 and len(replies) == 8
     assert all("<turn|>" not in r["text"] and "<|turn>" not in r["text"] for r in replies)

@@ -116,6 +116,21 @@ def test_fine_tune_learns_to_end_its_turn(real_run):
     assert trained.summary["flavour"] == "pt" and trained.summary["turn_tokens_trained"]
 
 
+def test_length_calibration_lengthens_the_replies_of_one_epoch_without_losing_an_ending(real_run):
+    """The reply-end shift, folded into the real model's <end_of_turn> row, moves real replies: one epoch
+    answers the validation prompts in a few words (8 on 2026-12-04), far short of the persona's 52, so the
+    search goes to its limit, and the replies there must be clearly longer and still end as cleanly."""
+    from gemma_mlx.training.calibration import LIMIT
+
+    trained, _ = real_run
+    done = trained.summary["length_calibration"]
+    print(f"real tier: length calibration {done['shift']:+.2f}: {done['words_before']:.1f} -> {done['words_after']:.1f} "
+          f"words (target {done['target_words']:.1f}), clean {done['clean_before']} -> {done['clean_after']}")
+    assert done["words_before"] < 0.5 * done["target_words"]
+    assert done["shift"] == -LIMIT and done["words_after"] > 1.3 * done["words_before"]
+    assert done["clean_after"] >= done["clean_before"]
+
+
 def test_fused_model_ends_its_replies_without_loops(real_run, tmp_path):
     from gemma_mlx.compare import compare_models
     from gemma_mlx.config import SHIPPED_DATA, GenerationSettings

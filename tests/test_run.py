@@ -71,9 +71,10 @@ def test_demo_runs_every_stage_and_writes_everything(in_demo_outputs, finished_t
         assert (adapters / "adapters.safetensors").is_file() and (adapters / "adapter_config.json").is_file()
         assert (adapters / "fused" / "model.safetensors").is_file()
         assert json.loads((adapters / "fused" / "config.json").read_text())["eos_token_id"] == [1, 106]
-    # only the base model learns the turn-token rows
+    # only the base model learns the turn-token rows; the instruction-tuned one has at most its calibrated
+    # <end_of_turn> row (length calibration, when it shifted it)
     assert (run_dir / "tiny-gemma-3-pt" / "turn_tokens.safetensors").is_file()
-    assert not (run_dir / "tiny-gemma-3-it" / "turn_tokens.safetensors").exists()
+    assert_only_the_calibrated_end_row(run_dir / "tiny-gemma-3-it", 106)
     for name in REPORT_FILES:
         assert (run_dir / "compare" / name).is_file()
     results = json.loads((run_dir / "compare" / "comparison.json").read_text())
@@ -284,3 +285,16 @@ def test_the_arena_refuses_a_directory_that_is_not_a_run(in_demo_outputs):
     result = CliRunner().invoke(cli, ["arena", "--run", str(in_demo_outputs / "runs")])
     assert result.exit_code == 1 and "is not an experiment run" in result.output
     assert "Traceback" not in result.output
+
+
+def assert_only_the_calibrated_end_row(adapters, end_id: int) -> None:
+    """An instruction-tuned run trains no turn rows: its turn_tokens file exists only when length calibration
+    shifted the turn-end row, and then holds that row alone."""
+    import mlx.core as mx
+
+    shift = (json.loads((adapters / "summary.json").read_text()).get("length_calibration") or {}).get("shift", 0)
+    rows = adapters / "turn_tokens.safetensors"
+    if shift == 0:
+        assert not rows.exists()
+    else:
+        assert mx.load(str(rows))["ids"].tolist() == [end_id]

@@ -16,7 +16,8 @@ tokens, so its step (LeanGenerationBatch) does less:
 It is installed by giving the generator's (persistent) generation batch this subclass: its state
 and the rest of its code stay mlx-lm's. The prompt batch gets a subclass too (LeanPromptBatch), so a
 new row's first token, made as its prompt is handed over to decoding, comes from the lean step as
-well (mlx-lm's full step there cost about twice a lean one: 0.23 s of a 16-prompt batch). Where mlx-lm's internals are not the ones this was written against (another version), or where
+well (mlx-lm's full step there cost about twice a lean one: 0.23 s of a 16-prompt batch). Where
+mlx-lm's internals are not the ones this was written against (another version), or where
 GEMMA_MLX_PLAIN_DECODE=1 is set, the generator is left as mlx-lm made it (and models.load_model leaves
 the model's GELU mlx-lm's).
 

@@ -135,3 +135,15 @@ def test_calibration_off_leaves_the_adapters_as_trained(converted_models, data_f
     summary = json.loads((result.out_dir / "summary.json").read_text())
     assert "length_calibration" not in summary
     assert calibration.SHIFT_KEY not in mx.load(str(result.out_dir / TURN_TOKENS_FILE))
+
+
+def test_the_turn_end_row_of_a_quantized_base_is_read_de_quantized():
+    import mlx.nn as nn
+
+    plain = nn.Embedding(300, 64)
+    quantized = nn.QuantizedEmbedding.from_embedding(plain, group_size=32, bits=4)
+    row = calibration.embedding_row(quantized, 106)
+    whole = mx.dequantize(quantized.weight, quantized.scales, quantized.biases, 32, 4)
+    assert row.shape == (64,) and np.allclose(row, np.asarray(whole[106]), atol=1e-6)
+    assert np.abs(row - np.asarray(plain.weight[106])).max() < 0.1  # 4-bit rounding of the float row
+    assert np.array_equal(calibration.embedding_row(plain, 106), np.asarray(plain.weight[106]).astype(np.float64))

@@ -156,8 +156,7 @@ def calibrate_adapters(model_dir: Path, adapter_dir: Path, valid_conversations: 
     end_id = family_of_tokenizer(loaded.tokenizer).turn_end_id
     path = Path(adapter_dir) / TURN_TOKENS_FILE
     saved = read_saved(path)
-    weight = loaded.model.model.embed_tokens.weight
-    row = np.asarray(weight[end_id].astype(mx.float32)).astype(np.float64)
+    row = embedding_row(loaded.model.model.embed_tokens, end_id)
     if saved is not None and saved[3] is not None:  # calibrated before (an interrupted run): start from the row it had
         row = row - saved[2] * saved[3]
         set_embedding_rows(loaded.model, [end_id], mx.array(row[None].astype(np.float32)))
@@ -180,7 +179,7 @@ def calibrate_adapters(model_dir: Path, adapter_dir: Path, valid_conversations: 
 
     shift, trials = choose_shift(trial, target_words)
     if saved is not None or shift:  # (an instruction-tuned run trains no turn rows: no file for a shift of 0)
-        _save_row(path, saved, end_id, row, shift, d, weight.dtype)
+        _save_row(path, saved, end_id, row, shift, d)
     base = trials[0]
     picked = next(t for t in trials if t.shift == shift)
     return {"shift": shift, "target_words": target_words, "words_before": base.mean_words, "words_after": picked.mean_words,
@@ -188,7 +187,22 @@ def calibrate_adapters(model_dir: Path, adapter_dir: Path, valid_conversations: 
             "trials": [asdict(t) for t in trials]}
 
 
-def _save_row(path: Path, saved, end_id: int, row: np.ndarray, shift: float, d: np.ndarray, dtype) -> None:
+def embedding_row(embed, token: int) -> np.ndarray:
+    """One row of an embedding as float64, de-quantized when the base is quantized (4- or 8-bit bases)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if isinstance(embed, nn.QuantizedEmbedding):
+        part = slice(token, token + 1)
+        biases = None if getattr(embed, "biases", None) is None else embed.biases[part]
+        row = mx.dequantize(embed.weight[part], embed.scales[part], biases, embed.group_size, embed.bits,
+                            mode=embed.mode)[0]
+    else:
+        row = embed.weight[token]
+    return np.asarray(row.astype(mx.float32)).astype(np.float64)
+
+
+def _save_row(path: Path, saved, end_id: int, row: np.ndarray, shift: float, d: np.ndarray) -> None:
     """The turn rows file with the turn-end row calibrated (added when the file lacks it), the shift beside it."""
     import mlx.core as mx
 
@@ -201,5 +215,5 @@ def _save_row(path: Path, saved, end_id: int, row: np.ndarray, shift: float, d: 
         rows[ids.index(end_id)] = new_row
     else:
         ids, rows = [*ids, end_id], np.concatenate([rows, new_row[None]])
-    save_safetensors(path, {"ids": mx.array(ids, dtype=mx.int32), "rows": mx.array(rows).astype(dtype),
+    save_safetensors(path, {"ids": mx.array(ids, dtype=mx.int32), "rows": mx.array(rows),
                             SHIFT_KEY: mx.array(shift, dtype=mx.float32), DIRECTION_KEY: mx.array(d.astype(np.float32))})

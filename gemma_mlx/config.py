@@ -73,7 +73,7 @@ class TrainSettings:
     # (selection.checkpoint_score); stops = most clean endings (later wins a tie); loss = lowest validation loss
     best_by: str = "score"  # score | stops | loss
     # after training, shift the kept adapters' reply-end logit (folded into the turn-end row) so that greedy
-    # replies to the validation prompts are as long as the validation replies (training/calibration.py)
+    # replies to the validation prompts are as long as the training replies (training/calibration.py)
     calibrate_length: bool = True
 
 

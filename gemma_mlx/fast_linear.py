@@ -2,12 +2,13 @@
 
 An nn.Linear multiplies by its [out, in] weight transposed. On the CPU (OpenBLAS), for the projections
 that narrow the width (in > out: in the 270M the attention's o_proj 1024 -> 640 and k_proj, v_proj
-640 -> 256, and the MLP's down_proj 2048 -> 640), that product ran at about half speed: at 16 rows, 0.38 and 0.76 ms a layer,
-against 0.21 and 0.40 ms for the same product from a contiguous [in, out] copy. The copy gives the
-same bits (OpenBLAS sums each dot product in the same order either way) wherever the product is
-past OpenBLAS's small-matrix kernel (rows x in x out of about two million multiply-adds or more,
-fast_argmax.SMALL_PRODUCT); below that, the small kernel adds in another order for each layout, so
-small batches (one chat reply) keep the original product.
+640 -> 256, and the MLP's down_proj 2048 -> 640), that product ran at about half speed: at 16 rows,
+o_proj and down_proj took 0.38 and 0.76 ms a layer, against 0.21 and 0.40 ms for the same product
+from a contiguous [in, out] copy. The copy gives the same bits (OpenBLAS sums each dot product in the
+same order either way) wherever the product is past OpenBLAS's small-matrix kernel (rows x in x out
+of about two million multiply-adds or more, fast_argmax.SMALL_PRODUCT); below that, the small
+kernel adds in another order for each layout, so small batches (one chat reply) keep the original
+product.
 
 The copy is made the first time a batch that big passes (so a chat session never pays for it),
 and only when the two products agree bit for bit on a probe batch; the weight itself stays the
@@ -18,8 +19,6 @@ always does.
 """
 
 from __future__ import annotations
-
-import types
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,22 +33,26 @@ def _copy_agrees(weight: mx.array, copy: mx.array) -> bool:
     return bool(mx.array_equal(probe @ weight.T, probe @ copy).item())
 
 
-def _batched_call(self, x: mx.array) -> mx.array:
-    rows = x.size // x.shape[-1]
-    if rows * self.weight.size < SMALL_PRODUCT:
-        return x @ self.weight.T
-    if self._weight_t is None:
-        copy = mx.contiguous(self.weight.T)
-        mx.eval(copy)
-        self._weight_t = copy if _copy_agrees(self.weight, copy) else False
-    if self._weight_t is False:  # the layouts disagree on this machine: the original product
-        return x @ self.weight.T
-    return x @ self._weight_t
+class BatchedLinear(nn.Linear):
+    """nn.Linear whose batches past the small-matrix kernel multiply by the transposed copy (made on first use)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        if rows * self.weight.size < SMALL_PRODUCT:
+            return x @ self.weight.T
+        if self._copy_of is not self.weight:  # first use, or new weights loaded since: (re)make the copy
+            copy = mx.contiguous(self.weight.T)
+            mx.eval(copy)
+            self._weight_t = copy if _copy_agrees(self.weight, copy) else False
+            self._copy_of = self.weight
+        if self._weight_t is False:  # the layouts disagree on this machine: the original product
+            return x @ self.weight.T
+        return x @ self._weight_t
 
 
 def use_transposed_copies(lm: nn.Module) -> int:
     """Give the narrowing, bias-free, float32 nn.Linear layers of this model instance the batched product;
-    return how many. Per-instance subclasses (as fast_gelu does), so other models keep mlx-lm's layers;
+    return how many. Only this instance's layers change class, so other models keep mlx-lm's layers;
     a LoRA layer's inner linear qualifies too (its adapter's own product is unchanged)."""
     patched = 0
     for _, module in lm.named_modules():
@@ -58,8 +61,7 @@ def use_transposed_copies(lm: nn.Module) -> int:
         weight = module.weight
         if weight.dtype != mx.float32 or weight.ndim != 2 or weight.shape[1] <= weight.shape[0]:
             continue
-        module.__class__ = types.new_class("BatchedLinear", (nn.Linear,), {},
-                                           lambda ns: ns.update(__call__=_batched_call))
-        module._weight_t = None  # a leading underscore: never a parameter
+        module.__class__ = BatchedLinear
+        module._weight_t = module._copy_of = None  # a leading underscore: never a parameter
         patched += 1
     return patched

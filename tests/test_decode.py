@@ -210,3 +210,19 @@ def test_narrowing_projections_of_a_batch_use_a_transposed_copy_with_the_same_bi
     assert type(layer.mlp.up_proj) is nn.Linear and type(layer.self_attn.o_proj) is nn.Linear  # 64 -> 128, 64 -> 64
     monkeypatch.setenv(decode_step.PLAIN_ENV, "1")
     assert type(load_model(lively.path).model.layers[0].mlp.down_proj) is nn.Linear
+
+
+def test_new_weights_get_a_new_transposed_copy():
+    """Weights loaded into a patched layer after its copy was made (load_weights, a fuse) are the ones used."""
+    import mlx.nn as nn
+
+    from gemma_mlx.fast_linear import use_transposed_copies
+
+    layer = nn.Linear(2048, 640, bias=False)
+    holder = nn.Module()
+    holder.proj = layer
+    use_transposed_copies(holder)
+    x = mx.random.normal((16, 2048), key=mx.random.key(1))
+    layer(x)
+    layer.weight = layer.weight * 2
+    assert mx.array_equal(layer(x), x @ layer.weight.T).item()

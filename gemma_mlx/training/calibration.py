@@ -62,8 +62,7 @@ def choose_shift(trial: Callable[[float], Trial], target: float, limit: float = 
     Words fall as the shift rises (a likelier end), so: shift 0; if its replies are too short, shifts of
     -FIRST_STEP, twice that, ... up to -limit, until one is long enough (too long, or losing clean endings
     or adding loops: too far); then bisection between the last shift short of the target and the first
-    past it. A shift that loses clean
-    endings or adds loops is never picked.
+    past it. A shift that loses clean endings or adds loops is never picked.
     """
     base = trial(0.0)
     trials = [base]

@@ -264,6 +264,20 @@ def fast_projections(model) -> int:
     return use_transposed_copies(model)
 
 
+def fast_positions(model) -> int:
+    """On the CPU, let Gemma 3's attention layers take a decode step's query/key norms and rotary positions
+    from shared tables (fast_rope.py): the same bits, without recomputing every position's cosines in
+    every layer; how many layers. GEMMA_MLX_PLAIN_DECODE=1 and Metal keep mlx-lm's layers."""
+    import mlx.core as mx
+
+    from .decode_step import plain_forced
+    from .fast_rope import use_rotary_tables
+
+    if mx.default_device().type != mx.cpu or plain_forced():
+        return 0
+    return use_rotary_tables(model)
+
+
 def load_model(spec: str | Path, adapter_path: str | Path | None = None) -> LoadedModel:
     """Load a converted or fused model dir, or a base model with LoRA adapters (`BASE::ADAPTERS`)."""
     from .adapters import check_adapter_dir
@@ -280,6 +294,7 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None) -> Load
     model, tokenizer = load(model_dir, adapter_dir)  # LoRA + trained turn-token rows
     fast_activation(model)
     fast_projections(model)
+    fast_positions(model)
     manifest = read_manifest(model_dir)
     name = display_name(model_dir, adapter_dir, manifest or {})
     return LoadedModel(name, model_dir, model, tokenizer, manifest, adapter_dir)

@@ -226,3 +226,50 @@ def test_new_weights_get_a_new_transposed_copy():
     layer(x)
     layer.weight = layer.weight * 2
     assert mx.array_equal(layer(x), x @ layer.weight.T).item()
+
+
+def test_attention_takes_norms_and_positions_from_shared_tables_with_mlx_lms_bits(lively, monkeypatch):
+    """fast_rope: a batch decode step's query/key norms and rotary positions come from tables of every
+    position's cos/sin (grown as the context needs) and one compiled function, and the replies are mlx-lm's
+    token for token: sliding-window layers whose caches wrap included, rows leaving the batch included."""
+    from gemma_mlx import fast_rope
+    from gemma_mlx.models import load_model
+
+    monkeypatch.setattr(fast_rope, "FIRST_ROWS", 4)  # so the tables grow inside these replies
+    monkeypatch.setattr(fast_rope, "_TABLES", {})
+    fast = load_model(lively.path)
+    attention = [layer.self_attn for layer in fast.model.layers]
+    assert {type(a).__name__ for a in attention} == {"TableRopeAttention"}
+    assert {t.rows for t in fast_rope._TABLES.values()} == {4}  # two settings (local and global layers)
+    calls = []
+    real_lines = fast_rope.RotaryTable.lines
+
+    def lines(table, offsets, bound):
+        calls.append((table.base, offsets.max().item(), bound))
+        return real_lines(table, offsets, bound)
+
+    monkeypatch.setattr(fast_rope.RotaryTable, "lines", lines)
+    settings = [G(max_tokens=n, repetition_penalty=1.0) for n in (9, 30, 21, 26, 40)]
+    ours = generate_replies(fast, PROMPTS, settings)
+    assert len(calls) > 30 * len(attention)  # every layer, every step
+    assert all(position <= bound for _, position, bound in calls)  # the sync-free bound holds, window layers too
+    for table in fast_rope._TABLES.values():  # both grew past the 8-token window, as far as the replies went
+        last = max(position for base, position, _ in calls if base == table.base)
+        assert last > 40 and table.rows > last
+    monkeypatch.setenv(decode_step.PLAIN_ENV, "1")
+    plain = load_model(lively.path)
+    assert {type(layer.self_attn).__name__ for layer in plain.model.layers} == {"Attention"}
+    theirs = generate_replies(plain, PROMPTS, settings)
+    assert [(r.text, r.tokens) for r in ours] == [(r.text, r.tokens) for r in theirs]
+    assert [r.tokens for r in ours] == [s.max_tokens for s in settings]
+
+
+def test_a_layer_whose_tables_would_change_a_bit_keeps_mlx_lms_attention(lively, monkeypatch):
+    from gemma_mlx import fast_rope
+    from gemma_mlx.models import load_model
+
+    rotate = fast_rope._rotate
+    monkeypatch.setattr(fast_rope, "_rotate", lambda x, cos, sin: rotate(x, cos, -sin))  # turning the other way
+    monkeypatch.setattr(fast_rope, "_norms_and_rotations", fast_rope._norms_and_rotations.__wrapped__)
+    loaded = load_model(lively.path)
+    assert {type(layer.self_attn).__name__ for layer in loaded.model.layers} == {"Attention"}

@@ -614,7 +614,8 @@ def train(model, data, config_path, out, run_name, resume, force, no_memory_chec
 @click.option("--split", type=click.Choice(["train", "valid", "test"]), default="train", show_default=True,
               help="Which split's prompts (held-out pairs: valid or test).")
 @click.option("--persona", type=click.Path(path_type=Path),
-              help="persona.yaml whose markers count as the voice. Default: the one in the data directory.")
+              help="persona.yaml whose markers count as the voice. Default: the one beside the data (for a run's "
+                   "split data: the one beside the dataset it was split from).")
 @click.option("--max-tokens", type=int, default=256, show_default=True, help="Longest reply; a longer one is cut.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed and data split.")
 @click.option("--no-on-topic", "no_on_topic", is_flag=True, help="Rank without the on-topic score (no base model pass).")

@@ -155,9 +155,9 @@ def check_dataset(path, model: str | Path | None = None, prompts: list[Path] = (
 def _persona_path(path, persona: Path | None) -> Path | None:
     if persona is not None:
         return Path(persona)
-    base = Path(path)
-    candidate = (base if base.is_dir() else base.parent) / "persona.yaml"
-    return candidate if candidate.is_file() else None
+    from .persona import persona_beside
+
+    return persona_beside(path)
 
 
 def histogram(values: list[int], max_bins: int = 10) -> list[dict]:

@@ -45,6 +45,26 @@ def _string_list(value, where: str, key: str) -> list[str]:
     return value
 
 
+def persona_beside(data) -> Path | None:
+    """The persona.yaml that goes with a dataset: beside it, or beside the dataset a split was made from.
+
+    A run's split data (outputs/runs/NAME/data, written by `data split`) holds only the JSONL files;
+    its manifest.json records the source directory, whose persona.yaml is the persona's.
+    """
+    base = Path(data)
+    folder = base if base.is_dir() else base.parent
+    candidates = [folder / "persona.yaml"]
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    source = manifest.get("source") if isinstance(manifest, dict) and manifest.get("stage") == "split" else None
+    if isinstance(source, str):
+        source = Path(source)
+        candidates.append((source if source.is_dir() else source.parent) / "persona.yaml")
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def load_persona(path) -> Persona:
     """A persona spec (YAML: name, description, markers, out_of_character); DataError names file:line."""
     path = Path(path)

@@ -107,7 +107,7 @@ def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | No
     """Sample `samples` replies per prompt of `data`'s split, rank them, write chosen/rejected pairs to `out`."""
     from .generate import generate_replies
     from .models import load_model
-    from .persona import load_persona
+    from .persona import load_persona, persona_beside
 
     out = Path(out)
     if out.exists() and not force:
@@ -118,8 +118,8 @@ def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | No
 
         raise ConfigError(f"--samples is {samples}; a pair needs at least 2 replies to choose between.")
     prompts, target = training_prompts(data, split, seed)
-    persona_path = Path(persona) if persona else (Path(data) / "persona.yaml" if Path(data).is_dir() else None)
-    markers = load_persona(persona_path).markers if persona_path and persona_path.is_file() else []
+    persona_path = Path(persona) if persona else persona_beside(data)
+    markers = load_persona(persona_path).markers if persona_path else []
     spec = str(model)  # a train output dir stands for BASE::ADAPTERS (models.split_spec)
     loaded = load_model(spec)
     settings = GenerationSettings(max_tokens=max_tokens, samples=samples, seed=seed, **SAMPLING)

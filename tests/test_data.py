@@ -292,6 +292,28 @@ def test_stats_counts_tokens_with_a_model(tmp_path, converted_models):
 # ---------------------------------------------------------------- split
 
 
+
+def test_a_runs_split_data_finds_the_persona_of_the_dataset_it_came_from(tmp_path):
+    """`data split` writes only JSONL files; stats (and prefs) on them use the source's persona.yaml."""
+    from gemma_mlx.data import split_dataset
+    from gemma_mlx.persona import persona_beside
+
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    write_jsonl(folder / "conversations.jsonl", [chat(f"Tell me about {t}", f"Mrrp. {t}, hmph.") for t in TOPICS[:10]])
+    (folder / "persona.yaml").write_text("name: Cat\nmarkers: [Mrrp, hmph]\n")
+    split = tmp_path / "runs" / "cat" / "data"
+    split_dataset(folder, split)
+    assert not (split / "persona.yaml").exists()
+    assert persona_beside(split) == persona_beside(split / "train.jsonl") == folder / "persona.yaml"
+    stats = json.loads(invoke("data", "stats", split / "train.jsonl", "--json").stdout)
+    assert {row["marker"] for row in stats["persona"]["markers"]} == {"Mrrp", "hmph"}
+    assert stats["persona"]["replies_with_marker"] == stats["reply_words"]["n"] > 0
+    (folder / "persona.yaml").unlink()  # the source lost its persona: none, not an error
+    assert persona_beside(split) is None
+    (split / "manifest.json").write_text("not json")  # a damaged manifest is no persona either
+    assert persona_beside(split) is None
+
 def test_split_is_seeded_and_keeps_near_duplicates_together(tmp_path):
     records = varied(30)
     for i in range(0, 30, 3):  # ten pairs of near-duplicate prompts

@@ -10,9 +10,10 @@ norms and both rotations: 2.4 ms instead of 6.3 in a like-for-like measurement. 
 checked bit for bit against mlx-lm's path on a probe before a model uses it; where it differs
 (another MLX, another machine) the layer keeps mlx-lm's code.
 
-Only single-token steps of a batch (offsets as an array, one per row) take this path: prompts,
-training and one-row chat stay mlx-lm's. GEMMA_MLX_PLAIN_DECODE=1 and Metal keep mlx-lm's
-attention everywhere (models.fast_positions).
+Only single-token steps through mlx-lm's batch caches (one offset per row) take this path, in the
+models `models.load_model` loads (compare, chat, the arena, prefs, length calibration); prompts and
+training keep mlx-lm's code.
+GEMMA_MLX_PLAIN_DECODE=1 and Metal keep mlx-lm's attention everywhere (models.fast_positions).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
 
 ATTENTION_MODULE = "mlx_lm.models.gemma3_text"
 FIRST_ROWS = 1024  # positions a table holds at first; it doubles when a longer context needs more
@@ -106,8 +108,6 @@ class TableRopeAttention(nn.Module):
         bound = _position_bound(cache) if cache is not None else None
         if x.shape[1] != 1 or not isinstance(offsets, mx.array) or offsets.ndim != 1 or bound is None:
             return super().__call__(x, mask, cache)
-        from mlx_lm.models.base import scaled_dot_product_attention
-
         B, L, _ = x.shape
         queries = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)

@@ -228,16 +228,29 @@ def test_new_weights_get_a_new_transposed_copy():
     assert mx.array_equal(layer(x), x @ layer.weight.T).item()
 
 
-def test_attention_takes_norms_and_positions_from_shared_tables_with_mlx_lms_bits(lively, monkeypatch):
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 8.0}])  # the 1B's global layers
+def test_attention_takes_norms_and_positions_from_shared_tables_with_mlx_lms_bits(lively, monkeypatch, tmp_path,
+                                                                                  scaling):
     """fast_rope: a batch decode step's query/key norms and rotary positions come from tables of every
     position's cos/sin (grown as the context needs) and one compiled function, and the replies are mlx-lm's
     token for token: sliding-window layers whose caches wrap included, rows leaving the batch included."""
+    import json
+    import shutil
+
     from gemma_mlx import fast_rope
     from gemma_mlx.models import load_model
 
+    path = lively.path
+    if scaling:
+        path = tmp_path / "scaled"
+        shutil.copytree(lively.path, path)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "rope_scaling": scaling}))
     monkeypatch.setattr(fast_rope, "FIRST_ROWS", 4)  # so the tables grow inside these replies
     monkeypatch.setattr(fast_rope, "_TABLES", {})
-    fast = load_model(lively.path)
+    fast = load_model(path)
+    if scaling:
+        assert {t.scale for t in fast_rope._TABLES.values()} == {1.0, 1 / scaling["factor"]}
     attention = [layer.self_attn for layer in fast.model.layers]
     assert {type(a).__name__ for a in attention} == {"TableRopeAttention"}
     assert {t.rows for t in fast_rope._TABLES.values()} == {4}  # two settings (local and global layers)
@@ -257,7 +270,7 @@ def test_attention_takes_norms_and_positions_from_shared_tables_with_mlx_lms_bit
         last = max(position for base, position, _ in calls if base == table.base)
         assert last > 40 and table.rows > last
     monkeypatch.setenv(decode_step.PLAIN_ENV, "1")
-    plain = load_model(lively.path)
+    plain = load_model(path)
     assert {type(layer.self_attn).__name__ for layer in plain.model.layers} == {"Attention"}
     theirs = generate_replies(plain, PROMPTS, settings)
     assert [(r.text, r.tokens) for r in ours] == [(r.text, r.tokens) for r in theirs]

@@ -9,7 +9,9 @@ the scorecard ranks them the way a reader judges a reply:
      echo of the prompt gets none); outside it, the nearer length.
 The best reply becomes "chosen", the worst "rejected"; a prompt whose best and worst rank the same
 gives no pair. The rule is printed and every pair carries why each side ranked where it did, so a
-person can read and edit the file before `gemma-mlx train --preferences` uses it.
+person can read and edit the file before `gemma-mlx train --preferences` uses it. Every sample, in
+its prompt's ranked order, goes to a second file beside it (samples_path): sampling is most of the
+command's time, and a person who wants other pairs can pick them from there.
 """
 
 from __future__ import annotations
@@ -90,6 +92,12 @@ class PrefsResult:
     skipped: int  # prompts whose replies ranked the same
 
 
+def samples_path(out: Path) -> Path:
+    """Where every ranked sample goes: prefs.jsonl -> prefs.samples.jsonl, beside the pairs."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.samples{out.suffix or '.jsonl'}")
+
+
 def training_prompts(data, split: str, seed: int):
     """(prompts as message lists, the persona's mean reply words) of one split of the data."""
     from .examples import load_splits
@@ -110,9 +118,10 @@ def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | No
     from .persona import load_persona, persona_beside
 
     out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists (perhaps pairs someone edited). Choose another --out, or add --force "
-                                "to replace it.")
+    for path in (out, samples_path(out)):
+        if path.exists() and not force:
+            raise OutputExistsError(f"{path} exists (perhaps pairs someone edited). Choose another --out, or add "
+                                    "--force to replace it.")
     if samples < 2:
         from .errors import ConfigError
 
@@ -130,23 +139,35 @@ def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | No
     scores = _on_topic_scores(spec, replies, progress) if on_topic else None
     rule = rule_text(target, bool(markers), scores is not None)
     progress(rule)
-    lines, skipped = [], 0
+    lines, samples, skipped = [], [], 0
     for p, messages in enumerate(prompts):
         mine = [i for i, r in enumerate(replies) if r.prompt_index == p]
         ranked = [rank_reply(replies[i].prompt, replies[i].text, replies[i].finish_reason, target, markers,
                              scores[i] if scores else None) for i in mine]
         pair = pick_pair(ranked)
+        prompt = messages[0]["content"] if len(messages) == 1 and messages[0]["role"] == "user" else messages
+        samples += _ranked_samples(prompt, ranked, pair)
         if pair is None:
             skipped += 1
             continue
-        prompt = messages[0]["content"] if len(messages) == 1 and messages[0]["role"] == "user" else messages
         lines.append(json.dumps({"prompt": prompt, "chosen": pair[0].text, "rejected": pair[1].text,
                                  "chosen_why": pair[0].why, "rejected_why": pair[1].why}, ensure_ascii=False))
     out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(samples_path(out), "".join(line + "\n" for line in samples))
     write_text_atomic(out, "".join(line + "\n" for line in lines))
     progress(f"prefs: {len(lines)} pairs from {len(prompts)} prompts in {out} ({skipped} prompts whose replies ranked "
-             "the same gave none); read or edit it, then: gemma-mlx train --model MODEL --preferences " + str(out))
+             f"the same gave none; all {len(samples)} samples, ranked, in {samples_path(out)}); read or edit it, then: "
+             "gemma-mlx train --model MODEL --preferences " + str(out))
     return PrefsResult(out, len(lines), len(prompts), rule, skipped)
+
+
+def _ranked_samples(prompt, ranked: list[Ranked], pair: tuple[Ranked, Ranked] | None) -> list[str]:
+    """One JSONL line per sample of a prompt, best first: its rank, why, and whether the pair took it."""
+    order = sorted(range(len(ranked)), key=lambda i: (ranked[i].key, -i), reverse=True)
+    taken = {id(pair[0]): "chosen", id(pair[1]): "rejected"} if pair else {}
+    return [json.dumps({"prompt": prompt, "rank": rank, "reply": ranked[i].text, "why": ranked[i].why,
+                        "pair": taken.get(id(ranked[i]), "")}, ensure_ascii=False)
+            for rank, i in enumerate(order, 1)]
 
 
 def _on_topic_scores(spec: str, replies: list, progress: Progress) -> list[float | None] | None:

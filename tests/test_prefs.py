@@ -6,6 +6,7 @@ from click.testing import CliRunner
 
 from gemma_mlx.cli import cli
 from gemma_mlx.config import LoraSettings, TrainSettings
+from gemma_mlx import prefs
 from gemma_mlx.prefs import pick_pair, rank_reply, rule_text
 from gemma_mlx.train import train_model
 from gemma_mlx.training.pairs import read_pairs
@@ -54,9 +55,28 @@ def test_pairs_from_a_personas_samples_are_written_editable_and_train_reads_them
     training_prompts = {json.loads(line)["messages"][0]["content"] for line in data.read_text().splitlines()}
     assert {p.prompt for p in pairs} <= training_prompts
 
+    samples = [json.loads(line) for line in (tmp_path / "prefs.samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * len(prefs.training_prompts(data, "train", 0)[0])  # -k 3, every training prompt
+    by_prompt = {}
+    for sample in samples:
+        by_prompt.setdefault(sample["prompt"], []).append(sample)
+    assert all([s["rank"] for s in ranked] == [1, 2, 3] for ranked in by_prompt.values())  # every sample, best first
+    for record in records:  # the pair is the best and the worst of its prompt's samples
+        ranked = by_prompt[record["prompt"]]
+        assert (ranked[0]["reply"], ranked[0]["pair"], ranked[0]["why"]) == (record["chosen"], "chosen",
+                                                                              record["chosen_why"])
+        assert (ranked[-1]["reply"], ranked[-1]["pair"]) == (record["rejected"], "rejected")
+    assert sum(bool(s["pair"]) for s in samples) == 2 * len(records)
+    assert "samples, ranked, in" in result.output
+
     before = out.read_text()
     again = CliRunner().invoke(cli, ["prefs", str(persona), "--data", str(data), "--out", str(out)])
     assert again.exit_code == 1 and "--force" in again.output and out.read_text() == before  # an edited file is kept
+    moved = tmp_path / "edited.jsonl"
+    out.rename(moved)  # the pairs moved away, their samples still there: not replaced either
+    again = CliRunner().invoke(cli, ["prefs", str(persona), "--data", str(data), "--out", str(out)])
+    assert again.exit_code == 1 and "prefs.samples.jsonl exists" in again.output and not out.exists()
+    moved.rename(out)
 
     trained = CliRunner().invoke(cli, ["train", "--model", str(persona), "--preferences", str(out), "--out",
                                        str(tmp_path / "dpo"), "--epochs", "1", "--val-generation-tokens", "0"])

@@ -28,6 +28,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import decode_step
 from .chat_save import save_command, save_conversation  # noqa: F401  (save_conversation: its documented import path)
 from .config import LARGEST_INT, GenerationSettings, apply_text_overrides, check_settings
 from .errors import GemmaMlxError
@@ -379,6 +380,8 @@ def run_chat(
     loaded = load_model(spec, adapter_path)
     if thinking:
         parse_thinking(loaded, "on")  # refused before anything else loads
+    if settings.temperature == 0:
+        decode_step.warm_up(loaded.model)  # one greedy row a step: the screen pays back over a session's replies
     best = BestOf(n, persona_words(loaded), on_topic_scorer(on_topic_model, say) if on_topic_model else None)
     if n > 1:
         say(best.cost())

@@ -105,6 +105,14 @@ def plain_forced() -> bool:
     return os.environ.get(PLAIN_ENV, "") not in ("", "0")
 
 
+def warm_up(model) -> bool:
+    """Make the model's greedy screen (fast_argmax) now, a few seconds, for a session (chat, the arena)
+    whose one-row steps then use it; a one-off reply would not win the start-up back."""
+    from .fast_argmax import greedy_head
+
+    return not plain_forced() and greedy_head(model) is not None
+
+
 def make_lean(generator) -> bool:
     """Give an mlx-lm BatchGenerator the lean step; False (generator untouched) where that cannot be done."""
     from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
@@ -177,10 +185,10 @@ def _screened(batch, processors: list, samplers: list):
     penalty (a positive one) as processor."""
     from mlx_lm.sample_utils import greedy_sampler
 
-    from .fast_argmax import AUTO_ROWS, greedy_head, switch
+    from .fast_argmax import AUTO_ROWS, greedy_head, made_head, switch
 
-    if switch() == "auto" and len(samplers) < AUTO_ROWS:  # one chat reply: not worth the screen's start-up
-        return None
+    if switch() == "auto" and len(samplers) < AUTO_ROWS and made_head(batch.model) is None:
+        return None  # one reply: not worth the screen's start-up, unless a session made it (warm_up)
     if not all(s is greedy_sampler for s in samplers):
         return None
     if not all(not p or (len(p) == 1 and isinstance(p[0], RepetitionPenalty) and p[0].penalty > 0) for p in processors):

@@ -343,3 +343,16 @@ def test_a_port_in_use_is_one_paragraph_before_any_model_loads(converted_models,
                                           "--votes", str(tmp_path / "v.jsonl")])
     assert result.exit_code == 1 and f"Cannot listen on 127.0.0.1:{port}" in result.output
     assert "--port" in result.output and "loading" not in result.output and "Traceback" not in result.output
+
+
+def test_the_engine_makes_each_models_greedy_screen_as_it_loads_it(converted_models, monkeypatch):
+    """Battles are one greedy row a side, many of them: the output layer's screen is made once per model."""
+    from gemma_mlx import decode_step
+
+    warmed = []
+    monkeypatch.setattr(decode_step, "warm_up", lambda model: warmed.append(model) or True)
+    engine = Engine({"pt": str(converted_models["pt"]), "it": str(converted_models["it"])})
+    try:
+        assert [id(m) for m in warmed] == [id(engine.models[name].model) for name in ("pt", "it")]
+    finally:
+        engine.close()

@@ -175,13 +175,20 @@ def test_cli_chat_errors_are_clean(converted_models, tmp_path):
     assert "top_p is 0.0; it must be in (0, 1]" in result.output and "Traceback" not in result.output
 
 
-def test_run_chat_loads_by_name_from_outputs(converted_models, isolated_outputs):
+def test_run_chat_loads_by_name_from_outputs(converted_models, isolated_outputs, monkeypatch):
     import shutil
+
+    from gemma_mlx import decode_step
 
     shutil.copytree(converted_models["pt"], isolated_outputs / "models" / "tiny-gemma-3-pt")
     out = []
+    warmed = []
+    monkeypatch.setattr(decode_step, "warm_up", lambda model: warmed.append(model) or True)
     messages = run_chat("tiny-gemma-3-pt", settings=G(max_tokens=2), read_line=Lines("Hi", "/quit"), write=out.append)
     assert len(messages) == 2 and "[cut at 2 tokens]" in "".join(out)
+    assert len(warmed) == 1  # greedy chat makes the output layer's screen once, as it loads (fast_argmax)
+    run_chat("tiny-gemma-3-pt", settings=G(max_tokens=2, temperature=0.7), read_line=Lines("/quit"), write=out.append)
+    assert len(warmed) == 1  # a sampling chat does not
 
 
 def test_system_message_stays_through_reset(pt):

@@ -119,6 +119,29 @@ def test_by_default_the_screen_takes_batches_of_a_big_vocabulary_only(lively, mo
     fast_argmax._HEADS.clear()
 
 
+def test_a_session_that_made_the_screen_uses_it_for_one_row_too(lively, monkeypatch):
+    """chat and the arena make the screen when they load a model (decode_step.warm_up): a session's one-row
+    steps then take it, with the plain reply; a one-off reply still does not pay for it."""
+    from gemma_mlx.generate import stream_reply
+
+    monkeypatch.delenv(fast_argmax.SWITCH_ENV, raising=False)
+    monkeypatch.delenv(decode_step.PLAIN_ENV, raising=False)
+    monkeypatch.setattr(fast_argmax, "AUTO_VOCAB", 16)
+    fast_argmax._HEADS.clear()
+    outcomes = screened_steps(monkeypatch)
+    message = [{"role": "user", "content": PROMPTS[1]}]
+    before = stream_reply(lively, message, G(max_tokens=10))
+    assert outcomes == [] and fast_argmax.made_head(lively.model) is None
+    monkeypatch.setenv(decode_step.PLAIN_ENV, "1")
+    assert decode_step.warm_up(lively.model) is False and fast_argmax.made_head(lively.model) is None
+    monkeypatch.delenv(decode_step.PLAIN_ENV)
+    assert decode_step.warm_up(lively.model) is True and fast_argmax.made_head(lively.model) is not None
+    after = stream_reply(lively, message, G(max_tokens=10))
+    assert len(outcomes) >= 9 and all(outcomes)  # every step of the one row went through the screen
+    assert (after.text, after.tokens) == (before.text, before.tokens)
+    fast_argmax._HEADS.clear()
+
+
 def test_a_new_output_weight_makes_a_new_screen(lively, monkeypatch):
     """Validation during training puts new turn-token rows into the embedding (a new weight array): the screen's
     float16 copy must follow, or its bound would be about the old weights."""

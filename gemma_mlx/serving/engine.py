@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .. import decode_step
 from ..chat_format import thought_channel_ids
 from ..config import GenerationSettings
 from ..decoding import Driver
@@ -142,6 +143,7 @@ class Engine:
             for name, spec in specs.items():
                 progress(f"arena: loading {name} ({spec})")
                 self.models[name] = load_model(spec)
+                decode_step.warm_up(self.models[name].model)  # its greedy one-row steps, battle after battle
         except BaseException as error:  # a model that does not load: the constructor re-raises it
             self._error = error
             self._ready.set()

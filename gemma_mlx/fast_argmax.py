@@ -256,9 +256,13 @@ def _forget(key: tuple) -> None:
         _HEADS.pop(key, None)
 
 
+def _head_key(model) -> tuple:
+    return id(model), switch(), format_from_env()  # auto may say no where on says yes
+
+
 def made_head(model) -> GreedyHead | None:
     """The head greedy_head already made for this model under the current settings, without making one."""
-    known = _HEADS.get((id(model), switch(), format_from_env()))
+    known = _HEADS.get(_head_key(model))
     return known[2] if known is not None and known[0]() is model else None
 
 
@@ -269,7 +273,7 @@ def greedy_head(model) -> GreedyHead | None:
         return None
     parts = _parts(model)
     weight = None if parts is None else parts[1]
-    key = (id(model), switch(), format_from_env())  # auto may say no where on says yes
+    key = _head_key(model)
     known = _HEADS.get(key)
     if known is not None and known[0]() is model and known[1]() is weight:
         return known[2]

@@ -74,10 +74,15 @@ def rank_reply(prompt: str, text: str, finish_reason: str, target_words: float |
     return Ranked(text, (tier, in_band, bool(found), last), "; ".join(notes))
 
 
+def best_first(ranked: list[Ranked]) -> list[Ranked]:
+    """One prompt's replies from best to worst (of equal keys, the earlier sample first)."""
+    return [ranked[i] for i in sorted(range(len(ranked)), key=lambda i: (ranked[i].key, -i), reverse=True)]
+
+
 def pick_pair(ranked: list[Ranked]) -> tuple[Ranked, Ranked] | None:
     """(best, worst) of one prompt's replies; None when nothing separates them."""
-    order = sorted(range(len(ranked)), key=lambda i: (ranked[i].key, -i))
-    best, worst = ranked[order[-1]], ranked[order[0]]
+    order = best_first(ranked)
+    best, worst = order[0], order[-1]
     if best.key == worst.key or best.text.strip() == worst.text.strip():
         return None
     return best, worst
@@ -118,10 +123,9 @@ def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | No
     from .persona import load_persona, persona_beside
 
     out = Path(out)
-    for path in (out, samples_path(out)):
+    for path, what in ((out, "perhaps pairs someone edited"), (samples_path(out), "the samples of an earlier run")):
         if path.exists() and not force:
-            raise OutputExistsError(f"{path} exists (perhaps pairs someone edited). Choose another --out, or add "
-                                    "--force to replace it.")
+            raise OutputExistsError(f"{path} exists ({what}). Choose another --out, or add --force to replace it.")
     if samples < 2:
         from .errors import ConfigError
 
@@ -163,11 +167,10 @@ def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | No
 
 def _ranked_samples(prompt, ranked: list[Ranked], pair: tuple[Ranked, Ranked] | None) -> list[str]:
     """One JSONL line per sample of a prompt, best first: its rank, why, and whether the pair took it."""
-    order = sorted(range(len(ranked)), key=lambda i: (ranked[i].key, -i), reverse=True)
     taken = {id(pair[0]): "chosen", id(pair[1]): "rejected"} if pair else {}
-    return [json.dumps({"prompt": prompt, "rank": rank, "reply": ranked[i].text, "why": ranked[i].why,
-                        "pair": taken.get(id(ranked[i]), "")}, ensure_ascii=False)
-            for rank, i in enumerate(order, 1)]
+    return [json.dumps({"prompt": prompt, "rank": rank, "reply": reply.text, "why": reply.why,
+                        "pair": taken.get(id(reply), "")}, ensure_ascii=False)
+            for rank, reply in enumerate(best_first(ranked), 1)]
 
 
 def _on_topic_scores(spec: str, replies: list, progress: Progress) -> list[float | None] | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import GenerationSettings
 from .errors import OutputExistsError
-from .manifest import Progress, quiet, write_text_atomic
+from .manifest import Progress, lock_output, quiet, release_output, write_text_atomic
 from .scoring.best_of import LENGTH_BAND, ends_cleanly, length_ratio
 from .scoring.ontopic import echoes
 from .text import is_loop, word_count
@@ -117,19 +117,30 @@ def training_prompts(data, split: str, seed: int):
 def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | None = None, split: str = "train",
                max_tokens: int = 256, seed: int = 0, on_topic: bool = True, force: bool = False,
                progress: Progress = quiet) -> PrefsResult:
-    """Sample `samples` replies per prompt of `data`'s split, rank them, write chosen/rejected pairs to `out`."""
-    from .generate import generate_replies
-    from .models import load_model
-    from .persona import load_persona, persona_beside
-
+    """Sample `samples` replies per prompt of `data`'s split, rank them, write chosen/rejected pairs to `out`
+    (and every sample to samples_path(out)), one process at a time per `out`."""
     out = Path(out)
-    for path, what in ((out, "perhaps pairs someone edited"), (samples_path(out), "the samples of an earlier run")):
-        if path.exists() and not force:
-            raise OutputExistsError(f"{path} exists ({what}). Choose another --out, or add --force to replace it.")
     if samples < 2:
         from .errors import ConfigError
 
         raise ConfigError(f"--samples is {samples}; a pair needs at least 2 replies to choose between.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_output(out, "prefs")  # a second prefs on the same --out is refused, not left to overwrite this one's
+    try:
+        return _make_prefs(model, data, out, samples, persona, split, max_tokens, seed, on_topic, force, progress)
+    finally:
+        release_output(out)
+
+
+def _make_prefs(model, data, out: Path, samples: int, persona, split: str, max_tokens: int, seed: int,
+                on_topic: bool, force: bool, progress: Progress) -> PrefsResult:
+    from .generate import generate_replies
+    from .models import load_model
+    from .persona import load_persona, persona_beside
+
+    for path, what in ((out, "perhaps pairs someone edited"), (samples_path(out), "the samples of an earlier run")):
+        if path.exists() and not force:
+            raise OutputExistsError(f"{path} exists ({what}). Choose another --out, or add --force to replace it.")
     prompts, target = training_prompts(data, split, seed)
     persona_path = Path(persona) if persona else persona_beside(data)
     markers = load_persona(persona_path).markers if persona_path else []
@@ -156,7 +167,6 @@ def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | No
             continue
         lines.append(json.dumps({"prompt": prompt, "chosen": pair[0].text, "rejected": pair[1].text,
                                  "chosen_why": pair[0].why, "rejected_why": pair[1].why}, ensure_ascii=False))
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(samples_path(out), "".join(line + "\n" for line in samples))
     write_text_atomic(out, "".join(line + "\n" for line in lines))
     progress(f"prefs: {len(lines)} pairs from {len(prompts)} prompts in {out} ({skipped} prompts whose replies ranked "

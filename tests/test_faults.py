@@ -229,6 +229,20 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_a_kill_frees_the_ou
         holder.wait()
 
 
+def test_a_second_prefs_on_the_same_pairs_file_is_refused(tmp_path):
+    """prefs samples for many minutes, then writes two files: a second run on the same --out is refused."""
+    out = tmp_path / "pairs" / "prefs.jsonl"
+    out.parent.mkdir()
+    holder = hold_lock(out)
+    try:
+        result = run_cli("prefs", tmp_path / "any-model", "--out", out)
+        assert result.exit_code == 1 and f"(pid {holder.pid})" in result.output, result.output
+        assert list(out.parent.iterdir()) == [out.parent / ".prefs.jsonl.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def _train_command(model, data, out, *extra):
     return [sys.executable, "-m", "gemma_mlx.cli", "train", "--model", str(model), "--data", str(data), "--out", str(out),
             "--epochs", "50", "--num-layers", "1", "--rank", "2", "--val-generation-tokens", "0", *extra]

@@ -78,17 +78,31 @@ def resolve_paths(config: ExperimentConfig, base_dir: Path) -> ExperimentConfig:
         candidate = base_dir / spec
         return str(candidate.resolve()) if not Path(spec).is_absolute() and candidate.is_dir() else spec
 
+    if "data" in config.locations and not config.data.strip():
+        raise ConfigError(f"{config.locations['data']}: data is empty. Give the persona dataset: a JSONL file or a "
+                          "folder of them, relative to the config file or in full (or drop the key for the shipped Bluey data).")
+    data = resolve(config.data, "data")
     return apply_overrides(
         config,
         {
-            "data": resolve(config.data, "data"),
-            "persona": resolve(config.persona, "persona"),
+            "data": data,
+            "persona": resolve(config.persona, "persona") if "persona" in config.locations else default_persona(data),
             "prompts": [resolve(p, "prompts") for p in config.prompts],
             "preferences.data": resolve(config.preferences.data, "preferences.data"),
             "checkpoints": [resolve_checkpoint(c) for c in config.checkpoints],
         },
         where=None,  # the same values, made absolute: they still come from the file's lines
     )
+
+
+def default_persona(data: str) -> str:
+    """The persona spec of a config that names none: the persona.yaml that goes with its data (the shipped
+    Bluey data has Bluey's), else none ("": compare then mines the markers from the training replies).
+
+    Scoring a user's own persona against Bluey's markers would report a voice that is not theirs.
+    """
+    beside = persona.persona_beside(data) if data and Path(data).exists() else None
+    return str(beside) if beside is not None else ""
 
 
 def load_experiment(config_path: Path | None, overrides: dict | None = None) -> ExperimentConfig:

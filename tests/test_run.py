@@ -298,3 +298,35 @@ def assert_only_the_calibrated_end_row(adapters, end_id: int) -> None:
         assert not rows.exists()
     else:
         assert mx.load(str(rows))["ids"].tolist() == [end_id]
+
+
+def test_a_users_own_data_is_scored_with_its_own_persona_not_bluey(tmp_path):
+    """A config that names no persona takes the persona.yaml beside its data, or none; never the shipped Bluey one."""
+    shipped = experiment.load_experiment(None)
+    data = tmp_path / "morag"
+    data.mkdir()
+    (data / "chats.jsonl").write_text(shipped_first_record())
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"name: morag\ndata: {data}\n")
+    assert experiment.load_experiment(config).persona == ""
+    (data / "persona.yaml").write_text("name: Morag\ndescription: a Scots ship's cook\nmarkers: [Och, lass]\n")
+    assert experiment.load_experiment(config).persona == str(data / "persona.yaml")
+    config.write_text(f"name: morag\ndata: {data}\npersona: {shipped.persona}\n")  # named in the file: kept
+    assert experiment.load_experiment(config).persona == shipped.persona
+    assert Path(shipped.persona).parent == Path(shipped.data)  # the default data keeps Bluey's spec
+
+
+def test_an_empty_data_key_is_an_error_not_the_config_folder(tmp_path, isolated_outputs):
+    (tmp_path / "notes.jsonl").write_text(shipped_first_record())  # would have become the training set
+    config = tmp_path / "exp.yaml"
+    config.write_text("name: empty\ndata:\n")
+    result = run_cli(str(config))
+    assert result.exit_code == 1
+    assert f"{config}:2" in result.output and "data is empty" in result.output
+    assert "Traceback" not in result.output
+    assert not (isolated_outputs / "runs" / "empty").exists()
+
+
+def shipped_first_record() -> str:
+    shipped = Path(experiment.load_experiment(None).data)
+    return next(p for p in sorted(shipped.glob("*.jsonl"))).read_text().splitlines()[0] + "\n"

@@ -285,22 +285,18 @@ class SplitResult:
     status: str  # "split" | "up-to-date"
 
 
-def _chat_record(example: Example) -> dict:
-    if example.messages is None:
-        raise DataError(
-            f"{example.source}: a text record cannot be written as a chat example; split writes chat "
-            "(messages) records only. Convert text records to {\"messages\": [...]} first."
-        )
-    return {"messages": example.messages}
+def _record(example: Example) -> dict:
+    """A split line: chat records as {"messages"} (prompt/completion ones too), text records as {"text"}."""
+    return {"messages": example.messages} if example.messages is not None else {"text": example.text}
 
 
 def _write_jsonl(path: Path, examples: list[Example]) -> None:
-    path.write_text("".join(json.dumps(_chat_record(e), ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
+    path.write_text("".join(json.dumps(_record(e), ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
 
 
 def split_dataset(path, out: Path, seed: int = 0, valid_fraction: float = 0.1, test_fraction: float = 0.1,
                   force: bool = False, progress: Progress = quiet, remake: bool = False) -> SplitResult:
-    """Write train/valid/test.jsonl (mlx-lm's layout, chat records) + manifest; same inputs: a no-op."""
+    """Write train/valid/test.jsonl (mlx-lm's layout; chat records, text ones as text) + manifest; same inputs: a no-op."""
     out = Path(out)
     inputs = {"source_sha256": data_hash(path), "seed": seed,
               "valid_fraction": valid_fraction, "test_fraction": test_fraction}

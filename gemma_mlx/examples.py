@@ -100,6 +100,8 @@ def _check_messages(messages) -> list[str]:
             problems.append(f"{label}: content must be a string, not {type(content).__name__} ({_short(content)})")
         elif not content.strip():
             problems.append(f"{label} has empty content")
+        elif _control_token_in(content):
+            problems.append(_control_token_problem(label, _control_token_in(content)))
     if all(role in ROLES for role in roles):
         body = roles[1:] if roles[0] == "system" else roles
         expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(body))]
@@ -156,7 +158,25 @@ def _field_problem(record: dict, key: str) -> str | None:
         return f"'{key}' must be a string, not {type(value).__name__} ({_short(value)})"
     if not value.strip():
         return f"'{key}' is empty"
+    if key != "text" and _control_token_in(value):  # a text record is the whole formatted text, tokens and all
+        return _control_token_problem(f"'{key}'", _control_token_in(value))
     return None
+
+
+def _control_token_in(text: str) -> str | None:
+    """The first chat-template control token (<end_of_turn>, <eos>, ... of any family) written in `text`."""
+    from .families import FAMILIES
+
+    names = {name for f in FAMILIES for name in (f.bos, f.eos, f.pad, f.turn_start, f.turn_end)}
+    found = [(text.index(name), name) for name in names if name in text]
+    return min(found)[1] if found else None
+
+
+def _control_token_problem(label: str, token: str) -> str:
+    return (f"{label} contains {token}, one of Gemma's chat-template control tokens, as text: the tokenizer "
+            "reads it as the real token, so training would learn a turn that ends or starts there. Remove it "
+            "(chat logs pasted with their template markers need them taken out), or give the whole formatted "
+            'conversation as a {"text": ...} record')
 
 
 def _add(parsed: Parsed, record, where: str) -> None:

@@ -362,11 +362,16 @@ def test_split_command_writes_mlx_lm_layout_and_refuses_to_overwrite(tmp_path, c
     assert tokens[0] == 2 and tokens.count(105) == 2 and tokens.count(106) == 2 and offset == 0
 
 
-def test_split_refuses_text_records(tmp_path):
-    source = write_jsonl(tmp_path / "d.jsonl", [*varied(4), {"text": "Just some text."}])
+def test_split_keeps_text_records_as_text(tmp_path):
+    """A {"text"} dataset passes check and trains, so split (and run, which splits) takes it too."""
+    texts = [f"Tell me about {TOPICS[i]}. Och, {TOPICS[i]} again, lass." for i in range(10)]
+    source = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
     result = invoke("data", "split", source, "--out", tmp_path / "out")
-    assert result.exit_code == 1 and f"{source}:5: a text record" in result.output
-    assert not (tmp_path / "out").exists()
+    assert result.exit_code == 0, result.output
+    written = [json.loads(line) for name in ("train", "valid", "test")
+               for line in (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()]
+    assert sorted(r["text"] for r in written) == sorted(texts) and all(set(r) == {"text"} for r in written)
+    assert len(load_examples(tmp_path / "out")) == 10
 
 
 # ---------------------------------------------------------------- the shipped dataset
@@ -413,3 +418,22 @@ def test_shipped_held_out_prompts_are_not_in_their_training_data(persona, prompt
     files = [REPO / "data" / name for name in prompt_files]
     assert sum(len(read_prompts(f)) for f in files) >= 20  # the held-out sets of the recipe study
     assert overlap_findings(examples, files) == []
+
+
+def test_template_control_tokens_written_in_content_are_errors_with_their_line(tmp_path):
+    """Chat logs pasted with their markers: '<end_of_turn>' in a reply would be tokenized as the real
+    turn end (and weighted as one), so the reply would teach turns that end mid-text."""
+    path = tmp_path / "pasted.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "G'day, lass."}]}
+    pasted = {"messages": [{"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "Cheerio.<end_of_turn>\n<start_of_turn>user\nbye"}]}
+    gemma4 = {"prompt": "hello", "completion": "fine <turn|> thanks"}
+    formatted = {"text": "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\nyo<end_of_turn>"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in (good, pasted, gemma4, formatted)))
+    report = check_dataset(path)
+    problems = {e.where: e.message for e in report.errors}
+    assert set(problems) == {f"{path}:2", f"{path}:3"}  # the plain reply and the formatted text record pass
+    assert "message 2 (assistant) contains <end_of_turn>" in problems[f"{path}:2"]
+    assert "'completion' contains <turn|>" in problems[f"{path}:3"]
+    with pytest.raises(DataError, match="control tokens"):
+        load_examples(path)

@@ -165,3 +165,21 @@ def test_cli_train_best_by_score_measures_on_topic(converted_models, data_file, 
     row = summary["validations"][0]
     assert 0 <= row["on_topic_rate"] <= 1 and row["kept"]
     assert "on topic" in result.output and "x on topic" in result.output
+
+
+def test_the_persona_length_leaves_out_replies_cut_at_max_seq_length(converted_models, tmp_path):
+    """One 3,000-word reply trained as its first 128 tokens must not make the persona's length (the
+    best-of and calibration target) hundreds of words."""
+    data = write_chat_data(tmp_path / "chat.jsonl", count=22)
+    normal = load_examples(data)
+    long_record = {"messages": [{"role": "user", "content": "Tell me everything."},
+                                {"role": "assistant", "content": " ".join(["aye"] * 3000)}]}
+    with open(data, "a") as handle:
+        handle.write(json.dumps(long_record) + "\n")
+    lines = []
+    result = train_model(converted_models["pt"], data, out=tmp_path / "out", lora=LORA, progress=lines.append,
+                         train=TrainSettings(epochs=1, val_generation_tokens=0, max_seq_length=128, calibrate_length=False))
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    kept = [word_count(e.reply) for e in normal]
+    assert summary["train_reply_words"] < max(kept)  # not pulled toward 3,000
+    assert any("was cut" in line and "max_seq_length 128" in line for line in lines)

@@ -49,7 +49,7 @@ def tokenize_split(tokenizer, examples, setup: RunSetup, say) -> list[batching.S
     truncated = [s.source for s in sequences if s.truncated]
     if truncated:
         say(f"warning: {plural(len(truncated), 'example')} {'is' if len(truncated) == 1 else 'are'} longer than max_seq_length {setup.train.max_seq_length} "
-            f"tokens and were cut (first: {truncated[0]}); raise train.max_seq_length to keep them whole")
+            f"tokens and {'was' if len(truncated) == 1 else 'were'} cut (first: {truncated[0]}); raise train.max_seq_length to keep them whole")
     empty = [s for s in sequences if s.trained_tokens == 0]
     if empty:
         say(f"warning: {plural(len(empty), 'example')} {'has' if len(empty) == 1 else 'have'} no reply tokens left to learn from (first: {empty[0].source}); skipped")
@@ -222,7 +222,9 @@ def supervised_parts(setup: RunSetup, say) -> Parts:
     # the conversations up to their last reply: what validation generation answers
     answered = [e for e in splits.valid if e.messages][:VALIDATION_PROMPTS]
     valid_prompts = [e.messages[:-1] for e in answered]
-    reply_words = {"train": mean_reply_words(splits.train), "valid": mean_reply_words(answered)}
+    cut = {seq.source for seq in train_seqs if seq.truncated}  # their replies' ends were never trained
+    reply_words = {"train": mean_reply_words([e for e in splits.train if e.source not in cut]),
+                   "valid": mean_reply_words(answered)}
     if not train_seqs:
         raise TrainingError(f"None of the training examples in {setup.data} has reply tokens to learn from "
                             f"within train.max_seq_length ({setup.train.max_seq_length} tokens). Raise it, or check the data.")
@@ -235,7 +237,11 @@ def supervised_parts(setup: RunSetup, say) -> Parts:
 
 
 def mean_reply_words(examples) -> float | None:
-    """Mean words of the examples' last replies (the length a greedy reply is held against); None without any."""
+    """Mean words of the examples' last replies (the length a greedy reply is held against); None without any.
+
+    The training side leaves out examples cut at train.max_seq_length: a 20,000-word reply trained as its
+    first 500 tokens would otherwise make the persona's length (and calibration's target) a thousand words.
+    """
     counts = [word_count(e.reply) for e in examples if e.messages and e.reply]
     return round(sum(counts) / len(counts), 2) if counts else None
 

@@ -35,7 +35,9 @@ def render(messages: list[dict], add_generation_prompt: bool = False, family: Fa
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of rendered turn text; the text carries its own <bos>, so add none."""
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    return list(hf.encode(text, add_special_tokens=False))
+    # verbose=False: no transformers notice that the text is longer than the model's maximum (we cut ourselves)
+    options = {"verbose": False} if hasattr(hf, "model_max_length") else {}
+    return list(hf.encode(text, add_special_tokens=False, **options))
 
 
 def prompt_ids(tokenizer, messages: list[dict], thinking: bool = False) -> list[int]:

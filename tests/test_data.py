@@ -437,3 +437,18 @@ def test_template_control_tokens_written_in_content_are_errors_with_their_line(t
     assert "'completion' contains <turn|>" in problems[f"{path}:3"]
     with pytest.raises(DataError, match="control tokens"):
         load_examples(path)
+
+
+def test_encoding_a_reply_longer_than_the_tokenizers_maximum_says_nothing(converted_models, caplog):
+    """transformers' "Token indices sequence length is longer than ..." reads like a crash; training cuts
+    long examples itself and says so in its own words."""
+    from mlx_lm.utils import load_tokenizer
+
+    from gemma_mlx.chat_format import encode
+
+    tokenizer = load_tokenizer(converted_models["pt"])
+    limit = tokenizer._tokenizer.model_max_length
+    assert limit < 10**6  # the tiny checkpoints' tokenizer has a maximum, as Gemma's do
+    with caplog.at_level("WARNING"):
+        ids = encode(tokenizer, "aye " * (limit + 100))
+    assert len(ids) > limit and not [r for r in caplog.records if "sequence length" in r.getMessage()]

@@ -387,12 +387,12 @@ def data_check(path, model, prompt_files, max_seq_length):
     """
     from .data import check_dataset
 
-    report = check_dataset(path, model=model, prompts=list(prompt_files), max_seq_length=max_seq_length)
-    for problem in report.errors:
-        click.echo(f"{problem.where}: error: {problem.message}")
-    for problem in report.warnings:
-        click.echo(f"{problem.where}: warning: {problem.message}")
+    from .data import grouped_problems
     from .text import plural
+
+    report = check_dataset(path, model=model, prompts=list(prompt_files), max_seq_length=max_seq_length)
+    for line in grouped_problems(report.errors, "error") + grouped_problems(report.warnings, "warning"):
+        click.echo(line)
 
     summary = (f"{path}: {plural(report.examples, 'valid example')}, {plural(len(report.errors), 'error')}, "
                f"{plural(len(report.warnings), 'warning')}")

@@ -117,6 +117,25 @@ def _spread_warning(path, replies: list[str]) -> Problem | None:
         "length of its training replies, so it will answer everything at about this length; add short and long replies."))
 
 
+def grouped_problems(problems: list[Problem], kind: str, shown: int = 3) -> list[str]:
+    """`file:line: kind: message` lines in order; a message that repeats more than `shown` + 2 times is
+    shown `shown` times and then summed up in one line (a 4,800-line file of another tool's shape is
+    one problem, not 4,800 lines)."""
+    groups: dict[str, list[Problem]] = {}
+    for problem in problems:
+        groups.setdefault(problem.message, []).append(problem)
+    lines, seen = [], {}
+    for problem in problems:
+        group = groups[problem.message]
+        count = seen[problem.message] = seen.get(problem.message, 0) + 1
+        if len(group) <= shown + 2 or count <= shown:
+            lines.append(f"{problem.where}: {kind}: {problem.message}")
+        elif count == shown + 1:
+            lines.append(f"{problem.where}: {kind}: ... and {len(group) - shown} more with the same {kind} "
+                         f"(the last at {group[-1].where})")
+    return lines
+
+
 def check_dataset(path, model: str | Path | None = None, prompts: list[Path] = (),
                   max_seq_length: int = 512) -> CheckReport:
     """Every error (invalid records) and warning (duplicates, too long, eval overlap, low spread) of a dataset."""

@@ -149,7 +149,18 @@ def parse_record(record, where: str) -> tuple[Example | None, str | None, list[s
             return None, "text", [problem]
         return Example(messages=None, text=record["text"], source=where), "text", []
     found = ", ".join(sorted(record)) or "none"
-    return None, None, [f"unknown record shape (keys: {found}); each line must be {SHAPE_HELP}"]
+    return None, None, [f"unknown record shape (keys: {found}); each line must be {SHAPE_HELP}{_shape_hint(record)}"]
+
+
+def _shape_hint(record: dict) -> str:
+    """How to map two common shapes of other tools onto ours ("" for anything else)."""
+    if "conversations" in record:  # ShareGPT
+        return ('. This looks like ShareGPT: rename "conversations" to "messages", and in each turn "from" to "role" '
+                '(human -> user, gpt -> assistant, system stays) and "value" to "content"')
+    if "instruction" in record and "output" in record:  # Alpaca
+        return ('. This looks like Alpaca: write {"prompt": instruction (and input, if any, after a blank line), '
+                '"completion": output}')
+    return ""
 
 
 def _field_problem(record: dict, key: str) -> str | None:
@@ -203,6 +214,12 @@ def _parse_jsonl(path: Path, parsed: Parsed) -> None:
         raw = raw[len(UTF8_BOM):]
     if not raw.strip():
         parsed.errors.append(Problem(f"{name}:1", "the file is empty: it holds no records"))
+        return
+    if raw.lstrip().startswith(b"["):  # a JSON array (often pretty-printed): one error, not one per line
+        parsed.errors.append(Problem(f"{name}:1", (
+            "the file is one JSON array, not JSON Lines (one complete object per line). Convert it with: python -c "
+            "\"import json,sys; [print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1]))]\" "
+            f"{path.name} > {path.stem}.jsonl")))
         return
     shapes_before = dict(parsed.shapes)
     lines = raw.split(b"\n")

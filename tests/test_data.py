@@ -452,3 +452,25 @@ def test_encoding_a_reply_longer_than_the_tokenizers_maximum_says_nothing(conver
     with caplog.at_level("WARNING"):
         ids = encode(tokenizer, "aye " * (limit + 100))
     assert len(ids) > limit and not [r for r in caplog.records if "sequence length" in r.getMessage()]
+
+
+def test_other_tools_shapes_get_one_hint_not_a_flood(tmp_path):
+    array = tmp_path / "export.json"
+    array.write_text(json.dumps([chat("hi", "G'day!"), chat("bye", "See ya!")], indent=2))
+    result = invoke("data", "check", array)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.count("error:") == 1 and f"{array}:1: error: the file is one JSON array" in result.output
+    assert "export.jsonl" in result.output  # the conversion command names the file to write
+
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [
+        {"conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": "answer"}]}
+        for i in range(50)])
+    result = invoke("data", "check", sharegpt)
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if ": error: " in line]
+    assert len(lines) == 4 and "looks like ShareGPT" in lines[0] and "human -> user" in lines[0]
+    assert lines[3] == f"{sharegpt}:4: error: ... and 47 more with the same error (the last at {sharegpt}:50)"
+    assert "50 errors" in result.output
+
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi", "input": "", "output": "Hi!"}])
+    assert "looks like Alpaca" in invoke("data", "check", alpaca).output

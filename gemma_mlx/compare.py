@@ -209,8 +209,14 @@ def _scorecard(records: list[dict], prompts: list[str], has_markers: bool, train
     return card
 
 
-def _warnings(overlaps: list[dict], models: list[dict], settings: GenerationSettings) -> list[str]:
+def _warnings(overlaps: list[dict], models: list[dict], settings: GenerationSettings, training: dict | None = None) -> list[str]:
     warnings = []
+    if training and training.get("with_system"):
+        warnings.append(
+            f"{training['with_system']} of {training['examples']} training examples begin with a system message, and "
+            "compare sends each prompt alone, so the models are not asked the way they were trained. Read the replies "
+            "with that in mind, or try the persona with its system message in `gemma-mlx chat --system`."
+        )
     if overlaps:
         listed = "; ".join(f"prompt {o['prompt_index'] + 1} \"{o['prompt']}\" ~ {o['training_source']}" for o in overlaps[:5])
         warnings.append(
@@ -405,7 +411,7 @@ def compare_models(
 
     overlaps = scorecard.find_overlaps(texts, training_prompts)
     results = _results(settings, prompt_pairs, persona_info, mined, training, overlaps, judge, entries)
-    results["warnings"] = _warnings(overlaps, results["models"], settings)
+    results["warnings"] = _warnings(overlaps, results["models"], settings, training)
     results["on_topic"] = {"model": on_topic_model, "threshold": ontopic.ON_TOPIC_THRESHOLD} if on_topic_model else None
     results["best_of"] = best_of
     results["seconds"] = round(time.perf_counter() - started, 3)

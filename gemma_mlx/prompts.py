@@ -23,9 +23,13 @@ def _prompt_from_record(record) -> str | None:
             return record["prompt"]
         messages = record.get("messages")
         if isinstance(messages, list):
-            users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-            if users and isinstance(users[-1], str):
-                return users[-1]
+            roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+            if roles not in (["user"], ["user", "assistant"]):
+                raise ValueError(f"its \"messages\" are {', '.join(map(str, roles)) or 'empty'}; a comparison prompt is "
+                                 "one user message (a reply after it is ignored). Give that message alone: compare "
+                                 "would drop a system message or earlier turns")
+            if isinstance(messages[0].get("content"), str):
+                return messages[0]["content"]
     return None
 
 
@@ -49,6 +53,8 @@ def read_prompt_lines(path) -> list[tuple[str, str]]:
                 prompt = _prompt_from_record(json.loads(stripped))
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}).") from None
+            except ValueError as error:
+                raise DataError(f"{where}: {error}.") from None
             if not prompt or not prompt.strip():
                 raise DataError(
                     f"{where}: no prompt found; each line needs a non-empty \"prompt\" string or "

@@ -527,3 +527,35 @@ def test_one_display_name_per_model(compared, fused_pt, wordy_models):
     assert display_name(wordy_models["pt"], f"{adapters}/last") == "tiny-gemma-3-pt + LoRA (last)"
     for view in ("comparison.txt", "comparison.md", "report.html", "scorecard.csv"):
         assert "tiny-gemma-3-pt + LoRA" in (compared.out_dir / view).read_text(), view
+
+
+def test_a_prompt_record_with_a_system_message_or_turns_is_refused_not_cut(tmp_path):
+    """compare asks one user message; a record whose system message or earlier turns it would drop is an
+    error at its line (a user message with its reply, like a training record, is fine)."""
+    from gemma_mlx.prompts import read_prompt_lines
+
+    path = tmp_path / "p.jsonl"
+    ok = {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Morag."}]}
+    with_system = {"messages": [{"role": "system", "content": "You are Morag."}, {"role": "user", "content": "Hi"}]}
+    path.write_text(json.dumps(ok) + "\n")
+    assert read_prompt_lines(path) == [("Who are you?", f"{path}:1")]
+    path.write_text(json.dumps(ok) + "\n" + json.dumps(with_system) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:2: its \"messages\" are system, user; .*one user message"):
+        read_prompt_lines(path)
+
+
+def test_training_data_behind_a_system_message_is_warned_about(tmp_path):
+    from gemma_mlx.compare import _warnings
+    from gemma_mlx.scoring.inputs import read_training_data
+
+    data = tmp_path / "d.jsonl"
+    records = [{"messages": [{"role": "system", "content": "You are Morag."}, {"role": "user", "content": f"q {i}"},
+                             {"role": "assistant", "content": "Och aye."}]} for i in range(3)]
+    records.append({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Aye."}]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    training, _, _ = read_training_data(data)
+    assert training["with_system"] == 3
+    warnings = _warnings([], [], GenerationSettings(), training)
+    assert len(warnings) == 1 and "3 of 4 training examples begin with a system message" in warnings[0]
+    training["with_system"] = 0
+    assert _warnings([], [], GenerationSettings(), training) == []

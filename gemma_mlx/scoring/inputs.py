@@ -75,6 +75,8 @@ def read_training_data(training_data: Path | None) -> tuple[dict | None, list[st
         "sha256": data_hash(Path(training_data)),
         "examples": len(examples),
         "reply_words": length_stats([word_count(r) for r in replies]),
+        # compare sends each prompt alone: a persona trained behind a system message is not asked that way
+        "with_system": sum(1 for e in examples if e.messages[0]["role"] == "system"),
     }
     return summary, replies, prompts
 

@@ -327,6 +327,8 @@ def split_dataset(path, out: Path, seed: int = 0, valid_fraction: float = 0.1, t
         return SplitResult(out, existing["counts"], "up-to-date")
     started = time.perf_counter()
     examples = load_examples(path)
+    if Path(path).is_dir() and any((Path(path) / f"{name}.jsonl").is_file() for name in ("train", "valid", "test")):
+        progress(f"note: {path} is already split (train/valid/test.jsonl); its {len(examples)} examples are pooled and split afresh")
     splits = split_examples(examples, seed, valid_fraction, test_fraction)
     counts = {name: len(getattr(splits, name)) for name in ("train", "valid", "test")}
     empty = [name for name, fraction in (("valid", valid_fraction), ("test", test_fraction)) if fraction and not counts[name]]

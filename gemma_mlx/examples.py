@@ -458,6 +458,14 @@ def load_splits(path, seed: int = 0, valid_fraction: float = 0.1, test_fraction:
     if path.is_dir() and not is_hf_saved_dataset(path):
         files = _split_dir_files(path)
         if files:
+            left_out = [f.name for f in data_files(path) if f not in files.values()]
+            if left_out:
+                raise DataError(
+                    f"{path} holds {files['train'].name}, so it is read as already split into train/valid/test, and "
+                    f"{', '.join(left_out)} would be left out of training. Merge {'it' if len(left_out) == 1 else 'them'} "
+                    f"into {files['train'].name} (or valid/test), move {'it' if len(left_out) == 1 else 'them'} "
+                    "elsewhere, or point to a directory without train.jsonl to have every file split for you."
+                )
             found = {s: load_examples(f) for s, f in files.items()}
             return Splits(found["train"], found.get("valid", []), found.get("test", []))
     if (path.is_dir() and is_hf_saved_dataset(path)) or (not path.exists() and looks_like_hub_id(str(path))):

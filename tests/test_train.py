@@ -379,3 +379,31 @@ def test_outputs_never_replace_inputs_or_files_and_a_failed_start_leaves_nothing
     with pytest.raises(TrainingError, match="this model has 6 layers"):
         train_model(model, data_file, out=tmp_path / "run", lora=LoraSettings(num_layers=99))
     assert not (tmp_path / "run.partial").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_split_folder_with_another_data_file_is_refused_not_half_read(converted_models, tmp_path):
+    """A folder with train.jsonl is read as split; a further JSONL there would be left out of training
+    without a word, so training refuses and says what to do."""
+    from gemma_mlx.errors import DataError
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    write_chat_data(folder / "train.jsonl", count=8)
+    write_chat_data(folder / "valid.jsonl", count=2, seed=1)
+    write_chat_data(folder / "more-conversations.jsonl", count=6, seed=2)
+    with pytest.raises(DataError, match=r"holds train.jsonl, so it is read as already split.*more-conversations.jsonl "
+                                         r"would be left out of training"):
+        train_model(converted_models["pt"], folder, out=tmp_path / "out", lora=LORA, train=TrainSettings(epochs=1))
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_without_validation_examples_warns(converted_models, tmp_path):
+    folder = tmp_path / "only-train"
+    folder.mkdir()
+    write_chat_data(folder / "train.jsonl", count=6)
+    lines = []
+    train_model(converted_models["pt"], folder, out=tmp_path / "out", lora=LORA, progress=lines.append,
+                train=TrainSettings(epochs=1, val_generation_tokens=0))
+    assert lines[0].startswith("6 examples, 1 epoch = 2 steps of 4 examples, padding ")  # one epoch: not said twice
+    assert any("0 validation examples" in line for line in lines)
+    assert any(line.startswith("warning: no validation examples, so nothing chooses between epochs") for line in lines)

@@ -190,16 +190,19 @@ class Run:
         s, train = self.setup, self.setup.train
         noun, count, valid = self.objective.counts()
         self.measured = self.objective.measure(self.trainee, self.num_layers)
+        total = f"{plural(train.epochs, 'epoch')} = {plural(self.total_steps, 'step')}, " if train.epochs != 1 else ""
         self.say(f"{plural(count, noun)}, 1 epoch = {plural(self.steps_per_epoch, 'step')} of "
-                 f"{plural(train.batch_size, noun)}, "
-                 f"{plural(train.epochs, 'epoch')} = {plural(self.total_steps, 'step')}, "
-                 f"padding {self.measured['padding']:.1%}")
+                 f"{plural(train.batch_size, noun)}, {total}padding {self.measured['padding']:.1%}")
         trainable = count_parameters(self.trainee.trainable_parameters())
         total = count_parameters(self.trainee.lm.parameters())
         rows = " + turn-token rows" if s.turn_tokens else ""
         self.say(f"{s.model_dir.name} ({s.flavour}): {s.lora.fine_tune_type} on the last {self.num_layers} layers{rows}, "
                  f"{trainable / 1e6:.3f}M of {total / 1e6:.1f}M parameters trainable; "
-                 f"{valid} validation {noun}s")
+                 f"{plural(valid, 'validation ' + noun)}")
+        if not valid:
+            self.say(f"warning: no validation {noun}s, so nothing chooses between epochs (the last adapters are kept) "
+                     "and nothing is measured on held-out data; give a valid.jsonl beside train.jsonl, or a file or "
+                     "folder without train.jsonl to have a validation set split off")
         for line in self.measured["lines"]:
             self.say(line)
         machine, needed = machine_memory(), self.measured["estimate"]["total"]

@@ -11,7 +11,10 @@ import statistics
 from collections import Counter
 
 # Words: letters/digits with inner apostrophes ("don't", "Bingo's"); punctuation and emoji are not words.
-_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+# Chinese and Japanese write no spaces, so each Han, hiragana or katakana character counts as a word (a
+# 90-character Chinese reply would otherwise be a handful of "words", and every length measure with it).
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+_WORD = re.compile(rf"[{_UNSPACED}]|(?:(?![{_UNSPACED}])[^\W_])+(?:'(?:(?![{_UNSPACED}])[^\W_])+)*")
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 
 

@@ -41,3 +41,15 @@ def test_prose_that_repeats_a_phrase_a_few_times_is_not_a_loop():
 def test_short_text_is_never_a_loop():
     for text in ("", "ha", "hahaha", "Hooray!"):
         assert not is_loop(text)
+
+
+def test_words_are_counted_in_scripts_without_spaces_too():
+    """Chinese and Japanese write no spaces: each character is a word, so lengths (stats, fidelity,
+    calibration) mean the same thing as in English; spaced scripts keep their words."""
+    from gemma_mlx.text import word_count, words
+
+    assert word_count("I don't know, Bingo's ball!") == 5
+    assert word_count("我喜欢吃苹果。你呢？") == 8 and word_count("喜欢。") == 2
+    assert word_count("ひらがなとカタカナ") == 9
+    assert word_count("안녕하세요 친구") == 2 and word_count("Привет, мир") == 2
+    assert words("mixed 中文 text") == ["mixed", "中", "文", "text"]

@@ -352,6 +352,9 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Expe
         return apply_overrides(ExperimentConfig(), overrides or {})
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder; give the experiment's YAML file inside it (`gemma-mlx init {path}` "
+                              "writes one, experiment.yaml, with every key documented).")
         raise ConfigError(f"Config file {path} does not exist. Check the path, or leave it out to use the defaults.")
     try:
         text = path.read_text(encoding="utf-8")

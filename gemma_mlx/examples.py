@@ -125,7 +125,9 @@ def _short(value, limit: int = 40) -> str:
 def parse_record(record, where: str) -> tuple[Example | None, str | None, list[str]]:
     """(example, shape, problems) for one decoded record; example is None when it is invalid."""
     if not isinstance(record, dict):
-        return None, None, [f"unknown record shape: a JSON {type(record).__name__}, expected an object, {SHAPE_HELP}"]
+        kind = {type(None): "null", bool: "true/false", int: "number", float: "number", str: "string", list: "array"}
+        return None, None, [f"unknown record shape: a JSON {kind.get(type(record), type(record).__name__)}, "
+                            f"expected an object, {SHAPE_HELP}"]
     keys = {k for k, v in record.items() if v is not None}  # HF datasets fill absent columns with None
     if "messages" in keys:
         problems = _check_messages(record["messages"])

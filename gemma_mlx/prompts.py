@@ -38,6 +38,9 @@ def read_prompt_lines(path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Prompt file {path} does not exist. Give a .txt file (one prompt per line) or a .jsonl file.")
+    if path.suffix.lower() in (".csv", ".tsv", ".parquet", ".json"):
+        raise DataError(f"Prompt file {path} is a {path.suffix.lower()[1:].upper()} file; prompt files are .txt (one prompt "
+                        "per line) or .jsonl (a \"prompt\" per line). Save the prompt column as a .txt file.")
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:

@@ -474,3 +474,14 @@ def test_other_tools_shapes_get_one_hint_not_a_flood(tmp_path):
 
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi", "input": "", "output": "Hi!"}])
     assert "looks like Alpaca" in invoke("data", "check", alpaca).output
+
+
+def test_small_mistakes_get_plain_words(tmp_path):
+    nulls = tmp_path / "null.jsonl"
+    nulls.write_text("null\n")
+    assert "unknown record shape: a JSON null, expected an object" in invoke("data", "check", nulls).output
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt\nWhat is your name?\n")
+    result = invoke("data", "check", write_jsonl(tmp_path / "d.jsonl", varied(4)), "--prompts", prompts)
+    assert result.exit_code == 1 and "is a CSV file; prompt files are .txt" in result.output  # the header is no prompt
+    assert "Traceback" not in result.output

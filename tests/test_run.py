@@ -330,3 +330,8 @@ def test_an_empty_data_key_is_an_error_not_the_config_folder(tmp_path, isolated_
 def shipped_first_record() -> str:
     shipped = Path(experiment.load_experiment(None).data)
     return next(p for p in sorted(shipped.glob("*.jsonl"))).read_text().splitlines()[0] + "\n"
+
+
+def test_a_folder_given_as_the_config_says_so(tmp_path, isolated_outputs):
+    result = run_cli(str(tmp_path))
+    assert result.exit_code == 1 and f"{tmp_path} is a folder; give the experiment's YAML file" in result.output

@@ -407,3 +407,4 @@ def test_training_without_validation_examples_warns(converted_models, tmp_path):
     assert lines[0].startswith("6 examples, 1 epoch = 2 steps of 4 examples, padding ")  # one epoch: not said twice
     assert any("0 validation examples" in line for line in lines)
     assert any(line.startswith("warning: no validation examples, so nothing chooses between epochs") for line in lines)
+    assert any(line.startswith("warning: only 6 training examples; a persona is learned from dozens") for line in lines)

@@ -32,6 +32,8 @@ from ..manifest import quiet
 from ..text import plural
 from .setup import LAST_DIR, LAST_GOOD_DIR, RunSetup, make_optimizer, write_adapter_dir
 
+FEW_EXAMPLES = 20  # below this many training examples the header warns
+
 # mx.compile for the training step. Off: length-bucketed batches give almost every step a new
 # shape, so a compiled step retraces nearly every time; scripts/bench_train.py --compile measured
 # no gain per epoch (0.56x vs 0.53x mlx-lm's time) and 20% more peak memory.
@@ -199,6 +201,9 @@ class Run:
         self.say(f"{s.model_dir.name} ({s.flavour}): {s.lora.fine_tune_type} on the last {self.num_layers} layers{rows}, "
                  f"{trainable / 1e6:.3f}M of {total / 1e6:.1f}M parameters trainable; "
                  f"{plural(valid, 'validation ' + noun)}")
+        if noun == "example" and count < FEW_EXAMPLES:
+            self.say(f"warning: only {plural(count, 'training ' + noun)}; a persona is learned from dozens (the shipped "
+                     "Bluey set has 133), and a model trained on a handful repeats them")
         if not valid:
             self.say(f"warning: no validation {noun}s, so nothing chooses between epochs (the last adapters are kept) "
                      "and nothing is measured on held-out data; give a valid.jsonl beside train.jsonl, or a file or "

@@ -157,14 +157,34 @@ def check_adapters_fit(base: Path, adapter_dir: Path, train_manifest: dict | Non
             f"{base} has shape {shape}. Use them with the model they were trained on "
             f"({(train_manifest or {}).get('base_model', 'see the run manifest')})."
         )
-    if trained_on.get("source_id") and base_manifest.get("source_id") and trained_on["source_id"] != base_manifest["source_id"]:
+    trained_id, base_id = model_identity(trained_on), model_identity(base_manifest)
+    if trained_id and base_id and trained_id != base_id:
+        if base_id[0] == "fuse" and trained_id[0] == "convert":
+            how = ("a fused model (a base with adapters already in it), not the converted model they were trained on; "
+                   "on it they would be applied on top of other adapters, or of themselves a second time")
+        elif trained_id[0] == "fuse":
+            how = "not the fused model they were trained on"
+        else:
+            how = "converted from a different checkpoint"
         raise GemmaMlxError(
             f"The adapters in {adapter_dir} were trained on {trained_on.get('name', 'another model')} "
             f"({(train_manifest or {}).get('base_model')}), but the base given is {base_manifest.get('name', base)} "
-            f"({base}), converted from a different checkpoint. Using them there gives a model nobody trained. "
+            f"({base}), {how}. Using them there gives a model nobody trained. "
             "Use the base the adapters were trained on (adapter_config.json names it)."
         )
     return config
+
+
+def model_identity(manifest: dict) -> tuple | None:
+    """What makes a model dir the model it is, from its manifest: a converted checkpoint's source, or a
+    fused model's base source and adapters; None when the manifest does not say (a model made elsewhere)."""
+    if manifest.get("stage") == "convert" and manifest.get("source_id"):
+        return ("convert", json.dumps(manifest["source_id"], sort_keys=True))
+    inputs = manifest.get("inputs") or {}
+    if manifest.get("stage") == "fuse" and inputs.get("base_id") and inputs.get("adapters_sha256"):
+        source = (inputs["base_id"] or {}).get("source_id")
+        return ("fuse", json.dumps(source, sort_keys=True), json.dumps(inputs["adapters_sha256"], sort_keys=True))
+    return None
 
 
 

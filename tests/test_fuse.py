@@ -193,6 +193,10 @@ def test_cli_fuse_and_mismatch_errors(adapters, converted_models, tmp_path):
     fails([empty], "no adapters.safetensors", "train first")
     # Same shapes, but trained on the -pt model: fusing into -it would make a model nobody trained.
     fails([adapters, "--base", converted_models["it"], "--out", tmp_path / "x"], "different checkpoint", "the base the adapters were trained on")
+    # Onto the fused model they are already in (or any fused model): applied twice, a model nobody trained.
+    fails([adapters, "--base", out, "--out", tmp_path / "twice"], "a fused model (a base with adapters already in it)",
+          "the base the adapters were trained on")
+    assert not (tmp_path / "twice").exists()
     # Adapters for another architecture size: shapes do not fit.
     wrong = tmp_path / "wrong-shape"
     shutil.copytree(adapters, wrong, ignore=shutil.ignore_patterns("fused", "manifest.json"))

@@ -72,6 +72,13 @@ def write_stdout(text: str) -> None:
     print(text, end="", flush=True)
 
 
+def write_stderr(text: str) -> None:
+    """Piped chat's notes (command answers, settings): stdout keeps the replies alone."""
+    import sys
+
+    print(text, end="", flush=True, file=sys.stderr)
+
+
 def describe_settings(settings: GenerationSettings, best_of: int = 1, thinking: bool = False) -> str:
     values = dataclasses.asdict(settings)
     values.pop("samples")  # chat writes one reply per turn
@@ -319,32 +326,36 @@ def chat_loop(
     labels: bool = True,
     best_of: BestOf | None = None,
     thinking: bool = False,
+    note: Write | None = None,
 ) -> list[dict]:
     """Run the conversation until /quit, Ctrl-D or Ctrl-C; return its kept messages (for tests and callers).
 
     `labels` False leaves out the "model> " label (piped use: one reply a line on stdout). `best_of`:
     keep the best of N replies (BestOf; /settings best_of=N changes N). `thinking`: the model thinks
-    first and its thought is shown (a family without thinking is refused).
+    first and its thought is shown (a family without thinking is refused). `note` takes what is not a
+    reply (answers to /commands, settings, a line that is not UTF-8); `write` when not given.
     """
     check_settings(settings)
+    note = note or write
     best = best_of or BestOf()
     conversation = Conversation(system=system, thinking=thinking and parse_thinking(loaded, "on"))
     while True:
         try:
             line = read_line(USER_PROMPT)
         except (EOFError, KeyboardInterrupt):
-            write("\n")
+            if labels:  # end the prompt's line; piped output ends with the last reply's own newline
+                write("\n")
             break
         except UnicodeDecodeError:
-            write(NOT_UTF8 + "\n")
+            note(NOT_UTF8 + "\n")
             continue
         line = line.strip()
         if not line:
             continue
         if line.split()[0] == "/retry":
-            text = _retry(conversation, write)
+            text = _retry(conversation, note)
         elif line.startswith("/"):
-            settings = _command(line, loaded, conversation, settings, write, best)
+            settings = _command(line, loaded, conversation, settings, note, best)
             if settings is None:
                 break
             continue
@@ -367,8 +378,9 @@ def run_chat(
     best_of: int = 1,
     on_topic_model: str | None = None,
     thinking: bool = False,
+    note: Write | None = None,
 ) -> list[dict]:
-    """Load a model (dir, fused dir, or BASE::ADAPTERS) and chat with it (thinking: see chat_loop).
+    """Load a model (dir, fused dir, or BASE::ADAPTERS) and chat with it (thinking, note: see chat_loop).
 
     best_of: keep the best of that many replies; on_topic_model: a base model that scores whether a
     candidate answers the message (loaded once, beside the chat model), else that term is skipped.
@@ -389,7 +401,7 @@ def run_chat(
         say("every reply ends with [on topic] or [off topic]: whether it answers the message, by the on-topic model")
     say(f"chatting with {loaded.name} ({describe_settings(settings, n, thinking)}). {HELP}")
     return chat_loop(loaded, settings, read_line=read_line, write=write, system=system, labels=labels, best_of=best,
-                     thinking=thinking)
+                     thinking=thinking, note=note)
 
 
 def on_topic_scorer(spec: str, say: Callable[[str], None]):

@@ -682,14 +682,14 @@ def chat(model, adapter_path, system, model_option=None, best_of=1, on_topic_mod
     except ImportError:
         pass
 
-    from .chat import read_piped_line, run_chat
+    from .chat import read_piped_line, run_chat, write_stderr
     from .config import GenerationSettings
 
     model = given_models([model] if model else [], [model_option] if model_option else [], many=False)[0]
     interactive = sys.stdin.isatty()  # piped: the prompts and labels stay off stdout, replies only
     run_chat(model, adapter_path, GenerationSettings(**generation), system=system, progress=echo_progress,
              read_line=input if interactive else read_piped_line, labels=interactive, best_of=best_of,
-             on_topic_model=on_topic_model, thinking=thinking)
+             on_topic_model=on_topic_model, thinking=thinking, note=None if interactive else write_stderr)
 
 
 @cli.command(short_help="Chat with models side by side and rate them blind, in the browser.")

@@ -157,11 +157,14 @@ def test_ctrl_c_at_the_prompt_and_during_a_reply_leave_cleanly(pt, monkeypatch):
 def test_cli_chat_with_piped_input_writes_only_replies(converted_models):
     runner = CliRunner()  # its stdin is not a terminal, like `gemma-mlx chat M < questions.txt`
     result = runner.invoke(cli, ["chat", str(converted_models["it"]), "--max-tokens", "4", "--system", "Be Bluey."],
-                           input="Hello\n/settings\nHi again\n")
+                           input="Hello\n/settings\n/settings best_of=2\n/setings\nHi again\n")
     assert result.exit_code == 0, result.output
     assert "you> " not in result.stdout and "model> " not in result.stdout  # replies only
-    assert result.stdout.count("[cut at 4 tokens]") == 2
-    assert "settings: max_tokens=4" in result.stdout
+    assert result.stdout.count("[cut at 4 tokens]") == 2 and len(result.stdout.splitlines()) == 2
+    assert result.stdout.endswith("]\n")  # no empty line after the last reply
+    # the answers to /commands go to stderr, with the progress
+    assert "settings: max_tokens=4" in result.stderr and "best of 2" in result.stderr
+    assert "Unknown command /setings" in result.stderr
     assert "Traceback" not in result.output
 
 
@@ -306,7 +309,6 @@ def test_cli_chat_skips_a_line_that_is_not_utf8(converted_models):
     result = runner.invoke(cli, ["chat", str(converted_models["it"]), "--max-tokens", "4"],
                            input=b"Hello\n\xff\xfe caf\xe9\nHi again\n")
     assert result.exit_code == 0, result.output
-    assert "that line is not UTF-8 text, so it was skipped" in result.stdout
-    lines = result.stdout.split("\n")
-    assert len(lines) == 5 and "not UTF-8" in lines[1]  # a reply, the notice, a reply, the newline at the end
+    assert "that line is not UTF-8 text, so it was skipped" in result.stderr  # a notice, not a reply
+    assert len(result.stdout.splitlines()) == 2 and "not UTF-8" not in result.stdout  # the two replies
     assert "Traceback" not in result.output

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import GenerationSettings
-from .errors import CheckpointError, GemmaMlxError
+from .errors import CheckpointError, GemmaMlxError, OutputExistsError
 from .manifest import (
     Progress,
     StageOutput,
@@ -205,7 +205,7 @@ def _gguf_dir(path: Path) -> Path:
 
 
 def export_gguf(source: ExportSource, out: Path, quant: str = "f16", force: bool = False,
-                progress: Progress = quiet) -> ExportResult:
+                progress: Progress = quiet, title: str | None = None) -> ExportResult:
     """Write the GGUF export directory for `source` (see the module docstring); a no-op when up to date."""
     from .formats.gguf_write import QUANTS, check_model_type, check_tokenizer, write_gguf
 
@@ -237,7 +237,7 @@ def export_gguf(source: ExportSource, out: Path, quant: str = "f16", force: bool
     weights, config = float_weights(source)
     need = sum(w.size for w in weights.values()) * (4 if quant == "f32" else 2) + (64 << 20)
     check_writable(out.parent, need_bytes=need)
-    name = persona_name(context, out.name)
+    name = persona_name(context, title or out.name)
     with atomic_output_dir(out, force=True) as tmp:
         types = write_gguf(tmp / file_name, weights, config, tokenizer_json, name=name, quant=quant, progress=progress)
         del weights
@@ -277,14 +277,39 @@ def export_model(spec: str, gguf: Path | None = None, web: Path | None = None, q
         check_runtime()  # before any weights load
     source = resolve_source(spec)
     quant = quant or (WEB_QUANT_DEFAULT if web is not None else "f16")
+    title = None
     if gguf is None:  # the page needs a GGUF file too: keep it in outputs/export/ so a re-run reuses it
-        from .manifest import outputs_root
+        from .manifest import outputs_root, sha256_json
 
-        gguf = outputs_root() / "export" / f"{source.name}-{quant}"
-    result = export_gguf(source, gguf, quant=quant, force=force, progress=progress)
+        # named for the model and what it holds, so two models whose folders share a name never meet there
+        gguf, title = outputs_root() / "export" / f"{source.name}-{quant}-{sha256_json(source.identity)[:8]}", source.name
+    if web is not None:
+        check_web_target(Path(web).expanduser(), _gguf_dir(gguf), force)  # before the GGUF work, not after it
+    result = export_gguf(source, gguf, quant=quant, force=force, progress=progress, title=title)
     if web is not None:
         result.web_dir = export_web(result, Path(web).expanduser(), force=force, progress=progress)
     return result
+
+
+def check_web_target(web: Path, gguf_dir: Path, force: bool) -> None:
+    """Refuse a --web folder that could not be written before the GGUF file is made (minutes for a big model):
+    the GGUF folder itself (or inside it, or around it), a folder `export --web` did not write, or
+    another export's page without --force. The full check (export_web) follows once the GGUF key is known."""
+    target, gguf = web.resolve(), gguf_dir.resolve()
+    if target == gguf or gguf in target.parents or target in gguf.parents:
+        raise OutputExistsError(f"--web {web} and the GGUF export {gguf_dir} would overlap; give the page a folder of "
+                                "its own, beside the GGUF export rather than in it.")
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    manifest = read_manifest(target) or {}
+    if manifest.get("stage") != "export-web":
+        raise OutputExistsError(f"{web} already exists and holds something that `export --web` did not write (no "
+                                "export-web manifest.json), so it is not replaced, even with --force. Choose another "
+                                "output directory, or move it away yourself.")
+    page_of = manifest.get("gguf_export")
+    if not force and (not page_of or Path(page_of).resolve() != gguf):
+        raise OutputExistsError(f"{web} already holds the page of another export ({page_of}). Re-run with --force to "
+                                "replace it, or choose another output directory.")
 
 
 def export_web(gguf_result: ExportResult, out: Path, force: bool = False, progress: Progress = quiet) -> Path:
@@ -307,7 +332,7 @@ def export_web(gguf_result: ExportResult, out: Path, force: bool = False, progre
                  "--quant q8_0 or q4_0 for the page.")
     with atomic_output_dir(out, force=True) as tmp:
         fill_page(tmp, gguf_result.gguf_file, settings)
-        finish_output(tmp, output, {"gguf_export": str(gguf_result.gguf_dir), "settings": settings,
+        finish_output(tmp, output, {"gguf_export": str(gguf_result.gguf_dir.resolve()), "settings": settings,
                                     "created": now_iso(), "versions": versions()})
     progress(f"web page: {out} (serve it with `gemma-mlx web {out}`, then open the URL it prints)")
     return out

@@ -259,7 +259,8 @@ def _check_locked_output(output: StageOutput, force: bool, progress: Progress, r
         return None
     if not force:
         raise OutputExistsError(
-            f"{path} already holds a {output.stage} output made from other inputs or settings. Re-run with --force "
+            f"{path} already holds {'an' if output.stage[0] in 'aeiou' else 'a'} {output.stage} output made from other "
+            "inputs or settings. Re-run with --force "
             "to replace it, or choose another output directory."
         )
     return None

@@ -5,6 +5,7 @@ SentencePiece vocabulary as real Gemma models do; llama.cpp is the PyPI `llama-c
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 
 from gemma_mlx.chat_format import END_OF_TURN_ID, prompt_ids
 from gemma_mlx.cli import cli
+from gemma_mlx.manifest import read_manifest
 from gemma_mlx.tiny import write_tiny_gguf
 
 PROMPTS = ["Hello! Who are you?", "What game should we play?", "Tell me about your sister.", "Why is the sky blue?"]
@@ -246,3 +248,33 @@ def test_a_page_without_its_runtime_says_how_to_fetch_it_before_any_work(gguf_mo
     result = run_cli("export", gguf_model, "--web", tmp_path / "page")
     assert result.exit_code == 1 and "scripts/vendor_wllama.sh" in result.output
     assert not (tmp_path / "page").exists()
+
+
+def test_a_web_folder_that_cannot_be_written_is_refused_before_the_gguf_work(gguf_model, trained, tmp_path, isolated_outputs):
+    """The page's folder is checked first: a user's folder, the GGUF folder itself, or another model's page
+    (without --force) leave no GGUF export behind; a page alone keeps its GGUF in outputs/export/ under a
+    name that another model with the same folder name cannot take."""
+    _, fused = trained
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    result = run_cli("export", gguf_model, "--gguf", tmp_path / "g1", "--web", mine)
+    assert result.exit_code == 1 and "did not write" in result.output
+    assert not (tmp_path / "g1").exists() and (mine / "notes.txt").read_text() == "keep me"
+    result = run_cli("export", gguf_model, "--gguf", tmp_path / "both", "--web", tmp_path / "both")
+    assert result.exit_code == 1 and "would overlap" in result.output and not (tmp_path / "both").exists()
+
+    page = tmp_path / "page"
+    assert run_cli("export", gguf_model, "--web", page).exit_code == 0
+    internal = read_manifest(page)["gguf_export"]
+    assert Path(internal).parent == isolated_outputs / "export" and Path(internal).name.startswith(f"{gguf_model.name}-q8_0-")
+    again = run_cli("export", gguf_model, "--web", page)
+    assert again.exit_code == 0 and "up to date" in again.output
+    other = run_cli("export", fused, "--gguf", tmp_path / "g2", "--web", page)  # another model's page there
+    assert other.exit_code == 1 and "the page of another export" in other.output and "--force" in other.output
+    assert not (tmp_path / "g2").exists()
+    # another model in a folder of the same name gets its own internal GGUF folder
+    twin = tmp_path / "elsewhere" / gguf_model.name
+    shutil.copytree(fused, twin)
+    assert run_cli("export", twin, "--web", tmp_path / "page2").exit_code == 0
+    assert read_manifest(tmp_path / "page2")["gguf_export"] != internal

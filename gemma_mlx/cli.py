@@ -499,6 +499,8 @@ def compare(models, model_options, prompt_files, prompt_texts, persona, training
         best_of=best_of, on_topic_model=on_topic_model,
     )
     click.echo(render_scorecard_text(result.results))
+    for warning in result.results.get("warnings") or []:  # also in the report; here so that no one misses them
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"\nVerdict: {headline(result.results)}")
     click.echo(f"Report: {result.out_dir}/ ({', '.join(REPORT_FILES)})")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import gc
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -242,13 +243,18 @@ def _warnings(overlaps: list[dict], models: list[dict], settings: GenerationSett
 # ---------------------------------------------------------------------------- the comparison
 
 def _default_out() -> Path:
+    """outputs/compare/<timestamp>[-N], claimed by making it (empty), so two comparisons started in the same
+    second each get their own folder."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = outputs_root() / "compare" / stamp
-    suffix = 2
-    while out.exists():
-        out = outputs_root() / "compare" / f"{stamp}-{suffix}"
-        suffix += 1
-    return out
+    root = outputs_root() / "compare"
+    root.mkdir(parents=True, exist_ok=True)
+    for suffix in itertools.count(1):
+        out = root / (stamp if suffix == 1 else f"{stamp}-{suffix}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
 
 
 def _inputs_key(refs: list[ModelRef], prompts, settings, persona, training, judge: ModelRef | None) -> dict:

@@ -7,6 +7,7 @@ dies, however it dies, so a kill never leaves an output locked.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import os
@@ -80,6 +81,22 @@ def _holder(path: Path) -> str:
     except OSError:
         return "unknown"
     return text if text.isdigit() else "unknown"
+
+
+def _release_all() -> None:
+    """At exit, the lock files this process still holds go too (a command that failed after taking a lock
+    leaves no `.NAME.lock` beside its output; the OS lock itself would go with the process anyway)."""
+    with _held_guard:
+        held = list(_held_locks.items())
+        _held_locks.clear()
+    for path, descriptor in held:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+
+
+atexit.register(_release_all)
 
 
 def release_output(final: Path) -> None:

@@ -352,6 +352,7 @@ def test_cli_compare_base_plus_adapters(wordy_models, fused_pt, inputs, isolated
     results = json.loads((report_dir / "comparison.json").read_text())
     assert validate_results(results) == []
     assert results["seed"] == 3 and results["models"][0]["stage"] == "base+adapters"
+    assert results["warnings"] and all(f"warning: {w}" in result.stderr for w in results["warnings"])  # said, not only filed
     assert results["models"][0]["loss_curve"] is not None
     # a changed comparison into the same report dir is refused without --force, then replaces it
     changed = [*args[:-4], "--max-tokens", "3", "--out", str(report_dir)]
@@ -559,3 +560,27 @@ def test_training_data_behind_a_system_message_is_warned_about(tmp_path):
     assert len(warnings) == 1 and "3 of 4 training examples begin with a system message" in warnings[0]
     training["with_system"] = 0
     assert _warnings([], [], GenerationSettings(), training) == []
+
+
+def test_two_comparisons_in_the_same_second_get_folders_of_their_own(isolated_outputs, monkeypatch):
+    from gemma_mlx import compare
+
+    import datetime
+    import types
+
+    frozen = types.SimpleNamespace(now=lambda: datetime.datetime(2026, 12, 5, 3, 7, 39))
+    monkeypatch.setattr(compare, "_dt", types.SimpleNamespace(datetime=frozen))
+    first, second = compare._default_out(), compare._default_out()
+    assert first.name == "20261205-030739" and second.name == "20261205-030739-2"
+    assert first.is_dir() and second.is_dir()  # claimed as they are named
+
+
+def test_a_lock_left_by_a_failed_command_goes_at_exit(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "report"
+    code = ("import gemma_mlx.locks as locks, pathlib; "
+            f"locks.lock_output(pathlib.Path({str(out)!r}), 'compare'); raise SystemExit(1)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 1
+    assert not list(tmp_path.glob(".*.lock"))

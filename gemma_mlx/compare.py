@@ -210,8 +210,13 @@ def _scorecard(records: list[dict], prompts: list[str], has_markers: bool, train
     return card
 
 
-def _warnings(overlaps: list[dict], models: list[dict], settings: GenerationSettings, training: dict | None = None) -> list[str]:
+def _warnings(overlaps: list[dict], models: list[dict], settings: GenerationSettings, training: dict | None = None,
+              judge: str | None = None) -> list[str]:
     warnings = []
+    if judge and models and all(m["scorecard"].get("judge_mean") is None for m in models):
+        warnings.append(f"The judge ({judge}) gave no usable score: none of its answers held a rating from 1 to 5 "
+                        "(replies.jsonl keeps what it said). The verdict uses the on-topic rate instead; a larger "
+                        "instruction-tuned judge rates more reliably.")
     if training and training.get("with_system"):
         warnings.append(
             f"{training['with_system']} of {training['examples']} training examples begin with a system message, and "
@@ -417,7 +422,7 @@ def compare_models(
 
     overlaps = scorecard.find_overlaps(texts, training_prompts)
     results = _results(settings, prompt_pairs, persona_info, mined, training, overlaps, judge, entries)
-    results["warnings"] = _warnings(overlaps, results["models"], settings, training)
+    results["warnings"] = _warnings(overlaps, results["models"], settings, training, judge_ref.spec if judge else None)
     results["on_topic"] = {"model": on_topic_model, "threshold": ontopic.ON_TOPIC_THRESHOLD} if on_topic_model else None
     results["best_of"] = best_of
     results["seconds"] = round(time.perf_counter() - started, 3)

@@ -235,3 +235,25 @@ def test_validation_table_without_on_topic_or_for_a_last_checkpoint():
 def test_no_table_without_one_in_the_run():
     results = make_results()
     assert "Training validations" not in render_markdown(results) and "Training validations" not in render_html(results)
+
+
+def test_a_judge_with_no_usable_score_leaves_the_verdict_to_the_on_topic_rate():
+    results = make_results()
+    for model, rate in zip(results["models"], (0.5, 0.0)):
+        model["scorecard"]["judge_mean"] = None
+        model["scorecard"]["on_topic_rate"] = rate
+    assert headline(results).endswith(" and answered best (50% of replies on topic).")
+    results["models"] = results["models"][1:]
+    assert headline(results).endswith("and answered none (0% of replies on topic).")
+
+
+def test_a_judge_with_no_usable_score_is_warned_about():
+    from gemma_mlx.compare import _warnings
+    from gemma_mlx.config import GenerationSettings
+
+    results = make_results()
+    assert not [w for w in _warnings([], results["models"], GenerationSettings(), None, "judge-dir") if "judge" in w]
+    for model in results["models"]:
+        model["scorecard"]["judge_mean"] = None
+    (warning,) = [w for w in _warnings([], results["models"], GenerationSettings(), None, "judge-dir") if "judge" in w]
+    assert "The judge (judge-dir) gave no usable score" in warning

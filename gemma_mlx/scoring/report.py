@@ -240,7 +240,8 @@ def _and(parts: list[str]) -> str:
 def _verdicts(results: dict) -> list[tuple[str, str, str]]:
     """(scorecard key, what the winner did, how the number reads) for the headline's three questions:
     who ended cleanly, who stayed in voice, who answered best (the judge, else the on-topic rate)."""
-    answered = ("judge_mean", "answered best", "judge {v:.1f}/5") if results.get("judge") else (
+    judged = results.get("judge") and any(m["scorecard"].get("judge_mean") is not None for m in results["models"])
+    answered = ("judge_mean", "answered best", "judge {v:.1f}/5") if judged else (  # no usable judge score: on topic
         "on_topic_rate", "answered best", "{p} of replies on topic")
     return [("clean_rate", "ended cleanly most often", "{k}/{n} replies stopped by themselves without a loop"),
             ("persona_marker_rate", "stayed in voice most", "{p} of replies with a persona marker"), answered]
@@ -265,7 +266,7 @@ def headline(results: dict) -> str:
         n = values[0][2]
         number = shown.format(v=best, p=f"{100 * best:.0f}%", k=round(best * n), n=n)
         if len(models) == 1:
-            did = did.replace(" most often", "").replace(" most", "").replace("answered best", "answered")
+            did = did.replace(" most often", "").replace(" most", "").replace("answered best", "answered" if best else "answered none")
         text = f"{did} ({number})"
         if groups and groups[-1][0] == winners:
             groups[-1][1].append(text)

@@ -473,7 +473,7 @@ def data_split(path, out, seed, valid_fraction, test_fraction, force):
                 "most on topic. Costs N rows per prompt.")
 @click.option("--on-topic-model", help="The base model that scores whether replies answer their prompt. Default: "
               "a compared un-tuned model, or the base of BASE::ADAPTERS or of a fused model.")
-@click.option("--force", is_flag=True, help="Replace an existing --out directory that holds a different comparison (or anything else).")
+@click.option("--force", is_flag=True, help="Replace an existing --out directory that holds a different comparison (a folder compare did not write is never replaced).")
 def compare(models, model_options, prompt_files, prompt_texts, persona, training_data, judge, out, force, best_of, on_topic_model,
             **generation):
     """Answer the same prompts with several models side by side, and score the persona.

@@ -108,7 +108,7 @@ def made_from_lines(model_dir: Path, records: dict, fallback: str) -> list[str]:
     lora, recipe = settings.get("lora") or {}, settings.get("train") or {}
     return lines + [
         f"- data: `{train.get('data')}` ({summary.get('train_examples', '?')} training conversations)",
-        f"- recipe: {lora.get('fine_tune_type', 'lora')} rank {lora.get('rank')}, {recipe.get('epochs')} epochs, "
+        f"- recipe: {lora.get('fine_tune_type', 'lora')} rank {lora.get('rank')}, {recipe.get('epochs')} epoch{'' if recipe.get('epochs') == 1 else 's'}, "
         f"batch {recipe.get('batch_size')}, learning rate {recipe.get('learning_rate')}, "
         f"turn-token rows trained: {summary.get('turn_tokens_trained')}",
         f"- kept: epoch {_number(summary.get('best_epoch'))} (chosen by {summary.get('best_by')}), "

@@ -584,3 +584,16 @@ def test_a_lock_left_by_a_failed_command_goes_at_exit(tmp_path):
             f"locks.lock_output(pathlib.Path({str(out)!r}), 'compare'); raise SystemExit(1)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 1
     assert not list(tmp_path.glob(".*.lock"))
+
+
+def test_training_data_of_a_split_folder_is_its_train_split(tmp_path):
+    from gemma_mlx.scoring.inputs import read_training_data
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, count in (("train", 5), ("valid", 2), ("test", 2)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"messages": [
+            {"role": "user", "content": f"{name} question {i}"}, {"role": "assistant", "content": "answer"}]}) + "\n"
+            for i in range(count)))
+    summary, replies, prompts = read_training_data(folder)
+    assert summary["examples"] == 5 and len(replies) == 5 and all(p.startswith("train") for p, _ in prompts)

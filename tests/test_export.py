@@ -160,7 +160,7 @@ def test_adapters_export_like_their_fused_model(trained, tmp_path):
     for name in on_the_fly:
         np.testing.assert_allclose(on_the_fly[name], from_fused[name], atol=1e-5, err_msg=name)
     card = (tmp_path / "f" / "README.md").read_text()
-    assert "epochs" in card and "training conversations" in card  # the recipe, from the run's manifest
+    assert "1 epoch, " in card and "training conversations" in card  # the recipe, from the run's manifest
 
 
 def test_export_rules(gguf_model, tmp_path):

@@ -26,7 +26,7 @@ def assert_names_base_data_recipe_licence(card: str, base: str, data: str):
     assert card.startswith("---\nlicense: gemma\n")  # the hub reads the licence from the front matter
     assert f"- base model: `{base}`" in card
     assert f"- data: `{data}`" in card and "training conversations" in card
-    assert "- recipe: lora rank " in card and " epochs, batch " in card and "- kept: epoch " in card
+    assert "- recipe: lora rank " in card and (" epochs, batch " in card or " epoch, batch " in card) and "- kept: epoch " in card
     assert "## Licence" in card and "Gemma Terms of Use" in card
 
 
@@ -83,7 +83,7 @@ def test_fuse_and_its_hf_export_carry_the_card(trained, tmp_path):
     for where, library in ((adapters / "fused", "mlx"), (tmp_path / "hf", "transformers")):
         card = (where / "README.md").read_text()
         assert_names_base_data_recipe_licence(card, str(base_source), str(data.resolve()))
-        assert f"library_name: {library}" in card and "rank 4, 1 epochs" in card and "- kept: epoch 1 (" in card
+        assert f"library_name: {library}" in card and "rank 4, 1 epoch, " in card and "- kept: epoch 1 (" in card
     assert f"gemma-mlx chat {adapters / 'fused'}" in (adapters / "fused" / "README.md").read_text()
     assert "AutoModelForCausalLM" in (tmp_path / "hf" / "README.md").read_text()
     assert "[INFO]" not in result.output

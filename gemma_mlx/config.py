@@ -356,6 +356,9 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Expe
             raise ConfigError(f"{path} is a folder; give the experiment's YAML file inside it (`gemma-mlx init {path}` "
                               "writes one, experiment.yaml, with every key documented).")
         raise ConfigError(f"Config file {path} does not exist. Check the path, or leave it out to use the defaults.")
+    if path.name.endswith((".jsonl", ".jsonl.txt", ".json")):
+        raise ConfigError(f"{path} looks like a dataset, not an experiment config (YAML). Name it in a config's `data:` "
+                          f"key (`gemma-mlx init DIR` writes one), or train on it directly: gemma-mlx train --data {path} ...")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:

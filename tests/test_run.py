@@ -332,6 +332,11 @@ def shipped_first_record() -> str:
     return next(p for p in sorted(shipped.glob("*.jsonl"))).read_text().splitlines()[0] + "\n"
 
 
-def test_a_folder_given_as_the_config_says_so(tmp_path, isolated_outputs):
+def test_a_folder_or_a_dataset_given_as_the_config_says_so(tmp_path, isolated_outputs):
     result = run_cli(str(tmp_path))
     assert result.exit_code == 1 and f"{tmp_path} is a folder; give the experiment's YAML file" in result.output
+    data = tmp_path / "morag.jsonl"
+    data.write_text(shipped_first_record())
+    result = run_cli(str(data))
+    assert result.exit_code == 1 and "looks like a dataset, not an experiment config" in result.output
+    assert f"gemma-mlx train --data {data}" in result.output

@@ -8,6 +8,7 @@ dataset (duplicates, lengths, overlap) live in data.py, the `data` command.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -100,8 +101,8 @@ def _check_messages(messages) -> list[str]:
             problems.append(f"{label}: content must be a string, not {type(content).__name__} ({_short(content)})")
         elif not content.strip():
             problems.append(f"{label} has empty content")
-        elif _control_token_in(content):
-            problems.append(_control_token_problem(label, _control_token_in(content)))
+        elif token := _control_token_in(content):
+            problems.append(_control_token_problem(label, token))
     if all(role in ROLES for role in roles):
         body = roles[1:] if roles[0] == "system" else roles
         expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(body))]
@@ -171,17 +172,20 @@ def _field_problem(record: dict, key: str) -> str | None:
         return f"'{key}' must be a string, not {type(value).__name__} ({_short(value)})"
     if not value.strip():
         return f"'{key}' is empty"
-    if key != "text" and _control_token_in(value):  # a text record is the whole formatted text, tokens and all
-        return _control_token_problem(f"'{key}'", _control_token_in(value))
-    return None
+    token = _control_token_in(value) if key != "text" else None  # a text record is the formatted text, tokens and all
+    return _control_token_problem(f"'{key}'", token) if token else None
+
+
+@functools.cache
+def _control_tokens() -> frozenset[str]:
+    from .families import FAMILIES
+
+    return frozenset(name for f in FAMILIES for name in (f.bos, f.eos, f.pad, f.turn_start, f.turn_end))
 
 
 def _control_token_in(text: str) -> str | None:
     """The first chat-template control token (<end_of_turn>, <eos>, ... of any family) written in `text`."""
-    from .families import FAMILIES
-
-    names = {name for f in FAMILIES for name in (f.bos, f.eos, f.pad, f.turn_start, f.turn_end)}
-    found = [(text.index(name), name) for name in names if name in text]
+    found = [(text.index(name), name) for name in _control_tokens() if name in text]
     return min(found)[1] if found else None
 
 

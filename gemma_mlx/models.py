@@ -42,6 +42,13 @@ def split_spec(spec: str | Path) -> tuple[str, str | None]:
     adapters, so every command takes what `train` printed as it takes a fused model.
     """
     model, separator, adapters = str(spec).partition(ADAPTER_SEPARATOR)
+    if separator and not (model.strip() and adapters.strip()):
+        raise CheckpointError(f"'{spec}' leaves a side of {ADAPTER_SEPARATOR} empty. Write BASE_DIR{ADAPTER_SEPARATOR}"
+                              "ADAPTER_DIR: the converted model first, then the adapters trained on it.")
+    if separator and (Path(model).expanduser() / "adapters.safetensors").is_file() and \
+            (Path(adapters).expanduser() / "config.json").is_file():
+        raise CheckpointError(f"'{spec}' has the adapters first: the order is BASE_DIR{ADAPTER_SEPARATOR}ADAPTER_DIR "
+                              f"({adapters}{ADAPTER_SEPARATOR}{model}).")
     if not separator:
         base = recorded_base(Path(model).expanduser())
         if base is not None:

@@ -145,3 +145,19 @@ def test_a_train_output_dir_alone_stands_for_its_base_with_those_adapters(traine
     orphan = _fake_adapters(tmp_path / "orphan")  # no manifest, no "model" in its config
     with pytest.raises(CheckpointError, match="records no base model.*BASE_DIR::ADAPTER_DIR"):
         resolve(orphan)
+
+
+def test_a_spec_with_an_empty_side_or_the_wrong_order_says_so(converted_models, tmp_path):
+    from gemma_mlx.errors import CheckpointError
+    from gemma_mlx.models import split_spec
+
+    base = converted_models["pt"]
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    (adapters / "adapters.safetensors").write_bytes(b"")
+    for spec in (f"{base}::", f"::{adapters}"):
+        with pytest.raises(CheckpointError, match="leaves a side of :: empty"):
+            split_spec(spec)
+    with pytest.raises(CheckpointError, match=rf"has the adapters first: the order is BASE_DIR::ADAPTER_DIR \({base}::{adapters}\)"):
+        split_spec(f"{adapters}::{base}")
+    assert split_spec(f"{base}::{adapters}") == (str(base), str(adapters))

@@ -140,7 +140,7 @@ def change_settings(settings: GenerationSettings, assignments: list[str]) -> Gen
         if key == "samples":
             raise GemmaMlxError("chat writes one reply per turn; 'samples' applies to compare only.")
         if key not in known:
-            raise GemmaMlxError(f"Unknown setting '{key}'. Settings: {', '.join(known)}.")
+            raise GemmaMlxError(f"Unknown setting '{key}'. Settings: {', '.join([*known, 'best_of', 'thinking'])}.")
         texts[key] = value
     return apply_text_overrides(settings, texts, where="/settings")
 

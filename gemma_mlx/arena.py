@@ -153,6 +153,10 @@ def check_votes_file(path: Path, progress: Progress = quiet) -> None:
     if path.is_dir():
         raise GemmaMlxError(f"The votes file {path} is a directory, so no vote could be saved. Pass --votes with a "
                             f"file name (e.g. {path / 'votes.jsonl'}).")
+    above = next((parent for parent in path.parents if parent.exists()), None)
+    if above is not None and not above.is_dir():
+        raise GemmaMlxError(f"The votes file {path} would sit inside {above}, which is a file, so no vote could be "
+                            "saved. Pass --votes with a file in a folder.")
     report = recover_votes(path)
     if report:
         progress(report)
@@ -228,6 +232,9 @@ def check_export_target(votes: Path, out: Path, force: bool) -> None:
     if _same_file(out, votes):
         raise OutputExistsError(f"{out} is the votes file ({votes}); writing the preferences there would replace every "
                                 "vote, so it is refused, even with --force. Name another file.")
+    if _same_file(out, votes.with_name(CONVERSATIONS)):
+        raise OutputExistsError(f"{out} is the arena's saved conversations; writing the preferences there would replace "
+                                "every one of them, so it is refused, even with --force. Name another file.")
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists. Add --force to replace it, or name another file.")
 

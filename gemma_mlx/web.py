@@ -204,6 +204,8 @@ class _PageHandler(SimpleHTTPRequestHandler):
     def _inside_folder(self, path: str) -> bool:
         # translate_path already drops '..' parts; resolving also stops links that lead out of the folder
         root = Path(self.directory).resolve()
+        if "\0" in path:  # a NUL byte (%00) names no file, and the OS calls would raise on it
+            return False
         resolved = Path(path).resolve()
         return resolved == root or root in resolved.parents
 

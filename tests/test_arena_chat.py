@@ -287,3 +287,64 @@ def test_a_save_that_fails_adds_nothing_and_can_be_sent_again(tmp_path, monkeypa
     monkeypatch.setattr(journal.os, "write", real_write)
     assert client.post(f"/api/chat/{chat}/save", json={}).status_code == 200
     assert len(setup.conversations.read_text().splitlines()) == 2
+
+
+def test_a_battle_saved_before_its_vote_cannot_be_voted_again_after_reopening(tmp_path):
+    """The page saves after the vote; if that save never happens, reopening the earlier copy must not
+    make the battle votable again (one battle, one vote), in this server or after a restart."""
+    from starlette.testclient import TestClient
+
+    client, engine, setup = scripted_client(tmp_path)
+    battle = client.post("/api/battle", json={"prompt": "Hi"}).json()["id"]
+    for side in ("A", "B"):
+        with client.stream("GET", f"/api/battle/{battle}/stream", params={"side": side}) as response:
+            response.read()
+    assert client.post(f"/api/chat/{battle}/save", json={}).status_code == 200  # saved before the vote
+    assert client.post("/api/vote", json={"id": battle, "choice": "A"}).status_code == 200
+    reopened = client.post(f"/api/conversations/{battle}/open", json={})
+    assert reopened.status_code == 200 and reopened.json()["choice"] == "A"
+    assert client.post("/api/vote", json={"id": battle, "choice": "B"}).status_code == 409
+    restarted = TestClient(make_app(setup, engine, {"testserver"}))  # the vote is read back from votes.jsonl
+    assert restarted.post(f"/api/conversations/{battle}/open", json={}).json()["choice"] == "A"
+    assert restarted.post("/api/vote", json={"id": battle, "choice": "tie"}).status_code == 409
+    assert [v["choice"] for v in read_votes(setup.votes)] == ["A"]
+
+
+def test_a_failed_blind_reply_does_not_name_its_model(tmp_path):
+    class Refusing(ScriptedEngine):
+        def _write(self, model, text, reason, slow, handle, on_event):
+            on_event("error", f"max_tokens 9999 plus a prompt of 13 tokens is more than {model} can read.")
+
+    client, _, _ = scripted_client(tmp_path, Refusing(), models=("secret-alpha", "secret-beta"))
+    battle = client.post("/api/battle", json={"prompt": "Hi"}).json()["id"]
+    for side in ("A", "B"):
+        with client.stream("GET", f"/api/battle/{battle}/stream", params={"side": side}) as response:
+            text = response.read().decode()
+        assert "more than this side's model can read" in text and "secret" not in text
+    again = client.post(f"/api/chat/{battle}/turn", json={"prompt": "More"})
+    assert again.status_code == 409 and "secret" not in again.text
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/chat", {"prompt": "hi", "models": [["x"]]}),
+    ("/api/chat", {"prompt": "hi", "models": [{"a": 1}]}),
+    ("/api/battle", {"prompt": ["hi"]}),
+    ("/api/battle", {"prompt": 123}),
+    ("/api/battle", {"prompt": "hi", "system": ["x"]}),
+])
+def test_wrong_typed_fields_are_a_400_not_a_500_or_a_stringified_value(tmp_path, path, body):
+    client, engine, _ = scripted_client(tmp_path)
+    response = client.post(path, json=body)
+    assert response.status_code in (400, 404) and "error" in response.json(), response.text
+    assert not engine.asked  # nothing was asked of a model
+
+
+def test_a_regenerate_side_that_is_not_a_string_and_a_deeply_nested_body_are_a_400(tmp_path):
+    client, _, _ = scripted_client(tmp_path)
+    chat = client.post("/api/chat", json={"models": ["alpha"], "prompt": "Hi"}).json()["id"]
+    read_side(client, chat, "alpha")
+    for side in (["x"], {"a": 1}):
+        response = client.post(f"/api/chat/{chat}/regenerate", json={"side": side})
+        assert response.status_code == 400 and "side must be" in response.json()["error"]
+    deep = client.post("/api/vote", content="[" * 100000 + "]" * 100000, headers={"content-type": "application/json"})
+    assert deep.status_code == 400

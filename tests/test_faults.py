@@ -191,6 +191,30 @@ def test_a_cut_off_last_vote_is_moved_aside_at_start(converted_models, tmp_path)
     votes.write_text("not json\n" + vote_lines(1) + "{half")
     assert recover_votes(votes) is None and votes.read_text().endswith("{half")
 
+    # a file that is not votes at all (a binary, a text) is not "recovered" into an empty one
+    for other in (Path("/bin/ls").read_bytes()[:100], b"my shopping list"):
+        votes.write_bytes(other)
+        assert recover_votes(votes) is None and votes.read_bytes() == other
+        result = run_cli("arena", converted_models["pt"], "--votes", votes, "--export-preferences", out, "--force")
+        assert result.exit_code == 1 and votes.read_bytes() == other, result.output
+
+
+def test_export_never_replaces_the_saved_conversations_and_a_votes_file_under_a_file_is_refused(converted_models,
+                                                                                               tmp_path):
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text(vote_lines(2))
+    saved = tmp_path / "conversations.jsonl"
+    record = '{"id": "a1", "sides": {"m": {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}}}\n'
+    saved.write_text(record)
+    result = run_cli("arena", converted_models["pt"], "--votes", votes, "--export-preferences", saved, "--force")
+    assert result.exit_code == 1 and "saved conversations" in result.output
+    assert saved.read_text() == record
+    from gemma_mlx.arena import check_votes_file
+    from gemma_mlx.errors import GemmaMlxError
+
+    with pytest.raises(GemmaMlxError, match="which is a file"):
+        check_votes_file(votes / "inside" / "v.jsonl")
+
 
 # --- 3. one writer per output ---------------------------------------------------------------------
 

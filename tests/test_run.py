@@ -277,7 +277,11 @@ def test_the_arena_serves_a_finished_run_its_models_and_only_its_files(in_demo_o
     assert "style-src 'unsafe-inline'" in report.headers["content-security-policy"]  # ... but keeps its styles
     for outside in ("../secret.txt", "..%2Fsecret.txt", "%2e%2e/secret.txt", "/etc/passwd"):
         assert client.get(f"/reports/{outside}").status_code == 404, outside
-    assert client.get("/reports/manifest.json").status_code == 200  # inside the run: fine
+    folder = Path(setup.reports[0]).parent
+    assert client.get(f"/reports/{folder / 'comparison.md'}").status_code == 200  # beside a report: fine
+    (setup.run_dir / "conversations.jsonl").write_text('{"sides": {"A": {"model": "hidden"}}}\n')
+    for private in ("manifest.json", "votes.jsonl", "conversations.jsonl", "data/train.jsonl", "a%00b.html"):
+        assert client.get(f"/reports/{private}").status_code == 404, private  # a blind battle's models stay hidden
 
 
 @pytest.mark.pipeline

@@ -296,7 +296,7 @@ def test_the_server_sends_isolation_headers_and_types_and_stays_in_its_folder(se
     (page / "link.txt").symlink_to(outside)
     try:
         for path in ("/../secret.txt", "/%2e%2e/secret.txt", "/vendor/../../secret.txt", "/..%2fsecret.txt",
-                     "/link.txt", "/vendor/", "/vendor/wllama/"):
+                     "/link.txt", "/vendor/", "/vendor/wllama/", "/%00", "/index%00.html"):
             status, _, body = raw_get(url, path)
             assert status == 404 and b"not for the browser" not in body, path
     finally:

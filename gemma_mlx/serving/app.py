@@ -36,7 +36,10 @@ def parse_settings(values: dict, defaults: GenerationSettings | None = None) -> 
 
 
 def _text(values: dict, key: str = "prompt", what: str = "The prompt", required: bool = True) -> str:
-    text = str(values.get(key) or "").strip()
+    value = values.get(key)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"{what} ({key!r}) must be a string, not {type(value).__name__}.")
+    text = (value or "").strip()
     if required and not text:
         raise ConfigError(f"{what} is empty. Type something, or pick a prompt from a prompt set.")
     if len(text) > MAX_PROMPT_CHARS:
@@ -78,7 +81,7 @@ async def _json(request, what: str, shape: str = "{}") -> dict:
         raise BadRequest(f"Send {what} as JSON (Content-Type: application/json): {shape}.")
     try:
         values = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting thousands deep
         values = None
     if not isinstance(values, dict):
         raise BadRequest(f"{what[0].upper()}{what[1:]} is JSON: {shape}.")
@@ -180,7 +183,8 @@ def make_app(setup, engine, allowed_hosts: set[str] | None = None, on_signal: Ca
     async def chat(request):
         values = await _json(request, "a chat", '{"models": [...], "prompt": ..., "system": ..., and settings}')
         picked = values.get("models") or names
-        if not isinstance(picked, list) or not picked or any(m not in setup.models for m in picked):
+        if (not isinstance(picked, list) or not picked or not all(isinstance(m, str) for m in picked)
+                or any(m not in setup.models for m in picked)):
             raise LookupError(f"Unknown models {picked!r}. This arena serves: {', '.join(names)}.")
         return start(values, list(dict.fromkeys(picked)), blind=False)
 
@@ -203,7 +207,10 @@ def make_app(setup, engine, allowed_hosts: set[str] | None = None, on_signal: Ca
     async def regenerate(request):
         talk = servable(conversation(request))
         values = await _json(request, "a regenerate request", '{"side": one side or none for all, and settings}')
-        keys = talk.regenerate(engine, parse_settings(values, setup.settings), values.get("side"))
+        side = values.get("side")
+        if side is not None and not isinstance(side, str):
+            raise BadRequest(f"side must be one side's name (a string) or left out for all, not {type(side).__name__}.")
+        keys = talk.regenerate(engine, parse_settings(values, setup.settings), side)
         return JSONResponse({"id": talk.id, "sides": keys})
 
     @_answering
@@ -253,7 +260,13 @@ def make_app(setup, engine, allowed_hosts: set[str] | None = None, on_signal: Ca
             record = read_conversations(saved_file).get(wanted)
             if record is None:
                 raise LookupError(f"No saved conversation {wanted!r} in {saved_file}.")
-            talk = live.add(from_record(record))
+            earlier, talk = talk, live.add(from_record(record))
+            if talk.blind and talk.choice is None:  # saved before its vote: the vote still stands, once
+                choice = earlier.choice if earlier is not None else None
+                choice = choice or next((v.get("choice") for v in read_votes(setup.votes)
+                                         if v.get("conversation") == wanted), None)
+                if choice:
+                    talk.voted(choice)
         return JSONResponse(talk.view())
 
     @_answering
@@ -287,9 +300,15 @@ def make_app(setup, engine, allowed_hosts: set[str] | None = None, on_signal: Ca
     async def report(request):
         if setup.run_dir is None:
             return PlainTextResponse("Not found", status_code=404)
-        target = (setup.run_dir / request.path_params["path"]).resolve()
-        if not target.is_relative_to(setup.run_dir) or not target.is_file() or target.suffix not in REPORT_SUFFIXES:
-            return PlainTextResponse("Not found", status_code=404)  # nothing outside the run, whatever the path says
+        try:
+            target = (setup.run_dir / request.path_params["path"]).resolve()
+        except (ValueError, OSError):  # a NUL byte in the path, or a path the OS cannot take
+            return PlainTextResponse("Not found", status_code=404)
+        # a report and the files beside it only: not the votes, the saved conversations (whose blind battles
+        # name their models) or the data, and nothing outside the run, whatever the path says
+        if (not target.is_relative_to(setup.run_dir) or not target.is_file() or target.suffix not in REPORT_SUFFIXES
+                or not (target.parent / "report.html").is_file()):
+            return PlainTextResponse("Not found", status_code=404)
         return FileResponse(target, headers={"Content-Security-Policy": REPORT_POLICY})
 
     post = ["POST"]

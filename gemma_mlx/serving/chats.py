@@ -149,7 +149,7 @@ class Conversation:
         self.settings = asdict(settings)
         started = []
         try:
-            streams = {key: ReplyStream(hidden=self.hidden) for key in keys}
+            streams = {key: ReplyStream(hidden=self.hidden, model=self.sides[key].model) for key in keys}
             requests = [(self.sides[key].model, self.sides[key].prompt(self.system), settings, streams[key].on_event)
                         for key in keys]
             # the turn's replies together where the engine takes them so (best of N, the on-topic score)

@@ -66,6 +66,8 @@ def recover_votes(path: Path, kind: str = "vote") -> str | None:
     last = data[start:]
     if not last.strip() or (last.endswith(b"\n") and _is_json(last)):
         return None
+    if not last.lstrip().startswith(b"{"):  # not the start of a record cut short: not ours to cut (read_votes says)
+        return None
     kept = [line for line in data[:start].splitlines() if line.strip()]
     if not all(_is_json(line) for line in kept):
         return None

@@ -45,8 +45,9 @@ class ReplyStream:
     on-topic flag only (hidden_reply): its stop token, token count or cut could tell which model wrote it.
     """
 
-    def __init__(self, hidden: bool = False):
+    def __init__(self, hidden: bool = False, model: str | None = None):
         self._lock = threading.Lock()
+        self._model = model  # the side's model: a hidden reply's error must not name it
         self._events: list[tuple[str, object]] = []
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self._reading = False
@@ -57,6 +58,8 @@ class ReplyStream:
         self.handle = None  # the engine's, for cancel
 
     def on_event(self, kind: str, payload) -> None:  # called from the engine thread
+        if kind == "error":
+            payload = self._unnamed(str(payload))
         with self._lock:
             self._events.append((kind, payload))
             if kind != "text":
@@ -69,6 +72,11 @@ class ReplyStream:
                 loop.call_soon_threadsafe(wake.set)
             except RuntimeError:  # that loop has closed, and its reader with it
                 pass
+
+    def _unnamed(self, message: str) -> str:
+        """An error as a hidden side may show it: its model's name (which errors such as "longer than MODEL
+        can read" hold) replaced, so a failed reply does not unblind the battle."""
+        return message.replace(self._model, "this side's model") if self.hidden and self._model else message
 
     def claim(self) -> bool:
         """Become the one reader; False while another request reads this reply."""

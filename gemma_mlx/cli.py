@@ -734,6 +734,8 @@ def arena(models, run_dir, votes, host, port, allow_hosts, export_preferences, f
 
     setup = arena_setup(list(models), run_dir, votes, progress=echo_progress)
     if export_preferences is not None:
+        if not Path(setup.votes).is_file():
+            echo_progress(f"warning: there is no votes file at {setup.votes} (no votes yet, or a mistyped --votes)")
         count = export(setup.votes, export_preferences, force=force)
         click.echo(f"{count} preference pairs from {setup.votes} -> {export_preferences}")
         return

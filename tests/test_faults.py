@@ -475,3 +475,9 @@ def test_run_stops_on_its_memory_estimate_unless_told_not_to(monkeypatch):
     assert result.exit_code == 1 and "Not enough memory" in result.output and "--no-memory-check" in result.output
     result = run_cli("run", "--tiny", "--only", "convert", "--no-memory-check")
     assert result.exit_code == 0, result.output
+
+
+def test_exporting_from_a_votes_file_that_is_not_there_says_so(converted_models, tmp_path):
+    result = run_cli("arena", converted_models["pt"], "--votes", tmp_path / "votse.jsonl", "--export-preferences",
+                     tmp_path / "p.jsonl")
+    assert result.exit_code == 0 and "no votes file at" in result.output and "0 preference pairs" in result.output

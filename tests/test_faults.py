@@ -481,3 +481,37 @@ def test_exporting_from_a_votes_file_that_is_not_there_says_so(converted_models,
     result = run_cli("arena", converted_models["pt"], "--votes", tmp_path / "votse.jsonl", "--export-preferences",
                      tmp_path / "p.jsonl")
     assert result.exit_code == 0 and "no votes file at" in result.output and "0 preference pairs" in result.output
+
+
+def test_a_resumed_run_holds_the_lock_and_a_stale_unfinished_run_does_not_undo_a_finished_one(converted_models,
+                                                                                             chat_data, tmp_path):
+    """Resuming writes the same .partial as any run, so it takes the output's lock first (`run --redo` and a
+    second `run` made one mixed output); and a finished output of the asked settings is not retrained
+    because an unfinished run of other settings lies beside it."""
+    from gemma_mlx.config import LoraSettings, TrainSettings
+    from gemma_mlx.errors import OutputLockedError
+    from gemma_mlx.train import train_model
+
+    out = tmp_path / "pt"
+    lora = LoraSettings(num_layers=2, rank=4)
+    asked = TrainSettings(epochs=1, val_generation_tokens=0, calibrate_length=False)
+    other = TrainSettings(epochs=1, val_generation_tokens=0, calibrate_length=False, learning_rate=2e-3)
+    finished = train_model(converted_models["pt"], chat_data, out=out, lora=lora, train=asked)
+    assert finished.status == "trained"
+    stopped = train_model(converted_models["pt"], chat_data, out=out, lora=lora, train=other, force=True,
+                          callback=StopAfterFirstValidation())
+    assert stopped.status == "interrupted" and (tmp_path / "pt.partial" / "resume_state.json").is_file()
+    lines = []
+    again = train_model(converted_models["pt"], chat_data, out=out, lora=lora, train=asked, resume=True, force=True,
+                        progress=lines.append)
+    assert again.status == "up-to-date" and (tmp_path / "pt.partial").is_dir()
+    assert any("unfinished run" in line and "stays" in line for line in lines)
+
+    holder = hold_lock(out)
+    try:
+        with pytest.raises(OutputLockedError, match=f"pid {holder.pid}"):
+            train_model(converted_models["pt"], chat_data, out=out, lora=lora, train=other, resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "pt.partial" / "resume_state.json").is_file()  # the other process's work, untouched

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import GenerationSettings
-from .errors import OutputExistsError
+from .errors import DataError, OutputExistsError
 from .manifest import Progress, lock_output, quiet, release_output, write_text_atomic
 from .scoring.best_of import LENGTH_BAND, ends_cleanly, length_ratio
 from .scoring.ontopic import echoes
@@ -132,16 +132,36 @@ def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | No
         release_output(out)
 
 
+def check_prefs_target(out: Path, data, force: bool) -> None:
+    """Before any sampling: the pairs and the samples file may be written where `--out` says. Never a folder,
+    never the data or a file inside its folder (a dataset folder reads every JSONL in it), and an existing
+    file only with force."""
+    data_path = Path(data).expanduser()
+    data_dir = (data_path if data_path.is_dir() else data_path.parent).resolve()
+    for path, what in ((out, "perhaps pairs someone edited"), (samples_path(out), "the samples of an earlier run")):
+        if path.is_dir():
+            raise OutputExistsError(f"{path} is a folder; --out takes the name of the pairs file to write, "
+                                    f"e.g. {path / 'pairs.jsonl'}.")
+        if data_path.exists() and (path.resolve() == data_path.resolve() or
+                                   (data_path.is_dir() and data_dir in path.resolve().parents)):
+            raise OutputExistsError(f"{path} is {'the data' if path.resolve() == data_path.resolve() else 'inside the data folder'} "
+                                    f"({data}); the pairs there would replace or join the examples, so it is refused, even "
+                                    "with --force. Write them beside the data instead.")
+        if path.exists() and not force:
+            raise OutputExistsError(f"{path} exists ({what}). Choose another --out, or add --force to replace it.")
+
+
 def _make_prefs(model, data, out: Path, samples: int, persona, split: str, max_tokens: int, seed: int,
                 on_topic: bool, force: bool, progress: Progress) -> PrefsResult:
     from .generate import generate_replies
     from .models import load_model
     from .persona import load_persona, persona_beside
 
-    for path, what in ((out, "perhaps pairs someone edited"), (samples_path(out), "the samples of an earlier run")):
-        if path.exists() and not force:
-            raise OutputExistsError(f"{path} exists ({what}). Choose another --out, or add --force to replace it.")
+    check_prefs_target(out, data, force)
     prompts, target = training_prompts(data, split, seed)
+    if not prompts:
+        raise DataError(f"{data} has no {split} prompts to sample (no {split} split, or none of its examples ends in a "
+                        "reply). Give --split train, or data that has that split.")
     persona_path = Path(persona) if persona else persona_beside(data)
     markers = load_persona(persona_path).markers if persona_path else []
     spec = str(model)  # a train output dir stands for BASE::ADAPTERS (models.split_spec)

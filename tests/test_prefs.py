@@ -1,6 +1,7 @@
 """`gemma-mlx prefs`: the scorecard's ranking, and pairs from a tiny persona's own samples that train reads."""
 
 import json
+import pytest
 
 from click.testing import CliRunner
 
@@ -82,3 +83,24 @@ def test_pairs_from_a_personas_samples_are_written_editable_and_train_reads_them
                                        str(tmp_path / "dpo"), "--epochs", "1", "--val-generation-tokens", "0"])
     assert trained.exit_code == 0, trained.output
     assert (tmp_path / "dpo" / "adapters.safetensors").is_file()
+
+
+def test_prefs_refuses_outputs_that_would_touch_its_data_and_a_missing_split_before_any_sampling(tmp_path, monkeypatch):
+    """The pairs never replace the data or land in its folder (where every JSONL is read as examples),
+    --out is a file name, and a split with no prompts is an error: all before a model loads."""
+    from gemma_mlx.errors import DataError, OutputExistsError
+
+    monkeypatch.setattr("gemma_mlx.models.load_model", lambda *a, **k: pytest.fail("no model should load"))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    data = write_chat_data(folder / "train.jsonl", count=8)
+    before = data.read_bytes()
+    for given, out, force, message in ((data, data, True, "is the data"), (folder, data, True, "inside the data folder"),
+                                       (folder, folder / "prefs.jsonl", False, "inside the data folder"),
+                                       (folder, tmp_path, True, "is a folder")):
+        with pytest.raises(OutputExistsError, match=message):
+            prefs.make_prefs("unused", given, out, force=force)
+    assert data.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["train.jsonl"]
+    with pytest.raises(DataError, match="has no valid prompts to sample"):
+        prefs.make_prefs("unused", folder, tmp_path / "pairs.jsonl", split="valid")
+    assert not (tmp_path / "pairs.jsonl").exists()

@@ -586,6 +586,13 @@ def train(model, data, config_path, out, run_name, resume, force, no_memory_chec
     from .train import train_with_config
 
     lora_keys = {field.name for field in dataclasses.fields(LoraSettings)}
+    placed = [f"--{key.replace('_', '-')}" for key in ("fine_tune_type", "num_layers", "keys") if options.get(key)]
+    if preferences is not None and placed and ("::" in str(model) or (Path(model) / "adapters.safetensors").is_file()):
+        from .errors import ConfigError
+
+        raise ConfigError(f"{', '.join(placed)} do{'es' if len(placed) == 1 else ''} not apply with --preferences from "
+                          "a persona's adapters: the new adapters sit where the persona's are, of their type, on their "
+                          "layers and projections. Leave them out (--rank, --scale and --dropout still apply).")
     overrides = {}
     for key, value in options.items():
         if key == "patience":

@@ -320,3 +320,14 @@ def test_orpo_from_a_persona_raises_the_odds_of_the_chosen_replies_without_a_ref
     bad = CliRunner().invoke(cli, ["train", "--model", str(persona), "--preferences", str(pairs_file),
                                    "--out", str(tmp_path / "bad"), "--objective", "ipo"])
     assert bad.exit_code == 2 and "'ipo' is not one of 'dpo', 'orpo'" in bad.output
+
+
+def test_adapter_placement_options_are_refused_with_preferences_from_adapters(persona, tmp_path):
+    """They were ignored: the new adapters sit where the persona's are, so --fine-tune-type dora gave LoRA."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Hi", "chosen": "G'day!", "rejected": "Hello."}) + "\n")
+    for extra in (["--fine-tune-type", "dora"], ["--num-layers", "2"], ["--keys", "self_attn.q_proj"]):
+        result = CliRunner().invoke(cli, ["train", "--model", str(persona), "--preferences", str(pairs),
+                                          "--out", str(tmp_path / "dpo"), *extra])
+        assert result.exit_code == 1 and f"{extra[0]} does not apply with --preferences" in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / "dpo").exists()

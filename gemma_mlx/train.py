@@ -396,6 +396,9 @@ def _train(setup: RunSetup, resume: bool, force: bool, remake: bool, progress: P
         why = {"stops": "most clean greedy endings", "loss": "lowest validation loss",
                "score": "highest score: clean endings x length fidelity"
                         + (" x on topic" if summary.get("on_topic_in_score") else "")}.get(summary["best_by"], summary["best_by"])
+        if summary["best_by"] != "loss" and not setup.train.val_generation_tokens and setup.preferences is None:
+            why = ("no greedy validation replies (val_generation_tokens 0), so the highest share of reply ends "
+                   "where <end_of_turn> is the top token")
         for line in table_lines(summary.get("validations") or []):
             say(line)
         say(f"done: kept the adapters of epoch {summary['best_epoch']:g} ({why}; validation loss "

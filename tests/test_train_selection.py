@@ -183,3 +183,15 @@ def test_the_persona_length_leaves_out_replies_cut_at_max_seq_length(converted_m
     kept = [word_count(e.reply) for e in normal]
     assert summary["train_reply_words"] < max(kept)  # not pulled toward 3,000
     assert any("was cut" in line and "max_seq_length 128" in line for line in lines)
+
+
+def test_without_greedy_replies_the_kept_epoch_is_said_by_what_ranked_it(converted_models, data_file, tmp_path):
+    lines = []
+    from gemma_mlx.scoring.best_of import on_topic_flags
+
+    result = train_model(converted_models["pt"], data_file, out=tmp_path / "out", lora=LORA, progress=lines.append,
+                         train=TrainSettings(epochs=2, learning_rate=2e-3, val_generation_tokens=0),
+                         on_topic=on_topic_flags)  # as the CLI passes it
+    done = next(line for line in lines if line.startswith("done: kept the adapters"))
+    assert "no greedy validation replies" in done and "clean endings x length fidelity" not in done
+    assert result.summary["on_topic_in_score"] is False

@@ -25,7 +25,8 @@ OnTopic = Callable[[object, object, list[tuple[str, str]]], list[bool]]
 
 def measures_on_topic(setup, on_topic: OnTopic | None) -> bool:
     """On topic joins the score with best_by: score, a scorer, and LoRA (DoRA and full fine-tuning hold no base)."""
-    return on_topic is not None and setup.train.best_by == "score" and setup.lora.fine_tune_type == "lora"
+    return (on_topic is not None and setup.train.best_by == "score" and setup.lora.fine_tune_type == "lora"
+            and setup.train.val_generation_tokens > 0)  # no greedy replies: nothing to score
 
 
 def greedy_validation(run, on_topic: OnTopic | None = None) -> dict:

@@ -423,7 +423,7 @@ def _previous_details(run_dir: Path) -> dict:
     return {
         record["stage"]: record.get("details", {})
         for record in manifest.get("stages", [])
-        if record.get("status") in ("ran", "up-to-date", "skipped")
+        if record.get("status") in ("ran", "up-to-date", "skipped", "earlier")
     }
 
 
@@ -519,8 +519,10 @@ def _follow_rank_zero(config: ExperimentConfig, progress: Progress) -> RunResult
 def _write_run_manifest(run_dir: Path, config: ExperimentConfig, records: list[StageRecord], previous: dict, started: str) -> None:
     """One manifest for the run: per stage inputs, settings, status, wall time, peak memory, metrics."""
     done = {r.stage for r in records}
+    # stages this run did not reach (it failed or stopped before them) keep what an earlier run made: "earlier",
+    # still usable by --only (a failed train leaves the finished adapters where they were)
     stages = [r.__dict__ for r in records] + [
-        {"stage": name, "status": "not run", "details": details} for name, details in previous.items() if name not in done
+        {"stage": name, "status": "earlier", "details": details} for name, details in previous.items() if name not in done
     ]
     write_manifest(run_dir, {
         "stage": "run",

@@ -344,3 +344,19 @@ def test_a_folder_or_a_dataset_given_as_the_config_says_so(tmp_path, isolated_ou
     result = run_cli(str(data))
     assert result.exit_code == 1 and "looks like a dataset, not an experiment config" in result.output
     assert f"gemma-mlx train --data {data}" in result.output
+
+
+def test_a_run_that_fails_midway_keeps_the_earlier_stages_usable(tmp_path):
+    """A failed train leaves the finished adapters where they were; the run's manifest must not turn them into
+    "not run", or `run --only compare` refuses what is there."""
+    from gemma_mlx.run import StageRecord, _previous_details, _write_run_manifest
+
+    config = experiment.load_experiment(None)
+    earlier = {"convert": {"models": {"m": "/m"}}, "data": {"data_dir": "/d"}, "train": {"adapters": {"m": "/a"}},
+               "fuse": {"fused": {"m": "/f"}}}
+    _write_run_manifest(tmp_path, config, [StageRecord(k, "ran", 1.0, 0.1, v) for k, v in earlier.items()], {}, "t0")
+    # this time convert and data were up to date, then train failed: no record for train or later stages
+    now = [StageRecord("convert", "up-to-date", 0.1, 0.0, earlier["convert"]),
+           StageRecord("data", "up-to-date", 0.1, 0.0, earlier["data"])]
+    _write_run_manifest(tmp_path, config, now, _previous_details(tmp_path), "t1")
+    assert _previous_details(tmp_path) == earlier

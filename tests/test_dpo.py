@@ -331,3 +331,13 @@ def test_adapter_placement_options_are_refused_with_preferences_from_adapters(pe
                                           "--out", str(tmp_path / "dpo"), *extra])
         assert result.exit_code == 1 and f"{extra[0]} does not apply with --preferences" in result.output, result.output
         assert "Traceback" not in result.output and not (tmp_path / "dpo").exists()
+
+
+def test_pairs_that_all_share_one_prompt_are_trained_on_not_all_held_out(tmp_path):
+    from gemma_mlx.training.pairs import load_pair_splits
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": "more", "chosen": f"Och, aye {i}!", "rejected": f"no {i}"}) + "\n"
+                             for i in range(12)))
+    train, valid = load_pair_splits(pairs)
+    assert len(train) == 12 and valid == []

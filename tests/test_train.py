@@ -408,3 +408,7 @@ def test_training_without_validation_examples_warns(converted_models, tmp_path):
     assert any("0 validation examples" in line for line in lines)
     assert any(line.startswith("warning: no validation examples, so nothing chooses between epochs") for line in lines)
     assert any(line.startswith("warning: only 6 training examples; a persona is learned from dozens") for line in lines)
+    lines = []
+    train_model(converted_models["pt"], folder, out=tmp_path / "warm", lora=LORA, progress=lines.append,
+                train=TrainSettings(epochs=1, val_generation_tokens=0, warmup_steps=100))
+    assert any(line.startswith("warning: warmup_steps 100 is not shorter than the run (2 steps)") for line in lines)

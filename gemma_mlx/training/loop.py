@@ -201,6 +201,9 @@ class Run:
         self.say(f"{s.model_dir.name} ({s.flavour}): {s.lora.fine_tune_type} on the last {self.num_layers} layers{rows}, "
                  f"{trainable / 1e6:.3f}M of {total / 1e6:.1f}M parameters trainable; "
                  f"{plural(valid, 'validation ' + noun)}")
+        if train.warmup_steps >= self.total_steps:
+            self.say(f"warning: warmup_steps {train.warmup_steps} is not shorter than the run ({plural(self.total_steps, 'step')}), "
+                     f"so the learning rate never reaches {train.learning_rate:g}; lower warmup_steps")
         if noun == "example" and count < FEW_EXAMPLES:
             self.say(f"warning: only {plural(count, 'training ' + noun)}; a persona is learned from dozens (the shipped "
                      "Bluey set has 133), and a model trained on a handful repeats them")

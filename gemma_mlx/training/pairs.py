@@ -135,7 +135,10 @@ def load_pair_splits(path, seed: int = 0, same: list[str] | None = None) -> tupl
         last = pairs[-1].prompt
         valid = [p for p in pairs if p.prompt == last]
     held = {id(p) for p in valid}
-    return [p for p in pairs if id(p) not in held], valid
+    train = [p for p in pairs if id(p) not in held]
+    if not train:  # every pair shares the held-out prompt (e.g. multi-turn pairs that all end "more"): train on them
+        return valid, []
+    return train, valid
 
 
 def pairs_hash(path) -> str:

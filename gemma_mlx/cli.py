@@ -385,15 +385,12 @@ def data_check(path, model, prompt_files, max_seq_length):
     Example:
       gemma-mlx data check data/bluey --prompts data/prompts/comparison.txt --model outputs/models/gemma-3-270m
     """
-    from .data import check_dataset
-
-    from .data import grouped_problems
+    from .data import check_dataset, grouped_problems
     from .text import plural
 
     report = check_dataset(path, model=model, prompts=list(prompt_files), max_seq_length=max_seq_length)
     for line in grouped_problems(report.errors, "error") + grouped_problems(report.warnings, "warning"):
         click.echo(line)
-
     summary = (f"{path}: {plural(report.examples, 'valid example')}, {plural(len(report.errors), 'error')}, "
                f"{plural(len(report.warnings), 'warning')}")
     if report.errors:

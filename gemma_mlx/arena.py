@@ -113,7 +113,8 @@ def arena_setup(specs: list[str], run: Path | None = None, votes: Path | None = 
     manifest: dict = {}
     if run_dir is not None:
         if not run_dir.is_dir():
-            raise GemmaMlxError(f"Run directory {run} does not exist. Give the directory `gemma-mlx run` made "
+            what = "is a file, not a directory" if run_dir.exists() else "does not exist"
+            raise GemmaMlxError(f"Run directory {run} {what}. Give the directory `gemma-mlx run` made "
                                 "(outputs/runs/<name>).")
         manifest = read_manifest(run_dir) or {}
         models.update(_run_models(run_dir, manifest))

@@ -230,6 +230,9 @@ class _PageServer(ThreadingHTTPServer):
 
 def _check_page_dir(directory: Path) -> Path:
     directory = Path(directory)
+    if not directory.is_dir():
+        raise GemmaMlxError(f"{directory} {'is a file' if directory.exists() else 'does not exist'}; give the folder "
+                            "that `gemma-mlx export --web` wrote.")
     missing = [name for name in ("index.html", MODEL_FILE, SETTINGS_FILE) if not (directory / name).is_file()]
     if missing:
         raise GemmaMlxError(

@@ -360,3 +360,13 @@ def test_a_run_that_fails_midway_keeps_the_earlier_stages_usable(tmp_path):
            StageRecord("data", "up-to-date", 0.1, 0.0, earlier["data"])]
     _write_run_manifest(tmp_path, config, now, _previous_details(tmp_path), "t1")
     assert _previous_details(tmp_path) == earlier
+
+
+def test_the_arena_given_a_file_as_its_run_says_so(tmp_path):
+    from gemma_mlx.arena import arena_setup
+    from gemma_mlx.errors import GemmaMlxError
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    with pytest.raises(GemmaMlxError, match="is a file, not a directory"):
+        arena_setup([], manifest, tmp_path / "votes.jsonl")

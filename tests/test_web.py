@@ -317,6 +317,8 @@ def test_a_busy_port_and_a_folder_that_is_not_a_page_are_one_paragraph(served, t
     assert "\n" not in str(error.value)
     with pytest.raises(GemmaMlxError, match="not a web page written by `gemma-mlx export --web`"):
         serve_in_thread(tmp_path)
+    with pytest.raises(GemmaMlxError, match="missing does not exist; give the folder"):
+        serve_in_thread(tmp_path / "missing")
 
 
 # ---------------------------------------------------------------------------- writing the page

@@ -427,6 +427,26 @@ def _previous_details(run_dir: Path) -> dict:
     }
 
 
+# the config keys each stage's output depends on (a skipped stage with a changed key is warned about)
+STAGE_KEYS = {"convert": ("checkpoints", "dtype", "quantize_bits"), "data": ("data",), "train": ("lora", "train"),
+              "preferences": ("preferences",)}
+
+
+def changed_settings(stage: str, before: dict, now: dict) -> list[str]:
+    """'key: old -> new' for each setting of `stage` that differs between an earlier run's config and this one."""
+    if not before:
+        return []
+    changes = []
+    for key in STAGE_KEYS.get(stage, ()):
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                        if old.get(k) != new.get(k)]
+        elif old != new:
+            changes.append(f"{key}: {old!r} -> {new!r}")
+    return changes
+
+
 class _Done(Exception):
     """Raised when the stages asked for (--only) are done and the later ones are not wanted."""
 
@@ -460,6 +480,7 @@ def run_experiment(
     except OSError as error:
         raise write_error(run_dir, error) from None
     previous = _previous_details(run_dir)
+    earlier_config = (read_manifest(run_dir) or {}).get("config") or {}
     records: list[StageRecord] = []
     started = now_iso()
 
@@ -471,6 +492,10 @@ def run_experiment(
         if name not in previous:
             raise GemmaMlxError(f"Stage '{name}' has not run yet for {run_dir}, so it cannot be skipped. "
                                 f"Run it first (leave out --only, or add {name} to it).")
+        changed = changed_settings(name, earlier_config, to_dict(config))
+        if changed:
+            progress(f"warning: {name} is skipped (--only), but its settings changed since it ran ({', '.join(changed)}); "
+                     f"what it made then is used. Leave out --only (or add {name} to it) to make it again.")
         records.append(StageRecord(name, "skipped", 0.0, 0.0, previous[name]))
         return previous[name]
 

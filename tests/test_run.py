@@ -370,3 +370,14 @@ def test_the_arena_given_a_file_as_its_run_says_so(tmp_path):
     manifest.write_text("{}")
     with pytest.raises(GemmaMlxError, match="is a file, not a directory"):
         arena_setup([], manifest, tmp_path / "votes.jsonl")
+
+
+def test_a_skipped_stage_whose_settings_changed_is_named_with_the_change():
+    from gemma_mlx.run import changed_settings
+
+    before = {"train": {"epochs": 5, "learning_rate": 1e-4}, "lora": {"rank": 8}, "data": "/d", "checkpoints": ["a"]}
+    now = {"train": {"epochs": 3, "learning_rate": 1e-4}, "lora": {"rank": 8}, "data": "/d", "checkpoints": ["a"]}
+    assert changed_settings("train", before, now) == ["train.epochs: 5 -> 3"]
+    assert changed_settings("data", before, now) == [] and changed_settings("convert", before, now) == []
+    assert changed_settings("compare", before, now) == []  # compare always runs when asked; nothing to warn of
+    assert changed_settings("train", {}, now) == []  # no earlier run: nothing to compare with

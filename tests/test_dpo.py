@@ -341,3 +341,16 @@ def test_pairs_that_all_share_one_prompt_are_trained_on_not_all_held_out(tmp_pat
                              for i in range(12)))
     train, valid = load_pair_splits(pairs)
     assert len(train) == 12 and valid == []
+
+
+def test_a_vote_whose_choice_is_not_the_arenas_names_its_line(tmp_path):
+    from gemma_mlx.errors import DataError
+    from gemma_mlx.training.pairs import read_pairs
+
+    votes = tmp_path / "votes.jsonl"
+    vote = {"prompt": "Hi", "reply_a": "G'day!", "reply_b": "Hello.", "choice": "A"}
+    votes.write_text("".join(json.dumps({**vote, "choice": c}) + "\n" for c in ("A", "tie", "bad", "a")))
+    with pytest.raises(DataError, match=rf"{votes}:4: a vote's \"choice\" is \"a\""):
+        read_pairs(votes)
+    votes.write_text("".join(json.dumps({**vote, "choice": c}) + "\n" for c in ("A", "tie", "bad", "B")))
+    assert len(read_pairs(votes)) == 2  # the tie and the bad vote prefer no side

@@ -68,8 +68,11 @@ def parse_pair(record, where: str) -> Pair | None:
     if not isinstance(record, dict):
         raise DataError(f"{where}: a preference pair is a JSON object, not {type(record).__name__}.")
     if "choice" in record and "reply_a" in record:  # a line of the arena's votes.jsonl
+        if record["choice"] in ("tie", "bad"):
+            return None  # no side preferred
         if record["choice"] not in ("A", "B"):
-            return None
+            raise DataError(f"{where}: a vote's \"choice\" is {json.dumps(record['choice'])[:20]}; the arena writes "
+                            "\"A\", \"B\", \"tie\" or \"bad\". Fix or remove the line.")
         win, lose = ("reply_a", "reply_b") if record["choice"] == "A" else ("reply_b", "reply_a")
         record = {"prompt": record.get("prompt"), "chosen": record.get(win), "rejected": record.get(lose)}
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]

@@ -25,6 +25,7 @@ from .examples import (
     near_duplicate_pairs,
     normalise,
     parse_dataset,
+    split_dir_files,
     split_examples,
 )
 from .errors import DataError
@@ -327,7 +328,7 @@ def split_dataset(path, out: Path, seed: int = 0, valid_fraction: float = 0.1, t
         return SplitResult(out, existing["counts"], "up-to-date")
     started = time.perf_counter()
     examples = load_examples(path)
-    if Path(path).is_dir() and any((Path(path) / f"{name}.jsonl").is_file() for name in ("train", "valid", "test")):
+    if split_dir_files(path):
         progress(f"note: {path} is already split (train/valid/test.jsonl); its {len(examples)} examples are pooled and split afresh")
     splits = split_examples(examples, seed, valid_fraction, test_fraction)
     counts = {name: len(getattr(splits, name)) for name in ("train", "valid", "test")}

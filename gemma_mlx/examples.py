@@ -452,7 +452,11 @@ def split_examples(examples: list[Example], seed: int = 0, valid_fraction: float
     return Splits(**{name: [examples[i] for i in sorted(idx)] for name, idx in chosen.items()})
 
 
-def _split_dir_files(path: Path) -> dict[str, Path] | None:
+def split_dir_files(path: Path) -> dict[str, Path] | None:
+    """A folder already split (it holds train.jsonl): its split files by name; else None."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
     files = {s: _split_file(path, s) for s in SPLIT_NAMES}
     return {s: f for s, f in files.items() if f} if files["train"] else None
 
@@ -462,7 +466,7 @@ def load_splits(path, seed: int = 0, valid_fraction: float = 0.1, test_fraction:
     otherwise a deterministic in-memory split of all the examples."""
     path = Path(path)
     if path.is_dir() and not is_hf_saved_dataset(path):
-        files = _split_dir_files(path)
+        files = split_dir_files(path)
         if files:
             left_out = [f.name for f in data_files(path) if f not in files.values()]
             if left_out:

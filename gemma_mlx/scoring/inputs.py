@@ -65,12 +65,11 @@ def read_training_data(training_data: Path | None) -> tuple[dict | None, list[st
     """(summary, training replies, (training prompt, source) pairs) of a persona dataset."""
     if training_data is None:
         return None, [], []
-    from ..examples import data_hash, load_examples, load_splits
+    from ..examples import data_hash, load_examples, load_splits, split_dir_files
 
     path = Path(training_data)
     # a split folder (a run's data/) gives its train split: the valid and test replies were never trained on
-    split = path.is_dir() and any((path / f"train{suffix}").is_file() for suffix in (".jsonl", ".jsonl.txt"))
-    examples = [e for e in (load_splits(path).train if split else load_examples(path)) if e.messages]
+    examples = [e for e in (load_splits(path).train if split_dir_files(path) else load_examples(path)) if e.messages]
     replies = [e.reply for e in examples if e.reply]
     prompts = [(e.prompt, e.source) for e in examples if e.prompt]
     summary = {

@@ -266,6 +266,19 @@ def _check_locked_output(output: StageOutput, force: bool, progress: Progress, r
     return None
 
 
+def finished_output(output: StageOutput) -> dict | None:
+    """The output's manifest when it was made by its stage from these very inputs and is whole, else None.
+
+    Rule 3 without the lock and the refusals of check_output: for a caller that may look without taking
+    the output (train, deciding between an unfinished run and a finished one)."""
+    path = Path(output.path)
+    manifest = read_manifest(path)
+    if (manifest and manifest.get("stage") == output.stage and manifest.get("key_sha256") == output.key_sha256
+            and not damaged_files(path, manifest)):
+        return manifest
+    return None
+
+
 def finish_output(directory: Path, output: StageOutput, manifest: dict) -> dict:
     """Write the manifest of a complete output (in its temp dir): the stage's record plus the protocol's."""
     manifest = {**manifest, "stage": output.stage, "key": output.key, "key_sha256": output.key_sha256,

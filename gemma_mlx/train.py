@@ -32,6 +32,7 @@ from .manifest import (
     check_output,
     check_writable,
     finish_output,
+    finished_output,
     lock_output,
     now_iso,
     outputs_root,
@@ -440,7 +441,7 @@ def _decide(setup: RunSetup, resume: bool, force: bool, remake: bool, say: Progr
     lock_output(setup.out, "train")  # train_model releases it, however the run ends
     resumable = resume and (setup.work / RESUME_FILE).is_file()
     if resumable and not remake:
-        finished = _finished_output(stage_output(setup))
+        finished = finished_output(stage_output(setup))
         if finished is not None:  # the unfinished run was of other settings: the finished one is what was asked
             say(f"{setup.out}: already trained with the same model, data and settings, nothing to do "
                 f"(the unfinished run in {setup.work} is of other settings and stays)")
@@ -450,17 +451,6 @@ def _decide(setup: RunSetup, resume: bool, force: bool, remake: bool, say: Progr
         say(f"{setup.out}: already trained with the same model, data and settings, nothing to do")
         return {"status": "up-to-date", "summary": existing.get("summary", {})}
     return {"status": "run", "state": prepare_work_dir(setup, resume, force, say)}
-
-
-def _finished_output(output: StageOutput) -> dict | None:
-    """The finished output's manifest when it was made from these very inputs and is whole, else None."""
-    from .manifest import damaged_files
-
-    manifest = read_manifest(output.path)
-    if (manifest and manifest.get("stage") == output.stage and manifest.get("key_sha256") == output.key_sha256
-            and not damaged_files(Path(output.path), manifest)):
-        return manifest
-    return None
 
 
 def train_with_config(

@@ -584,7 +584,10 @@ def train(model, data, config_path, out, run_name, resume, force, no_memory_chec
 
     lora_keys = {field.name for field in dataclasses.fields(LoraSettings)}
     placed = [f"--{key.replace('_', '-')}" for key in ("fine_tune_type", "num_layers", "keys") if options.get(key)]
-    if preferences is not None and placed and ("::" in str(model) or (Path(model) / "adapters.safetensors").is_file()):
+    from .adapters import ADAPTERS_FILE
+    from .models import ADAPTER_SEPARATOR
+
+    if preferences is not None and placed and (ADAPTER_SEPARATOR in str(model) or (Path(model) / ADAPTERS_FILE).is_file()):
         from .errors import ConfigError
 
         raise ConfigError(f"{', '.join(placed)} do{'es' if len(placed) == 1 else ''} not apply with --preferences from "

@@ -134,19 +134,20 @@ def make_prefs(model: str, data, out: Path, samples: int = 4, persona: Path | No
 
 def check_prefs_target(out: Path, data, force: bool) -> None:
     """Before any sampling: the pairs and the samples file may be written where `--out` says. Never a folder,
-    never the data or a file inside its folder (a dataset folder reads every JSONL in it), and an existing
-    file only with force."""
+    never the data (the outputs' rule 1) or a file in the data's folder (a dataset folder reads every JSONL
+    in it), and an existing file only with force."""
+    from .manifest import StageOutput, refuse_to_replace_inputs
+
     data_path = Path(data).expanduser()
-    data_dir = (data_path if data_path.is_dir() else data_path.parent).resolve()
     for path, what in ((out, "perhaps pairs someone edited"), (samples_path(out), "the samples of an earlier run")):
         if path.is_dir():
             raise OutputExistsError(f"{path} is a folder; --out takes the name of the pairs file to write, "
                                     f"e.g. {path / 'pairs.jsonl'}.")
-        if data_path.exists() and (path.resolve() == data_path.resolve() or
-                                   (data_path.is_dir() and data_dir in path.resolve().parents)):
-            raise OutputExistsError(f"{path} is {'the data' if path.resolve() == data_path.resolve() else 'inside the data folder'} "
-                                    f"({data}); the pairs there would replace or join the examples, so it is refused, even "
-                                    "with --force. Write them beside the data instead.")
+        if data_path.is_dir() and data_path.resolve() in path.resolve().parents:
+            raise OutputExistsError(f"{path} is inside the data folder ({data}); the pairs there would join its "
+                                    "examples, so it is refused, even with --force. Write them beside the data instead.")
+        if data_path.exists():
+            refuse_to_replace_inputs(StageOutput("prefs", path, key={}, inputs={"the data": data_path}))
         if path.exists() and not force:
             raise OutputExistsError(f"{path} exists ({what}). Choose another --out, or add --force to replace it.")
 
